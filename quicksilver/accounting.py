@@ -1,0 +1,153 @@
+"""FLOPs counted from the shapes that actually executed.
+
+The engine reports, per layer call, how many token rows went through the layer's matmuls and
+how many (query, key) pairs attention really scored; the counter turns those into FLOPs
+(2 per multiply-accumulate). Elementwise work (norms, activations, RoPE, softmax) is not
+counted, as in the usual analytical formulas. Padding rows that ran are counted: they executed.
+Masked attention entries that a kernel may touch are counted neither as work nor as savings.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+from quicksilver.models.config import ModelConfig
+
+
+def layer_matmul_flops_per_token(config: ModelConfig) -> int:
+    """QKV, attention output and MLP matmuls of one layer, for one token."""
+    d = config.hidden_size
+    mlp_in = config.intermediate_size * (2 if config.gated_mlp else 1)
+    macs = d * (config.q_dim + 2 * config.kv_dim) + config.q_dim * d
+    macs += d * mlp_in + config.intermediate_size * d
+    return 2 * macs
+
+
+def attention_flops_per_pair(config: ModelConfig) -> int:
+    """Scores (q.k) and weighted sum (p.v) for one (query, key) pair, all heads."""
+    return 4 * config.n_heads * config.head_dim
+
+
+def head_flops_per_token(config: ModelConfig) -> int:
+    """LM head (and OPT's output projection) for one token."""
+    flops = 2 * config.embed_dim * config.vocab_size
+    if config.word_embed_proj_dim:
+        flops += 2 * config.hidden_size * config.word_embed_proj_dim
+    return flops
+
+
+def embed_flops_per_token(config: ModelConfig) -> int:
+    """OPT's input projection; a plain embedding lookup is not a FLOP."""
+    return 2 * config.hidden_size * config.word_embed_proj_dim if config.word_embed_proj_dim else 0
+
+
+def dense_flops(config: ModelConfig, n_tokens: int, attended_pairs: int, head_tokens: int) -> int:
+    """The analytical dense cost of a workload: what a model running every token through
+    every layer would spend."""
+    return (
+        n_tokens * (config.n_layers * layer_matmul_flops_per_token(config))
+        + n_tokens * embed_flops_per_token(config)
+        + config.n_layers * attended_pairs * attention_flops_per_pair(config)
+        + head_tokens * head_flops_per_token(config)
+    )
+
+
+@dataclass
+class FlopCounter:
+    config: ModelConfig
+    matmul: int = 0
+    attention: int = 0
+    head: int = 0
+    per_layer: list[int] = field(default_factory=list)
+    layer_tokens: int = 0  # token rows through layers, summed over layers
+    head_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.per_layer:
+            self.per_layer = [0] * self.config.n_layers
+
+    def add_embedding(self, n_tokens: int) -> None:
+        self.matmul += n_tokens * embed_flops_per_token(self.config)
+
+    def add_layer(self, layer: int, n_tokens: int, attended_pairs: int) -> None:
+        matmul = n_tokens * layer_matmul_flops_per_token(self.config)
+        attention = attended_pairs * attention_flops_per_pair(self.config)
+        self.matmul += matmul
+        self.attention += attention
+        self.per_layer[layer] += matmul + attention
+        self.layer_tokens += n_tokens
+
+    def add_head(self, n_tokens: int) -> None:
+        self.head += n_tokens * head_flops_per_token(self.config)
+        self.head_tokens += n_tokens
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.attention + self.head
+
+    def reset(self) -> None:
+        self.matmul = self.attention = self.head = self.layer_tokens = self.head_tokens = 0
+        self.per_layer = [0] * self.config.n_layers
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "total": self.total,
+            "matmul": self.matmul,
+            "attention": self.attention,
+            "head": self.head,
+            "layer_tokens": self.layer_tokens,
+            "head_tokens": self.head_tokens,
+        }
+
+
+def current_rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class Meter:
+    """Wall-clock time and peak resident memory of a block of work.
+
+    A background thread samples RSS every ``interval`` seconds, so short spikes between samples
+    can be missed; the peak is at least the RSS at entry and exit. ``peak_rss_bytes`` is the
+    process's peak during the block (weights included), ``peak_extra_bytes`` what the block
+    added on top of what was resident when it started.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.seconds = 0.0
+        self.start_rss_bytes = 0
+        self.peak_rss_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def peak_extra_bytes(self) -> int:
+        return max(0, self.peak_rss_bytes - self.start_rss_bytes)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_rss_bytes = max(self.peak_rss_bytes, current_rss_bytes())
+
+    def __enter__(self) -> Meter:
+        self.start_rss_bytes = self.peak_rss_bytes = current_rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_rss_bytes = max(self.peak_rss_bytes, current_rss_bytes())

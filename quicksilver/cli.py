@@ -1,0 +1,536 @@
+"""Command line: ``quicksilver generate | eval | bench | models``.
+
+Each subcommand checks its arguments (and that its JSON output can be written) before loading a
+model, then calls the library. Errors meant for the user print as one ``error: ...`` line on
+stderr with exit code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from quicksilver.errors import QuicksilverError
+
+DEFAULT_MODEL = "smollm2-135m"  # same as quicksilver.models.loading.DEFAULT_MODEL
+DATASET_NAMES = ("wikitext-2", "wikitext-103", "c4")
+MB = 1024**2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the same one-line ``error:`` format as every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- validation helpers
+
+
+def _require_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise QuicksilverError(f"{flag} must be a positive integer, got {value}")
+
+
+def _check_dtype(name: str) -> Any:
+    from quicksilver.models.loading import parse_dtype
+
+    return parse_dtype(name)
+
+
+def _check_json(path: str | None) -> Path | None:
+    from quicksilver.eval.report import check_output_path
+
+    return check_output_path(path) if path else None
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- generate
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise QuicksilverError(f"cannot read prompt file {path}: {err}") from err
+        from_file = [line for line in lines if line.strip()]
+        if not from_file:
+            raise QuicksilverError(f"prompt file {path} has no non-empty lines")
+        prompts.extend(from_file)
+    if not prompts:
+        raise QuicksilverError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    if any(not p for p in prompts):
+        raise QuicksilverError("prompts must not be empty")
+    return prompts
+
+
+def _encode_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt)["input_ids"])
+
+
+class _Streamer:
+    """Prints one row's text as it grows: decode all ids so far, print the new suffix.
+
+    Decoding the whole sequence (not token by token) keeps multi-token characters and the
+    tokenizer's spacing rules right; a trailing U+FFFD means a character is still incomplete,
+    so that suffix waits for the next token.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def add(self, token: int) -> None:
+        self.ids.append(token)
+        self._emit(final=False)
+
+    def finish(self) -> None:
+        self._emit(final=True)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.startswith(self.printed) or (text.endswith("\ufffd") and not final):
+            return
+        sys.stdout.write(text[len(self.printed) :])
+        sys.stdout.flush()
+        self.printed = text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quicksilver.runtime.sampling import SamplingConfig
+
+    _require_positive(max_new_tokens=args.max_new_tokens, threads=args.threads)
+    sampling = SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    _check_dtype(args.dtype)
+    json_path = _check_json(args.json)
+    prompts = _read_prompts(args)
+    _set_threads(args.threads)
+
+    from quicksilver.accounting import Meter
+    from quicksilver.eval.report import write_json_atomic
+    from quicksilver.models import loading
+    from quicksilver.runtime.engine import Engine
+
+    loading.resolve(args.model)
+    loaded = loading.load(args.model, args.dtype)
+    tokenizer = loaded.tokenizer
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        _say("note: the tokenizer has no chat template; using the prompt as-is")
+    token_ids = [_encode_prompt(tokenizer, p, args.chat) for p in prompts]
+    engine = Engine(loaded.model)
+
+    streamer = _Streamer(tokenizer) if len(prompts) == 1 else None
+    on_token: Callable[[int, int], None] | None = (
+        (lambda row, token: streamer.add(token)) if streamer is not None else None
+    )
+    with Meter() as meter:
+        result = engine.generate(token_ids, args.max_new_tokens, sampling, on_token=on_token)
+    completions = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+    if streamer is not None:
+        streamer.finish()
+    else:
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            print(f"--- [{i}] {prompt}")
+            print(completion)
+
+    flops = result.flops
+    processed = flops.get("layer_tokens", 0) / max(1, engine.config.n_layers)
+    flops_per_token = flops.get("total", 0) / processed if processed else 0.0
+    _say(
+        f"[{result.new_tokens} tokens, prefill {result.prefill_seconds:.2f} s, "
+        f"decode {result.decode_tokens_per_s:.1f} tok/s, "
+        f"{flops_per_token / 1e9:.2f} GFLOP/token]"
+    )
+    if json_path is not None:
+        write_json_atomic(
+            json_path,
+            {
+                "model": args.model,
+                "dtype": args.dtype,
+                "chat": args.chat,
+                "sampling": {
+                    "temperature": sampling.temperature,
+                    "top_k": sampling.top_k,
+                    "top_p": sampling.top_p,
+                    "seed": sampling.seed,
+                },
+                "prompts": prompts,
+                "completions": completions,
+                "tokens": result.tokens,
+                "prompt_tokens": result.prompt_tokens,
+                "new_tokens": result.new_tokens,
+                "max_new_tokens": args.max_new_tokens,
+                "prefill_seconds": result.prefill_seconds,
+                "decode_seconds": result.decode_seconds,
+                "decode_steps": result.decode_steps,
+                "decode_tokens_per_s": result.decode_tokens_per_s,
+                "flops": flops,
+                "flops_per_token": flops_per_token,
+                "load_seconds": loaded.load_seconds,
+                "peak_rss_bytes": meter.peak_rss_bytes,
+            },
+        )
+    return 0
+
+
+# ---------------------------------------------------------------- eval
+
+
+def _eval_split(dataset: str, split: str | None) -> str:
+    from quicksilver.eval.datasets import DATASETS
+
+    if split is not None:
+        return split
+    splits = DATASETS[dataset].local
+    return "test" if "test" in splits else next(iter(splits))
+
+
+def _load_eval_text(args: argparse.Namespace) -> Any:
+    from quicksilver.eval import datasets
+
+    if args.text_file:
+        return datasets.load_text_file(args.text_file, max_chars=args.max_chars)
+    if args.jsonl:
+        return datasets.load_jsonl(args.jsonl, args.field or "text", max_chars=args.max_chars)
+    dataset = args.dataset or "wikitext-2"
+    return datasets.load_eval_text(
+        dataset,
+        _eval_split(dataset, args.split),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        max_chars=args.max_chars,
+    )
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    _require_positive(
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        max_chars=args.max_chars,
+        threads=args.threads,
+    )
+    if args.context < 2:
+        raise QuicksilverError(f"--context must be at least 2 tokens, got {args.context}")
+    if args.stride > args.context:
+        raise QuicksilverError(
+            f"--stride ({args.stride}) must not exceed --context ({args.context})"
+        )
+    if args.dataset is not None and args.dataset not in DATASET_NAMES:
+        raise QuicksilverError(
+            f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASET_NAMES)} "
+            "(or pass --text-file / --jsonl)"
+        )
+    if args.field is not None and not args.jsonl:
+        raise QuicksilverError("--field only applies to --jsonl")
+    if (args.split is not None or args.data_dir is not None) and (args.text_file or args.jsonl):
+        raise QuicksilverError("--split and --data-dir only apply to --dataset")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise QuicksilverError(f"--data-dir {args.data_dir} is not a directory")
+    for flag in args.compare or []:
+        if flag != "transformers":
+            raise QuicksilverError(f"cannot compare with {flag!r}; the only choice is transformers")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _check_eval_args(args)
+    dtype = _check_dtype(args.dtype)
+    json_path = _check_json(args.json)
+    _set_threads(args.threads)
+
+    from quicksilver.eval.perplexity import (
+        evaluate_perplexity,
+        tokenize_text,
+        transformers_perplexity,
+    )
+    from quicksilver.eval.report import format_table, write_json_atomic
+    from quicksilver.models import loading
+    from quicksilver.runtime.engine import Engine
+
+    source = loading.resolve(args.model)
+    text = _load_eval_text(args)
+    loaded = loading.load(args.model, dtype)
+    token_ids = tokenize_text(loaded.tokenizer, text.text)
+    result = evaluate_perplexity(
+        Engine(loaded.model),
+        token_ids,
+        context=args.context,
+        stride=args.stride,
+        text=text,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+        max_windows=args.max_windows,
+    )
+    report: dict[str, Any] = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "dataset": text.name,
+        "n_documents": text.n_documents,
+        "batch_size": args.batch_size,
+        "max_windows": args.max_windows,
+        **result.to_dict(),
+    }
+    rows: list[list[Any]] = [
+        ["perplexity", result.ppl],
+        ["bits per byte", result.bits_per_byte],
+        ["word perplexity", result.word_ppl],
+        ["scored tokens", result.tokens],
+        ["windows", result.windows],
+        ["GFLOP/token (counted)", result.flops_per_token / 1e9],
+        ["GFLOP/token (dense)", result.dense_flops_per_token / 1e9],
+        ["seconds", result.seconds],
+        ["peak RSS (MB)", result.peak_rss_bytes / MB],
+    ]
+    if args.compare:
+        if not args.no_progress:
+            _say("computing transformers' perplexity on the same tokens")
+        from quicksilver.eval.throughput import load_transformers_model
+
+        hf_model = load_transformers_model(source, dtype)
+        start = time.perf_counter()
+        hf_ppl, hf_tokens = transformers_perplexity(
+            hf_model,
+            token_ids,
+            context=args.context,
+            stride=args.stride,
+            max_windows=args.max_windows,
+        )
+        report["transformers"] = {
+            "ppl": hf_ppl,
+            "tokens": hf_tokens,
+            "seconds": time.perf_counter() - start,
+            "ppl_relative_difference": result.ppl / hf_ppl - 1,
+        }
+        rows.append(["transformers perplexity", hf_ppl])
+        rows.append(["relative difference", f"{result.ppl / hf_ppl - 1:+.2e}"])
+    print(
+        f"{args.model} ({args.dtype}) on {text.name}, context {args.context}, stride {args.stride}"
+    )
+    print(format_table(["metric", "value"], rows))
+    if json_path is not None:
+        write_json_atomic(json_path, report)
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _require_positive(
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    if args.new_tokens < 2:
+        raise QuicksilverError("--new-tokens must be at least 2 (decode starts after the first)")
+    for batch in args.batch_sizes:
+        if batch < 1:
+            raise QuicksilverError(f"--batch-sizes must be positive integers, got {batch}")
+    compare = tuple(args.compare or ())
+    for name in compare:
+        if name != "transformers":
+            raise QuicksilverError(f"cannot compare with {name!r}; the only choice is transformers")
+    _check_dtype(args.dtype)
+    json_path = _check_json(args.json)
+    _set_threads(args.threads)
+
+    from quicksilver.eval.report import write_json_atomic
+    from quicksilver.eval.throughput import run_bench
+    from quicksilver.models import loading
+
+    loading.resolve(args.model)
+    report = run_bench(
+        args.model,
+        args.dtype,
+        batch_sizes=tuple(args.batch_sizes),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        compare=compare,
+        repeats=args.repeats,
+        progress=not args.no_progress,
+    )
+    print(bench_summary(report))
+    if json_path is not None:
+        write_json_atomic(json_path, report)
+    return 0
+
+
+def bench_summary(report: dict[str, Any]) -> str:
+    from quicksilver.eval.report import format_table
+    from quicksilver.eval.throughput import summary_rows
+
+    machine = report["machine"]
+    settings = report["settings"]
+    headers, rows = summary_rows(report)
+    load = report["load_average_1min"]["start"]
+    busy = f", load average {load:.1f} at start" if load is not None else ""
+    return "\n".join(
+        [
+            f"{report['model']} ({report['dtype']}), {report['threads']} threads, "
+            f"prompt {settings['prompt_tokens']} tokens, {settings['new_tokens']} new tokens, "
+            f"{settings['statistic']}",
+            f"machine: {machine['memory_bandwidth_gb_s']:.1f} GB/s read bandwidth, "
+            f"{machine['matmul_gflops']:.0f} GFLOP/s {report['dtype']} matmul{busy}",
+            format_table(headers, rows),
+            "speedup = quicksilver tokens/s / transformers tokens/s",
+        ]
+    )
+
+
+# ---------------------------------------------------------------- models
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from quicksilver.eval.report import format_table
+    from quicksilver.models import loading
+
+    rows = []
+    for name, alias in loading.MODEL_ALIASES.items():
+        try:
+            where = loading.resolve(name).path
+            installed = "yes"
+        except QuicksilverError:
+            where, installed = f"run `{alias.install_hint}`", "no"
+        label = name + (" (default)" if name == loading.DEFAULT_MODEL else "")
+        rows.append([label, installed, where])
+    print(format_table(["model", "installed", "path / how to install"], rows))
+    print("Any local Hugging Face model directory, .gguf file or hub id also works as --model.")
+    return 0
+
+
+# ---------------------------------------------------------------- parser and entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="quicksilver",
+        description="Run frozen pretrained LLMs with quicksilver's engine: generate text, "
+        "measure perplexity and benchmark throughput against transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="short name, .gguf file, HF model dir or hub id (default: %(default)s)",
+    )
+    common.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    common.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+
+    gen = sub.add_parser("generate", parents=[common], help="generate text from prompts")
+    gen.add_argument(
+        "--dtype", default="bfloat16", help="float32 or bfloat16 (default: %(default)s)"
+    )
+    gen.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    gen.add_argument("--prompt-file", metavar="FILE", help="one prompt per line, run as a batch")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
+    )
+    gen.set_defaults(handler=cmd_generate)
+
+    ev = sub.add_parser("eval", parents=[common], help="sliding-window perplexity")
+    ev.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
+    source = ev.add_mutually_exclusive_group()
+    source.add_argument("--dataset", help=f"{' | '.join(DATASET_NAMES)} (default: wikitext-2)")
+    source.add_argument("--text-file", metavar="FILE", help="score a UTF-8 text file instead")
+    source.add_argument("--jsonl", metavar="FILE", help="score a JSONL file (one document a line)")
+    ev.add_argument("--field", help="JSONL field holding the text (default: text)")
+    ev.add_argument("--split", help="dataset split (default: test, or validation for c4)")
+    ev.add_argument("--data-dir", metavar="DIR", help="where the datasets live")
+    ev.add_argument("--context", type=int, default=1024, help="window length in tokens")
+    ev.add_argument("--stride", type=int, default=512, help="tokens between window starts")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ev.add_argument("--max-windows", type=int, metavar="N", help="stop after N windows")
+    ev.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
+    ev.add_argument(
+        "--compare",
+        action="append",
+        metavar="transformers",
+        help="also compute transformers' perplexity on the same tokens",
+    )
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(handler=cmd_eval)
+
+    bench = sub.add_parser("bench", parents=[common], help="prefill/decode throughput")
+    bench.add_argument(
+        "--dtype", default="bfloat16", help="float32 or bfloat16 (default: %(default)s)"
+    )
+    bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    bench.add_argument(
+        "--compare",
+        action="append",
+        metavar="transformers",
+        help="also benchmark transformers in the same process",
+    )
+    bench.add_argument("--no-progress", action="store_true", help="no progress messages")
+    bench.set_defaults(handler=cmd_bench)
+
+    models = sub.add_parser("models", help="list known model names and whether installed")
+    models.set_defaults(handler=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
+        return exit_.code if isinstance(exit_.code, int) else 2
+    if getattr(args, "handler", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except QuicksilverError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `quicksilver generate ... | head`
+        sys.stderr.close()
+        return 141
+
+
+if __name__ == "__main__":
+    sys.exit(main())

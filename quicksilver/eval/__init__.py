@@ -1,0 +1,1 @@
+"""Evaluation: text loading and scoring for perplexity and related metrics."""

@@ -1,0 +1,297 @@
+"""Sliding-window perplexity through our own engine, with FLOPs, time and memory from the same run.
+
+The window plan is the Hugging Face perplexity guide's ("Perplexity of fixed-length models"):
+windows of `context` tokens start every `stride` tokens, each window is a fresh forward pass, and
+only the tokens not already scored by the previous window count, so every token is predicted once
+with between `context - stride` and `context - 1` tokens of history. The first token of the stream
+has no history and is never scored.
+
+Alongside token perplexity we report the lm-evaluation-harness figures for its wikitext task:
+``bits_per_byte = nll / (n_bytes * ln 2)``, ``byte_perplexity = exp(nll / n_bytes)`` and
+``word_perplexity = exp(nll / n_words)``, with bytes and words counted on the evaluated text.
+They are comparable in definition, not byte-identical: the harness scores each document with
+rolling windows (its first token predicted from a prefix token) and runs a wikitext detokenizer
+first, whereas we score the raw stream as-is with a sliding window and leave the first token out.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from quicksilver.accounting import Meter, dense_flops
+from quicksilver.errors import QuicksilverError
+from quicksilver.eval.datasets import EvalText
+
+# Rows of logits turned into log-probabilities at once: bounds the float32 temporaries of the
+# loss to LOSS_CHUNK * vocab floats instead of another copy of the whole logits tensor.
+LOSS_CHUNK = 256
+
+
+@dataclass
+class PerplexityResult:
+    """One evaluation: quality, the units it was normalised by, and what it cost."""
+
+    ppl: float
+    nll_sum: float  # natural-log negative log-likelihood summed over scored tokens
+    tokens: int  # scored tokens
+    bits_per_byte: float  # NaN when byte/word counts are unknown (see evaluate_perplexity)
+    byte_ppl: float
+    word_ppl: float
+    n_bytes: int  # 0 when unknown
+    n_words: int
+    context: int
+    stride: int
+    windows: int
+    flops: dict[str, int]  # engine.counter.summary() delta for this run
+    flops_per_token: float  # counted FLOPs / scored tokens
+    dense_flops_per_token: float  # analytical dense cost of the same windows / scored tokens
+    seconds: float
+    peak_rss_bytes: int
+    peak_extra_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON; NaN becomes None so the output stays valid JSON."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float) and math.isnan(value):
+                out[key] = None
+        return out
+
+
+def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, n_scored) per window; the window is tokens[begin:end] and its last
+    n_scored tokens are scored.
+
+    Follows the Hugging Face guide: windows begin every `stride` tokens, end at
+    min(begin + context, n), score the tokens past the previous window's end, and the plan stops
+    once a window reaches the end of the stream. Each token in 1..n-1 is scored exactly once.
+    One deviation: a scored token needs at least one token of history inside its window, so with
+    stride == context (no overlap) each window starts one token early; the guide instead leaves
+    the first token of every window unscored.
+    """
+    if n_tokens < 2 or context < 2 or not 1 <= stride <= context:
+        raise QuicksilverError(
+            f"invalid window plan: n_tokens={n_tokens}, context={context}, stride={stride}; "
+            "need n_tokens >= 2, context >= 2 and 1 <= stride <= context"
+        )
+    plan: list[tuple[int, int, int]] = []
+    begin, prev_end = 0, 0
+    while prev_end < n_tokens:
+        if plan:
+            begin = min(plan[-1][0] + stride, prev_end - 1)
+        end = min(begin + context, n_tokens)
+        plan.append((begin, end, end - max(prev_end, begin + 1)))
+        prev_end = end
+    return plan
+
+
+def tokenize_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of `text` with no BOS or other special tokens added.
+
+    No BOS, because the project's reference perplexity (transformers, fp32) was measured on the
+    plain token stream, as in the Hugging Face guide; a BOS would add a token and change the
+    first window. The whole text is encoded in one call: the Rust tokenizer handles a
+    WikiText-sized file in about a second, and cutting the text into pieces could change the
+    tokens at each seam (byte-level BPE merges whitespace runs; SentencePiece adds a prefix
+    space per piece). With a fast tokenizer we call its backend directly, which gives the same
+    ids without transformers' "sequence longer than the model maximum" warning.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return list(backend.encode(text, add_special_tokens=False).ids)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def evaluate_perplexity(
+    engine: Any,
+    token_ids: Sequence[int] | torch.Tensor,
+    *,
+    context: int = 1024,
+    stride: int = 512,
+    text: EvalText | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+    max_windows: int | None = None,
+) -> PerplexityResult:
+    """Score `token_ids` with the sliding-window plan through `engine`.
+
+    Each window gets a fresh KV cache and one forward pass whose LM head runs only at the
+    positions that predict scored tokens, so the head work (and the FLOP counter) covers exactly
+    the scored tokens. With batch_size > 1, consecutive windows of the same shape share one
+    forward; the first window (more scored tokens) and the last (shorter) run on their own.
+
+    Byte and word figures need `text` (the string `token_ids` came from); without it, or when
+    `max_windows` stops before the end of the stream, they are NaN and the counts 0, because the
+    bytes behind the scored tokens are not known.
+    """
+    tokens = _as_token_tensor(token_ids)
+    _validate(engine, len(tokens), context, stride, batch_size, max_windows)
+    plan = window_plan(len(tokens), context, stride)
+    complete = max_windows is None or max_windows >= len(plan)
+    plan = plan if complete else plan[:max_windows]
+
+    counter = engine.counter
+    before = counter.summary()
+    nll_sum = 0.0
+    bar = tqdm(total=len(plan), disable=not progress, file=sys.stderr, unit="window")
+    with Meter() as meter, bar:
+        for group in _batches(plan, batch_size):
+            nll_sum += _score_windows(engine, tokens, group)
+            bar.update(len(group))
+    after = counter.summary()
+
+    scored = sum(n for _, _, n in plan)
+    flops = {key: after[key] - before.get(key, 0) for key in after}
+    dense = dense_flops(
+        engine.config,
+        n_tokens=sum(end - begin for begin, end, _ in plan),
+        # Plain causal attention over each window. A sliding-window model attends to fewer
+        # pairs, which would then show up as a difference from this dense figure.
+        attended_pairs=sum((end - begin) * (end - begin + 1) // 2 for begin, end, _ in plan),
+        head_tokens=scored,
+    )
+    n_bytes = text.n_bytes if text is not None and complete else 0
+    n_words = text.n_words if text is not None and complete else 0
+    nan = float("nan")
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / scored),
+        nll_sum=nll_sum,
+        tokens=scored,
+        bits_per_byte=nll_sum / (n_bytes * math.log(2)) if n_bytes else nan,
+        byte_ppl=math.exp(nll_sum / n_bytes) if n_bytes else nan,
+        word_ppl=math.exp(nll_sum / n_words) if n_words else nan,
+        n_bytes=n_bytes,
+        n_words=n_words,
+        context=context,
+        stride=stride,
+        windows=len(plan),
+        flops=flops,
+        flops_per_token=flops["total"] / scored,
+        dense_flops_per_token=dense / scored,
+        seconds=meter.seconds,
+        peak_rss_bytes=meter.peak_rss_bytes,
+        peak_extra_bytes=meter.peak_extra_bytes,
+    )
+
+
+def transformers_perplexity(
+    hf_model: Any,
+    token_ids: Sequence[int] | torch.Tensor,
+    *,
+    context: int,
+    stride: int,
+    max_windows: int | None = None,
+) -> tuple[float, int]:
+    """(ppl, scored tokens) from a transformers causal LM on the same window plan: the guide's
+    recipe, labels outside the scored tail set to -100 and the model's own loss averaged over
+    the rest. The reference for our engine's numbers."""
+    tokens = _as_token_tensor(token_ids)
+    plan = window_plan(len(tokens), context, stride)
+    if max_windows is not None:
+        plan = plan[:max_windows]
+    nll_sum, scored = 0.0, 0
+    with torch.inference_mode():
+        for begin, end, n_scored in plan:
+            input_ids = tokens[begin:end].unsqueeze(0)
+            labels = input_ids.clone()
+            labels[:, : end - begin - n_scored] = -100
+            loss = hf_model(input_ids=input_ids, labels=labels).loss
+            nll_sum += float(loss) * n_scored
+            scored += n_scored
+    return math.exp(nll_sum / scored), scored
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_token_tensor(token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """A 1-D int64 tensor; a [1, n] batch of one is accepted too."""
+    tokens = torch.as_tensor(token_ids, dtype=torch.long)
+    if tokens.dim() == 2 and tokens.shape[0] == 1:
+        tokens = tokens[0]
+    if tokens.dim() != 1:
+        raise QuicksilverError(
+            f"token_ids must be one sequence of ids, got shape {tuple(tokens.shape)}"
+        )
+    return tokens
+
+
+def _validate(
+    engine: Any,
+    n_tokens: int,
+    context: int,
+    stride: int,
+    batch_size: int,
+    max_windows: int | None,
+) -> None:
+    """Reject settings that would crash mid-run or silently score nothing."""
+    max_positions = engine.config.max_position_embeddings
+    if context < 2:
+        raise QuicksilverError(f"context must be at least 2 tokens, got {context}")
+    if not 1 <= stride <= context:
+        raise QuicksilverError(
+            f"stride must be between 1 and the context ({context}), got {stride}"
+        )
+    if context > max_positions:
+        raise QuicksilverError(
+            f"context {context} exceeds the model's {max_positions} positions; "
+            f"use a context of at most {max_positions}"
+        )
+    if n_tokens < 2:
+        raise QuicksilverError(
+            f"the text has {n_tokens} token(s); perplexity needs at least 2, use a longer text"
+        )
+    if batch_size < 1:
+        raise QuicksilverError(f"batch_size must be at least 1, got {batch_size}")
+    if max_windows is not None and max_windows < 1:
+        raise QuicksilverError(f"max_windows must be at least 1, got {max_windows}")
+
+
+def _batches(plan: list[tuple[int, int, int]], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """Runs of consecutive windows with the same length and scored count, at most batch_size
+    each: rows of one forward must share their shape and the head's column indices."""
+    groups: list[list[tuple[int, int, int]]] = []
+    for window in plan:
+        last = groups[-1] if groups else None
+        same_shape = (
+            last is not None
+            and len(last) < batch_size
+            and last[0][1] - last[0][0] == window[1] - window[0]
+            and last[0][2] == window[2]
+        )
+        if same_shape:
+            last.append(window)
+        else:
+            groups.append([window])
+    return groups
+
+
+def _score_windows(engine: Any, tokens: torch.Tensor, group: list[tuple[int, int, int]]) -> float:
+    """Summed negative log-likelihood of the scored tokens of equally shaped windows."""
+    length = group[0][1] - group[0][0]
+    n_scored = group[0][2]
+    block = torch.stack([tokens[begin:end] for begin, end, _ in group])
+    cache = engine.new_cache(len(group), length)
+    # Column c predicts token c + 1; the scored tokens are the last n_scored of the window.
+    columns = torch.arange(length - n_scored - 1, length - 1)
+    logits = engine.forward(block, cache, logits_at=columns)  # [B, n_scored, V]
+    targets = block[:, length - n_scored :]
+    del cache
+    return _nll(logits.flatten(0, 1), targets.flatten())
+
+
+def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """-sum log softmax(logits)[target], in float32, a chunk of rows at a time."""
+    total = 0.0
+    for start in range(0, logits.shape[0], LOSS_CHUNK):
+        rows = logits[start : start + LOSS_CHUNK].float()
+        picked = rows.gather(1, targets[start : start + LOSS_CHUNK, None]).squeeze(1)
+        total += float((torch.logsumexp(rows, dim=1) - picked).double().sum())
+    return total

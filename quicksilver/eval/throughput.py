@@ -1,0 +1,510 @@
+"""Throughput: our engine and Hugging Face transformers timed the same way, in one process.
+
+Both engines get the same prompts, dtype, batch sizes and thread count. Each measurement is
+preceded by a warm-up run and repeated; we keep the best (fastest) repeat, because on a shared
+CPU the slow outliers come from other processes, not from the code being measured.
+
+Prefill tokens/s is prompt tokens processed / prefill time; decode tokens/s is batch x tokens
+generated after the first / decode time. For transformers, prefill is ``generate`` with one new
+token (prompt forward + first token, like our prefill) and decode is a full greedy ``generate``
+of exactly ``new_tokens`` minus that prefill time.
+
+Machine limits put the numbers in context: decode on CPU is bound by reading the weights from
+memory once per step, prefill by matmul throughput.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quicksilver.accounting import Meter
+from quicksilver.errors import QuicksilverError
+from quicksilver.models import loading
+from quicksilver.models.loading import ModelSource
+from quicksilver.runtime.engine import Engine
+
+ENGINE_NAME = "quicksilver"
+TRANSFORMERS_NAME = "transformers"
+COMPARABLE = (TRANSFORMERS_NAME,)
+STATISTIC = "best"  # which repeat is reported: the fastest
+
+# Used when the WikiText-2 validation text is not available; any fixed English text will do.
+FALLBACK_PARAGRAPH = (
+    "The river rises in the hills above the old market town and runs south through farmland, "
+    "woods and a string of small villages before it reaches the estuary. In the eighteenth "
+    "century its banks were lined with mills that ground corn, fulled cloth and later drove the "
+    "first spinning machines. Most of the mills closed when steam power arrived, and the "
+    "buildings that survive now house workshops, a museum and several homes. A footpath follows "
+    "the water for most of its length, crossing it on stone bridges that date from the same "
+    "period, and walkers can still see the channels that once fed the wheels. "
+)
+
+
+# ---------------------------------------------------------------- loading transformers
+
+
+@contextlib.contextmanager
+def _quiet_transformers(capture_stderr: bool = False) -> Iterator[None]:
+    """Silence transformers' warnings and progress bars (they would interleave with ours).
+
+    `capture_stderr` also swallows what bypasses transformers' logging, such as the bare tqdm
+    bar of its GGUF loader.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        if capture_stderr:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+        else:
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_transformers_model(source: ModelSource, dtype: torch.dtype) -> Any:
+    """transformers' own model for the same checkpoint and dtype, in eval mode."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as err:
+        raise QuicksilverError(
+            f"transformers is not importable ({err}); run `pip install transformers`"
+        ) from err
+    try:
+        with _quiet_transformers(capture_stderr=True):
+            if source.kind == "gguf":
+                path = Path(source.path)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, dtype=dtype
+                )
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    except ImportError as err:
+        hint = "; run `pip install accelerate`" if "accelerate" in str(err) else ""
+        raise QuicksilverError(f"transformers cannot load {source.name!r}: {err}{hint}") from err
+    except Exception as err:  # transformers raises many types; all mean "cannot compare"
+        message = " ".join(str(err).split())[:300]
+        hint = "; run `pip install accelerate`" if "accelerate" in message.lower() else ""
+        raise QuicksilverError(
+            f"transformers cannot load {source.name!r} ({type(err).__name__}: {message}){hint}"
+        ) from err
+    return model.eval()
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def bench_prompts(tokenizer: Any, rows: int, prompt_tokens: int) -> tuple[list[list[int]], str]:
+    """`rows` different prompts of exactly `prompt_tokens` tokens, and where the text came from.
+
+    Consecutive slices of the WikiText-2 validation text, so reruns see the same tokens; a fixed
+    built-in paragraph stands in when that data is missing.
+    """
+    needed = rows * prompt_tokens
+    try:
+        from quicksilver.eval.datasets import load_eval_text
+
+        # ~4 characters per token in English; ask for generous slack.
+        text = load_eval_text("wikitext-2", "validation", max_chars=needed * 8 + 1000).text
+        origin = "wikitext-2/validation"
+    except QuicksilverError:
+        text, origin = "", "built-in paragraph"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    if len(ids) < needed:
+        paragraph = tokenizer(FALLBACK_PARAGRAPH, add_special_tokens=False)["input_ids"]
+        ids = (paragraph * (needed // len(paragraph) + 1))[:needed]
+        origin = "built-in paragraph"
+    return [ids[r * prompt_tokens : (r + 1) * prompt_tokens] for r in range(rows)], origin
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def _summary(
+    batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    prefill: list[float],
+    decode: list[float],
+    meter: Meter,
+) -> dict[str, Any]:
+    prefill_s, decode_s = min(prefill), min(decode)
+    decoded = batch * (new_tokens - 1)
+    return {
+        "batch_size": batch,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "prefill_seconds": prefill_s,
+        "decode_seconds": decode_s,
+        "prefill_tokens_per_s": batch * prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
+        "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
+        "decode_step_seconds": decode_s / (new_tokens - 1),
+        "prefill_seconds_all": prefill,
+        "decode_seconds_all": decode,
+        "peak_rss_bytes": meter.peak_rss_bytes,
+        "peak_extra_bytes": meter.peak_extra_bytes,
+    }
+
+
+def _rows(prompts_token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    if len(prompts_token_ids) < batch_size:
+        raise QuicksilverError(f"need {batch_size} prompts, got {len(prompts_token_ids)}")
+    rows = [list(p) for p in prompts_token_ids[:batch_size]]
+    if len({len(r) for r in rows}) != 1 or not rows[0]:
+        raise QuicksilverError("benchmark prompts must be non-empty and of equal length")
+    return rows
+
+
+def _check_counts(new_tokens: int, repeats: int) -> None:
+    if new_tokens < 2:
+        raise QuicksilverError("new_tokens must be at least 2 (decode starts after the first)")
+    if repeats < 1:
+        raise QuicksilverError(f"repeats must be at least 1, got {repeats}")
+
+
+def bench_engine(
+    engine: Engine,
+    prompts_token_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    new_tokens: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """Prefill and decode throughput of our engine on the first `batch_size` prompts.
+
+    Stop tokens are disabled so every repeat generates exactly `new_tokens` per row. Also
+    records the FLOPs counted for one prefill, to relate prefill speed to the matmul limit.
+    """
+    _check_counts(new_tokens, repeats)
+    rows = _rows(prompts_token_ids, batch_size)
+    counter = engine.counter
+    before = counter.total
+    engine.prefill(rows, new_tokens)  # warm-up for prefill, and its FLOP count
+    prefill_flops = counter.total - before
+    engine.generate(rows, new_tokens, stop_ids=[])  # warm-up for decode
+    prefill, decode = [], []
+    with Meter() as meter:
+        for _ in range(repeats):
+            result = engine.generate(rows, new_tokens, stop_ids=[])
+            prefill.append(result.prefill_seconds)
+            decode.append(result.decode_seconds)
+    out = _summary(batch_size, len(rows[0]), new_tokens, prefill, decode, meter)
+    out["prefill_flops"] = prefill_flops
+    return out
+
+
+def bench_transformers(
+    hf_model: Any,
+    prompts_token_ids: Sequence[Sequence[int]],
+    batch_size: int,
+    new_tokens: int,
+    repeats: int,
+) -> dict[str, Any]:
+    """The same measurement for a transformers model, through its own ``generate``."""
+    _check_counts(new_tokens, repeats)
+    rows = _rows(prompts_token_ids, batch_size)
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    attention_mask = torch.ones_like(input_ids)
+    eos = hf_model.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) else eos
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        out = hf_model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad if pad is not None else 0,
+        )
+        seconds = time.perf_counter() - start
+        if out.shape[1] != input_ids.shape[1] + n:
+            raise QuicksilverError(
+                f"transformers generated {out.shape[1] - input_ids.shape[1]} tokens instead of {n}"
+            )
+        return seconds
+
+    with _quiet_transformers(), torch.inference_mode():
+        run(1)
+        run(new_tokens)  # warm-ups
+        prefill, full = [], []
+        with Meter() as meter:
+            for _ in range(repeats):
+                prefill.append(run(1))
+                full.append(run(new_tokens))
+    # Decode = full generation minus the prefill it contains (the fastest of each).
+    best_prefill = min(prefill)
+    decode = [max(f - best_prefill, 1e-9) for f in full]
+    return _summary(batch_size, len(rows[0]), new_tokens, prefill, decode, meter)
+
+
+# ---------------------------------------------------------------- machine limits
+
+
+def measure_memory_bandwidth(n_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of several full reads of a large initialised tensor.
+
+    The tensor is much larger than the last-level cache, and reductions (sum, max) do almost
+    no arithmetic per byte, so the fastest one is limited by memory.
+    """
+    data = torch.ones(n_bytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for op in (torch.sum, torch.max):
+        op(data)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            op(data)
+            best = min(best, time.perf_counter() - start)
+    return data.nbytes / best
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Dense matmul throughput in FLOP/s for `dtype`: the best of a few n x n x n products."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def linear_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the Linear weights one decode step reads; a tied LM head counts once.
+
+    Embedding lookups read a few rows only and are ignored.
+    """
+    seen: set[int] = set()
+    total = 0
+    for linear in model.linears():
+        weight = linear.weight
+        if weight.data_ptr() in seen:
+            continue
+        seen.add(weight.data_ptr())
+        total += weight.numel() * weight.element_size()
+    return total
+
+
+def fractions_of_limit(
+    result: dict[str, Any],
+    weight_bytes: int,
+    prefill_flops: int,
+    bandwidth: float,
+    matmul_flops: float,
+) -> dict[str, float]:
+    """How close one measurement came to the machine: decode vs bandwidth, prefill vs FLOP/s."""
+    step = result["decode_step_seconds"]
+    decode = (weight_bytes / step) / bandwidth if step > 0 else 0.0
+    prefill_s = result["prefill_seconds"]
+    prefill = (prefill_flops / prefill_s) / matmul_flops if prefill_s > 0 else 0.0
+    return {
+        "decode": decode,
+        "prefill": prefill,
+        "decode_weight_gb_s": weight_bytes / step / 1e9 if step > 0 else 0.0,
+        "prefill_gflops": prefill_flops / prefill_s / 1e9 if prefill_s > 0 else 0.0,
+    }
+
+
+# ---------------------------------------------------------------- the whole run
+
+
+def _check_bench_args(
+    batch_sizes: Sequence[int],
+    prompt_tokens: int,
+    new_tokens: int,
+    compare: Sequence[str],
+    repeats: int,
+) -> None:
+    if not batch_sizes:
+        raise QuicksilverError("give at least one batch size")
+    bad = [b for b in batch_sizes if b < 1]
+    if bad:
+        raise QuicksilverError(f"batch sizes must be positive, got {bad[0]}")
+    if prompt_tokens < 1:
+        raise QuicksilverError(f"prompt_tokens must be positive, got {prompt_tokens}")
+    _check_counts(new_tokens, repeats)
+    unknown = [c for c in compare if c not in COMPARABLE]
+    if unknown:
+        raise QuicksilverError(
+            f"cannot compare with {unknown[0]!r}; choose from: {', '.join(COMPARABLE)}"
+        )
+
+
+def run_bench(
+    model_name: str = loading.DEFAULT_MODEL,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_sizes: Sequence[int] = (1, 8),
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    compare: Sequence[str] = (TRANSFORMERS_NAME,),
+    repeats: int = 3,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Benchmark our engine (and optionally transformers) and return a JSON-able report."""
+    _check_bench_args(batch_sizes, prompt_tokens, new_tokens, compare, repeats)
+    torch_dtype = loading.parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    say: Callable[[str], None] = (
+        (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
+        if progress
+        else (lambda msg: None)
+    )
+
+    load_at_start = _load_average()
+    say(f"loading {model_name} ({dtype_name})")
+    loaded = loading.load(model_name, torch_dtype)
+    engine = Engine(loaded.model)
+    hf_model = None
+    if TRANSFORMERS_NAME in compare:
+        say("loading the transformers model")
+        hf_model = load_transformers_model(loaded.source, torch_dtype)
+
+    say("measuring memory bandwidth and matmul throughput")
+    bandwidth = measure_memory_bandwidth()
+    matmul = measure_matmul_flops(torch_dtype)
+    weight_bytes = linear_weight_bytes(loaded.model)
+    prompts, origin = bench_prompts(loaded.tokenizer, max(batch_sizes), prompt_tokens)
+
+    results: dict[str, dict[str, Any]] = {ENGINE_NAME: {}}
+    if hf_model is not None:
+        results[TRANSFORMERS_NAME] = {}
+    fractions: dict[str, dict[str, Any]] = {name: {} for name in results}
+    speedup: dict[str, dict[str, float]] = {}
+    for batch in batch_sizes:
+        say(f"{ENGINE_NAME}, batch {batch}")
+        ours = bench_engine(engine, prompts, batch, new_tokens, repeats)
+        results[ENGINE_NAME][str(batch)] = ours
+        # The transformers model runs the same matmuls, so our counted prefill FLOPs hold for it.
+        flops = ours["prefill_flops"]
+        fractions[ENGINE_NAME][str(batch)] = fractions_of_limit(
+            ours, weight_bytes, flops, bandwidth, matmul
+        )
+        if hf_model is None:
+            continue
+        say(f"{TRANSFORMERS_NAME}, batch {batch}")
+        theirs = bench_transformers(hf_model, prompts, batch, new_tokens, repeats)
+        results[TRANSFORMERS_NAME][str(batch)] = theirs
+        fractions[TRANSFORMERS_NAME][str(batch)] = fractions_of_limit(
+            theirs, weight_bytes, flops, bandwidth, matmul
+        )
+        speedup[str(batch)] = {
+            kind: _ratio(ours[f"{kind}_tokens_per_s"], theirs[f"{kind}_tokens_per_s"])
+            for kind in ("prefill", "decode")
+        }
+
+    import transformers
+
+    return {
+        "model": model_name,
+        "model_source": {"kind": loaded.source.kind, "path": loaded.source.path},
+        "dtype": dtype_name,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        # Other processes competing for the cores make every number here slower.
+        "load_average_1min": {"start": load_at_start, "end": _load_average()},
+        "settings": {
+            "batch_sizes": list(batch_sizes),
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "statistic": f"{STATISTIC} of {repeats} after one warm-up run",
+            "prompts": origin,
+            "decoding": "greedy, stop tokens ignored",
+            "transformers_timing": "prefill = generate(max_new_tokens=1); decode = "
+            "generate(max_new_tokens=min_new_tokens=new_tokens) - prefill",
+        },
+        "machine": {
+            "memory_bandwidth_gb_s": bandwidth / 1e9,
+            "matmul_gflops": matmul / 1e9,
+        },
+        "weight_bytes": weight_bytes,
+        "results": results,
+        "speedup": speedup,
+        "speedup_definition": f"{ENGINE_NAME} tokens/s divided by {TRANSFORMERS_NAME} tokens/s",
+        "fraction_of_limit": fractions,
+        "fraction_of_limit_definition": {
+            "decode": "Linear weight bytes per decode step / step time / memory bandwidth",
+            "prefill": "counted prefill FLOPs / prefill time / matmul FLOP/s",
+        },
+    }
+
+
+def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """One row per (batch size, engine): throughput, memory and fractions of machine limits."""
+    headers = [
+        "engine",
+        "batch",
+        "prefill tok/s",
+        "decode tok/s",
+        "peak RSS MB",
+        "prefill % FLOP/s",
+        "decode % bandwidth",
+        "speedup prefill",
+        "speedup decode",
+    ]
+    rows: list[list[Any]] = []
+    for batch in (str(b) for b in report["settings"]["batch_sizes"]):
+        for engine, by_batch in report["results"].items():
+            r = by_batch[batch]
+            frac = report["fraction_of_limit"][engine][batch]
+            speed = report["speedup"].get(batch, {}) if engine == ENGINE_NAME else {}
+            rows.append(
+                [
+                    engine,
+                    int(batch),
+                    r["prefill_tokens_per_s"],
+                    r["decode_tokens_per_s"],
+                    r["peak_rss_bytes"] / 1024**2,
+                    100 * frac["prefill"],
+                    100 * frac["decode"],
+                    speed.get("prefill"),
+                    speed.get("decode"),
+                ]
+            )
+    return headers, rows
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, falling back to what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

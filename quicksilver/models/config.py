@@ -1,0 +1,254 @@
+"""One configuration for every supported family (Llama, GPT-2, OPT).
+
+Family differences are a handful of switches (norm type, activation, position encoding,
+biases, pre/post norm) so the transformer code stays one readable implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quicksilver.errors import QuicksilverError
+
+FAMILIES = ("llama", "gpt2", "opt")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm: str = "rms"  # "rms" or "layer"
+    norm_eps: float = 1e-5
+    activation: str = "silu"  # "silu" (gated), "gelu_tanh", "relu"
+    gated_mlp: bool = True
+    position: str = "rope"  # "rope" or "learned"
+    position_offset: int = 0  # OPT's learned positions start at index 2
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    # Per-frequency divisors stored in Llama-3 GGUF files (``rope_freqs.weight``) in place of
+    # the scaling parameters; applied on top of ``rope_scaling`` when set.
+    rope_freq_factors: list[float] | None = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    pre_norm: bool = True  # OPT-350m normalises after each block instead
+    final_norm: bool = True
+    word_embed_proj_dim: int | None = None  # OPT: embeddings narrower than the residual stream
+    tie_word_embeddings: bool = True
+    head_dim_override: int | None = None
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise QuicksilverError(
+                f"unsupported model family {self.family!r}; supported: {', '.join(FAMILIES)}"
+            )
+        sizes = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+        bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v <= 0}
+        if bad:
+            raise QuicksilverError(f"model config sizes must be positive integers, got {bad}")
+        if self.n_heads % self.n_kv_heads:
+            raise QuicksilverError(
+                f"num_attention_heads ({self.n_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.n_kv_heads})"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in SUPPORTED_ROPE_TYPES:
+                raise QuicksilverError(
+                    f"RoPE scaling type {kind!r} is not supported; "
+                    f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+                )
+
+    @property
+    def head_dim(self) -> int:
+        return self.head_dim_override or self.hidden_size // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def embed_dim(self) -> int:
+        return self.word_embed_proj_dim or self.hidden_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        return cls(**data)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
+        """Map a Hugging Face ``config.json`` dict onto our switches."""
+        model_type = hf.get("model_type")
+        if not model_type:
+            raise QuicksilverError(
+                "config.json has no model_type; supported: llama (also mistral, qwen2-style), "
+                "gpt2, opt"
+            )
+        try:
+            return cls._from_hf(hf, model_type)
+        except KeyError as err:
+            raise QuicksilverError(
+                f"config.json for model_type {model_type!r} lacks the required key {err}"
+            ) from err
+        except (TypeError, ValueError) as err:
+            raise QuicksilverError(f"config.json has an invalid value: {err}") from err
+
+    @classmethod
+    def _from_hf(cls, hf: dict[str, Any], model_type: str) -> ModelConfig:
+        eos = hf.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        common = dict(
+            vocab_size=hf["vocab_size"],
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            name=hf.get("_name_or_path", model_type),
+        )
+        if model_type in ("llama", "mistral", "qwen2"):
+            rope = _rope_settings(hf)
+            window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+            activation = _activation(hf.get("hidden_act", "silu"))
+            if activation != "silu":
+                # The gated MLP is SiLU-gated (SwiGLU); other gates would be silently wrong.
+                raise QuicksilverError(
+                    f"{model_type} models with hidden_act {hf.get('hidden_act')!r} are not "
+                    "supported; only silu"
+                )
+            return cls(
+                family="llama",
+                hidden_size=hf["hidden_size"],
+                n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                intermediate_size=hf["intermediate_size"],
+                max_position_embeddings=hf.get("max_position_embeddings", 4096),
+                norm="rms",
+                norm_eps=hf.get("rms_norm_eps", 1e-6),
+                activation=activation,
+                gated_mlp=True,
+                position="rope",
+                rope_theta=rope[0],
+                rope_scaling=rope[1],
+                qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+                out_bias=bool(hf.get("attention_bias", False)),
+                mlp_bias=bool(hf.get("mlp_bias", False)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                head_dim_override=hf.get("head_dim"),
+                sliding_window=window,
+                **common,
+            )
+        if model_type == "gpt2":
+            d = hf["n_embd"]
+            return cls(
+                family="gpt2",
+                hidden_size=d,
+                n_layers=hf["n_layer"],
+                n_heads=hf["n_head"],
+                n_kv_heads=hf["n_head"],
+                intermediate_size=hf.get("n_inner") or 4 * d,
+                max_position_embeddings=hf["n_positions"],
+                norm="layer",
+                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                activation=_plain_activation(hf.get("activation_function", "gelu_new")),
+                gated_mlp=False,
+                position="learned",
+                qkv_bias=True,
+                out_bias=True,
+                mlp_bias=True,
+                tie_word_embeddings=True,
+                **common,
+            )
+        if model_type == "opt":
+            d = hf["hidden_size"]
+            proj = hf.get("word_embed_proj_dim") or d
+            pre_norm = bool(hf.get("do_layer_norm_before", True))
+            return cls(
+                family="opt",
+                hidden_size=d,
+                n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf["num_attention_heads"],
+                intermediate_size=hf["ffn_dim"],
+                max_position_embeddings=hf["max_position_embeddings"],
+                norm="layer",
+                norm_eps=1e-5,
+                activation=_plain_activation(hf.get("activation_function", "relu")),
+                gated_mlp=False,
+                position="learned",
+                position_offset=2,
+                qkv_bias=bool(hf.get("enable_bias", True)),
+                out_bias=bool(hf.get("enable_bias", True)),
+                mlp_bias=bool(hf.get("enable_bias", True)),
+                pre_norm=pre_norm,
+                final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+                word_embed_proj_dim=proj if proj != d else None,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+                **common,
+            )
+        raise QuicksilverError(
+            f"model_type {model_type!r} is not supported; supported: llama (also mistral, "
+            "qwen2-style), gpt2, opt"
+        )
+
+
+def _activation(name: str) -> str:
+    table = {
+        "silu": "silu",
+        "swish": "silu",
+        "gelu_new": "gelu_tanh",
+        "gelu_pytorch_tanh": "gelu_tanh",
+        "gelu_fast": "gelu_tanh",
+        "gelu": "gelu",
+        "relu": "relu",
+    }
+    if name not in table:
+        raise QuicksilverError(f"activation {name!r} is not supported; supported: {sorted(table)}")
+    return table[name]
+
+
+def _plain_activation(name: str) -> str:
+    """Activations the non-gated (GPT-2/OPT) MLP implements; anything else would run as ReLU."""
+    activation = _activation(name)
+    if activation not in ("gelu_tanh", "gelu", "relu"):
+        raise QuicksilverError(
+            f"activation {name!r} is not supported for GPT-2/OPT-style MLPs; "
+            "supported: gelu, gelu_new (tanh), relu"
+        )
+    return activation
+
+
+def _rope_settings(hf: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """RoPE base and scaling, from either the transformers 4.x or 5.x config layout."""
+    params = hf.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = hf.get("rope_scaling") or (params if params else None)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling = None if kind == "default" else dict(scaling)
+    return theta, scaling

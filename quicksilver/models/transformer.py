@@ -1,0 +1,331 @@
+"""A layer-by-layer decoder-only transformer in plain PyTorch (Llama, GPT-2, OPT).
+
+The model holds weights and per-layer functions only; the loop over layers lives in
+``quicksilver.runtime.engine`` so that it can decide, per layer, which tokens run.
+Every block works on whatever tokens it is handed: a ``Step`` says where each token sits
+(position, KV-cache slot) and what it may attend to.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quicksilver.errors import QuicksilverError
+from quicksilver.models.config import ModelConfig
+
+
+@dataclass
+class Step:
+    """Where a [B, S] block of tokens sits: positions, cache slots and the attention mask.
+
+    ``write_start`` is set when row b's token s goes to slot ``write_start + s`` for every row
+    (the common, fast case); otherwise ``slots`` gives each token's slot (-1: padding entry,
+    not written). ``mask`` is [B, 1, S, attend_len] (True = may attend), or None when no
+    mask is needed: a causal block starting at slot 0, or one token per row reading every
+    earlier slot.
+    """
+
+    positions: torch.Tensor  # [B, S] int64
+    slots: torch.Tensor  # [B, S] int64
+    write_start: int | None
+    attend_len: int
+    mask: torch.Tensor | None
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin: [B, S, 1, head_dim]
+
+
+@functools.cache
+def onednn_linear_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build can run oneDNN's pre-packed linear for ``dtype`` (tried once)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        weight = torch.ones(4, 8, dtype=dtype)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        probe = torch.ones(1, 8, dtype=dtype)
+        out = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+    except (RuntimeError, AttributeError):
+        return False
+    return bool((out == 8).all())
+
+
+class Linear(nn.Module):
+    """``y = x W^T + b`` with an optional oneDNN pre-packed weight for the CPU fast path.
+
+    Pre-packing the weight into oneDNN's blocked layout roughly halves the time of the small
+    matrix-vector products that dominate decoding on CPU. The packed copy is numerically the
+    same product; ``pack`` silently keeps the plain path where oneDNN is unavailable.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = None
+        if self.weight.device.type != "cpu" or not onednn_linear_works(self.weight.dtype):
+            return
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and x.dtype == self.weight.dtype:
+            flat = x.reshape(-1, self.in_features)
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+class Norm(nn.Module):
+    """RMSNorm (Llama) or LayerNorm (GPT-2, OPT), computed the way the reference models do."""
+
+    def __init__(self, dim: int, kind: str, eps: float) -> None:
+        super().__init__()
+        self.kind = kind
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim), requires_grad=False) if kind == "layer" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
+    """Per-pair rotation frequencies, including linear and Llama-3 style scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if config.rope_freq_factors:  # Llama-3.1 GGUF files store the scaled frequencies' divisors
+        factors = torch.tensor(config.rope_freq_factors, dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise QuicksilverError(
+                f"rope frequency factors have {factors.numel()} entries, expected "
+                f"{inv_freq.numel()} (head_dim / 2)"
+            )
+        return inv_freq / factors
+    scaling = config.rope_scaling
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between
+    # the two cut-offs interpolated smoothly.
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    original = float(scaling.get("original_max_position_embeddings", 8192))
+    wavelength = 2 * math.pi / inv_freq
+    slowed = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    blend = (original / wavelength - low) / (high - low)
+    smoothed = (1 - blend) * slowed / factor + blend * slowed
+    in_band = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(in_band, smoothed, slowed)
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for each token's position: [B, S, 1, head_dim] (halves duplicated)."""
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    angles = torch.cat((angles, angles), dim=-1).unsqueeze(2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [B, S, heads, head_dim] in the half-split layout transformers uses."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.q_dim = config.q_dim
+        self.kv_dim = config.kv_dim
+        self.qkv = Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, config.qkv_bias)
+        self.out = Linear(config.q_dim, config.hidden_size, config.out_bias)
+
+    def forward(
+        self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        qkv = self.qkv(x)
+        qk = qkv[..., : self.q_dim + self.kv_dim].view(batch, seq, -1, self.head_dim)
+        if step.rope is not None:
+            qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
+        v = qkv[..., self.q_dim + self.kv_dim :].view(batch, seq, self.n_kv_heads, self.head_dim)
+        write_kv(k_cache, v_cache, k, v, step)
+        keys = k_cache[:, :, : step.attend_len]
+        values = v_cache[:, :, : step.attend_len]
+        if seq == 1:
+            attended = self.attend_one(q, keys, values, step.mask)
+        else:
+            attended = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                keys,
+                values,
+                attn_mask=step.mask,
+                is_causal=step.mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            ).transpose(1, 2)
+        return self.out(attended.reshape(batch, seq, self.q_dim))
+
+    def attend_one(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Decode-time attention for one query per row, grouped by KV head.
+
+        With a single query the query heads that share a KV head form a small matrix, so two
+        batched matmuls do the work without expanding K/V (which SDPA's GQA path copies).
+        """
+        batch, _, _, head_dim = q.shape
+        grouped = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, head_dim)
+        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        return torch.matmul(probs, values).reshape(batch, 1, self.q_dim)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step
+) -> None:
+    """Store this step's keys/values ([B, S, kv_heads, head_dim]) in the layer's cache."""
+    if step.write_start is not None:
+        end = step.write_start + k.shape[1]
+        k_cache[:, :, step.write_start : end] = k.transpose(1, 2)
+        v_cache[:, :, step.write_start : end] = v.transpose(1, 2)
+        return
+    rows, cols = torch.nonzero(step.slots >= 0, as_tuple=True)
+    slots = step.slots[rows, cols]
+    k_cache[rows, :, slots] = k[rows, cols]
+    v_cache[rows, :, slots] = v[rows, cols]
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gated = config.gated_mlp
+        self.activation = config.activation
+        width = config.intermediate_size * (2 if self.gated else 1)
+        self.up = Linear(config.hidden_size, width, config.mlp_bias)
+        self.down = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        if self.activation == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif self.activation == "gelu":
+            h = F.gelu(h)
+        elif self.activation == "relu":
+            h = F.relu(h)
+        else:
+            raise ValueError(f"activation {self.activation!r} has no implementation")
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.pre_norm = config.pre_norm
+        self.attn_norm = Norm(config.hidden_size, config.norm, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config.hidden_size, config.norm, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, h: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        if self.pre_norm:
+            h = h + self.attn(self.attn_norm(h), step, k_cache, v_cache)
+            return h + self.mlp(self.mlp_norm(h))
+        h = self.attn_norm(h + self.attn(h, step, k_cache, v_cache))
+        return self.mlp_norm(h + self.mlp(h))
+
+
+class Transformer(nn.Module):
+    """Weights and per-stage functions; ``runtime.engine`` drives them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Parameter(
+            torch.empty(config.vocab_size, config.embed_dim), requires_grad=False
+        )
+        self.position_embed = (
+            nn.Parameter(
+                torch.empty(
+                    config.max_position_embeddings + config.position_offset, config.hidden_size
+                ),
+                requires_grad=False,
+            )
+            if config.position == "learned"
+            else None
+        )
+        proj = config.word_embed_proj_dim
+        self.project_in = Linear(proj, config.hidden_size, False) if proj else None
+        self.project_out = Linear(config.hidden_size, proj, False) if proj else None
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.final_norm = (
+            Norm(config.hidden_size, config.norm, config.norm_eps) if config.final_norm else None
+        )
+        self.lm_head = Linear(config.embed_dim, config.vocab_size, False)
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def set_fast_path(self, enabled: bool) -> None:
+        """Pre-pack every weight for oneDNN (enabled) or use plain ``F.linear``."""
+        for linear in self.linears():
+            linear.pack() if enabled else linear.unpack()
+
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = F.embedding(tokens, self.embed)
+        if self.project_in is not None:
+            h = self.project_in(h)
+        if self.position_embed is not None:
+            h = h + F.embedding(positions + self.config.position_offset, self.position_embed)
+        return h
+
+    def rope_for(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.position != "rope":
+            return None
+        return rope_tables(self.inv_freq, positions, self.dtype)
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """The state the LM head reads: final norm (and OPT's output projection) applied."""
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        if self.project_out is not None:
+            h = self.project_out(h)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.final_hidden(h))

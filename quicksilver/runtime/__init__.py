@@ -1,0 +1,1 @@
+"""Runtime: token generation and sampling."""

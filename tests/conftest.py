@@ -1,0 +1,31 @@
+"""Shared fixtures: the real SmolLM2 model (ours and transformers'), loaded once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from quicksilver.models import loading
+
+# Tests never touch the network: fail fast instead of waiting on the hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm_fp32() -> loading.LoadedModel:
+    return loading.load("smollm2-135m", "float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm_fp32():
+    """transformers' own Llama implementation on the same GGUF file: the reference."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(loading.resolve("smollm2-135m").path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    )
+    return model.eval()

@@ -1,0 +1,198 @@
+"""The command line: bad input fails fast with one `error:` line, and the happy paths write the
+JSON fields that downstream tools read. Happy paths run the real default model, kept short."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from quicksilver import cli
+from quicksilver.cli import main
+from quicksilver.eval.report import write_json_atomic
+
+TEXT = (
+    "The town grew up around a ford on the river, where the old road from the coast crossed "
+    "on its way to the hills. By the twelfth century it had a market, a church and a castle, "
+    "and its wool trade made several families rich. The castle was slighted after the civil "
+    "war, but the church survives, together with a number of timber-framed houses on the "
+    "high street. Today the town is known for its annual fair, which has been held every "
+    "autumn since the fourteenth century, and for the walks along the river valley.\n"
+)
+
+
+@pytest.fixture
+def one_thread():
+    """Single-threaded model runs: steadier on a busy 2-core machine; restored afterwards."""
+    threads = torch.get_num_threads()
+    yield ["--threads", "1"]
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "small.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI expecting a user error; return the single stderr line."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["eval", "--context", "0"], "--context"),
+        (["eval", "--stride", "0"], "--stride"),
+        (["eval", "--context", "64", "--stride", "65"], "must not exceed --context"),
+        (["eval", "--context", "abc"], "invalid int"),
+        (["eval", "--dataset", "no-such-set"], "unknown dataset"),
+        (["eval", "--dtype", "float16"], "unknown dtype"),
+        (["generate", "--prompt", "hi", "--dtype", "int8"], "unknown dtype"),
+        (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
+        (["generate"], "--prompt"),
+        (["bench", "--batch-sizes", "0"], "--batch-sizes"),
+        (["bench", "--compare", "llama.cpp"], "cannot compare"),
+        (["no-such-command"], "invalid choice"),
+    ],
+)
+def test_bad_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert needle in run_error(argv, capsys)
+
+
+def test_missing_model_path(
+    tmp_path: Path, text_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "nope.gguf")
+    line = run_error(["eval", "--model", missing, "--text-file", str(text_file)], capsys)
+    assert "not found" in line
+
+
+def test_empty_text_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    out = tmp_path / "out.json"
+    line = run_error(["eval", "--text-file", str(empty), "--json", str(out)], capsys)
+    assert "empty" in line
+    assert not out.exists()  # nothing written on failure
+
+
+@pytest.mark.parametrize("command", ["eval", "generate", "bench"])
+def test_json_into_missing_directory(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = str(tmp_path / "no" / "such" / "dir" / "out.json")
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    line = run_error([command, *extra, "--json", target], capsys)
+    assert "does not exist" in line
+
+
+def test_blank_prompt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n  \n")
+    assert "no non-empty lines" in run_error(["generate", "--prompt-file", str(prompts)], capsys)
+
+
+def test_keyboard_interrupt_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_models", interrupted)
+    assert main(["models"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_code() -> None:
+    """A real process: exit status 2 and one stderr line, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "quicksilver", "eval", "--stride", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: --stride must be a positive integer, got 0"]
+
+
+def test_write_json_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    path.write_text("old")
+    write_json_atomic(path, {"a": 1.5, "b": float("nan"), "c": [float("inf")]})
+    assert json.loads(path.read_text()) == {"a": 1.5, "b": None, "c": [None]}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_models_lists_default(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- happy paths, real model
+
+
+def test_generate_json(
+    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    argv = ["generate", "--prompt", "Hello", "--max-new-tokens", "4", "--dtype", "float32"]
+    assert main([*argv, *one_thread, "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    data = json.loads(out.read_text())
+    assert data["model"] == "smollm2-135m" and data["dtype"] == "float32"
+    assert data["prompts"] == ["Hello"]
+    assert len(data["completions"]) == 1 and len(data["tokens"]) == 1
+    assert 1 <= data["new_tokens"] <= 4
+    assert data["completions"][0] in captured.out  # streamed to stdout
+    assert data["prefill_seconds"] > 0 and data["flops_per_token"] > 0
+    assert "tokens, prefill" in captured.err and "GFLOP/token" in captured.err
+
+
+def test_eval_json(
+    tmp_path: Path, text_file: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    argv = ["eval", "--text-file", str(text_file), "--context", "64", "--stride", "32"]
+    assert main([*argv, *one_thread, "--no-progress", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    for key in ("ppl", "bits_per_byte", "word_ppl", "flops_per_token", "dense_flops_per_token"):
+        assert math.isfinite(data[key]) and data[key] > 0, key
+    assert data["ppl"] > 1 and data["tokens"] > 64 and data["seconds"] > 0
+    assert data["n_bytes"] == len(TEXT.encode())
+    assert (data["context"], data["stride"], data["dtype"]) == (64, 32, "float32")
+    assert data["model"] == "smollm2-135m" and data["dataset"].startswith("file:")
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_bench_json(
+    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    argv = ["bench", "--batch-sizes", "1", "--prompt-tokens", "8", "--new-tokens", "4"]
+    assert main([*argv, "--repeats", "1", *one_thread, "--no-progress", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["dtype"] == "bfloat16" and data["threads"] == 1
+    assert data["machine"]["memory_bandwidth_gb_s"] > 0 and data["machine"]["matmul_gflops"] > 0
+    row = data["results"]["quicksilver"]["1"]
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"):
+        assert row[key] > 0, key
+    assert row["prompt_tokens"] == 8 and row["new_tokens"] == 4
+    assert set(data["fraction_of_limit"]["quicksilver"]["1"]) >= {"prefill", "decode"}
+    assert data["speedup"] == {} and "transformers" not in data["results"]
+    assert "quicksilver" in capsys.readouterr().out

@@ -1,0 +1,222 @@
+"""Small, randomly initialised transformers models for parity tests of every family.
+
+Each builder seeds torch before constructing the model, so the same weights come out on every
+run. Weights are drawn wider than the families' usual init (std 0.2 instead of 0.02) so that
+logits are peaked and greedy decoding does not hinge on near-ties that fp32 rounding could flip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB = 272  # 256 byte symbols + a few specials fit the byte-level tokenizer below
+MAX_POSITIONS = 128
+INIT_STD = 0.2
+SPECIAL_IDS = {"pad": 0, "bos": 1, "eos": 2}
+
+
+def _finish(model: PreTrainedModel) -> PreTrainedModel:
+    """Eval mode, and no eos stop in transformers' ``generate`` (tests compare fixed lengths)."""
+    model.eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = SPECIAL_IDS["pad"]
+    return model
+
+
+def tiny_gpt2(seed: int = 0) -> PreTrainedModel:
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=MAX_POSITIONS,
+        initializer_range=INIT_STD,
+        bos_token_id=SPECIAL_IDS["bos"],
+        eos_token_id=SPECIAL_IDS["eos"],
+    )
+    torch.manual_seed(seed)
+    return _finish(GPT2LMHeadModel(config))
+
+
+def tiny_opt(
+    seed: int = 0, pre_norm: bool = True, word_embed_proj_dim: int | None = None
+) -> PreTrainedModel:
+    hidden = 64
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_POSITIONS,
+        do_layer_norm_before=pre_norm,
+        word_embed_proj_dim=word_embed_proj_dim or hidden,
+        init_std=INIT_STD,
+        pad_token_id=SPECIAL_IDS["pad"],
+        bos_token_id=SPECIAL_IDS["bos"],
+        eos_token_id=SPECIAL_IDS["eos"],
+    )
+    torch.manual_seed(seed)
+    return _finish(OPTForCausalLM(config))
+
+
+def tiny_llama(seed: int = 0, rope_scaling: dict | None = None) -> PreTrainedModel:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=False,
+        initializer_range=INIT_STD,
+        rope_theta=10000.0,
+        rope_scaling=rope_scaling,
+        bos_token_id=SPECIAL_IDS["bos"],
+        eos_token_id=SPECIAL_IDS["eos"],
+        pad_token_id=SPECIAL_IDS["pad"],
+    )
+    torch.manual_seed(seed)
+    return _finish(LlamaForCausalLM(config))
+
+
+def tiny_llama3_rope(seed: int = 0) -> PreTrainedModel:
+    # original_max_position_embeddings is small so the smoothing band covers real frequencies.
+    scaling = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+    }
+    return tiny_llama(seed, rope_scaling=scaling)
+
+
+TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
+    "gpt2": tiny_gpt2,
+    "opt_pre_norm": lambda: tiny_opt(pre_norm=True),
+    "opt_post_norm": lambda: tiny_opt(pre_norm=False),
+    "opt_projected": lambda: tiny_opt(pre_norm=False, word_embed_proj_dim=32),
+    "llama_gqa": tiny_llama,
+    "llama3_rope": tiny_llama3_rope,
+}
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A merge-free byte-level BPE tokenizer: every byte is a token, plus three specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {token: i for i, token in enumerate(specials + sorted(alphabet))}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def save_tiny(
+    model: PreTrainedModel, directory: Path, with_tokenizer: bool = False, safetensors: bool = True
+) -> Path:
+    """Write a model dir like the hub's: config.json plus safetensors or pytorch_model.bin."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if safetensors:
+        model.save_pretrained(str(directory))
+    else:
+        # transformers 5 always writes safetensors, so write the legacy pickle file by hand.
+        model.config.save_pretrained(str(directory))
+        state = {key: value.clone() for key, value in model.state_dict().items()}
+        torch.save(state, directory / "pytorch_model.bin")
+    if with_tokenizer:
+        byte_level_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def _interleave_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """transformers' half-split Q/K rows -> llama.cpp's per-pair interleaved rows."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, -1).transpose(1, 2).reshape(weight.shape)
+
+
+def _llama3_rope_divisors(config: LlamaConfig) -> torch.Tensor:
+    """What llama.cpp's converter stores as ``rope_freqs``: default / scaled frequency."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    head_dim = config.hidden_size // config.num_attention_heads
+    theta = config.rope_parameters["rope_theta"]
+    default = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    return default / scaled
+
+
+def save_tiny_gguf(model: PreTrainedModel, path: Path, architecture: str = "llama") -> Path:
+    """Write a Llama model as an F32 GGUF file laid out the way llama.cpp's converter does.
+
+    Llama-3 RoPE scaling goes into a ``rope_freqs`` tensor, as llama.cpp stores it, so the
+    reader's handling of that tensor is tested against transformers' own scaled frequencies.
+    No tokenizer metadata is written.
+    """
+    import gguf
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_name("tiny-llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_bos_token_id(SPECIAL_IDS["bos"])
+    writer.add_eos_token_id(SPECIAL_IDS["eos"])
+
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+        "output.weight": state["lm_head.weight"],
+    }
+    if config.rope_parameters.get("rope_type", "default") == "llama3":
+        tensors["rope_freqs.weight"] = _llama3_rope_divisors(config)
+    for i in range(config.num_hidden_layers):
+        p, g = f"model.layers.{i}.", f"blk.{i}."
+        tensors[g + "attn_norm.weight"] = state[p + "input_layernorm.weight"]
+        tensors[g + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+        tensors[g + "attn_q.weight"] = _interleave_rotary(
+            state[p + "self_attn.q_proj.weight"], heads
+        )
+        tensors[g + "attn_k.weight"] = _interleave_rotary(
+            state[p + "self_attn.k_proj.weight"], kv_heads
+        )
+        tensors[g + "attn_v.weight"] = state[p + "self_attn.v_proj.weight"]
+        tensors[g + "attn_output.weight"] = state[p + "self_attn.o_proj.weight"]
+        tensors[g + "ffn_gate.weight"] = state[p + "mlp.gate_proj.weight"]
+        tensors[g + "ffn_up.weight"] = state[p + "mlp.up_proj.weight"]
+        tensors[g + "ffn_down.weight"] = state[p + "mlp.down_proj.weight"]
+    for name, tensor in tensors.items():
+        writer.add_tensor(name, tensor.contiguous().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
