@@ -45,17 +45,16 @@ def _hub_rows(path: Path) -> list[str]:
 
 
 @needs_wikitext
-def test_wikitext2_test_matches_the_hf_guide_stream() -> None:
+def test_wikitext2_test_is_the_raw_file_verbatim() -> None:
     rows = _hub_rows(WIKI_TEST)
     assert len(rows) == 4358
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
 
     ev = load_eval_text("wikitext-2", "test", data_dir=DATA)
     assert ev.name == "wikitext-2/test"
-    assert ev.text == "\n\n".join(rows)
-    assert len(ev.text) == sum(len(r) for r in rows) + 2 * (len(rows) - 1)
-    assert ev.text.startswith("\n\n = Robert Boulter = \n\n\n\n\n Robert Boulter is")
-    assert ev.n_bytes == len(ev.text.encode("utf-8"))
+    assert ev.text.encode("utf-8") == WIKI_TEST.read_bytes()
+    assert ev.text.startswith(" \n = Robert Boulter = \n \n Robert Boulter is")
+    assert ev.n_bytes == len(ev.text.encode("utf-8")) == 1_290_590
     assert ev.n_words == len(re.split(r"\s+", ev.text))
     assert ev.n_documents == 60  # the two " = ... = " equation lines are not titles
 
@@ -65,7 +64,7 @@ def test_wikitext2_validation() -> None:
     rows = _hub_rows(WIKI_VALID)
     assert len(rows) == 3760
     ev = load_eval_text("wikitext-2", "validation", data_dir=DATA)
-    assert ev.text == "\n\n".join(rows)
+    assert ev.text.encode("utf-8") == WIKI_VALID.read_bytes()
     assert ev.n_documents == 60
 
 
@@ -128,8 +127,7 @@ def _synthetic_data_dir(tmp_path: Path) -> Path:
 
 def test_synthetic_wikitext_rows_and_articles(tmp_path: Path) -> None:
     ev = load_eval_text("wikitext-2", data_dir=_synthetic_data_dir(tmp_path))
-    rows = [line if line.strip() else "" for line in SYNTHETIC_WIKI.splitlines(keepends=True)]
-    assert ev.text == "\n\n".join(rows)
+    assert ev.text == SYNTHETIC_WIKI
     assert ev.n_documents == 2  # " = 1 henry and C = " sits between text lines: not a title
 
     first = load_eval_text("wikitext-2", data_dir=tmp_path, max_documents=1)
@@ -184,7 +182,7 @@ def test_hub_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     wiki = load_eval_text("wikitext-103", "validation", data_dir=tmp_path)
-    assert wiki.text == "\n\n = Title = \n\n\n\n\n Body .\n\n\n"
+    assert wiki.text == " \n = Title = \n \n Body .\n \n"  # the raw file the rows came from
     assert wiki.n_documents == 1
     c4 = load_eval_text("c4", "validation", data_dir=tmp_path)
     assert c4.n_documents == 1000
