@@ -199,11 +199,11 @@ class Attention(nn.Module):
         """
         batch, _, _, head_dim = q.shape
         grouped = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, head_dim)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * head_dim**-0.5
+        scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * head_dim**-0.5
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        return torch.matmul(probs, values).reshape(batch, 1, self.q_dim)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, values.float()).to(q.dtype).reshape(batch, 1, self.q_dim)
 
 
 def write_kv(

@@ -103,9 +103,9 @@ class Engine:
         self.counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
         return self.model.logits(h)
 
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> tuple[
-        torch.Tensor, KVCache
-    ]:
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> tuple[torch.Tensor, KVCache]:
         """Left-pad the prompts into one block, fill a fresh cache, return last logits."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise QuicksilverError("every prompt must contain at least one token")
