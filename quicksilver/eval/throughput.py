@@ -382,7 +382,7 @@ def run_bench(
     bandwidth = measure_memory_bandwidth()
     matmul = measure_matmul_flops(torch_dtype)
     weight_bytes = linear_weight_bytes(loaded.model)
-    prompts, origin = bench_prompts(loaded.tokenizer, max(batch_sizes), prompt_tokens)
+    prompts, origin = bench_prompts(loaded.text_tokenizer(), max(batch_sizes), prompt_tokens)
 
     results: dict[str, dict[str, Any]] = {ENGINE_NAME: {}}
     if hf_model is not None:

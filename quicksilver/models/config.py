@@ -34,7 +34,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     # Per-frequency divisors stored in Llama-3 GGUF files (``rope_freqs.weight``) in place of
-    # the scaling parameters; applied on top of ``rope_scaling`` when set.
+    # the scaling parameters; when set they replace ``rope_scaling``.
     rope_freq_factors: list[float] | None = None
     qkv_bias: bool = False
     out_bias: bool = False
@@ -133,6 +133,12 @@ class ModelConfig:
         if model_type in ("llama", "mistral", "qwen2"):
             rope = _rope_settings(hf)
             window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+            layers = hf.get("num_hidden_layers", 0)
+            if model_type == "qwen2" and window and hf.get("max_window_layers", layers) < layers:
+                raise QuicksilverError(
+                    "Qwen2 with a sliding window on only some layers is not supported; "
+                    "set use_sliding_window to false in config.json to run it with full attention"
+                )
             activation = _activation(hf.get("hidden_act", "silu"))
             if activation != "silu":
                 # The gated MLP is SiLU-gated (SwiGLU); other gates would be silently wrong.

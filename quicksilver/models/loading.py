@@ -63,9 +63,18 @@ class ModelSource:
 @dataclass
 class LoadedModel:
     model: Transformer
-    tokenizer: Any
+    tokenizer: Any  # None when the checkpoint ships no vocabulary
     source: ModelSource
     load_seconds: float
+
+    def text_tokenizer(self) -> Any:
+        """The tokenizer, or a clear error for work that starts from text."""
+        if self.tokenizer is None:
+            raise QuicksilverError(
+                f"{self.source.name} ships no tokenizer; add its tokenizer files to the model "
+                "directory to work with text"
+            )
+        return self.tokenizer
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -445,9 +454,10 @@ def _load_gguf_cached(
     config, state, has_tokenizer = _read_gguf(path)
     tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if has_tokenizer else None
     # Write into a temporary sibling and rename, so an interrupted run leaves nothing half-done.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    tmp: Path | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         if tokenizer is not None:
@@ -456,19 +466,15 @@ def _load_gguf_cached(
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # a read-only cache only costs speed
+    except OSError:  # a read-only cache only costs speed
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return config, state, tokenizer
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Dequantise a Llama-architecture GGUF file into our fp32 state dict."""
-    config, state, _ = _read_gguf(path)
-    return config, state
-
-
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
-    """``read_gguf`` plus whether the file carries a tokenizer vocabulary."""
+    """Dequantise a Llama-architecture GGUF file into our fp32 state dict; also say whether
+    the file carries a tokenizer vocabulary."""
     import gguf
 
     try:
@@ -518,6 +524,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
             "factor": float(fields.get(a + "rope.scaling.factor", 1.0)),
         }
     eos = fields.get("tokenizer.ggml.eos_token_id")
+    key_length = fields.get(a + "attention.key_length")  # head size, when not hidden / heads
     # Llama-3.1-style GGUFs store the RoPE scaling as per-frequency divisors, not parameters.
     freq_factors = None
     if "rope_freqs.weight" in tensors:
@@ -529,6 +536,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
         n_layers=required(a + "block_count"),
         n_heads=n_heads,
         n_kv_heads=int(fields.get(a + "attention.head_count_kv", n_heads)),
+        head_dim_override=int(key_length) if key_length is not None else None,
         intermediate_size=required(a + "feed_forward_length"),
         max_position_embeddings=int(fields.get(a + "context_length", 4096)),
         norm="rms",

@@ -1,4 +1,4 @@
-"""A preallocated KV cache for a batch of left-aligned-by-padding sequences.
+"""A preallocated KV cache for a batch of left-padded sequences.
 
 Rows of different prompt lengths are left-padded so that every row writes the same slot at
 each step (one slice assignment per layer, no per-row bookkeeping in the hot loop).
@@ -35,9 +35,6 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
-
     def reserve(self, n: int) -> int:
         """Claim the next ``n`` slots for every row; returns the first one."""
         if self.length + n > self.max_len:
@@ -52,13 +49,14 @@ class KVCache:
     def attention_mask(self, slots: torch.Tensor, attend_len: int) -> torch.Tensor:
         """[B, 1, S, attend_len] bool: query at slot q may read slot j iff start <= j <= q.
 
-        Padding queries (before their row's start) read only themselves, so their outputs,
-        which nobody uses, stay finite instead of NaN from an empty softmax.
+        Padding queries (before their row's start, or slot -1 entries of a gathered block)
+        read one slot only, so their outputs, which nobody uses, stay finite instead of NaN
+        from an empty softmax.
         """
         keys = torch.arange(attend_len, device=slots.device)
         q = slots.unsqueeze(-1)
         allowed = (keys <= q) & (keys >= self.start.view(-1, 1, 1))
         if self.sliding_window:
             allowed &= keys > q - self.sliding_window
-        allowed |= keys == q
+        allowed |= keys == q.clamp(min=0)
         return allowed.unsqueeze(1)

@@ -48,9 +48,10 @@ class Engine:
         self.counter = counter if counter is not None else FlopCounter(model.config)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        if max_len > self.config.max_position_embeddings and self.config.position == "learned":
+        if max_len > self.config.max_position_embeddings:
             raise QuicksilverError(
-                f"{max_len} positions exceed the model's {self.config.max_position_embeddings}"
+                f"prompt plus new tokens need {max_len} positions, more than the model's "
+                f"{self.config.max_position_embeddings}; shorten the prompt or --max-new-tokens"
             )
         return KVCache(self.config, batch_size, max_len, self.model.dtype)
 
@@ -87,6 +88,11 @@ class Engine:
         ``step`` overrides where the tokens go (default: the next S slots of every row)."""
         batch, n_new = tokens.shape
         step = step or self.make_step(cache, n_new)
+        maskless_ok = step.write_start is not None and (
+            step.attend_len == step.write_start + n_new and (n_new == 1 or step.write_start == 0)
+        )
+        if step.mask is None and not maskless_ok:
+            raise ValueError("a step with explicit slots or after earlier slots needs a mask")
         if step.mask is not None:
             pairs = int(step.mask.sum())
         else:  # token s of the block reads slots 0..first+s
@@ -110,7 +116,8 @@ class Engine:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise QuicksilverError("every prompt must contain at least one token")
         longest = max(len(p) for p in prompts)
-        cache = self.new_cache(len(prompts), longest + max_new_tokens)
+        # The last sampled token is never fed back: one slot fewer than prompt + new tokens.
+        cache = self.new_cache(len(prompts), longest + max_new_tokens - 1)
         pad = self.config.eos_token_ids[0] if self.config.eos_token_ids else 0
         block = torch.full((len(prompts), longest), pad, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -137,6 +144,7 @@ class Engine:
         sampling = sampling or SamplingConfig()
         generator = make_generator(sampling)
         stops = set(self.config.eos_token_ids if stop_ids is None else stop_ids)
+        flops_before = self.counter.summary()
         start = time.perf_counter()
         logits, cache = self.prefill(prompts, max_new_tokens)
         prefill_seconds = time.perf_counter() - start
@@ -165,5 +173,5 @@ class Engine:
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
             decode_steps=steps,
-            flops=self.counter.summary(),
+            flops={k: v - flops_before[k] for k, v in self.counter.summary().items()},
         )
