@@ -16,6 +16,8 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     OPTConfig,
     OPTForCausalLM,
     PreTrainedModel,
@@ -106,6 +108,26 @@ def tiny_llama3_rope(seed: int = 0) -> PreTrainedModel:
     return tiny_llama(seed, rope_scaling=scaling)
 
 
+def tiny_mistral_window(seed: int = 0) -> PreTrainedModel:
+    """A sliding window (5) shorter than the test prompts, so the window really cuts."""
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_POSITIONS,
+        sliding_window=5,
+        initializer_range=INIT_STD,
+        bos_token_id=SPECIAL_IDS["bos"],
+        eos_token_id=SPECIAL_IDS["eos"],
+        pad_token_id=SPECIAL_IDS["pad"],
+    )
+    torch.manual_seed(seed)
+    return _finish(MistralForCausalLM(config))
+
+
 TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
     "gpt2": tiny_gpt2,
     "opt_pre_norm": lambda: tiny_opt(pre_norm=True),
@@ -113,6 +135,7 @@ TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
     "opt_projected": lambda: tiny_opt(pre_norm=False, word_embed_proj_dim=32),
     "llama_gqa": tiny_llama,
     "llama3_rope": tiny_llama3_rope,
+    "mistral_window": tiny_mistral_window,
 }
 
 
