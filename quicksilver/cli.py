@@ -8,6 +8,7 @@ stderr with exit code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -266,6 +267,11 @@ def _check_eval_args(args: argparse.Namespace) -> None:
             raise QuicksilverError(f"cannot compare with {flag!r}; the only choice is transformers")
 
 
+def _precise(value: float) -> str:
+    """Quality figures keep four decimals: differences between runs live there."""
+    return f"{value:.4f}" if math.isfinite(value) else "-"
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_eval_args(args)
     dtype = _check_dtype(args.dtype)
@@ -305,9 +311,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **result.to_dict(),
     }
     rows: list[list[Any]] = [
-        ["perplexity", result.ppl],
-        ["bits per byte", result.bits_per_byte],
-        ["word perplexity", result.word_ppl],
+        ["perplexity", _precise(result.ppl)],
+        ["bits per byte", _precise(result.bits_per_byte)],
+        ["word perplexity", _precise(result.word_ppl)],
         ["scored tokens", result.tokens],
         ["windows", result.windows],
         ["GFLOP/token (counted)", result.flops_per_token / 1e9],
@@ -335,7 +341,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "seconds": time.perf_counter() - start,
             "ppl_relative_difference": result.ppl / hf_ppl - 1,
         }
-        rows.append(["transformers perplexity", hf_ppl])
+        rows.append(["transformers perplexity", _precise(hf_ppl)])
         rows.append(["relative difference", f"{result.ppl / hf_ppl - 1:+.2e}"])
     print(
         f"{args.model} ({args.dtype}) on {text.name}, context {args.context}, stride {args.stride}"
