@@ -102,6 +102,11 @@ class FlopCounter:
             "head_tokens": self.head_tokens,
         }
 
+    def since(self, earlier: dict[str, int]) -> dict[str, int]:
+        """What was counted after ``earlier`` (a ``summary()``): one run's share of a counter
+        that an engine keeps across runs."""
+        return {key: value - earlier[key] for key, value in self.summary().items()}
+
 
 def current_rss_bytes() -> int:
     """Resident set size of this process now (Linux /proc; 0 where unavailable)."""

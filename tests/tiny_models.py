@@ -75,22 +75,28 @@ def tiny_opt(
     return _finish(OPTForCausalLM(config))
 
 
+# Settings shared by the Llama-architecture builders (Llama, Mistral).
+LLAMA_LIKE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention
+    max_position_embeddings=MAX_POSITIONS,
+    initializer_range=INIT_STD,
+    bos_token_id=SPECIAL_IDS["bos"],
+    eos_token_id=SPECIAL_IDS["eos"],
+    pad_token_id=SPECIAL_IDS["pad"],
+)
+
+
 def tiny_llama(seed: int = 0, rope_scaling: dict | None = None) -> PreTrainedModel:
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
+        **LLAMA_LIKE,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention
-        max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=False,
-        initializer_range=INIT_STD,
         rope_theta=10000.0,
         rope_scaling=rope_scaling,
-        bos_token_id=SPECIAL_IDS["bos"],
-        eos_token_id=SPECIAL_IDS["eos"],
-        pad_token_id=SPECIAL_IDS["pad"],
     )
     torch.manual_seed(seed)
     return _finish(LlamaForCausalLM(config))
@@ -110,20 +116,7 @@ def tiny_llama3_rope(seed: int = 0) -> PreTrainedModel:
 
 def tiny_mistral_window(seed: int = 0) -> PreTrainedModel:
     """A sliding window (5) shorter than the test prompts, so the window really cuts."""
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        sliding_window=5,
-        initializer_range=INIT_STD,
-        bos_token_id=SPECIAL_IDS["bos"],
-        eos_token_id=SPECIAL_IDS["eos"],
-        pad_token_id=SPECIAL_IDS["pad"],
-    )
+    config = MistralConfig(**LLAMA_LIKE, num_hidden_layers=2, sliding_window=5)
     torch.manual_seed(seed)
     return _finish(MistralForCausalLM(config))
 

@@ -145,10 +145,9 @@ def evaluate_perplexity(
         for group in _batches(plan, batch_size):
             nll_sum += _score_windows(engine, tokens, group)
             bar.update(len(group))
-    after = counter.summary()
+    flops = counter.since(before)
 
     scored = sum(n for _, _, n in plan)
-    flops = {key: after[key] - before.get(key, 0) for key in after}
     dense = dense_flops(
         engine.config,
         n_tokens=sum(end - begin for begin, end, _ in plan),

@@ -173,5 +173,5 @@ class Engine:
             prefill_seconds=prefill_seconds,
             decode_seconds=decode_seconds,
             decode_steps=steps,
-            flops={k: v - flops_before[k] for k, v in self.counter.summary().items()},
+            flops=self.counter.since(flops_before),
         )
