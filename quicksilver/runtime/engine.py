@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quicksilver.accounting import FlopCounter
+from quicksilver.accounting import FlopCounter, layer_weight_count
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.transformer import Step, Transformer
+from quicksilver.policies.stack import PolicyStack
+from quicksilver.runtime.adaptive import adaptive_forward
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
 
@@ -42,10 +44,30 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, model: Transformer, counter: FlopCounter | None = None) -> None:
+    """Runs a model, optionally under an adaptive policy; counts what executed."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        counter: FlopCounter | None = None,
+        policy: PolicyStack | None = None,
+    ) -> None:
         self.model = model
         self.config = model.config
         self.counter = counter if counter is not None else FlopCounter(model.config)
+        self.policy: PolicyStack | None = None
+        self.set_policy(policy)
+
+    def set_policy(self, policy: PolicyStack | None) -> None:
+        """Use ``policy`` from the next forward on (None or an off policy: the dense model).
+        Checks it against the model and does its one-time preparation (e.g. quantisation)."""
+        if policy is not None:
+            policy.check_model(self.config)
+        if self.policy is not None and self.policy is not policy:
+            self.policy.release(self.model)
+        if policy is not None:
+            policy.prepare(self.model)
+        self.policy = policy
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         if max_len > self.config.max_position_embeddings:
@@ -93,15 +115,17 @@ class Engine:
         )
         if step.mask is None and not maskless_ok:
             raise ValueError("a step with explicit slots or after earlier slots needs a mask")
-        if step.mask is not None:
-            pairs = int(step.mask.sum())
-        else:  # token s of the block reads slots 0..first+s
-            pairs = batch * (n_new * step.write_start + n_new * (n_new + 1) // 2)
-        h = self.model.embed_tokens(tokens, step.positions)
-        self.counter.add_embedding(batch * n_new)
-        for i, block in enumerate(self.model.blocks):
-            h = block(h, step, cache.k[i], cache.v[i])
-            self.counter.add_layer(i, batch * n_new, pairs)
+        if self.policy is not None and not self.policy.is_off:
+            h = adaptive_forward(self, tokens, cache, step, self.policy)
+        else:
+            h = self.model.embed_tokens(tokens, step.positions)
+            self.counter.add_embedding(batch * n_new)
+            layer_bytes = layer_weight_count(self.config) * h.element_size()
+            pairs = step.attended_pairs(batch, n_new)
+            for i, block in enumerate(self.model.blocks):
+                h = block(h, step, cache.k[i], cache.v[i])
+                self.counter.add_layer(i, batch * n_new, pairs)
+                self.counter.add_weight_read(0, layer_bytes)
         if isinstance(logits_at, str):
             h = h[:, -1] if logits_at == "last" else h
         else:

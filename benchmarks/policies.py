@@ -1,0 +1,433 @@
+"""QuickSilver's mechanisms on a frozen model: perplexity, counted FLOPs, wall-clock, memory.
+
+For each dtype, in one process: the dense model, each mechanism alone, the paper's literal
+defaults, and combined policies calibrated on WikiText-2 *validation* for several budgets,
+all evaluated on WikiText-2 test and the C4 validation sample (the first --windows windows
+of each, context 1024, stride 512). Speedups are against the dense engine measured in the same
+run (dense is timed first and last; the mean is the reference). Also records why the
+mechanisms cost quality on this model: logit-lens calibration and per-layer drift.
+
+Writes docs/results/policies.md, policies.json and policies-pareto.png.
+
+    .venv/bin/python benchmarks/policies.py                    # float32 and bfloat16
+    .venv/bin/python benchmarks/policies.py --dtypes float32 --windows 4 --calib-windows 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quicksilver.eval.calibrate import calibrate
+from quicksilver.eval.datasets import load_eval_text
+from quicksilver.eval.perplexity import evaluate_perplexity, tokenize_text
+from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.models.loading import DEFAULT_MODEL, load
+from quicksilver.policies import PRESETS, PolicyStack
+from quicksilver.runtime.engine import Engine
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs" / "results"
+MB = 1024 * 1024
+
+# Each mechanism alone, at settings picked from the drift/entropy measurements below
+# (mild enough to show the trade-off, not tuned on test).
+SINGLE: list[tuple[str, dict[str, Any]]] = [
+    ("halting: relative drift < 0.15 from layer 8", {"halting": {"relative_drift": 0.15}}),
+    (
+        "halting: lens entropy < 0.01 bit, one check at layer 27",
+        {"halting": {"entropy_bits": 0.01, "min_layer": 27, "interval": 100}},
+    ),
+    (
+        "halting: shortlist entropy (first 2048 ids) < 0.01 bit at layer 27",
+        {"halting": {"entropy_bits": 0.01, "lens_vocab": 2048, "min_layer": 27, "interval": 100}},
+    ),
+    (
+        "halting (drift 0.15) + kv_skip skip",
+        {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "skip"}},
+    ),
+    (
+        "halting (drift 0.15) + kv_skip zero",
+        {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "zero"}},
+    ),
+    (
+        "fusion: relative L2 < 0.45 from layer 24",
+        {"fusion": {"threshold": 0.45, "start_layer": 24}},
+    ),
+    ("matryoshka: int8, every token and layer", {"matryoshka": {"fixed_bits": 8}}),
+    ("matryoshka: int4, every token and layer", {"matryoshka": {"fixed_bits": 4}}),
+    ("matryoshka: int2, every token and layer", {"matryoshka": {"fixed_bits": 2}}),
+    (
+        "matryoshka: int4 with groups of 32",
+        {"matryoshka": {"fixed_bits": 4, "group_size": 32}},
+    ),
+    (
+        "matryoshka: adaptive 8/4/2 at layer 15 (entropy > 2 / < 0.5 bit)",
+        {"matryoshka": {"entropy_high": 2.0, "entropy_low": 0.5, "decision_layer": 15}},
+    ),
+    ("paper-literal defaults (drift 0.045, entropy 1.15 bit, zero K/V)", PRESETS["paper"]),
+]
+
+# The combined policy whose thresholds calibration scales (one knob for all of them).
+COMBINED: dict[str, Any] = {
+    "halting": {"relative_drift": 0.15, "min_layer": 8},
+    "fusion": {"threshold": 0.45, "start_layer": 16},
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--windows", type=int, default=12, help="windows per test set")
+    parser.add_argument("--calib-windows", type=int, default=8, help="validation windows")
+    parser.add_argument(
+        "--quality-budgets", type=float, nargs="*", default=[0.01, 0.05], metavar="X"
+    )
+    parser.add_argument("--flop-budgets", type=float, nargs="*", default=[0.6], metavar="F")
+    parser.add_argument("--timing-windows", type=int, default=5, help="windows per timing run")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def paired_speedup(engine: Engine, policy: PolicyStack, ids: list[int], args) -> dict[str, float]:
+    """Dense and policy timed back to back on the same windows, twice, best of each: on a
+    shared machine only such adjacent ratios are meaningful."""
+    best = {"dense": math.inf, "policy": math.inf}
+    for _ in range(2):
+        for name, chosen in (("dense", None), ("policy", policy)):
+            engine.set_policy(chosen)
+            r = evaluate_perplexity(
+                engine,
+                ids,
+                context=1024,
+                stride=512,
+                batch_size=args.batch_size,
+                max_windows=args.timing_windows,
+            )
+            best[name] = min(best[name], r.seconds)
+    engine.set_policy(None)
+    return {
+        "dense_seconds": best["dense"],
+        "policy_seconds": best["policy"],
+        "speedup": best["dense"] / best["policy"],
+    }
+
+
+def evaluate(engine: Engine, policy: PolicyStack | None, texts: dict, args) -> dict[str, Any]:
+    engine.set_policy(policy)
+    out = {}
+    for name, ids in texts.items():
+        r = evaluate_perplexity(
+            engine,
+            ids,
+            context=1024,
+            stride=512,
+            batch_size=args.batch_size,
+            max_windows=args.windows,
+        )
+        out[name] = {
+            "ppl": r.ppl,
+            "tokens": r.tokens,
+            "flops_total": r.flops["total"],
+            "flops": r.flops,
+            "seconds": r.seconds,
+            "peak_rss_mb": r.peak_rss_bytes / MB,
+        }
+    engine.set_policy(None)
+    return out
+
+
+@torch.inference_mode()
+def diagnostics(model, ids: list[int]) -> dict[str, Any]:
+    """Logit-lens calibration and per-layer update sizes on 2 x 1024 validation tokens."""
+    engine = Engine(model)
+    tokens = torch.tensor(ids[:2048]).view(2, 1024)
+    cache = engine.new_cache(2, 1024)
+    step = engine.make_step(cache, 1024)
+    h = model.embed_tokens(tokens, step.positions)
+    states, drift = [], []
+    for i, block in enumerate(model.blocks):
+        new = block(h, step, cache.k[i], cache.v[i])
+        rel = ((new - h).float().norm(dim=-1) / new.float().norm(dim=-1))[:, 1:].flatten()
+        drift.append([float(x) for x in rel.quantile(torch.tensor([0.01, 0.1, 0.5]))])
+        states.append(new)
+        h = new
+    targets = tokens[:, 1:]
+    final = torch.log_softmax(model.logits(h[:, :-1]).float(), -1)
+    nll_final = -final.gather(-1, targets[..., None])[..., 0]
+    lens = []
+    for layer in (16, 20, 24, 27):
+        logp = torch.log_softmax(model.logits(states[layer][:, :-1]).float(), -1)
+        entropy = -(logp.exp() * logp).sum(-1) / math.log(2)
+        nll = -logp.gather(-1, targets[..., None])[..., 0]
+        for threshold in (0.01, 0.1, 0.5):
+            sel = entropy < threshold
+            if not bool(sel.any()):
+                continue
+            agree = (logp.argmax(-1) == final.argmax(-1))[sel].float().mean()
+            lens.append(
+                {
+                    "layer": layer,
+                    "entropy_below": threshold,
+                    "fraction": float(sel.float().mean()),
+                    "agrees_with_final": float(agree),
+                    "nll_lens": float(nll[sel].mean()),
+                    "nll_final": float(nll_final[sel].mean()),
+                    "mean_nll_change": float((nll[sel] - nll_final[sel]).sum() / nll.numel()),
+                }
+            )
+    return {"relative_drift_quantiles_1_10_50": drift, "lens": lens}
+
+
+def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
+    dtype = getattr(torch, dtype_name)
+    loaded = load(args.model, dtype)
+    tokenizer = loaded.text_tokenizer()
+    texts = {
+        "wikitext-2 test": tokenize_text(tokenizer, load_eval_text("wikitext-2", "test").text),
+        "c4 validation": tokenize_text(tokenizer, load_eval_text("c4", "validation").text),
+    }
+    calib_ids = tokenize_text(tokenizer, load_eval_text("wikitext-2", "validation").text)
+    engine = Engine(loaded.model)
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, policy: PolicyStack, extra: dict | None = None) -> None:
+        say(f"[{dtype_name}] {label}")
+        rows.append(
+            {
+                "label": label,
+                "policy": policy.to_config(),
+                "results": evaluate(engine, policy, texts, args),
+                "timing": paired_speedup(engine, policy, texts["wikitext-2 test"], args),
+                **(extra or {}),
+            }
+        )
+
+    add("dense", PolicyStack())
+    for label, config in SINGLE:
+        add(label, PolicyStack.from_config(config))
+    base = PolicyStack.from_config(COMBINED)
+    calibrations = []
+    budgets = [("max_ppl_increase", b) for b in args.quality_budgets]
+    budgets += [("flop_fraction", b) for b in args.flop_budgets]
+    for kind, value in budgets:
+        say(f"[{dtype_name}] calibrating the combined policy for {kind} = {value}")
+        result = calibrate(
+            engine,
+            calib_ids,
+            base,
+            context=1024,
+            stride=512,
+            batch_size=args.batch_size,
+            max_windows=args.calib_windows,
+            log=lambda m: say(f"    {m}"),
+            **{kind: value},
+        )
+        calibrations.append(result.to_dict())
+        budget = f"+{value:.0%} ppl" if kind == "max_ppl_increase" else f"{value:.0%} FLOPs"
+        met = "" if result.met else " (budget not met on validation)"
+        add(
+            f"combined, calibrated for {budget}{met}",
+            PolicyStack.from_config(result.policy),
+            {"calibration": {"budget": result.budget, "factor": result.factor, "met": result.met}},
+        )
+    return {
+        "dtype": dtype_name,
+        "rows": rows,
+        "calibrations": calibrations,
+        "diagnostics": diagnostics(loaded.model, calib_ids) if dtype_name == "float32" else None,
+    }
+
+
+def render(command: str, date: str, runs: list[dict], args) -> str:
+    lines = [
+        "# Adaptive policies on SmolLM2-135M-Instruct: what they save and what they cost",
+        "",
+        f"Produced by `{command}` on {date} (load average at start "
+        f"{os.getloadavg()[0]:.2f}; 2 CPU cores). Generated file: edit the benchmark, not this.",
+        "",
+        f"First {args.windows} windows (context 1024, stride 512) of WikiText-2 test and of the C4 "
+        f"validation sample; calibration on the first {args.calib_windows} windows of WikiText-2 "
+        "validation only. FLOP fraction = counted FLOPs (layers, attention pairs that ran, K/V "
+        "projections of halted tokens, LM head, and every check such as logit-lens entropies) / "
+        "the dense run's. Speedup = dense / policy wall-clock on the first "
+        f"{args.timing_windows} WikiText-2 test windows, the two timed back to back twice (best "
+        "of each), so machine load cancels out. Peak RSS is the whole process (weights included).",
+        "",
+    ]
+    for run in runs:
+        rows = run["rows"]
+        names = list(rows[0]["results"])
+        header = ["policy"]
+        for name in names:
+            header += [f"{name} ppl", "Δ ppl", "FLOP frac"]
+        header += ["speedup", "peak RSS MB"]
+        table = []
+        for row in rows:
+            cells = [row["label"]]
+            for name in names:
+                res = row["results"][name]
+                dense_ppl = rows[0]["results"][name]["ppl"]
+                cells += [
+                    f"{res['ppl']:.4f}",
+                    f"{res['ppl'] / dense_ppl - 1:+.2%}",
+                    f"{res['flops_total'] / rows[0]['results'][name]['flops_total']:.3f}",
+                ]
+            cells.append(f"{row['timing']['speedup']:.2f}x")
+            cells.append(f"{max(r['peak_rss_mb'] for r in row['results'].values()):.0f}")
+            table.append(cells)
+        lines += [f"## {run['dtype']}", "", format_table(header, table, markdown=True), ""]
+        lines += ["Calibration trials (WikiText-2 validation):", ""]
+        trial_rows = []
+        for cal in run["calibrations"]:
+            budget = ", ".join(f"{k} {v}" for k, v in cal["budget"].items())
+            for t in cal["trials"]:
+                trial_rows.append(
+                    [
+                        budget,
+                        f"{t['factor']:.4g}",
+                        f"{t['ppl']:.4f}",
+                        f"{t['ppl_increase']:+.2%}",
+                        f"{t['flop_fraction']:.3f}",
+                        "yes" if t["feasible"] else "no",
+                    ]
+                )
+        lines += [
+            format_table(
+                ["budget", "factor", "ppl", "Δ ppl", "FLOP frac", "meets"],
+                trial_rows,
+                markdown=True,
+            ),
+            "",
+        ]
+        if run["diagnostics"]:
+            diag = run["diagnostics"]
+            lines += [
+                "### Why: the logit lens is confidently wrong, and every token keeps moving",
+                "",
+                "Tokens whose logit-lens entropy at a layer is below a threshold: how often the "
+                "lens's top token equals the final layer's, their mean NLL of the true next "
+                "token under the lens vs the full model, and the change in the mean NLL over "
+                "all tokens if exactly those tokens took the lens prediction (2 x 1024 WikiText-2 "
+                "validation tokens, float32).",
+                "",
+            ]
+            lens_rows = [
+                [
+                    d["layer"],
+                    d["entropy_below"],
+                    f"{d['fraction']:.3f}",
+                    f"{d['agrees_with_final']:.3f}",
+                    f"{d['nll_lens']:.2f}",
+                    f"{d['nll_final']:.2f}",
+                    f"{d['mean_nll_change']:+.4f}",
+                ]
+                for d in diag["lens"]
+            ]
+            lines += [
+                format_table(
+                    [
+                        "layer",
+                        "entropy <",
+                        "share",
+                        "agrees",
+                        "NLL lens",
+                        "NLL final",
+                        "Δ mean NLL",
+                    ],
+                    lens_rows,
+                    markdown=True,
+                ),
+                "",
+                "Relative update ||h_l - h_(l-1)|| / ||h_l|| per layer (1st / 10th / 50th "
+                "percentile over tokens, first token excluded):",
+                "",
+            ]
+            drift_rows = [
+                [i, *(f"{q:.3f}" for q in quantiles)]
+                for i, quantiles in enumerate(diag["relative_drift_quantiles_1_10_50"])
+            ]
+            lines += [format_table(["layer", "p1", "p10", "p50"], drift_rows, markdown=True), ""]
+    lines += ["![Pareto](policies-pareto.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {"wikitext-2 test": "o", "c4 validation": "s"}
+    colors = {"float32": "tab:blue", "bfloat16": "tab:orange"}
+    for run in runs:
+        rows = run["rows"]
+        for name, marker in markers.items():
+            dense = rows[0]["results"][name]
+            xs_flops, xs_time, ys = [], [], []
+            for row in rows:
+                res = row["results"][name]
+                xs_flops.append(res["flops_total"] / dense["flops_total"])
+                xs_time.append(1 / row["timing"]["speedup"])
+                ys.append(100 * (res["ppl"] / dense["ppl"] - 1))
+            label = f"{run['dtype']}, {name}"
+            for ax, xs in ((axes[0], xs_flops), (axes[1], xs_time)):
+                ax.scatter(xs, ys, marker=marker, color=colors.get(run["dtype"]), label=label)
+    for ax, xlabel in zip(
+        axes, ("counted FLOPs / dense", "wall-clock / dense (same run)"), strict=True
+    ):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("perplexity increase vs dense (%)")
+        ax.set_yscale("symlog", linthresh=1)
+        ax.axhline(1, color="grey", linewidth=0.8, linestyle="--")
+        ax.axvline(0.6, color="grey", linewidth=0.8, linestyle=":")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M, every row of docs/results/policies.md (lower left is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    command = "python benchmarks/policies.py" + (
+        " " + shlex.join(argv if argv is not None else sys.argv[1:])
+        if (argv if argv is not None else sys.argv[1:])
+        else ""
+    )
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    runs = [run_dtype(args, dtype, say) for dtype in args.dtypes]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        args.out_dir / "policies.json",
+        {
+            "command": command,
+            "date": date,
+            "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
+            "runs": runs,
+        },
+    )
+    plot(runs, args.out_dir / "policies-pareto.png")
+    (args.out_dir / "policies.md").write_text(render(command, date, runs, args), encoding="utf-8")
+    say(f"wrote {args.out_dir / 'policies.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

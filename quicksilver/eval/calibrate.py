@@ -1,0 +1,179 @@
+"""Calibrate a policy's thresholds on held-out text to meet one budget.
+
+CALM's idea, in its simplest form: the user picks the signals (which mechanisms, which
+layers); one knob — a factor that scales every threshold of the policy together
+(``PolicyStack.scaled``) — trades quality for compute. Larger thresholds halt, merge and
+narrow more tokens, so quality and cost both fall monotonically (nearly: these are
+measurements, not guarantees). We search that factor on a calibration split for either
+
+- a quality budget: the largest factor whose perplexity is at most ``(1 + max_ppl_increase)``
+  times the dense model's, or
+- a compute budget: the smallest factor whose counted FLOPs are at most ``flop_fraction`` of
+  the dense model's (the best quality at that cost),
+
+by bracketing (doubling or halving from 1) and then geometric bisection. Every trial is a
+full perplexity run through the adaptive engine, so the numbers are real and counted, and
+all are kept in the result. Calibrate on a validation split; evaluate the chosen policy on a
+different one (``quicksilver eval --policy``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from quicksilver.errors import QuicksilverError
+from quicksilver.eval.perplexity import PerplexityResult, evaluate_perplexity
+from quicksilver.policies.stack import KNOBS, PolicyStack
+from quicksilver.runtime.engine import Engine
+
+MAX_BRACKET_STEPS = 8
+
+
+@dataclass
+class Trial:
+    factor: float
+    ppl: float
+    ppl_increase: float  # relative to dense
+    flop_fraction: float  # counted FLOPs / dense counted FLOPs, same windows
+    seconds: float
+    feasible: bool
+
+
+@dataclass
+class CalibrationResult:
+    policy: dict[str, Any]  # the chosen configuration (scaled thresholds)
+    factor: float
+    met: bool  # False when no trial met the budget (policy is then the closest trial)
+    budget: dict[str, float]
+    dense_ppl: float
+    dense_seconds: float
+    chosen: Trial | None
+    trials: list[Trial] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_calibratable(policy: PolicyStack) -> None:
+    """A policy can be calibrated when it has at least one threshold to scale."""
+    has_knob = any(
+        getattr(p, key) is not None for p in policy.policies for key in KNOBS.get(p.name, ())
+    )
+    if not has_knob:
+        raise QuicksilverError(
+            "the policy to calibrate has no threshold to scale; set at least one of "
+            + ", ".join(f"{name}.{key}" for name, keys in KNOBS.items() for key in keys)
+            + " (with --policy FILE or --set)"
+        )
+
+
+def calibrate(
+    engine: Engine,
+    token_ids: Sequence[int],
+    base: PolicyStack,
+    *,
+    max_ppl_increase: float | None = None,
+    flop_fraction: float | None = None,
+    context: int = 1024,
+    stride: int = 512,
+    batch_size: int = 1,
+    max_windows: int | None = 16,
+    steps: int = 6,
+    log: Callable[[str], None] | None = None,
+) -> CalibrationResult:
+    """Search the threshold factor of ``base`` for the budget (exactly one of the two)."""
+    if (max_ppl_increase is None) == (flop_fraction is None):
+        raise QuicksilverError("give exactly one budget: a perplexity increase or a FLOP fraction")
+    if max_ppl_increase is not None and not (
+        math.isfinite(max_ppl_increase) and max_ppl_increase >= 0
+    ):
+        raise QuicksilverError(
+            f"the perplexity budget must be a finite increase >= 0, got {max_ppl_increase}"
+        )
+    if flop_fraction is not None and not 0 < flop_fraction <= 1:
+        raise QuicksilverError(f"the FLOP fraction must be in (0, 1], got {flop_fraction}")
+    if steps < 1:
+        raise QuicksilverError(f"calibration needs at least 1 bisection step, got {steps}")
+    check_calibratable(base)
+    say = log or (lambda message: print(message, file=sys.stderr))
+
+    def run(policy: PolicyStack | None) -> PerplexityResult:
+        engine.set_policy(policy)
+        return evaluate_perplexity(
+            engine,
+            token_ids,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            max_windows=max_windows,
+        )
+
+    dense = run(None)
+    say(f"dense: ppl {dense.ppl:.4f} ({dense.tokens} tokens, {dense.seconds:.1f} s)")
+    trials: list[Trial] = []
+
+    def trial(factor: float) -> Trial:
+        result = run(base.scaled(factor))
+        increase = result.ppl / dense.ppl - 1
+        fraction = result.flops["total"] / dense.flops["total"]
+        if max_ppl_increase is not None:
+            feasible = increase <= max_ppl_increase
+        else:
+            feasible = fraction <= flop_fraction
+        t = Trial(factor, result.ppl, increase, fraction, result.seconds, feasible)
+        trials.append(t)
+        say(
+            f"factor {factor:.4g}: ppl {result.ppl:.4f} ({increase:+.2%}), "
+            f"FLOPs {fraction:.3f} of dense -> {'meets' if feasible else 'misses'} the budget"
+        )
+        return t
+
+    # Quality budget: feasible for small factors. Compute budget: feasible for large ones.
+    small_ok = max_ppl_increase is not None
+    first = trial(1.0)
+    if first.feasible == small_ok:
+        good, bad = first, None  # move outwards (up for quality, down for compute)
+        for _ in range(MAX_BRACKET_STEPS):
+            t = trial(good.factor * (2.0 if small_ok else 0.5))
+            if t.feasible:
+                good = t
+            else:
+                bad = t
+                break
+    else:
+        good, bad = None, first
+        for _ in range(MAX_BRACKET_STEPS):
+            t = trial(bad.factor * (0.5 if small_ok else 2.0))
+            if t.feasible:
+                good = t
+                break
+            bad = t
+    if good is not None and bad is not None:
+        for _ in range(steps):
+            t = trial(math.sqrt(good.factor * bad.factor))
+            good, bad = (t, bad) if t.feasible else (good, t)
+    engine.set_policy(None)
+    budget = (
+        {"max_ppl_increase": max_ppl_increase}
+        if max_ppl_increase is not None
+        else {"flop_fraction": flop_fraction}
+    )
+    if good is not None:
+        chosen, met = good, True
+    else:  # nothing met the budget: report the trial closest to it
+        key = (lambda t: t.ppl_increase) if small_ok else (lambda t: t.flop_fraction)
+        chosen, met = min(trials, key=key), False
+    return CalibrationResult(
+        policy=base.scaled(chosen.factor).to_config(),
+        factor=chosen.factor,
+        met=met,
+        budget=budget,
+        dense_ppl=dense.ppl,
+        dense_seconds=dense.seconds,
+        chosen=chosen,
+        trials=trials,
+    )

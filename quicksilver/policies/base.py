@@ -1,0 +1,254 @@
+"""The policy protocol: what a mechanism sees after each layer and what it may decide.
+
+A policy is a small dataclass (its fields are its parameters) with one method to implement,
+``after_layer``: given the states of the tokens that just ran a layer, it returns a
+``Decision`` — tokens to halt, tokens to merge, weight widths to use from now on. The engine
+applies the decisions and owns everything else (gathering the active tokens, the KV cache,
+the FLOP counter), so a policy never touches tensors it does not own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from quicksilver.errors import QuicksilverError
+from quicksilver.models.config import ModelConfig
+from quicksilver.models.transformer import Transformer
+
+# Logit-lens rows at once: bounds the temporary logits to ENTROPY_CHUNK * vocab floats.
+ENTROPY_CHUNK = 256
+
+
+class PolicyConfigError(QuicksilverError):
+    """A policy configuration that cannot run (unknown key, bad value, layer out of range)."""
+
+
+@dataclass
+class TokenState:
+    """Per-token bookkeeping of one adaptive forward over a flattened [B * S] block.
+
+    A token is *active* while it runs layers. It stops being active when it is halted
+    (its state is frozen and goes to the head as is), merged into a token on its right
+    (fusion), or when it is padding (never ran).
+    """
+
+    batch: int
+    seq: int
+    active: torch.Tensor  # bool [B*S]
+    halted: torch.Tensor  # bool [B*S]
+    merged: torch.Tensor  # bool [B*S]
+    size: torch.Tensor  # float32 [B*S]: tokens represented (fusion)
+    bits: torch.Tensor  # int64 [B*S]: weight width, 0 = the model's precision
+    streak: torch.Tensor  # int64 [B*S]: consecutive passed halting checks
+
+    @classmethod
+    def start(cls, real: torch.Tensor) -> TokenState:
+        """``real`` [B, S] marks the tokens that exist (False: left padding)."""
+        flat = real.reshape(-1).clone()
+        n = flat.numel()
+        return cls(
+            batch=real.shape[0],
+            seq=real.shape[1],
+            active=flat,
+            halted=torch.zeros(n, dtype=torch.bool),
+            merged=torch.zeros(n, dtype=torch.bool),
+            size=torch.ones(n),
+            bits=torch.zeros(n, dtype=torch.long),
+            streak=torch.zeros(n, dtype=torch.long),
+        )
+
+    @property
+    def frozen(self) -> torch.Tensor:
+        """Halted tokens: they no longer run layers but may still provide K/V."""
+        return self.halted & ~self.merged
+
+
+@dataclass
+class LayerView:
+    """What a policy sees after layer ``layer``: the tokens that ran it (flat indices into
+    the [B*S] block, in row-major order) and their states before and after the layer."""
+
+    layer: int
+    model: Transformer
+    state: TokenState
+    index: torch.Tensor  # [N] int64
+    before: torch.Tensor  # [N, d]
+    after: torch.Tensor  # [N, d]
+    check_flops: int = 0  # cost of the signals computed so far (the engine counts it)
+    _entropies: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.config.n_layers
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.div(self.index, self.state.seq, rounding_mode="floor")
+
+    def lens_entropy(self, vocab: int | None = None) -> torch.Tensor:
+        """Entropy in bits of the logit-lens distribution softmax(head(final_norm(h))) of
+        every token here, over the whole vocabulary or only its first ``vocab`` ids.
+
+        The shortlist is our cheap variant: BPE vocabularies are numbered in merge order, so
+        the first ids are the most frequent pieces, and a head product over K of them costs
+        K / V of the full one. Computed once per layer and vocabulary even if several
+        policies ask; its cost, the head product for every token here, is counted.
+        """
+        if vocab not in self._entropies:
+            model = self.model
+            rows = model.config.vocab_size if vocab is None else min(vocab, model.config.vocab_size)
+            head = model.lm_head.weight[:rows]
+            parts = []
+            for chunk in self.after.split(ENTROPY_CHUNK):
+                logits = torch.nn.functional.linear(model.final_hidden(chunk), head)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                parts.append(-(logp.exp() * logp).sum(-1) / math.log(2))
+            self._entropies[vocab] = torch.cat(parts) if parts else self.after.new_zeros(0)
+            self.check_flops += len(self.after) * 2 * model.config.embed_dim * rows
+            if model.project_out is not None:
+                self.check_flops += (
+                    len(self.after)
+                    * 2
+                    * model.config.hidden_size
+                    * (model.config.word_embed_proj_dim)
+                )
+        return self._entropies[vocab]
+
+    def count(self, flops: int) -> None:
+        """Add the cost of a signal a policy computed itself."""
+        self.check_flops += int(flops)
+
+
+@dataclass
+class Decision:
+    """A policy's verdict on the tokens of a ``LayerView`` (positions 0..N-1 of the view)."""
+
+    halt: torch.Tensor | None = None  # bool [N]: stop running layers after this one
+    merge_from: torch.Tensor | None = None  # [M] view positions merged into ...
+    merge_into: torch.Tensor | None = None  # [M] ... these view positions (to their right)
+    bits: torch.Tensor | None = None  # int64 [N]: weight width for later layers (0 = keep)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@dataclass
+class Policy:
+    """Base of every mechanism. Subclasses set ``name`` and implement ``after_layer``; their
+    dataclass fields are their parameters (plain numbers, strings or None)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Reject values that make no sense for any model (raise PolicyConfigError)."""
+
+    def check_model(self, config: ModelConfig) -> None:
+        """Reject values that do not fit this model (e.g. a layer beyond its depth)."""
+
+    def prepare(self, model: Transformer) -> None:
+        """One-time work on the model (e.g. quantising weights) before the first forward."""
+
+    def release(self, model: Transformer) -> None:
+        """Undo ``prepare`` (free what it attached) when the engine stops using the policy."""
+
+    def begin(self, state: TokenState) -> None:
+        """Called at the start of each forward, before layer 0."""
+
+    def after_layer(self, view: LayerView) -> Decision | None:
+        return None
+
+    @property
+    def is_off(self) -> bool:
+        """True when this setting cannot change anything (the dense model exactly)."""
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def parameters(cls) -> list[tuple[str, str, Any]]:
+        """(name, type, default) of each parameter, for ``quicksilver policies``."""
+        hints = _field_types(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            out.append((f.name, _type_name(hints[f.name]), f.default))
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Policy:
+        if not isinstance(values, dict):
+            raise PolicyConfigError(
+                f"policy {cls.name!r} needs a mapping of parameters, got {values!r}"
+            )
+        hints = _field_types(cls)
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key, value in values.items():
+            if key not in known:
+                raise PolicyConfigError(
+                    f"unknown parameter {key!r} for policy {cls.name!r}; known: {', '.join(known)}"
+                )
+            if not _type_ok(value, hints[key]):
+                raise PolicyConfigError(
+                    f"{cls.name}.{key} must be {_type_name(hints[key])}, got {value!r}"
+                )
+        converted = {
+            k: float(v) if _wants_float(hints[k]) and isinstance(v, int) else v
+            for k, v in values.items()
+        }
+        return cls(**converted)
+
+
+def _type_args(hint: Any) -> tuple[Any, ...]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _wants_float(hint: Any) -> bool:
+    return float in _type_args(hint)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    for option in _type_args(hint):
+        if option is type(None) and value is None:
+            return True
+        if option is bool and isinstance(value, bool):
+            return True
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return True
+        if option is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _type_name(hint: Any) -> str:
+    names = {type(None): "null", bool: "bool", int: "int", float: "number", str: "text"}
+    return " | ".join(names.get(option, str(option)) for option in _type_args(hint))
+
+
+def check_threshold(owner: str, name: str, value: float | None) -> None:
+    if value is not None and (not math.isfinite(value) or value < 0):
+        raise PolicyConfigError(f"{owner}.{name} must be a finite number >= 0, got {value}")
+
+
+def check_layer(owner: str, name: str, value: int, config: ModelConfig) -> None:
+    if not 0 <= value < config.n_layers - 1:
+        raise PolicyConfigError(
+            f"{owner}.{name} = {value} is outside this model's layers: it has "
+            f"{config.n_layers} layers, so use 0..{config.n_layers - 2} "
+            "(a decision after the last layer changes nothing)"
+        )

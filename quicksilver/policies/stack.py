@@ -1,0 +1,187 @@
+"""The registry of mechanisms and their composition into one policy, with its file form.
+
+A policy configuration is a plain mapping ``{mechanism name: {parameter: value}}``, e.g.
+``{"halting": {"relative_drift": 0.05, "min_layer": 20}, "kv_skip": {"treatment": "skip"}}``;
+``{}`` is the dense model. It is stored with every result (``PolicyStack.to_config``).
+Mechanisms always run in registry order (halting, kv_skip, fusion, matryoshka), whatever the
+order in the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quicksilver.models.config import ModelConfig
+from quicksilver.models.transformer import Transformer
+from quicksilver.policies.base import Policy, PolicyConfigError
+from quicksilver.policies.fusion import TokenFusion
+from quicksilver.policies.halting import TokenHalting
+from quicksilver.policies.kv_skip import KVSkip
+from quicksilver.policies.matryoshka import Matryoshka
+
+REGISTRY: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (TokenHalting, KVSkip, TokenFusion, Matryoshka)
+}
+
+# The paper's reported defaults, taken literally: absolute drift 0.045 and logit-lens entropy
+# 1.15 bits (both must hold), halted tokens' K/V multiplied by zero.
+PRESETS: dict[str, dict[str, Any]] = {
+    "dense": {},
+    "paper": {
+        "halting": {"drift": 0.045, "entropy_bits": 1.15, "min_layer": 1},
+        "kv_skip": {"treatment": "zero"},
+    },
+}
+
+# Parameters a calibration scales together: larger values always mean more savings.
+KNOBS: dict[str, tuple[str, ...]] = {
+    "halting": ("drift", "relative_drift", "entropy_bits"),
+    "fusion": ("threshold",),
+    "matryoshka": ("entropy_high", "entropy_low"),
+}
+
+
+@dataclass
+class PolicyStack:
+    policies: list[Policy] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any] | None) -> PolicyStack:
+        config = config or {}
+        if not isinstance(config, dict):
+            raise PolicyConfigError(
+                "a policy configuration is a mapping {mechanism: {parameter: value}}, "
+                f"got {type(config).__name__}"
+            )
+        for name in config:
+            if name not in REGISTRY:
+                raise PolicyConfigError(
+                    f"unknown policy {name!r}; known: {', '.join(REGISTRY)} "
+                    "(see `quicksilver policies`)"
+                )
+        policies = [
+            REGISTRY[name].from_dict(config[name] or {}) for name in REGISTRY if name in config
+        ]
+        return cls(policies)
+
+    def to_config(self) -> dict[str, Any]:
+        return {p.name: p.to_dict() for p in self.policies}
+
+    def get(self, name: str) -> Policy | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+    @property
+    def is_off(self) -> bool:
+        return all(p.is_off for p in self.policies)
+
+    @property
+    def kv_treatment(self) -> str:
+        kv = self.get("kv_skip")
+        return kv.treatment if isinstance(kv, KVSkip) else "propagate"
+
+    @property
+    def size_weighted(self) -> bool:
+        fusion = self.get("fusion")
+        return isinstance(fusion, TokenFusion) and not fusion.is_off and fusion.size_weighted
+
+    def check_model(self, config: ModelConfig) -> None:
+        for policy in self.policies:
+            policy.check_model(config)
+
+    def prepare(self, model: Transformer) -> None:
+        for policy in self.policies:
+            if not policy.is_off:
+                policy.prepare(model)
+
+    def release(self, model: Transformer) -> None:
+        for policy in self.policies:
+            policy.release(model)
+
+    def scaled(self, factor: float) -> PolicyStack:
+        """The same policy with every calibration knob multiplied by ``factor``."""
+        policies = []
+        for policy in self.policies:
+            changes = {
+                key: getattr(policy, key) * factor
+                for key in KNOBS.get(policy.name, ())
+                if getattr(policy, key) is not None
+            }
+            policies.append(replace(policy, **changes))
+        return PolicyStack(policies)
+
+    def describe(self) -> str:
+        if self.is_off:
+            return "dense"
+        parts = []
+        for policy in self.policies:
+            defaults = type(policy)()
+            changed = [
+                f"{key}={value}"
+                for key, value in policy.to_dict().items()
+                if value != getattr(defaults, key)
+            ]
+            parts.append(f"{policy.name}({', '.join(changed)})")
+        return " + ".join(parts)
+
+
+def load_policy(spec: str | None, overrides: list[str] | None = None) -> PolicyStack:
+    """A policy from a preset name or a JSON/YAML file, with ``name.key=value`` overrides
+    (values parsed as YAML scalars: numbers, null, true/false, text)."""
+    config: dict[str, Any] = {}
+    if spec:
+        if spec in PRESETS:
+            config = json.loads(json.dumps(PRESETS[spec]))
+        else:
+            config = read_policy_file(Path(spec))
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        name, dot, param = key.strip().partition(".")
+        if not sep or not dot or not name or not param:
+            raise PolicyConfigError(
+                f"--set expects mechanism.parameter=value (e.g. halting.min_layer=20), got {item!r}"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise PolicyConfigError(f"cannot parse the value in {item!r}: {exc}") from None
+        section = config.setdefault(name, {})
+        if not isinstance(section, dict):
+            raise PolicyConfigError(f"policy {name!r} in the configuration is not a mapping")
+        section[param] = value
+    return PolicyStack.from_config(config)
+
+
+def read_policy_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        presets = ", ".join(PRESETS)
+        raise PolicyConfigError(
+            f"policy {str(path)!r} is neither a preset ({presets}) nor an existing JSON/YAML file"
+        )
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise PolicyConfigError(f"cannot parse policy file {path}: {exc}") from None
+    if isinstance(data, dict) and "policy" in data and isinstance(data["policy"], dict):
+        data = data["policy"]  # a results or calibration JSON: reuse the policy it stored
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PolicyConfigError(
+            f"policy file {path} must hold a mapping, got {type(data).__name__}"
+        )
+    return data
+
+
+def write_policy_file(stack: PolicyStack, path: Path) -> None:
+    text = (
+        json.dumps(stack.to_config(), indent=2)
+        if path.suffix == ".json"
+        else yaml.safe_dump(stack.to_config(), sort_keys=False)
+    )
+    path.write_text(text + ("\n" if not text.endswith("\n") else ""), encoding="utf-8")

@@ -1,0 +1,195 @@
+"""Matryoshka weight quantisation: one int8 code per weight, nested int4 and int2 inside it.
+
+Each weight is stored once, as an offset-binary byte u = q + 128 (q the symmetric int8 code).
+The top 4 bits of u are its int4 code and the top 2 bits its int2 code, so one copy of the
+weights serves three widths: a layer can be run at 8, 4 or 2 bits per weight without
+re-quantising or storing extra copies. A narrower slice is read back at the centre of its
+bucket, so dropping the low bits adds no systematic bias, and it is still an int8 value times
+the same scale, so every width can run through the same int8 x float matmul kernel.
+
+Everything here is a pure tensor function; nothing touches a model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+SLICE_BITS = (8, 4, 2)
+"""Widths a code can be read at: the whole byte, its top nibble, its top two bits."""
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The reduced-precision paths of aten::_weight_int8pack_mm use aligned SIMD loads and step
+# through K in blocks of 16 on AVX-512 (8 on AVX2) without a remainder loop: a K that is not
+# a multiple of 16, or a misaligned pointer, crashes the process or returns garbage.
+_KERNEL_K_MULTIPLE = 16
+_KERNEL_ALIGN = 64
+
+
+@dataclass
+class MatryoshkaCodes:
+    """Quantised weight matrix: offset-binary int8 codes and float32 scales.
+
+    codes: uint8 [out, in], u = q + 128 with q in [-128, 127].
+    scales: float32 [out, n_groups]; group g covers inputs [g * group_size, (g + 1) * group_size).
+    group_size: inputs per scale (in_features for one scale per output channel).
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    group_size: int
+
+    @property
+    def n_groups(self) -> int:
+        """Scales per output channel."""
+        return int(self.scales.shape[1])
+
+
+def quantize(weight: torch.Tensor, group_size: int | None = None) -> MatryoshkaCodes:
+    """Symmetric int8 quantisation of a [out, in] weight, per output channel or per input group.
+
+    scale = max|w| / 127 over each group (1 for an all-zero group); q = round(w / scale).
+    Always computed in float32, whatever the weight's dtype.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    size = in_features if group_size is None else group_size
+    if size <= 0 or in_features % size != 0:
+        raise ValueError(
+            f"group_size must be a positive divisor of in_features={in_features}, got {group_size}"
+        )
+    n_groups = in_features // size
+    w = weight.detach().to(torch.float32).reshape(out_features, n_groups, size)
+    amax = w.abs().amax(dim=-1)
+    scales = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scales.unsqueeze(-1)).clamp_(-128, 127)
+    codes = (q.to(torch.int16) + 128).to(torch.uint8).reshape(out_features, in_features)
+    return MatryoshkaCodes(codes=codes.contiguous(), scales=scales.contiguous(), group_size=size)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SLICE_BITS:
+        raise ValueError(f"bits must be one of {SLICE_BITS}, got {bits}")
+
+
+def slice_codes(codes: MatryoshkaCodes, bits: int) -> torch.Tensor:
+    """The r-bit code of every weight: the top r bits of its byte, uint8 in [0, 2**r)."""
+    _check_bits(bits)
+    return codes.codes >> (8 - bits)
+
+
+def _sliced_values(codes: MatryoshkaCodes, bits: int) -> torch.Tensor:
+    """Signed int8-range code of each r-bit slice, at its bucket centre, as int16 [out, in]."""
+    shift = 8 - bits
+    centre = (1 << (shift - 1)) if bits < 8 else 0
+    c = slice_codes(codes, bits).to(torch.int16)
+    return (c << shift) + (centre - 128)
+
+
+def sliced_int8(codes: MatryoshkaCodes, bits: int) -> torch.Tensor:
+    """int8 [out, in] values whose product with the scales is dequantize(codes, bits).
+
+    bits=8 gives q itself; bits=4 gives -120..120 in steps of 16; bits=2 gives -96, -32, 32, 96.
+    """
+    return _sliced_values(codes, bits).to(torch.int8)
+
+
+def dequantize(
+    codes: MatryoshkaCodes, bits: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Weights [out, in] rebuilt from the r-bit slice, read at the centre of its bucket."""
+    values = _sliced_values(codes, bits).to(torch.float32)
+    out_features, in_features = values.shape
+    grouped = values.reshape(out_features, codes.n_groups, codes.group_size)
+    weight = grouped * codes.scales.to(torch.float32).unsqueeze(-1)
+    return weight.reshape(out_features, in_features).to(dtype)
+
+
+def int8_kernel_supports(dtype: torch.dtype, in_features: int) -> bool:
+    """Whether int8_linear can take inputs of this dtype and width (given a working kernel)."""
+    if dtype not in _KERNEL_DTYPES:
+        return False
+    return dtype == torch.float32 or in_features % _KERNEL_K_MULTIPLE == 0
+
+
+@functools.cache
+def int8_kernel_available() -> bool:
+    """Whether aten::_weight_int8pack_mm runs and is right here, for float32 and bfloat16 input."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    # K = 32 and fresh (aligned) tensors: shapes the bf16 path handles without crashing.
+    x = torch.randn(3, 32, generator=gen)
+    w = torch.randint(-128, 128, (5, 32), dtype=torch.int8, generator=gen)
+    s = torch.rand(5, generator=gen) + 0.5
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        xd, sd = x.to(dtype), s.to(dtype)
+        ref = xd.float() @ (w.float() * sd.float()[:, None]).T
+        try:
+            y = op(xd, w, sd)
+        except (RuntimeError, NotImplementedError):
+            return False
+        if y.shape != ref.shape or y.dtype != dtype:
+            return False
+        if not torch.allclose(y.float(), ref, rtol=tol, atol=tol * float(ref.abs().max())):
+            return False
+    return True
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself if contiguous and 64-byte aligned, else an aligned contiguous copy."""
+    if t.is_contiguous() and t.data_ptr() % _KERNEL_ALIGN == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    scales: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ (weight_int8 * scales[:, None]).T + bias with the int8-weight kernel.
+
+    x: [..., in] float32, bfloat16 or float16 (in % 16 == 0 unless float32); the output has
+    x's dtype. weight_int8: int8 [out, in]. scales: one per output channel, [out] or [out, 1];
+    the kernel wants them in x's dtype, so for bfloat16 input they are rounded to bfloat16.
+    """
+    if weight_int8.dtype != torch.int8 or weight_int8.dim() != 2:
+        raise ValueError(
+            f"weight_int8 must be int8 [out, in], got {weight_int8.dtype} "
+            f"{tuple(weight_int8.shape)}"
+        )
+    out_features, in_features = weight_int8.shape
+    if scales.dim() == 2 and scales.shape[1] != 1:
+        raise ValueError(
+            f"int8_linear needs one scale per output channel; got {scales.shape[1]} groups"
+        )
+    if scales.numel() != out_features:
+        raise ValueError(f"expected {out_features} scales, got shape {tuple(scales.shape)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {in_features}")
+    if not int8_kernel_supports(x.dtype, in_features):
+        raise ValueError(
+            f"the int8 kernel takes float32 input of any width, or bfloat16/float16 input whose "
+            f"width is a multiple of {_KERNEL_K_MULTIPLE}; got {x.dtype} with {in_features}"
+        )
+    lead = x.shape[:-1]
+    x2 = _aligned(x.reshape(-1, in_features))
+    w = _aligned(weight_int8)
+    s = _aligned(scales.reshape(out_features).to(x.dtype))
+    y = torch.ops.aten._weight_int8pack_mm(x2, w, s)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, out_features)
+
+
+def weight_bytes(out_features: int, in_features: int, bits: int, n_groups: int) -> int:
+    """Bytes read for one weight matrix at `bits` per weight: codes plus 4-byte scales."""
+    if bits <= 0 or n_groups < 0:
+        raise ValueError(f"need bits > 0 and n_groups >= 0, got bits={bits}, n_groups={n_groups}")
+    return (out_features * in_features * bits + 7) // 8 + 4 * out_features * n_groups

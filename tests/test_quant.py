@@ -1,0 +1,183 @@
+"""Matryoshka codes: the int4/int2 codes are the top bits of the int8 code, and each width
+reconstructs the weights within half a bucket; the int8 kernel computes the same product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quicksilver import quant
+from quicksilver.quant import (
+    MatryoshkaCodes,
+    dequantize,
+    int8_kernel_available,
+    int8_linear,
+    quantize,
+    slice_codes,
+    sliced_int8,
+    weight_bytes,
+)
+
+HALF_BUCKET = {8: 0, 4: 8, 2: 32}
+
+
+def _weight(out_features: int = 48, in_features: int = 128, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_features, in_features, generator=gen)
+    w[::7, 5] *= 12.0  # a few outliers, so per-group scales have something to win
+    return w
+
+
+def _expanded_scales(codes: MatryoshkaCodes) -> torch.Tensor:
+    return codes.scales.repeat_interleave(codes.group_size, dim=1)
+
+
+def test_codes_layout() -> None:
+    codes = quantize(_weight(), group_size=32)
+    assert codes.codes.dtype == torch.uint8 and codes.codes.shape == (48, 128)
+    assert codes.scales.dtype == torch.float32 and codes.scales.shape == (48, 4)
+    assert codes.n_groups == 4 and codes.group_size == 32
+    per_channel = quantize(_weight())
+    assert per_channel.n_groups == 1 and per_channel.group_size == 128
+
+
+def test_narrow_codes_are_the_top_bits_of_the_int8_code() -> None:
+    codes = quantize(_weight())
+    u = codes.codes
+    assert torch.equal(slice_codes(codes, 8), u)
+    assert torch.equal(slice_codes(codes, 4), u >> 4)
+    assert torch.equal(slice_codes(codes, 2), u >> 6)
+    assert torch.equal(slice_codes(codes, 2), slice_codes(codes, 4) >> 2)
+    for bits in (4, 2):
+        c = slice_codes(codes, bits)
+        assert c.dtype == torch.uint8 and int(c.max()) < 2**bits
+        for j in range(bits):  # bit j of the r-bit code is bit (8 - r + j) of the byte
+            assert torch.equal((c >> j) & 1, (u >> (8 - bits + j)) & 1)
+
+
+def test_int8_error_is_at_most_half_a_step() -> None:
+    w = _weight()
+    codes = quantize(w)
+    err = (dequantize(codes, 8) - w).abs()
+    assert torch.all(err <= _expanded_scales(codes) * (0.5 + 1e-5))
+    q = codes.codes.to(torch.int16) - 128
+    assert int(q.abs().max()) == 127  # the largest weight of each row maps to +-127
+
+
+def test_quantize_computes_in_float32() -> None:
+    w = _weight().to(torch.bfloat16)
+    a, b = quantize(w), quantize(w.float())
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales)
+    assert dequantize(a, 4, torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_narrow_error_is_half_a_bucket(bits: int) -> None:
+    w = _weight()
+    codes = quantize(w)
+    half = HALF_BUCKET[bits]
+    q = codes.codes.to(torch.int16) - 128
+    # In code space the centre of the bucket is at most half a bucket from the int8 code...
+    assert int((sliced_int8(codes, bits).to(torch.int16) - q).abs().max()) <= half
+    # ...so in weight space the error adds at most the int8 rounding (half a step).
+    err = (dequantize(codes, bits) - w) / _expanded_scales(codes)
+    assert float(err.abs().max()) <= half + 0.5 + 1e-4
+    # Reading at the bucket centre keeps truncation (nearly) unbiased: an integer centre sits
+    # half a step above the bucket's midpoint, 1/32 of an int4 bucket.
+    assert abs(float(err.mean())) < 0.05 * 2 * half
+
+
+def test_zero_row_is_safe() -> None:
+    w = _weight()
+    w[3] = 0.0
+    codes = quantize(w, group_size=32)
+    assert torch.all(torch.isfinite(codes.scales)) and torch.all(codes.scales[3] > 0)
+    assert torch.equal(dequantize(codes, 8)[3], torch.zeros(128))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_groups_are_at_least_as_accurate_as_channels(bits: int) -> None:
+    w = _weight()
+    per_channel = (dequantize(quantize(w), bits) - w).pow(2).mean()
+    per_group = (dequantize(quantize(w, group_size=16), bits) - w).pow(2).mean()
+    assert per_group <= per_channel
+
+
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_sliced_int8_times_scale_is_dequantize(bits: int, group_size: int | None) -> None:
+    codes = quantize(_weight(), group_size=group_size)
+    s = sliced_int8(codes, bits)
+    assert s.dtype == torch.int8
+    assert torch.equal(s.float() * _expanded_scales(codes), dequantize(codes, bits))
+
+
+def test_sliced_int8_values() -> None:
+    codes = quantize(_weight(out_features=64, in_features=256))
+    assert sliced_int8(codes, 2).unique().tolist() == [-96, -32, 32, 96]
+    assert sliced_int8(codes, 4).unique().tolist() == list(range(-120, 121, 16))
+
+
+@pytest.mark.skipif(not int8_kernel_available(), reason="no _weight_int8pack_mm on this build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_int8_linear_matches_dequantized_matmul(dtype: torch.dtype, bits: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    codes = quantize(_weight())
+    x = torch.randn(2, 5, 128, generator=gen).to(dtype)
+    bias = torch.randn(48, generator=gen)
+    y = int8_linear(x, sliced_int8(codes, bits), codes.scales, bias)
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    ref = x.float() @ dequantize(codes, bits).T + bias
+    # bfloat16: x's scales and the output are rounded to bfloat16 (2**-9 relative each).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((y.float() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+@pytest.mark.skipif(not int8_kernel_available(), reason="no _weight_int8pack_mm on this build")
+def test_int8_linear_copes_with_misaligned_bf16_input() -> None:
+    # The bf16 kernel does aligned loads: a view two bytes into its storage would crash it.
+    codes = quantize(_weight())
+    x = torch.randn(3 * 128 + 1).to(torch.bfloat16)[1:].view(3, 128)
+    y = int8_linear(x, sliced_int8(codes, 4), codes.scales[:, 0], None)
+    ref = x.float() @ dequantize(codes, 4).T
+    assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+
+
+def test_int8_linear_rejects_what_the_kernel_cannot_run() -> None:
+    codes = quantize(_weight(in_features=24), group_size=12)
+    w8 = sliced_int8(codes, 8)
+    with pytest.raises(ValueError, match="one scale per output channel"):
+        int8_linear(torch.randn(2, 24), w8, codes.scales, None)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        int8_linear(torch.randn(2, 24).bfloat16(), w8, codes.scales[:, :1], None)
+    with pytest.raises(ValueError, match="features"):
+        int8_linear(torch.randn(2, 16), w8, codes.scales[:, :1], None)
+    assert not quant.int8_kernel_supports(torch.bfloat16, 24)
+    assert quant.int8_kernel_supports(torch.float32, 24)
+
+
+@pytest.mark.parametrize("group_size", [0, -4, 3, 256])
+def test_bad_group_size(group_size: int) -> None:
+    with pytest.raises(ValueError, match="group_size must be a positive divisor"):
+        quantize(_weight(), group_size=group_size)
+
+
+def test_bad_weight_rank() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(torch.randn(4, 4, 4))
+
+
+@pytest.mark.parametrize("bits", [0, 1, 3, 16])
+def test_bad_bits(bits: int) -> None:
+    codes = quantize(_weight())
+    for fn in (slice_codes, sliced_int8, dequantize):
+        with pytest.raises(ValueError, match="bits must be one of"):
+            fn(codes, bits)
+
+
+def test_weight_bytes() -> None:
+    assert weight_bytes(960, 576, 8, 1) == 960 * 576 + 4 * 960
+    assert weight_bytes(960, 576, 4, 1) == 960 * 576 // 2 + 4 * 960
+    assert weight_bytes(960, 576, 2, 18) == 960 * 576 // 4 + 4 * 960 * 18
+    assert weight_bytes(960, 576, 16, 0) == 960 * 576 * 2
