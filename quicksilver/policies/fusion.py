@@ -1,20 +1,26 @@
-"""Contextual Token Fusion (QuickSilver): neighbouring tokens whose states are close are
-merged into one super-token, so deeper layers run a shorter sequence.
+"""Contextual Token Fusion (QuickSilver): a token whose state is close to a recent neighbour's
+is folded into the token on its right, so deeper layers run a shorter sequence.
 
-Causality is kept by construction:
-- a token only ever merges into a token on its **right** (the super-token sits at the
-  right-most member's slot and keeps that member's position index for RoPE / learned
-  positions), so the super-token depends on nothing after its own position;
-- the left member stops there and keeps its pre-fusion state for its own prediction (the
-  explicit unmerge: every position still gets a logit row, and position t's logits never
-  read a token after t);
-- from the merge layer on, the left member writes no K/V; the super-token's K/V stand for
-  the group. With ``size_weighted`` the attention score of a super-token gets + log(size),
-  as in ToMe's proportional attention, so a group of n keeps roughly n tokens' weight.
+Causality decides the shape of this mechanism. In teacher-forced evaluation every position
+needs its own logits, computed from tokens up to it only. So:
+- the token that stops (the *source* s) is chosen from what it can see: its distance to the
+  nearest of its previous ``window`` active tokens (``l2``, ``relative_l2`` =
+  ||h_s - h_u|| / ||h_s||, or ``cosine`` = 1 - cos). A rule that looked at a later token
+  (e.g. "s is close to s + 1") would let that later token decide s's own logits;
+- s stops running layers and keeps its pre-fusion state for its own prediction (the explicit
+  unmerge: every position still gets a logit row);
+- s merges into the **right-most member** of the group: the next active token t of its row,
+  whose state becomes the size-weighted mean of both. The super-token keeps t's cache slot
+  and t's position index (RoPE angle / learned position of t); only tokens at or after t
+  read it. From the next layer on, s writes no K/V.
+- with ``size_weighted`` the attention score of a super-token gets + log(size), as in ToMe's
+  proportional attention, so a group of n tokens keeps roughly n tokens' weight.
 
-Matching is bipartite, as in ToMe: among a row's active tokens, those at even (or, on odd
-layers, odd) ranks are sources and may merge into a target among the next ``window`` active
-tokens; a target takes at most one source per layer, so no chains form inside one layer.
+Ranks alternate as in ToMe's bipartite matching: on even layers only tokens at even ranks
+among a row's active tokens may fold (odd ranks on odd layers), so a receiving token never
+folds in the same layer. ``max_group`` stops tokens that already stand for ``max_group``
+tokens from folding further; the check is on the folding token only (checking the receiver's
+size would let a later token decide), so a receiver can end up larger.
 """
 
 from __future__ import annotations
@@ -37,29 +43,26 @@ from quicksilver.policies.base import (
 METRICS = ("l2", "relative_l2", "cosine")
 
 
-def neighbour_distances(
-    states: torch.Tensor, window: int, metric: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance from each of n tokens (in order) to each of its next ``window`` neighbours:
-    ([n, window] distances, inf past the end; [n, window] neighbour indices)."""
+def distance_to_previous(states: torch.Tensor, window: int, metric: str) -> torch.Tensor:
+    """For each of n tokens (in order), its smallest distance to any of the ``window``
+    tokens before it ([n]; inf for the first token)."""
     n = states.shape[0]
     x = states.float()
     offsets = torch.arange(1, window + 1)
-    partner = torch.arange(n).unsqueeze(1) + offsets  # [n, window]
-    valid = partner < n
-    partner = partner.clamp(max=max(n - 1, 0))
-    other = x[partner]  # [n, window, d]
+    earlier = torch.arange(n).unsqueeze(1) - offsets  # [n, window]
+    valid = earlier >= 0
+    other = x[earlier.clamp(min=0)]  # [n, window, d]
     here = x.unsqueeze(1)
     if metric == "cosine":
         dist = 1 - F.cosine_similarity(here, other, dim=-1)
     else:
         dist = (here - other).norm(dim=-1)
         if metric == "relative_l2":
-            dist = dist / other.norm(dim=-1).clamp(min=1e-12)
-    return dist.masked_fill(~valid, float("inf")), partner
+            dist = dist / here.norm(dim=-1).clamp(min=1e-12)
+    return dist.masked_fill(~valid, float("inf")).min(dim=1).values if n else x.new_zeros(0)
 
 
-def match_right(
+def fold_right(
     states: torch.Tensor,
     sizes: torch.Tensor,
     *,
@@ -69,36 +72,22 @@ def match_right(
     max_group: int,
     parity: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (source, target) of token indices, target to the right of its source, that
-    should merge: sources have rank parity ``parity``, targets the other parity, the nearest
-    qualifying target is chosen, and a target takes only its right-most source."""
+    """(sources, targets) among n tokens in order: a source at rank parity ``parity``, close to
+    a previous token and standing for fewer than ``max_group`` tokens, folds into the next
+    token (target = source + 1, or -1 for the last token: it stops, folding into nothing)."""
     n = states.shape[0]
-    empty = torch.zeros(0, dtype=torch.long)
-    if n < 2:
-        return empty, empty
-    dist, partner = neighbour_distances(states, window, metric)
     ranks = torch.arange(n)
-    is_source = (ranks % 2) == parity
-    ok = (partner % 2 != parity) & (dist < threshold)
-    ok &= (sizes.unsqueeze(1) + sizes[partner]) <= max_group
-    ok &= is_source.unsqueeze(1)
-    dist = dist.masked_fill(~ok, float("inf"))
-    best, choice = dist.min(dim=1)
-    sources = torch.nonzero(best.isfinite(), as_tuple=True)[0]
-    if len(sources) == 0:
-        return empty, empty
-    targets = partner[sources, choice[sources]]
-    # One source per target: keep the right-most (closest in sequence order).
-    last_source = torch.full((n,), -1, dtype=torch.long)
-    last_source.scatter_reduce_(0, targets, sources, reduce="amax")
-    keep = last_source[targets] == sources
-    return sources[keep], targets[keep]
+    close = distance_to_previous(states, window, metric) < threshold
+    chosen = (ranks % 2 == parity) & close & (sizes < max_group)
+    sources = torch.nonzero(chosen, as_tuple=True)[0]
+    targets = torch.where(sources + 1 < n, sources + 1, -1)
+    return sources, targets
 
 
 @dataclass
 class TokenFusion(Policy):
     name = "fusion"
-    summary = "merge close neighbours into right-most super-tokens (Contextual Token Fusion)"
+    summary = "fold redundant tokens into right-hand super-tokens (Contextual Token Fusion)"
 
     threshold: float | None = None
     metric: str = "relative_l2"
@@ -132,13 +121,12 @@ class TokenFusion(Policy):
         layer = view.layer
         if self.is_off or layer < self.start_layer or (layer - self.start_layer) % self.interval:
             return None
-        rows = view.rows
         sources, targets = [], []
-        _, counts = torch.unique_consecutive(rows, return_counts=True)
+        _, counts = torch.unique_consecutive(view.rows, return_counts=True)
         offset = 0
         for count in counts.tolist():
             part = slice(offset, offset + count)
-            src, dst = match_right(
+            src, dst = fold_right(
                 view.after[part],
                 view.state.size[view.index[part]],
                 threshold=self.threshold,
@@ -148,7 +136,7 @@ class TokenFusion(Policy):
                 parity=layer % 2,
             )
             sources.append(src + offset)
-            targets.append(dst + offset)
+            targets.append(torch.where(dst >= 0, dst + offset, -1))
             offset += count
         d = view.after.shape[-1]
         view.count(3 * d * self.window * len(view.index))  # one distance per candidate pair

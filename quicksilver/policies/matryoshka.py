@@ -151,7 +151,8 @@ class Matryoshka(Policy):
             )
 
     def check_model(self, config: ModelConfig) -> None:
-        check_layer(self.name, "decision_layer", self.decision_layer, config)
+        if self.entropy_high is not None:  # fixed widths never read the decision layer
+            check_layer(self.name, "decision_layer", self.decision_layer, config)
         if self.group_size is not None:
             sizes = {config.hidden_size, config.q_dim, config.intermediate_size}
             bad = sorted(s for s in sizes if s % self.group_size)

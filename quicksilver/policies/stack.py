@@ -91,7 +91,8 @@ class PolicyStack:
 
     def check_model(self, config: ModelConfig) -> None:
         for policy in self.policies:
-            policy.check_model(config)
+            if not policy.is_off:  # an off mechanism's layer settings are never used
+                policy.check_model(config)
 
     def prepare(self, model: Transformer) -> None:
         for policy in self.policies:

@@ -123,6 +123,9 @@ def adaptive_forward(
     counter.add_embedding(batch * seq)
     flat = h.reshape(batch * seq, -1)
     rows_of = torch.arange(batch).repeat_interleave(seq)
+    real_index = torch.nonzero(real.reshape(-1), as_tuple=True)[0]
+    matryoshka = policy.get("matryoshka")
+    group_size = getattr(matryoshka, "group_size", None)
     slot_of = step.slots.reshape(-1)
     rope = _Rope(step)
     treatment = policy.kv_treatment
@@ -138,7 +141,7 @@ def adaptive_forward(
             index = torch.arange(batch * seq)
             after = flat
             counter.add_layer(i, batch * seq, dense_pairs)
-            _count_weights(counter, config, widths, full_bytes)
+            _count_weights(counter, config, widths, full_bytes, group_size)
         else:
             index = torch.nonzero(state.active, as_tuple=True)[0]
             before = flat[index]
@@ -147,15 +150,15 @@ def adaptive_forward(
                 continue
             widths = width_groups(state.bits[index])
             log_size = None
-            if policy.size_weighted:  # entries of this layer carry log(tokens they stand for)
-                log_size = cache.log_sizes()[i]
-                log_size[rows_of[index], slot_of[index]] = state.size[index].log()
+            if policy.size_weighted:  # entries of this layer carry log(tokens they stand for),
+                log_size = cache.log_sizes()[i]  # a halted super-token's included
+                log_size[rows_of[real_index], slot_of[real_index]] = state.size[real_index].log()
             after, pairs = _run_gathered(
                 block, i, before, index, rows_of, slot_of, rope, cache, step, widths, log_size
             )
             flat[index] = after
             counter.add_layer(i, len(index), pairs)
-            _count_weights(counter, config, widths, full_bytes)
+            _count_weights(counter, config, widths, full_bytes, group_size)
         if i < config.n_layers - 1 and len(index):
             view = LayerView(i, model, state, index, before, after)
             _apply(_decide(policy, view), view, flat, counter)
@@ -163,21 +166,28 @@ def adaptive_forward(
 
 
 def _count_weights(
-    counter: FlopCounter, config: ModelConfig, widths: WidthGroups | None, full_bytes: int
+    counter: FlopCounter,
+    config: ModelConfig,
+    widths: WidthGroups | None,
+    full_bytes: int,
+    group_size: int | None,
 ) -> None:
     """Each width present in a layer reads that layer's weights once at that width."""
     for _, bits in widths.groups if widths else [(None, 0)]:
         counter.add_weight_read(
-            bits, full_bytes if bits == 0 else weight_bytes_of_layer(config, bits)
+            bits, full_bytes if bits == 0 else weight_bytes_of_layer(config, bits, group_size)
         )
 
 
-def weight_bytes_of_layer(config: ModelConfig, bits: int) -> int:
-    """Bytes of one layer's four weight matrices at ``bits`` with per-channel scales."""
+def weight_bytes_of_layer(config: ModelConfig, bits: int, group_size: int | None = None) -> int:
+    """Bytes of one layer's four weight matrices at ``bits``, scales included (one per
+    output channel, or one per group of ``group_size`` inputs)."""
     d, q, kv, inner = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
     up = inner * (2 if config.gated_mlp else 1)
     shapes = [(q + 2 * kv, d), (d, q), (up, d), (d, inner)]
-    return sum(weight_bytes(out, inp, bits, 1) for out, inp in shapes)
+    return sum(
+        weight_bytes(out, inp, bits, inp // group_size if group_size else 1) for out, inp in shapes
+    )
 
 
 def _leave_kv(
@@ -214,6 +224,8 @@ def _leave_kv(
         cache.k[layer, rows, :, slots] = k[:, 0]
         cache.v[layer, rows, :, slots] = v[:, 0]
         counter.add_kv_projection(layer, len(frozen))
+        kv_weights = 2 * block.attn.kv_dim * block.attn.qkv.in_features
+        counter.add_weight_read(0, kv_weights * block.attn.qkv.weight.element_size())
 
 
 def _run_gathered(
@@ -269,7 +281,7 @@ def _decide(policy: PolicyStack, view: LayerView) -> Decision:
             bits = decision.bits if bits is None else torch.maximum(bits, decision.bits)
     merge_from = torch.cat(sources) if sources else torch.zeros(0, dtype=torch.long)
     merge_into = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
-    keep = ~(halt[merge_from] | halt[merge_into])
+    keep = ~halt[merge_from]  # a halting source just halts; a halting target still receives
     return Decision(halt, merge_from[keep], merge_into[keep], bits)
 
 
@@ -281,7 +293,11 @@ def _apply(decision: Decision, view: LayerView, flat: torch.Tensor, counter: Flo
         state.active[stopped] = False
         state.halted[stopped] = True
     if decision.merge_from is not None and len(decision.merge_from):
-        src, dst = index[decision.merge_from], index[decision.merge_into]
+        stopped = index[decision.merge_from]
+        state.active[stopped] = False
+        state.merged[stopped] = True
+        folds = decision.merge_into >= 0  # the last token of a row stops, folding into nothing
+        src, dst = stopped[folds], index[decision.merge_into[folds]]
         size_src, size_dst = state.size[src], state.size[dst]
         total = size_src + size_dst
         mixed = (flat[src].float() * (size_src / total).unsqueeze(1)) + (
@@ -289,8 +305,6 @@ def _apply(decision: Decision, view: LayerView, flat: torch.Tensor, counter: Flo
         )
         flat[dst] = mixed.to(flat.dtype)
         state.size[dst] = total
-        state.active[src] = False
-        state.merged[src] = True
     if decision.bits is not None:
         chosen = decision.bits > 0
         state.bits[index[chosen]] = decision.bits[chosen]
