@@ -1,8 +1,9 @@
-"""Command line: ``quicksilver generate | eval | bench | models``.
+"""Command line: ``quicksilver generate | eval | bench | calibrate | policies | models``.
 
 Each subcommand checks its arguments (and that its JSON output can be written) before loading a
 model, then calls the library. Errors meant for the user print as one ``error: ...`` line on
-stderr with exit code 2; Ctrl-C exits with 130.
+stderr with exit code 2; Ctrl-C exits with 130; ``calibrate`` exits with 1 when no trial met
+the budget (the closest trial is still written).
 """
 
 from __future__ import annotations
@@ -238,6 +239,14 @@ def _load_eval_text(args: argparse.Namespace) -> Any:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
+    _check_text_and_windows(args)
+    for flag in args.compare or []:
+        if flag != "transformers":
+            raise QuicksilverError(f"cannot compare with {flag!r}; the only choice is transformers")
+
+
+def _check_text_and_windows(args: argparse.Namespace) -> None:
+    """The text source and window options that `eval` and `calibrate` share."""
     _require_positive(
         context=args.context,
         stride=args.stride,
@@ -263,9 +272,6 @@ def _check_eval_args(args: argparse.Namespace) -> None:
         raise QuicksilverError("--split and --data-dir only apply to --dataset")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise QuicksilverError(f"--data-dir {args.data_dir} is not a directory")
-    for flag in args.compare or []:
-        if flag != "transformers":
-            raise QuicksilverError(f"cannot compare with {flag!r}; the only choice is transformers")
 
 
 def _precise(value: float) -> str:
@@ -473,7 +479,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
     for name, cls in REGISTRY.items():
         print(f"{name}: {cls.summary}")
         for param, kind, default in cls.parameters():
-            print(f"    {param:16s} {kind:18s} default {json.dumps(default)}")
+            print(f"    {param:16s} {kind:24s} default {json.dumps(default)}")
     print("presets (--policy NAME):")
     for name, config in PRESETS.items():
         print(f"    {name:10s} {json.dumps(config)}")
@@ -485,15 +491,8 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    _require_positive(
-        context=args.context,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        max_windows=args.max_windows,
-        steps=args.steps,
-        max_chars=args.max_chars,
-        threads=args.threads,
-    )
+    _check_text_and_windows(args)
+    _require_positive(steps=args.steps)
     if (args.max_ppl_increase is None) == (args.flop_fraction is None):
         raise QuicksilverError("give exactly one budget: --max-ppl-increase or --flop-fraction")
     increase = (
@@ -501,6 +500,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.max_ppl_increase is not None
         else None
     )
+    if increase is not None and increase >= 1 and not args.max_ppl_increase.strip().endswith("%"):
+        raise QuicksilverError(
+            f"--max-ppl-increase {args.max_ppl_increase} would allow +{increase:.0%}; give a "
+            "fraction (0.01) or a percentage (1%)"
+        )
     fraction = (
         _parse_fraction(args.flop_fraction, "--flop-fraction")
         if args.flop_fraction is not None
@@ -508,20 +512,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     )
     if fraction is not None and not 0 < fraction <= 1:
         raise QuicksilverError(f"--flop-fraction must be in (0, 1], got {args.flop_fraction}")
-    if args.stride > args.context:
-        raise QuicksilverError(
-            f"--stride ({args.stride}) must not exceed --context ({args.context})"
-        )
-    if args.dataset is not None and args.dataset not in DATASET_NAMES:
-        raise QuicksilverError(
-            f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASET_NAMES)}"
-        )
-    if args.field is not None and not args.jsonl:
-        raise QuicksilverError("--field only applies to --jsonl")
     if not (args.text_file or args.jsonl):
         args.split = args.split or "validation"
         if args.split == "test":
             _say("warning: calibrating on a test split; evaluate the result on other text")
+    json_path = _check_json(args.json)
     output = Path(args.output)
     if output.suffix not in (".json", ".yaml", ".yml"):
         raise QuicksilverError(f"--output must end in .json, .yaml or .yml, got {args.output}")
@@ -532,7 +527,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     base = _load_policy_args(args)
     from quicksilver.eval.calibrate import calibrate, check_calibratable
 
-    check_calibratable(base)
+    check_calibratable(base, compute_budget=fraction is not None)
     _set_threads(args.threads)
     from quicksilver.eval.perplexity import tokenize_text
     from quicksilver.models import loading
@@ -542,8 +537,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     text = _load_eval_text(args)
     loaded = loading.load(args.model, dtype)
     token_ids = tokenize_text(loaded.text_tokenizer(), text.text)
+    base.check_model(loaded.model.config)
     engine = Engine(loaded.model)
-    engine.set_policy(base)  # checks it against the model before the first run
     result = calibrate(
         engine,
         token_ids,
@@ -569,12 +564,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             **{k: v for k, v in result.to_dict().items() if k != "policy"},
         },
     }
-    if output.suffix == ".json":
-        from quicksilver.eval.report import write_json_atomic
+    from quicksilver.eval.report import write_json_atomic
 
+    if output.suffix == ".json":
         write_json_atomic(output, record)
-    else:
+    else:  # the policy alone; the trials go to --json if asked
         write_policy_file(chosen, output)
+    if json_path is not None:
+        write_json_atomic(json_path, record)
     verdict = "meets" if result.met else "does NOT meet"
     t = result.chosen
     print(
@@ -664,6 +661,9 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrate",
         parents=[common],
         help="search a policy's thresholds for a quality or compute budget",
+        description="Scale every threshold of a policy by one factor and search the factor on "
+        "a calibration split. Writes the chosen policy (and, in .json, every trial); exits 1 "
+        "when no trial met the budget.",
     )
     cal.add_argument(
         "--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)"

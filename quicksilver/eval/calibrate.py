@@ -51,23 +51,32 @@ class CalibrationResult:
     budget: dict[str, float]
     dense_ppl: float
     dense_seconds: float
-    chosen: Trial | None
+    chosen: Trial
     trials: list[Trial] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def check_calibratable(policy: PolicyStack) -> None:
-    """A policy can be calibrated when it has at least one threshold to scale."""
-    has_knob = any(
-        getattr(p, key) is not None for p in policy.policies for key in KNOBS.get(p.name, ())
-    )
-    if not has_knob:
+def check_calibratable(policy: PolicyStack, compute_budget: bool = False) -> None:
+    """A policy can be calibrated when it has a threshold to scale; for a compute budget, one
+    that changes FLOPs (Matryoshka widths change bytes, not FLOPs)."""
+    knobs = {
+        p.name
+        for p in policy.policies
+        for key in KNOBS.get(p.name, ())
+        if getattr(p, key) is not None
+    }
+    if not knobs:
         raise QuicksilverError(
             "the policy to calibrate has no threshold to scale; set at least one of "
             + ", ".join(f"{name}.{key}" for name, keys in KNOBS.items() for key in keys)
             + " (with --policy FILE or --set)"
+        )
+    if compute_budget and knobs <= {"matryoshka"}:
+        raise QuicksilverError(
+            "a FLOP budget cannot be met by Matryoshka widths alone (they change bytes moved, "
+            "not FLOPs); add halting or fusion thresholds, or use --max-ppl-increase"
         )
 
 
@@ -98,7 +107,7 @@ def calibrate(
         raise QuicksilverError(f"the FLOP fraction must be in (0, 1], got {flop_fraction}")
     if steps < 1:
         raise QuicksilverError(f"calibration needs at least 1 bisection step, got {steps}")
-    check_calibratable(base)
+    check_calibratable(base, compute_budget=flop_fraction is not None)
     say = log or (lambda message: print(message, file=sys.stderr))
 
     def run(policy: PolicyStack | None) -> PerplexityResult:
@@ -135,7 +144,7 @@ def calibrate(
     # Quality budget: feasible for small factors. Compute budget: feasible for large ones.
     small_ok = max_ppl_increase is not None
     first = trial(1.0)
-    if first.feasible == small_ok:
+    if first.feasible:
         good, bad = first, None  # move outwards (up for quality, down for compute)
         for _ in range(MAX_BRACKET_STEPS):
             t = trial(good.factor * (2.0 if small_ok else 0.5))

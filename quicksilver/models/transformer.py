@@ -77,9 +77,9 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
-        # Products at a reduced weight width (bits -> function of x), attached by the
+        # Products at a reduced weight width (bits -> callable(x, few_rows)), attached by the
         # Matryoshka policy; the full-precision weight above stays the reference.
-        self.narrow: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self.narrow: dict[int, Callable[..., torch.Tensor]] = {}
 
     def pack(self) -> None:
         self.packed = None
@@ -101,22 +101,27 @@ class Linear(nn.Module):
 @dataclass
 class WidthGroups:
     """Rows of a flattened token block that run their matmuls at each weight width
-    (0 = the model's own precision; 8/4/2 = Matryoshka integer widths)."""
+    (0 = the model's own precision; 8/4/2 = Matryoshka integer widths). ``few_rows`` marks a
+    forward small enough (decoding) for the int8 weight-only kernel to pay off."""
 
     groups: list[tuple[torch.Tensor, int]]  # (row indices, bits)
+    few_rows: bool = False
 
 
 def run_linear(linear: Linear, x: torch.Tensor, widths: WidthGroups | None) -> torch.Tensor:
     """``linear(x)``, each row group at its own weight width."""
     if widths is None:
         return linear(x)
+
+    def product(rows: torch.Tensor, bits: int) -> torch.Tensor:
+        return linear(rows) if bits == 0 else linear.narrow[bits](rows, widths.few_rows)
+
     if len(widths.groups) == 1:
-        bits = widths.groups[0][1]
-        return linear(x) if bits == 0 else linear.narrow[bits](x)
+        return product(x, widths.groups[0][1])
     flat = x.reshape(-1, x.shape[-1])
     out = flat.new_empty(flat.shape[0], linear.out_features)
     for rows, bits in widths.groups:
-        out[rows] = linear(flat[rows]) if bits == 0 else linear.narrow[bits](flat[rows])
+        out[rows] = product(flat[rows], bits)
     return out.view(*x.shape[:-1], linear.out_features)
 
 

@@ -64,11 +64,6 @@ class TokenState:
             streak=torch.zeros(n, dtype=torch.long),
         )
 
-    @property
-    def frozen(self) -> torch.Tensor:
-        """Halted tokens: they no longer run layers but may still provide K/V."""
-        return self.halted & ~self.merged
-
 
 @dataclass
 class LayerView:
@@ -83,10 +78,6 @@ class LayerView:
     after: torch.Tensor  # [N, d]
     check_flops: int = 0  # cost of the signals computed so far (the engine counts it)
     _entropies: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def n_layers(self) -> int:
-        return self.model.config.n_layers
 
     @property
     def rows(self) -> torch.Tensor:
@@ -131,8 +122,8 @@ class Decision:
     """A policy's verdict on the tokens of a ``LayerView`` (positions 0..N-1 of the view)."""
 
     halt: torch.Tensor | None = None  # bool [N]: stop running layers after this one
-    merge_from: torch.Tensor | None = None  # [M] view positions merged into ...
-    merge_into: torch.Tensor | None = None  # [M] ... these view positions (to their right)
+    merge_from: torch.Tensor | None = None  # [M] view positions that stop and fold into ...
+    merge_into: torch.Tensor | None = None  # [M] ... these (to their right; -1: nowhere)
     bits: torch.Tensor | None = None  # int64 [N]: weight width for later layers (0 = keep)
 
 
@@ -147,6 +138,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
+    choices: ClassVar[dict[str, tuple[Any, ...]]] = {}  # allowed values of fixed-choice fields
 
     def __post_init__(self) -> None:
         self.validate()
@@ -159,6 +151,10 @@ class Policy:
 
     def prepare(self, model: Transformer) -> None:
         """One-time work on the model (e.g. quantising weights) before the first forward."""
+
+    def prepare_key(self) -> tuple | None:
+        """What ``prepare`` depends on: two settings with the same key share the preparation."""
+        return None
 
     def release(self, model: Transformer) -> None:
         """Undo ``prepare`` (free what it attached) when the engine stops using the policy."""
@@ -183,7 +179,10 @@ class Policy:
         hints = _field_types(cls)
         out = []
         for f in dataclasses.fields(cls):
-            out.append((f.name, _type_name(hints[f.name]), f.default))
+            kind = _type_name(hints[f.name])
+            if f.name in cls.choices:
+                kind = " | ".join(str(c) for c in cls.choices[f.name])
+            out.append((f.name, kind, f.default))
         return out
 
     @classmethod
@@ -194,6 +193,7 @@ class Policy:
             )
         hints = _field_types(cls)
         known = [f.name for f in dataclasses.fields(cls)]
+        values = {k: _number_from_text(v, hints.get(k)) for k, v in values.items()}
         for key, value in values.items():
             if key not in known:
                 raise PolicyConfigError(
@@ -208,6 +208,16 @@ class Policy:
             for k, v in values.items()
         }
         return cls(**converted)
+
+
+def _number_from_text(value: Any, hint: Any) -> Any:
+    """YAML reads '1e-2' as text; accept it where a number is expected."""
+    if isinstance(value, str) and hint is not None and _wants_float(hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _type_args(hint: Any) -> tuple[Any, ...]:

@@ -88,6 +88,7 @@ def fold_right(
 class TokenFusion(Policy):
     name = "fusion"
     summary = "fold redundant tokens into right-hand super-tokens (Contextual Token Fusion)"
+    choices = {"metric": METRICS}
 
     threshold: float | None = None
     metric: str = "relative_l2"

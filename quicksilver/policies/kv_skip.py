@@ -22,6 +22,7 @@ TREATMENTS = ("propagate", "skip", "zero")
 class KVSkip(Policy):
     name = "kv_skip"
     summary = "what halted tokens write to the KV cache: propagate | skip | zero"
+    choices = {"treatment": TREATMENTS}
 
     treatment: str = "skip"
 

@@ -13,8 +13,10 @@ dense baselines).
 
 Kernels (``kernel``): torch's int8 weight-only matmul is real and, for bf16 activations and
 a few rows at a time (decoding), faster than the bf16 product; for many rows (prefill,
-evaluation) or fp32 activations it is slower. ``auto`` therefore runs products of up to
-16 rows through the int8 kernel (int4/int2 slices as int8 values with fixed low bits: real
+evaluation) or fp32 activations it is slower. ``auto`` therefore runs every narrow product of
+a forward through the int8 kernel when the forward has at most 16 tokens (the choice is per
+forward, never per group, so a token's numbers do not depend on how many other tokens share
+its width) (int4/int2 slices as int8 values with fixed low bits: real
 arithmetic, int8 bytes read) and larger ones, or fp32 models, on weights dequantised from
 the slice (simulated: the arithmetic of the narrow width, the speed of the dense product).
 ``int8`` forces the kernel, ``simulated`` never uses it. Per-group scales are always
@@ -24,9 +26,7 @@ packed int4/int2 kernel would read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
@@ -43,12 +43,7 @@ from quicksilver.policies.base import (
     check_threshold,
 )
 
-WIDTHS = (8, 4, 2)
-
-
-# Up to this many rows, torch's int8 weight-only kernel beats a dense bf16 product on CPU
-# (it reads a quarter of the fp32 bytes); above it the kernel is compute-bound and slower.
-INT8_KERNEL_MAX_ROWS = 16
+WIDTHS = quant.SLICE_BITS
 
 
 def _width_linear(linear: Linear, weight: torch.Tensor) -> Linear:
@@ -62,19 +57,26 @@ def _width_linear(linear: Linear, weight: torch.Tensor) -> Linear:
     return narrow
 
 
-def _product(
-    x: torch.Tensor, dense: Linear, weight_int8: torch.Tensor | None, scales: torch.Tensor | None
-) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1]
-    if weight_int8 is not None and (scales is not None) and rows <= INT8_KERNEL_MAX_ROWS:
-        return quant.int8_linear(x, weight_int8, scales, dense.bias)
-    return dense(x)
+@dataclass
+class NarrowWeights:
+    """One linear layer at one width: dequantised weights for the dense kernels, and the int8
+    values and scales for torch's int8 weight-only kernel when it is used."""
+
+    dense: Linear
+    weight_int8: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    always_int8: bool = False
+
+    def __call__(self, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        if self.weight_int8 is not None and (self.always_int8 or few_rows):
+            return quant.int8_linear(x, self.weight_int8, self.scales, self.dense.bias)
+        return self.dense(x)
 
 
 def narrow_products(
-    linear: Linear, group_size: int | None, kernel: str
-) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
-    """bits -> function computing ``linear`` at that width, from one shared int8 code."""
+    linear: Linear, group_size: int | None, kernel: str, widths: tuple[int, ...]
+) -> dict[int, NarrowWeights]:
+    """bits -> ``linear`` at that width, from one shared int8 code."""
     dtype = linear.weight.dtype
     codes = quant.quantize(linear.weight.detach(), group_size)
     int8_ok = (
@@ -84,26 +86,23 @@ def narrow_products(
     )
     if kernel == "int8" and not int8_ok:
         raise PolicyConfigError(
-            "matryoshka.kernel = 'int8' needs per-channel scales (group_size null), a model "
-            "dtype the int8 kernel supports and input widths that are multiples of 16; use "
-            "kernel 'auto' or 'simulated'"
+            "matryoshka.kernel = 'int8' needs a model dtype the int8 kernel supports and "
+            "input widths that are multiples of 16; use kernel 'auto' or 'simulated'"
         )
     # fp32 activations gain nothing from the int8 kernel (it is a scalar loop for them).
     use_int8 = int8_ok and (kernel == "int8" or (kernel == "auto" and dtype != torch.float32))
-    products: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
-    for bits in WIDTHS:
+    products: dict[int, NarrowWeights] = {}
+    for bits in widths:
         dense = _width_linear(linear, quant.dequantize(codes, bits, dtype=dtype))
         if use_int8:
-            int8 = quant.sliced_int8(codes, bits)
-            scales = codes.scales[:, 0].to(dtype)
-            if kernel == "int8":
-                products[bits] = partial(
-                    quant.int8_linear, weight_int8=int8, scales=scales, bias=linear.bias
-                )
-                continue
-            products[bits] = partial(_product, dense=dense, weight_int8=int8, scales=scales)
+            products[bits] = NarrowWeights(
+                dense,
+                quant.sliced_int8(codes, bits),
+                codes.scales[:, 0].to(dtype),
+                always_int8=kernel == "int8",
+            )
         else:
-            products[bits] = dense
+            products[bits] = NarrowWeights(dense)
     return products
 
 
@@ -111,6 +110,7 @@ def narrow_products(
 class Matryoshka(Policy):
     name = "matryoshka"
     summary = "per-token weight width 8/4/2 bits from logit-lens entropy (Matryoshka quantisation)"
+    choices = {"fixed_bits": (None, *WIDTHS), "kernel": ("auto", "int8", "simulated")}
 
     entropy_high: float | None = None
     entropy_low: float | None = None
@@ -149,6 +149,11 @@ class Matryoshka(Policy):
             raise PolicyConfigError(
                 f"matryoshka.kernel must be auto, int8 or simulated, got {self.kernel!r}"
             )
+        if self.kernel == "int8" and self.group_size is not None:
+            raise PolicyConfigError(
+                "matryoshka.kernel 'int8' needs one scale per output channel: drop group_size "
+                "or use kernel 'auto' / 'simulated'"
+            )
 
     def check_model(self, config: ModelConfig) -> None:
         if self.entropy_high is not None:  # fixed widths never read the decision layer
@@ -166,13 +171,17 @@ class Matryoshka(Policy):
     def is_off(self) -> bool:
         return self.fixed_bits is None and self.entropy_high is None
 
+    def prepare_key(self) -> tuple | None:
+        widths = (self.fixed_bits,) if self.fixed_bits is not None else WIDTHS
+        return (self.group_size, self.kernel, widths)
+
     def prepare(self, model: Transformer) -> None:
-        key = (self.group_size, self.kernel)
+        key = self.prepare_key()
         if getattr(model, "matryoshka_key", None) == key:
             return
         for block in model.blocks:
             for linear in (block.attn.qkv, block.attn.out, block.mlp.up, block.mlp.down):
-                linear.narrow = narrow_products(linear, self.group_size, self.kernel)
+                linear.narrow = narrow_products(linear, self.group_size, self.kernel, key[2])
         model.matryoshka_key = key
 
     def release(self, model: Transformer) -> None:

@@ -99,9 +99,12 @@ class PolicyStack:
             if not policy.is_off:
                 policy.prepare(model)
 
-    def release(self, model: Transformer) -> None:
+    def release(self, model: Transformer, keep: PolicyStack | None = None) -> None:
+        """Undo what ``prepare`` attached, except what ``keep`` (the next policy) shares."""
+        kept = {(p.name, p.prepare_key()) for p in (keep.policies if keep else []) if not p.is_off}
         for policy in self.policies:
-            policy.release(model)
+            if not policy.is_off and (policy.name, policy.prepare_key()) not in kept:
+                policy.release(model)
 
     def scaled(self, factor: float) -> PolicyStack:
         """The same policy with every calibration knob multiplied by ``factor``."""
@@ -124,7 +127,7 @@ class PolicyStack:
             changed = [
                 f"{key}={value}"
                 for key, value in policy.to_dict().items()
-                if value != getattr(defaults, key)
+                if value != getattr(defaults, key) or key in policy.choices
             ]
             parts.append(f"{policy.name}({', '.join(changed)})")
         return " + ".join(parts)
@@ -150,7 +153,8 @@ def load_policy(spec: str | None, overrides: list[str] | None = None) -> PolicyS
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as exc:
             raise PolicyConfigError(f"cannot parse the value in {item!r}: {exc}") from None
-        section = config.setdefault(name, {})
+        section = config.get(name) or {}
+        config[name] = section
         if not isinstance(section, dict):
             raise PolicyConfigError(f"policy {name!r} in the configuration is not a mapping")
         section[param] = value

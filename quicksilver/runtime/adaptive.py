@@ -28,12 +28,18 @@ if TYPE_CHECKING:
     from quicksilver.runtime.engine import Engine
 
 
-def width_groups(bits: torch.Tensor) -> WidthGroups | None:
-    """Rows per weight width; None when every row runs at the model's precision."""
+# Forwards of at most this many tokens (decoding) run narrow widths through the int8 kernel.
+INT8_KERNEL_MAX_TOKENS = 16
+
+
+def width_groups(bits: torch.Tensor, n_tokens: int) -> WidthGroups | None:
+    """Rows per weight width; None when every row runs at the model's precision. The kernel
+    choice depends on the forward's size only, so it is the same for every token in it."""
     values = torch.unique(bits).tolist()
     if values == [0]:
         return None
-    return WidthGroups([(torch.nonzero(bits == b, as_tuple=True)[0], b) for b in values])
+    groups = [(torch.nonzero(bits == b, as_tuple=True)[0], b) for b in values]
+    return WidthGroups(groups, few_rows=n_tokens <= INT8_KERNEL_MAX_TOKENS)
 
 
 class _Rope:
@@ -72,7 +78,8 @@ def attend_rows(
     """Attention of gathered queries q [N, heads, hd] (row-major order, slots increasing
     within a row) over their own rows' cache entries: slot j is read iff
     start <= j <= the query's slot, j is visible, and (with a sliding window) recent enough.
-    Returns ([N, heads, hd], attended pairs)."""
+    Hidden entries are left out of the keys (gathered), not masked: their scores are never
+    computed. Returns ([N, heads, hd], attended pairs)."""
     unique_rows, counts = torch.unique_consecutive(rows, return_counts=True)
     outputs, pairs, offset = [], 0, 0
     gqa = q.shape[1] != k_cache.shape[1]
@@ -85,21 +92,27 @@ def attend_rows(
             if cache.sliding_window:
                 first = max(start, int(q_slots[lo]) - cache.sliding_window + 1)
             end = int(q_slots[hi - 1]) + 1
-            keys = torch.arange(first, end)
-            allowed = (keys <= slots) & visible[row, first:end]
+            shown = visible[row, first:end]
+            if bool(shown.all()):
+                keys = torch.arange(first, end)
+                k, v = k_cache[row : row + 1, :, first:end], v_cache[row : row + 1, :, first:end]
+            else:
+                keys = first + torch.nonzero(shown, as_tuple=True)[0]
+                k, v = k_cache[row : row + 1, :, keys], v_cache[row : row + 1, :, keys]
+            allowed = keys <= slots
             if cache.sliding_window:
                 allowed &= keys > slots - cache.sliding_window
             pairs += int(allowed.sum())
             if log_size is not None:
-                bias = log_size[row, first:end].to(q.dtype).expand(hi - lo, -1)
+                bias = log_size[row, keys].to(q.dtype).expand(hi - lo, -1)
                 mask = bias.masked_fill(~allowed, float("-inf"))
             else:
                 mask = allowed
             out = F.scaled_dot_product_attention(
                 q[lo:hi].transpose(0, 1).unsqueeze(0),
-                k_cache[row : row + 1, :, first:end],
-                v_cache[row : row + 1, :, first:end],
-                attn_mask=mask.view(1, 1, hi - lo, end - first),
+                k,
+                v,
+                attn_mask=mask.view(1, 1, hi - lo, len(keys)),
                 enable_gqa=gqa,
             )
             outputs.append(out[0].transpose(0, 1))
@@ -134,7 +147,7 @@ def adaptive_forward(
     dense_pairs = step.attended_pairs(batch, seq)
     for i, block in enumerate(model.blocks):
         if bool(state.active.all()) and not cache.adapted:  # the dense path, maybe narrower
-            widths = width_groups(state.bits)
+            widths = width_groups(state.bits, batch * seq)
             before = flat
             flat = block(flat.view(batch, seq, -1), step, cache.k[i], cache.v[i], widths)
             flat = flat.reshape(batch * seq, -1)
@@ -148,7 +161,7 @@ def adaptive_forward(
             _leave_kv(block, i, flat, state, cache, rows_of, slot_of, rope, treatment, counter)
             if not len(index):  # every token has stopped: the remaining layers run nothing
                 continue
-            widths = width_groups(state.bits[index])
+            widths = width_groups(state.bits[index], batch * seq)
             log_size = None
             if policy.size_weighted:  # entries of this layer carry log(tokens they stand for),
                 log_size = cache.log_sizes()[i]  # a halted super-token's included
@@ -208,7 +221,7 @@ def _leave_kv(
     if len(merged):
         visible[layer, rows_of[merged], slot_of[merged]] = False
         cache.adapted = True
-    frozen = torch.nonzero(state.frozen, as_tuple=True)[0]
+    frozen = torch.nonzero(state.halted, as_tuple=True)[0]
     if not len(frozen):
         return
     rows, slots = rows_of[frozen], slot_of[frozen]
@@ -261,8 +274,9 @@ def _run_gathered(
 
 
 def _decide(policy: PolicyStack, view: LayerView) -> Decision:
-    """Combine the policies' decisions: halts are OR-ed, merges and widths concatenated; a
-    merge that touches a token halted at the same layer is dropped."""
+    """Combine the policies' decisions: halts are OR-ed, merges and widths concatenated. A
+    merge whose source halts at the same layer is dropped (the source just halts); a halting
+    target still receives its source (the source's fate must not depend on a later token)."""
     n = len(view.index)
     halt = torch.zeros(n, dtype=torch.bool)
     sources, targets, bits = [], [], None
@@ -294,9 +308,12 @@ def _apply(decision: Decision, view: LayerView, flat: torch.Tensor, counter: Flo
         state.halted[stopped] = True
     if decision.merge_from is not None and len(decision.merge_from):
         stopped = index[decision.merge_from]
+        folds = decision.merge_into >= 0
         state.active[stopped] = False
-        state.merged[stopped] = True
-        folds = decision.merge_into >= 0  # the last token of a row stops, folding into nothing
+        state.merged[stopped[folds]] = True
+        # With nobody on its right to fold into, a token just halts: its K/V then follow the
+        # halting treatment instead of vanishing.
+        state.halted[stopped[~folds]] = True
         src, dst = stopped[folds], index[decision.merge_into[folds]]
         size_src, size_dst = state.size[src], state.size[dst]
         total = size_src + size_dst

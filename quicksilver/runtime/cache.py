@@ -39,12 +39,14 @@ class KVCache:
 
     def visibility(self) -> torch.Tensor:
         if self.visible is None:
-            self.visible = torch.ones(self.k.shape[:2] + (self.max_len,), dtype=torch.bool)
+            self.visible = torch.ones(
+                self.k.shape[:2] + (self.max_len,), dtype=torch.bool, device=self.k.device
+            )
         return self.visible
 
     def log_sizes(self) -> torch.Tensor:
         if self.log_size is None:
-            self.log_size = torch.zeros(self.k.shape[:2] + (self.max_len,))
+            self.log_size = torch.zeros(self.k.shape[:2] + (self.max_len,), device=self.k.device)
         return self.log_size
 
     @property

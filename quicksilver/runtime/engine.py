@@ -1,4 +1,5 @@
-"""Prefill, decode and generation: the loop over layers lives here.
+"""Prefill, decode and generation: the loop over layers lives here (under a policy, in
+``runtime.adaptive``).
 
 ``Engine.forward`` runs a [B, S] block of new tokens through the model, writing their K/V into
 the cache and feeding the FLOP counter with what executed. Prefill and decode are the same
@@ -64,7 +65,7 @@ class Engine:
         if policy is not None:
             policy.check_model(self.config)
         if self.policy is not None and self.policy is not policy:
-            self.policy.release(self.model)
+            self.policy.release(self.model, keep=policy)
         if policy is not None:
             policy.prepare(self.model)
         self.policy = policy
