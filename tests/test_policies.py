@@ -103,7 +103,7 @@ MATRIX: dict[str, dict] = {
     },
     "paper": PRESETS["paper"],  # acts only through its checks here: entropies are ~6.6 bits
     "paper_x6": PolicyStack.from_config(PRESETS["paper"]).scaled(6.0).to_config(),
-    # Combinations without fusion (which leaks the future, see test_no_causality_leak).
+    # Combinations of halting, KV treatments and widths (all four together below).
     "halt_skip_int4": {
         "halting": HALT,
         "kv_skip": {"treatment": "skip"},
@@ -333,9 +333,6 @@ def assert_rows_independent(model: Transformer, policy, tokens: torch.Tensor) ->
     assert_near(logits[0], reference[0])
     alone, _, _ = run(model, policy, tokens[:1])
     assert_near(alone[0], reference[0])
-
-
-MATRIX_WITH_FUSION = [n for n in MATRIX if "fusion" in MATRIX[n]]
 
 
 @pytest.mark.parametrize("name", list(MATRIX))
