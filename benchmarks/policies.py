@@ -250,12 +250,12 @@ def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
     }
 
 
-def render(command: str, date: str, runs: list[dict], args) -> str:
+def render(command: str, date: str, load: float, runs: list[dict], args) -> str:
     lines = [
         f"# Adaptive policies on {args.model}: what they save and what they cost",
         "",
-        f"Produced by `{command}` on {date} (load average at start "
-        f"{os.getloadavg()[0]:.2f}; 2 CPU cores). Generated file: edit the benchmark, not this.",
+        f"Produced by `{command}` on {date} (load average at start {load:.2f}; "
+        f"{os.cpu_count()} CPU cores). Generated file: edit the benchmark, not this.",
         "",
         f"First {args.windows} windows (context 1024, stride 512) of WikiText-2 test and of the C4 "
         f"validation sample; calibration on the first {args.calib_windows} windows of WikiText-2 "
@@ -263,7 +263,9 @@ def render(command: str, date: str, runs: list[dict], args) -> str:
         "projections of halted tokens, LM head, and every check such as logit-lens entropies) / "
         "the dense run's. Speedup = dense / policy wall-clock on the first "
         f"{args.timing_windows} WikiText-2 test windows, the two timed back to back twice (best "
-        "of each), so machine load cancels out. Peak RSS is the whole process (weights included).",
+        "of each), so machine load cancels out. Peak RSS is the whole process (weights included) "
+        "during the row's runs; memory that earlier rows freed (Matryoshka's quantised copies) "
+        "can stay with the allocator, so rows after them read high.",
         "",
     ]
     for run in runs:
@@ -391,6 +393,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity increase vs dense (%)")
         ax.set_yscale("symlog", linthresh=1)
+        ax.set_xscale("log")
         ax.axhline(1, color="grey", linewidth=0.8, linestyle="--")
         ax.axvline(0.6, color="grey", linewidth=0.8, linestyle=":")
         ax.grid(alpha=0.3)
@@ -409,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = os.getloadavg()[0]
 
     def say(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -420,12 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         {
             "command": command,
             "date": date,
+            "load_average": load,
             "settings": {k: v for k, v in vars(args).items() if k != "out_dir"},
             "runs": runs,
         },
     )
     plot(runs, args.out_dir / "policies-pareto.png")
-    (args.out_dir / "policies.md").write_text(render(command, date, runs, args), encoding="utf-8")
+    page = render(command, date, load, runs, args)
+    (args.out_dir / "policies.md").write_text(page, encoding="utf-8")
     say(f"wrote {args.out_dir / 'policies.md'}")
     return 0
 
