@@ -99,6 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def perplexity(engine: Engine, ids: list[int], windows: int, args) -> Any:
+    """The benchmark's one evaluation setting: context 1024, stride 512, the first windows."""
+    return evaluate_perplexity(
+        engine, ids, context=1024, stride=512, batch_size=args.batch_size, max_windows=windows
+    )
+
+
 def paired_speedup(engine: Engine, policy: PolicyStack, ids: list[int], args) -> dict[str, float]:
     """Dense and policy timed back to back on the same windows, twice, best of each: on a
     shared machine only such adjacent ratios are meaningful."""
@@ -106,15 +113,8 @@ def paired_speedup(engine: Engine, policy: PolicyStack, ids: list[int], args) ->
     for _ in range(2):
         for name, chosen in (("dense", None), ("policy", policy)):
             engine.set_policy(chosen)
-            r = evaluate_perplexity(
-                engine,
-                ids,
-                context=1024,
-                stride=512,
-                batch_size=args.batch_size,
-                max_windows=args.timing_windows,
-            )
-            best[name] = min(best[name], r.seconds)
+            seconds = perplexity(engine, ids, args.timing_windows, args).seconds
+            best[name] = min(best[name], seconds)
     engine.set_policy(None)
     return {
         "dense_seconds": best["dense"],
@@ -127,14 +127,7 @@ def evaluate(engine: Engine, policy: PolicyStack | None, texts: dict, args) -> d
     engine.set_policy(policy)
     out = {}
     for name, ids in texts.items():
-        r = evaluate_perplexity(
-            engine,
-            ids,
-            context=1024,
-            stride=512,
-            batch_size=args.batch_size,
-            max_windows=args.windows,
-        )
+        r = perplexity(engine, ids, args.windows, args)
         out[name] = {
             "ppl": r.ppl,
             "tokens": r.tokens,
