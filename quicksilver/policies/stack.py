@@ -125,7 +125,7 @@ class PolicyStack:
         for policy in self.policies:
             defaults = type(policy)()
             changed = [
-                f"{key}={value}"
+                f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                 for key, value in policy.to_dict().items()
                 if value != getattr(defaults, key) or key in policy.choices
             ]
