@@ -165,6 +165,12 @@ class Policy:
     def after_layer(self, view: LayerView) -> Decision | None:
         return None
 
+    def layer_plan(self, steps: torch.Tensor, n_layers: int) -> torch.Tensor | None:
+        """Which layers each token of a block runs, decided before the first layer ([N, L]
+        bool; None: all). ``steps`` is each token's generation step (0 = the first generated
+        token; negative for prompt positions or when there is no prompt boundary)."""
+        return None
+
     @property
     def is_off(self) -> bool:
         """True when this setting cannot change anything (the dense model exactly)."""

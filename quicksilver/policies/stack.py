@@ -3,8 +3,8 @@
 A policy configuration is a plain mapping ``{mechanism name: {parameter: value}}``, e.g.
 ``{"halting": {"relative_drift": 0.05, "min_layer": 20}, "kv_skip": {"treatment": "skip"}}``;
 ``{}`` is the dense model. It is stored with every result (``PolicyStack.to_config``).
-Mechanisms always run in registry order (halting, kv_skip, fusion, matryoshka), whatever the
-order in the file.
+Mechanisms always run in registry order (halting, kv_skip, fusion, matryoshka, skipdecode),
+whatever the order in the file.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from quicksilver.models.config import ModelConfig
@@ -23,9 +24,10 @@ from quicksilver.policies.fusion import TokenFusion
 from quicksilver.policies.halting import TokenHalting
 from quicksilver.policies.kv_skip import KVSkip
 from quicksilver.policies.matryoshka import Matryoshka
+from quicksilver.policies.skipdecode import SkipDecode
 
 REGISTRY: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (TokenHalting, KVSkip, TokenFusion, Matryoshka)
+    cls.name: cls for cls in (TokenHalting, KVSkip, TokenFusion, Matryoshka, SkipDecode)
 }
 
 # The paper's reported defaults, taken literally: absolute drift 0.045 and logit-lens entropy
@@ -105,6 +107,17 @@ class PolicyStack:
         for policy in self.policies:
             if not policy.is_off and (policy.name, policy.prepare_key()) not in kept:
                 policy.release(model)
+
+    def layer_plan(self, steps: torch.Tensor, n_layers: int) -> torch.Tensor | None:
+        """The layers each token runs: the AND of every policy's plan (None: all)."""
+        plan = None
+        for policy in self.policies:
+            if policy.is_off:
+                continue
+            part = policy.layer_plan(steps, n_layers)
+            if part is not None:
+                plan = part if plan is None else plan & part
+        return plan
 
     def scaled(self, factor: float) -> PolicyStack:
         """The same policy with every calibration knob multiplied by ``factor``."""

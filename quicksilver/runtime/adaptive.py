@@ -145,8 +145,13 @@ def adaptive_forward(
     weights_per_layer = layer_weight_count(config)
     full_bytes = weights_per_layer * flat.element_size()
     dense_pairs = step.attended_pairs(batch, seq)
+    steps = (
+        slot_of - cache.prompt_end if cache.prompt_end is not None else torch.full_like(slot_of, -1)
+    )
+    plan = policy.layer_plan(steps, config.n_layers)
     for i, block in enumerate(model.blocks):
-        if bool(state.active.all()) and not cache.adapted:  # the dense path, maybe narrower
+        running = state.active if plan is None else state.active & plan[:, i]
+        if bool(running.all()) and not cache.adapted:  # the dense path, maybe narrower
             widths = width_groups(state.bits, batch * seq)
             before = flat
             flat = block(flat.view(batch, seq, -1), step, cache.k[i], cache.v[i], widths)
@@ -156,7 +161,7 @@ def adaptive_forward(
             counter.add_layer(i, batch * seq, dense_pairs)
             _count_weights(counter, config, widths, full_bytes, group_size)
         else:
-            index = torch.nonzero(state.active, as_tuple=True)[0]
+            index = torch.nonzero(running, as_tuple=True)[0]
             before = flat[index]
             _leave_kv(block, i, flat, state, cache, rows_of, slot_of, rope, treatment, counter)
             if not len(index):  # every token has stopped: the remaining layers run nothing

@@ -36,6 +36,9 @@ class KVCache:
         self.visible: torch.Tensor | None = None  # bool [L, B, T]
         self.log_size: torch.Tensor | None = None  # float32 [L, B, T]
         self.adapted = False  # True once any entry is hidden or stands for several tokens
+        # First slot holding a generated (not prompt) token, when the caller knows it: the
+        # generation step of a token is its slot minus this (SkipDecode's schedule).
+        self.prompt_end: int | None = None
 
     def visibility(self) -> torch.Tensor:
         if self.visible is None:

@@ -149,6 +149,7 @@ class Engine:
             block[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             cache.start[row] = longest - len(prompt)
         cache.padded = any(len(p) != longest for p in prompts)
+        cache.prompt_end = longest
         return self.forward(block, cache), cache
 
     def generate(

@@ -1,0 +1,147 @@
+"""SkipDecode: the schedule's invariants, its errors, and generation under it (batched, with a
+KV cache) on a tiny random Llama-like model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_accounting import TINY, random_model
+
+from quicksilver.policies import PolicyConfigError, PolicyStack, load_policy
+from quicksilver.policies.skipdecode import SkipDecode
+from quicksilver.runtime.engine import Engine
+
+L = 6
+CONFIG = dataclasses.replace(TINY, n_layers=L)
+SCHEDULE = ["skipdecode.max_layers=6", "skipdecode.min_layers=2", "skipdecode.decay_length=4"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return random_model(CONFIG, fast=False)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5, 2.0])
+def test_schedule_decays_monotonically_from_max_to_min(power: float) -> None:
+    policy = SkipDecode(max_layers=6, min_layers=2, decay_length=8, warmup_layers=1, power=power)
+    layers = policy.layers_at(torch.arange(-2, 20), L)
+    assert layers[:2].tolist() == [L, L]  # prompt positions run every layer
+    generated = layers[2:]
+    assert generated[0] == 6 and bool((generated[8:] == 2).all())
+    assert bool((generated[1:] <= generated[:-1]).all())
+
+
+def test_plan_keeps_warmup_and_top_layers_and_skips_just_above_warmup() -> None:
+    policy = SkipDecode(max_layers=5, min_layers=3, decay_length=2, warmup_layers=2)
+    steps = torch.tensor([-1, 0, 1, 2, 9])
+    plan = policy.layer_plan(steps, L)
+    layers = policy.layers_at(steps, L)
+    for row, n in zip(plan, layers.tolist(), strict=True):
+        assert int(row.sum()) == n
+        assert bool(row[:2].all()) and bool(row[-1])  # warm-up and top layers always run
+        skipped = torch.nonzero(~row).flatten().tolist()
+        assert skipped == list(range(2, 2 + L - n))  # one block, right above the warm-up
+    # a later position skips a superset of an earlier one's layers: K/V it reads exist
+    assert bool((plan[1:] <= plan[:-1]).all())
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_layers": 3, "min_layers": 4}, "must not exceed max_layers"),
+        ({"max_layers": 4}, "both max_layers and min_layers"),
+        ({"max_layers": 4, "min_layers": 2, "decay_length": 0}, "decay_length"),
+        ({"max_layers": 4, "min_layers": 2, "power": 0.0}, "power > 0"),
+        ({"max_layers": 4, "min_layers": 2, "warmup_layers": -1}, "warmup_layers >= 0"),
+    ],
+)
+def test_impossible_schedules_are_rejected(settings: dict, message: str) -> None:
+    with pytest.raises(PolicyConfigError, match=message):
+        PolicyStack.from_config({"skipdecode": settings})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_layers": 7, "min_layers": 2}, "exceeds this model's 6 layers"),
+        ({"max_layers": 6, "min_layers": 3, "warmup_layers": 3}, "must exceed warmup_layers"),
+        ({"max_layers": 6, "min_layers": 3, "warmup_layers": 8}, "must exceed warmup_layers"),
+    ],
+)
+def test_schedules_that_do_not_fit_the_model(model, settings: dict, message: str) -> None:
+    with pytest.raises(PolicyConfigError, match=message):
+        Engine(model, policy=PolicyStack.from_config({"skipdecode": settings}))
+
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12]]
+
+
+def test_full_schedule_equals_dense_generation(model) -> None:
+    dense = Engine(model).generate(PROMPTS, 8, stop_ids=[])
+    full = ["skipdecode.max_layers=6", "skipdecode.min_layers=6"]
+    same = Engine(model, policy=load_policy(None, full)).generate(PROMPTS, 8, stop_ids=[])
+    assert same.tokens == dense.tokens and same.flops == dense.flops
+
+
+def test_generation_skips_exactly_the_scheduled_layers(model) -> None:
+    engine = Engine(model, policy=load_policy(None, SCHEDULE))
+    result = engine.generate(PROMPTS, 8, stop_ids=[])
+    policy = engine.policy.get("skipdecode")
+    fed_back = torch.arange(7)  # generated tokens 0..6 are fed back; the 8th is not
+    layers = int(policy.layers_at(fed_back, L).sum())
+    assert result.flops["layer_tokens"] == len(PROMPTS) * (4 * L + layers)
+    dense = Engine(model).generate(PROMPTS, 8, stop_ids=[])
+    assert result.flops["total"] < dense.flops["total"]
+
+
+def test_every_kv_entry_read_was_written(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches start as NaN: a single read of an entry no forward wrote would poison the
+    logits. A schedule that increases (breaking the invariant) must be caught."""
+    original = Engine.new_cache
+
+    def nan_cache(self, batch_size, max_len):
+        cache = original(self, batch_size, max_len)
+        cache.k.fill_(float("nan"))
+        cache.v.fill_(float("nan"))
+        return cache
+
+    monkeypatch.setattr(Engine, "new_cache", nan_cache)
+    engine = Engine(model, policy=load_policy(None, SCHEDULE))
+    reference = engine.generate(PROMPTS, 8, stop_ids=[])
+    logits, cache = engine.prefill(PROMPTS, 8)
+    assert bool(torch.isfinite(logits).all())
+    for token in reference.tokens[0][:7]:
+        logits = engine.forward(torch.tensor([[token], [token]]), cache)
+        assert bool(torch.isfinite(logits).all())
+    # the negative control: layers that grow back after shrinking read unwritten entries
+    monkeypatch.setattr(
+        SkipDecode, "layers_at", lambda self, steps, n: torch.where(steps % 2 == 0, 2, n)
+    )
+    logits, cache = engine.prefill(PROMPTS, 8)
+    for token in reference.tokens[0][:3]:
+        logits = engine.forward(torch.tensor([[token], [token]]), cache)
+    assert not bool(torch.isfinite(logits).all())
+
+
+def test_batched_equals_unbatched_generation(model) -> None:
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    engine = Engine(model, policy=load_policy(None, SCHEDULE))
+    together = engine.generate(prompts, 8, stop_ids=[]).tokens
+    # rows are aligned by generation step, so each row alone follows the same schedule
+    alone = [engine.generate([p], 8, stop_ids=[]).tokens[0] for p in prompts]
+    assert together == alone
+
+
+def test_teacher_forced_logits_equal_generation(model) -> None:
+    engine = Engine(model, policy=load_policy(None, SCHEDULE))
+    prompt = PROMPTS[0]
+    generated = engine.generate([prompt], 8, stop_ids=[]).tokens[0]
+    sequence = torch.tensor([prompt + generated[:-1]])
+    cache = engine.new_cache(1, sequence.shape[1])
+    cache.prompt_end = len(prompt)  # positions from here on are generated steps 0, 1, ...
+    logits = engine.forward(sequence, cache, logits_at="all")[0]
+    predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
+    assert predicted == generated
