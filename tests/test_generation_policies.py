@@ -1,0 +1,58 @@
+"""Policies inside batched generation with a KV cache: each row's output does not depend on the
+other rows, and teacher-forced logits equal token-by-token decoding wherever the definition
+allows it (every policy but fusion, which only sees the states of tokens in the same forward
+block: a lone decoded token has no neighbour to compare with, so it never folds)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_accounting import random_model
+from test_policies import CONFIG, MATRIX, make_engine
+
+SKIPDECODE = {"skipdecode": {"max_layers": 5, "min_layers": 2, "decay_length": 4}}
+CONFIGS = {
+    **MATRIX,
+    "skipdecode": SKIPDECODE,
+    "skipdecode_halt": {**SKIPDECODE, **MATRIX["halt_skip"]},
+}
+SAME_PATH = [name for name, config in CONFIGS.items() if "fusion" not in config]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CONFIG, fast=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_batched_generation_equals_each_row_alone(model, name: str) -> None:
+    engine = make_engine(model, CONFIGS[name])
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+    together = engine.generate(prompts, 6, stop_ids=[]).tokens
+    alone = [engine.generate([p], 6, stop_ids=[]).tokens[0] for p in prompts]
+    assert together == alone
+
+
+@pytest.mark.parametrize("name", SAME_PATH)
+def test_teacher_forced_logits_equal_decoding(model, name: str) -> None:
+    engine = make_engine(model, CONFIGS[name])
+    tokens = torch.randint(
+        0, CONFIG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)
+    )
+    prompt = 4
+    cache = engine.new_cache(1, 12)
+    cache.prompt_end = prompt
+    forced = engine.forward(tokens, cache, logits_at="all")[0, prompt - 1 :]
+    cache = engine.new_cache(1, 12)
+    cache.prompt_end = prompt
+    decoded = [engine.forward(tokens[:, :prompt], cache)[0]]
+    decoded += [engine.forward(tokens[:, i : i + 1], cache)[0] for i in range(prompt, 12)]
+    torch.testing.assert_close(torch.stack(decoded), forced, atol=1e-5, rtol=1e-5)
