@@ -141,6 +141,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _check_dtype(args.dtype)
     json_path = _check_json(args.json)
     prompts = _read_prompts(args)
+    policy = _load_policy_args(args)
+    if args.target_speedup is not None and not args.target_speedup >= 1:
+        raise QuicksilverError(f"--target-speedup must be >= 1, got {args.target_speedup}")
     _set_threads(args.threads)
 
     from quicksilver.accounting import Meter
@@ -154,7 +157,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and not getattr(tokenizer, "chat_template", None):
         _say("note: the tokenizer has no chat template; using the prompt as-is")
     token_ids = [_encode_prompt(tokenizer, p, args.chat) for p in prompts]
-    engine = Engine(loaded.model)
+    if args.target_speedup is not None:
+        from quicksilver.policies.skipdecode import schedule_for_speedup
+        from quicksilver.policies.stack import PolicyStack
+
+        schedule = schedule_for_speedup(
+            loaded.model.config.n_layers, args.target_speedup, args.max_new_tokens
+        )
+        others = [p for p in policy.policies if p.name != "skipdecode"]
+        policy = PolicyStack([*others, schedule])
+    engine = Engine(loaded.model, policy=policy)
+    if not policy.is_off:
+        _say(f"policy: {policy.describe()}")
 
     streamer = _Streamer(tokenizer) if len(prompts) == 1 else None
     on_token: Callable[[int, int], None] | None = (
@@ -171,8 +185,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(completion)
 
     flops = result.flops
-    processed = flops.get("layer_tokens", 0) / max(1, engine.config.n_layers)
-    flops_per_token = flops.get("total", 0) / processed if processed else 0.0
+    # tokens that went in: the left-padded prompt block, then one token per row per step
+    processed = len(token_ids) * (max(map(len, token_ids)) + result.decode_steps)
+    flops_per_token = flops.get("total", 0) / processed
     _say(
         f"[{result.new_tokens} tokens, prefill {result.prefill_seconds:.2f} s, "
         f"decode {result.decode_tokens_per_s:.1f} tok/s, "
@@ -185,6 +200,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "model": args.model,
                 "dtype": args.dtype,
                 "chat": args.chat,
+                "policy": policy.to_config(),
                 "sampling": {
                     "temperature": sampling.temperature,
                     "top_k": sampling.top_k,
@@ -630,6 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, help="seed for reproducible sampling")
     gen.add_argument(
         "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
+    )
+    _add_policy_args(gen)
+    gen.add_argument(
+        "--target-speedup",
+        type=float,
+        metavar="X",
+        help="add a SkipDecode schedule averaging 1/X of the layers over the new tokens",
     )
     gen.set_defaults(handler=cmd_generate)
 

@@ -263,3 +263,14 @@ def test_calibrate_writes_a_policy_eval_reads(
         == 0
     )
     assert json.loads(out.read_text())["policy"] == record["policy"]
+
+
+def test_generate_with_target_speedup_records_the_schedule(
+    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out.json"
+    argv = ["generate", "--prompt", "Hello", "--max-new-tokens", "4", "--target-speedup", "2"]
+    assert main([*argv, *one_thread, "--json", str(out)]) == 0
+    schedule = json.loads(out.read_text())["policy"]["skipdecode"]
+    assert schedule["max_layers"] >= schedule["min_layers"] > schedule["warmup_layers"]
+    assert "policy: skipdecode(" in capsys.readouterr().err

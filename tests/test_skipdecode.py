@@ -10,7 +10,7 @@ import torch
 from test_accounting import TINY, random_model
 
 from quicksilver.policies import PolicyConfigError, PolicyStack, load_policy
-from quicksilver.policies.skipdecode import SkipDecode
+from quicksilver.policies.skipdecode import SkipDecode, schedule_for_speedup
 from quicksilver.runtime.engine import Engine
 
 L = 6
@@ -145,3 +145,23 @@ def test_teacher_forced_logits_equal_generation(model) -> None:
     logits = engine.forward(sequence, cache, logits_at="all")[0]
     predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
     assert predicted == generated
+
+
+@pytest.mark.parametrize("target", [1.0, 1.5, 2.0, 3.0, 5.0])
+def test_target_speedup_derives_a_schedule(target: float) -> None:
+    policy = schedule_for_speedup(30, target, new_tokens=64)
+    mean = float(policy.layers_at(torch.arange(64), 30).float().mean())
+    assert mean <= 30 / target + 1e-9
+    assert policy.min_layers > policy.warmup_layers and policy.max_layers <= 30
+    if policy.min_layers < policy.max_layers:  # one more layer at the end misses the target
+        gentler = SkipDecode(policy.max_layers, policy.min_layers + 1, 64, policy.warmup_layers)
+        assert float(gentler.layers_at(torch.arange(64), 30).float().mean()) > 30 / target
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [((30, 0.5, 64), ">= 1"), ((30, 40.0, 64), "no schedule reaches"), ((30, 2.0, 0), ">= 1")],
+)
+def test_impossible_targets(args: tuple, message: str) -> None:
+    with pytest.raises(PolicyConfigError, match=message):
+        schedule_for_speedup(*args)

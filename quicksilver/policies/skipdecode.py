@@ -86,3 +86,37 @@ class SkipDecode(Policy):
         first = self.warmup_layers
         skipped = (index >= first) & (index < first + (n_layers - layers).unsqueeze(1))
         return ~skipped
+
+
+def schedule_for_speedup(
+    n_layers: int,
+    target: float,
+    new_tokens: int,
+    decay_length: int | None = None,
+    warmup_layers: int = 1,
+    power: float = 1.0,
+) -> SkipDecode:
+    """The gentlest schedule whose layer count over ``new_tokens`` generated tokens is at most
+    ``n_layers / target`` on average (the decode speedup in layer work; attention and the LM
+    head do not shrink, so measured speedups are lower). Prefers the deepest start (early
+    tokens, which set the context, keep most layers), then the largest average depth."""
+    if not target >= 1:
+        raise PolicyConfigError(f"the target speedup must be >= 1, got {target}")
+    if new_tokens < 1:
+        raise PolicyConfigError(f"the schedule needs >= 1 generated token, got {new_tokens}")
+    decay = decay_length or new_tokens
+    budget = n_layers / target
+    steps = torch.arange(new_tokens)
+    best: tuple[int, float, SkipDecode] | None = None
+    for top in range(n_layers, warmup_layers, -1):
+        for bottom in range(top, warmup_layers, -1):
+            policy = SkipDecode(top, bottom, decay, warmup_layers, power)
+            mean = float(policy.layers_at(steps, n_layers).float().mean())
+            if mean <= budget + 1e-9 and (best is None or (top, mean) > best[:2]):
+                best = (top, mean, policy)
+    if best is None:
+        raise PolicyConfigError(
+            f"no schedule reaches {target}x on {n_layers} layers with {warmup_layers} warm-up "
+            f"layer(s): the fastest runs {warmup_layers + 1} layers per token"
+        )
+    return best[2]
