@@ -1,4 +1,5 @@
-"""Command line: ``quicksilver generate | eval | bench | calibrate | policies | models``.
+"""Command line: ``quicksilver generate | eval | eval-gen | bench | calibrate | policies |
+models``.
 
 Each subcommand checks its arguments (and that its JSON output can be written) before loading a
 model, then calls the library. Errors meant for the user print as one ``error: ...`` line on
@@ -599,6 +600,82 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0 if result.met else 1
 
 
+def cmd_eval_gen(args: argparse.Namespace) -> int:
+    _require_positive(
+        prompts=args.prompts, max_new_tokens=args.max_new_tokens, threads=args.threads
+    )
+    for size in args.batch_sizes:
+        _require_positive(batch_sizes=size)
+    if args.target_speedup is not None and not args.target_speedup >= 1:
+        raise QuicksilverError(f"--target-speedup must be >= 1, got {args.target_speedup}")
+    dtype = _check_dtype(args.dtype)
+    json_path = _check_json(args.json)
+    policy = _load_policy_args(args)
+    _set_threads(args.threads)
+
+    from quicksilver.eval import datasets
+    from quicksilver.eval.generation import evaluate_generation, wikitext_prompts
+    from quicksilver.eval.report import format_table, write_json_atomic
+    from quicksilver.models import loading
+    from quicksilver.policies.stack import PolicyStack
+
+    if args.jsonl:
+        texts = datasets.load_jsonl(args.jsonl, args.field or "prompt").text.split("\n\n")
+        prompts = [t.strip() for t in texts if t.strip()][: args.prompts]
+    else:
+        text = datasets.load_eval_text("wikitext-2", "test")
+        prompts = wikitext_prompts(text.text, args.prompts)
+    if not prompts:
+        raise QuicksilverError("no prompts found; check --jsonl and --field")
+    loaded = loading.load(args.model, dtype)
+    tokenizer = loaded.text_tokenizer()
+    ids = [_encode_prompt(tokenizer, p, False) for p in prompts]
+    if args.target_speedup is not None:
+        from quicksilver.policies.skipdecode import schedule_for_speedup
+
+        schedule = schedule_for_speedup(
+            loaded.model.config.n_layers, args.target_speedup, args.max_new_tokens
+        )
+        policy = PolicyStack([*(p for p in policy.policies if p.name != "skipdecode"), schedule])
+    if policy.is_off:
+        _say("note: the policy is dense; both sides will agree exactly")
+    _say(f"policy: {policy.describe()}; {len(prompts)} prompts")
+    results = [
+        evaluate_generation(
+            loaded.model, policy, ids, max_new_tokens=args.max_new_tokens, batch_size=size
+        )
+        for size in args.batch_sizes
+    ]
+    rows = [
+        [
+            r.batch_size,
+            f"{r.agreement:.3f}",
+            f"{r.rouge_l:.3f}",
+            f"{r.dense_ppl_of_policy:.2f}",
+            f"{r.dense_ppl_of_dense:.2f}",
+            f"{r.policy_tokens_per_s:.1f}",
+            f"{r.dense_tokens_per_s:.1f}",
+            f"{r.policy_flops_per_token / r.dense_flops_per_token:.3f}",
+        ]
+        for r in results
+    ]
+    headers = ["batch", "agreement", "ROUGE-L", "dense ppl (policy)", "dense ppl (dense)"]
+    headers += ["tok/s policy", "tok/s dense", "FLOPs/dense"]
+    print(format_table(headers, rows))
+    if json_path is not None:
+        write_json_atomic(
+            json_path,
+            {
+                "model": args.model,
+                "dtype": args.dtype,
+                "policy": policy.to_config(),
+                "prompts": prompts,
+                "results": [r.to_dict() for r in results],
+            },
+        )
+    return 0
+
+
 # ---------------------------------------------------------------- parser and entry point
 
 
@@ -714,6 +791,23 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--steps", type=int, default=6, help="bisection steps after bracketing")
     _add_policy_args(cal)
     cal.set_defaults(handler=cmd_calibrate)
+
+    eg = sub.add_parser(
+        "eval-gen", parents=[common], help="what a policy changes in generated text, vs dense"
+    )
+    eg.add_argument(
+        "--dtype", default="bfloat16", help="float32 or bfloat16 (default: %(default)s)"
+    )
+    eg.add_argument("--prompts", type=int, default=32, help="number of prompts (default: 32)")
+    eg.add_argument(
+        "--jsonl", metavar="FILE", help="prompts from a JSONL file (default: WikiText-2 test)"
+    )
+    eg.add_argument("--field", help="JSONL field holding the prompt (default: prompt)")
+    eg.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="N")
+    eg.add_argument("--max-new-tokens", type=int, default=32)
+    eg.add_argument("--target-speedup", type=float, metavar="X", help="add a SkipDecode schedule")
+    _add_policy_args(eg)
+    eg.set_defaults(handler=cmd_eval_gen)
 
     pol = sub.add_parser("policies", help="list the adaptive mechanisms and their parameters")
     pol.set_defaults(handler=cmd_policies)

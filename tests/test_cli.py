@@ -70,6 +70,9 @@ def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
         (["bench", "--compare", "llama.cpp"], "cannot compare"),
         (["no-such-command"], "invalid choice"),
         (["eval", "--policy", "no-such-policy.yaml"], "neither a preset"),
+        (["eval-gen", "--batch-sizes", "0"], "--batch-sizes"),
+        (["eval-gen", "--target-speedup", "0.5"], "--target-speedup must be >= 1"),
+        (["generate", "--prompt", "hi", "--target-speedup", "0"], "--target-speedup"),
         (["eval", "--set", "halting.min_layer"], "mechanism.parameter=value"),
         (["eval", "--set", "warp.speed=9"], "unknown policy 'warp'"),
         (["eval", "--set", "halting.drift=-1"], "halting.drift must be"),
@@ -274,3 +277,22 @@ def test_generate_with_target_speedup_records_the_schedule(
     schedule = json.loads(out.read_text())["policy"]["skipdecode"]
     assert schedule["max_layers"] >= schedule["min_layers"] > schedule["warmup_layers"]
     assert "policy: skipdecode(" in capsys.readouterr().err
+
+
+def test_eval_gen_json(
+    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ['{"prompt": "The castle was built"}', '{"prompt": "In the spring of that year"}']
+    prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "out.json"
+    argv = ["eval-gen", "--jsonl", str(prompts), "--batch-sizes", "1", "2", "--max-new-tokens"]
+    argv += ["3", "--set", "halting.relative_drift=0.3", "--set", "halting.min_layer=20"]
+    assert main([*argv, *one_thread, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["prompts"] == ["The castle was built", "In the spring of that year"]
+    assert [r["batch_size"] for r in data["results"]] == [1, 2]
+    for result in data["results"]:
+        assert 0 <= result["agreement"] <= 1 and result["dense_ppl_of_dense"] > 1
+        assert result["policy_flops_per_token"] < result["dense_flops_per_token"]
+    assert "ROUGE-L" in capsys.readouterr().out
