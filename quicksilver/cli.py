@@ -143,8 +143,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     json_path = _check_json(args.json)
     prompts = _read_prompts(args)
     policy = _load_policy_args(args)
-    if args.target_speedup is not None and not args.target_speedup >= 1:
-        raise QuicksilverError(f"--target-speedup must be >= 1, got {args.target_speedup}")
     _set_threads(args.threads)
 
     from quicksilver.accounting import Meter
@@ -158,15 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and not getattr(tokenizer, "chat_template", None):
         _say("note: the tokenizer has no chat template; using the prompt as-is")
     token_ids = [_encode_prompt(tokenizer, p, args.chat) for p in prompts]
-    if args.target_speedup is not None:
-        from quicksilver.policies.skipdecode import schedule_for_speedup
-        from quicksilver.policies.stack import PolicyStack
-
-        schedule = schedule_for_speedup(
-            loaded.model.config.n_layers, args.target_speedup, args.max_new_tokens
-        )
-        others = [p for p in policy.policies if p.name != "skipdecode"]
-        policy = PolicyStack([*others, schedule])
+    policy = _with_target_speedup(policy, args, loaded.model.config.n_layers)
     engine = Engine(loaded.model, policy=policy)
     if not policy.is_off:
         _say(f"policy: {policy.describe()}")
@@ -472,10 +462,25 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _load_policy_args(args: argparse.Namespace) -> Any:
     """The policy given by --policy (preset or file) and --set overrides, checked before any
-    model is loaded."""
+    model is loaded (with --target-speedup where the command has it)."""
     from quicksilver.policies import load_policy
 
+    speedup = getattr(args, "target_speedup", None)
+    if speedup is not None and not speedup >= 1:
+        raise QuicksilverError(f"--target-speedup must be >= 1, got {speedup}")
     return load_policy(args.policy, args.set)
+
+
+def _with_target_speedup(policy: Any, args: argparse.Namespace, n_layers: int) -> Any:
+    """``policy`` with its SkipDecode schedule replaced by one derived from --target-speedup
+    over --max-new-tokens (unchanged without the option); needs the model's depth."""
+    if args.target_speedup is None:
+        return policy
+    from quicksilver.policies.skipdecode import schedule_for_speedup
+    from quicksilver.policies.stack import PolicyStack
+
+    schedule = schedule_for_speedup(n_layers, args.target_speedup, args.max_new_tokens)
+    return PolicyStack([*(p for p in policy.policies if p.name != "skipdecode"), schedule])
 
 
 def _parse_fraction(text: str, flag: str) -> float:
@@ -606,8 +611,6 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     )
     for size in args.batch_sizes:
         _require_positive(batch_sizes=size)
-    if args.target_speedup is not None and not args.target_speedup >= 1:
-        raise QuicksilverError(f"--target-speedup must be >= 1, got {args.target_speedup}")
     dtype = _check_dtype(args.dtype)
     json_path = _check_json(args.json)
     policy = _load_policy_args(args)
@@ -617,11 +620,10 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     from quicksilver.eval.generation import evaluate_generation, wikitext_prompts
     from quicksilver.eval.report import format_table, write_json_atomic
     from quicksilver.models import loading
-    from quicksilver.policies.stack import PolicyStack
 
     if args.jsonl:
-        texts = datasets.load_jsonl(args.jsonl, args.field or "prompt").text.split("\n\n")
-        prompts = [t.strip() for t in texts if t.strip()][: args.prompts]
+        documents = datasets.read_jsonl_documents(args.jsonl, args.field or "prompt")
+        prompts = [d.strip() for d in documents if d.strip()][: args.prompts]
     else:
         text = datasets.load_eval_text("wikitext-2", "test")
         prompts = wikitext_prompts(text.text, args.prompts)
@@ -630,13 +632,7 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     loaded = loading.load(args.model, dtype)
     tokenizer = loaded.text_tokenizer()
     ids = [_encode_prompt(tokenizer, p, False) for p in prompts]
-    if args.target_speedup is not None:
-        from quicksilver.policies.skipdecode import schedule_for_speedup
-
-        schedule = schedule_for_speedup(
-            loaded.model.config.n_layers, args.target_speedup, args.max_new_tokens
-        )
-        policy = PolicyStack([*(p for p in policy.policies if p.name != "skipdecode"), schedule])
+    policy = _with_target_speedup(policy, args, loaded.model.config.n_layers)
     if policy.is_off:
         _say("note: the policy is dense; both sides will agree exactly")
     _say(f"policy: {policy.describe()}; {len(prompts)} prompts")
@@ -679,7 +675,34 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser and entry point
 
 
-def _add_policy_args(parser: argparse.ArgumentParser) -> None:
+def _add_text_and_window_args(
+    parser: argparse.ArgumentParser, *, split_help: str, batch_size: int, max_windows: int | None
+) -> None:
+    """The text source and window options of `eval` and `calibrate` (checked together by
+    `_check_text_and_windows`)."""
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--dataset", help=f"{' | '.join(DATASET_NAMES)} (default: wikitext-2)")
+    source.add_argument("--text-file", metavar="FILE", help="a UTF-8 text file instead")
+    source.add_argument("--jsonl", metavar="FILE", help="a JSONL file (one document a line)")
+    parser.add_argument("--field", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--split", help=split_help)
+    parser.add_argument("--data-dir", metavar="DIR", help="where the datasets live")
+    parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
+    parser.add_argument("--stride", type=int, default=512, help="tokens between window starts")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help="windows per forward pass"
+    )
+    parser.add_argument(
+        "--max-windows",
+        type=int,
+        default=max_windows,
+        metavar="N",
+        help="stop after N windows" + (f" (default: {max_windows})" if max_windows else ""),
+    )
+    parser.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
+
+
+def _add_policy_args(parser: argparse.ArgumentParser, target_speedup: bool = False) -> None:
     parser.add_argument(
         "--policy",
         metavar="FILE|PRESET",
@@ -691,6 +714,13 @@ def _add_policy_args(parser: argparse.ArgumentParser) -> None:
         metavar="M.P=V",
         help="set a policy parameter, e.g. halting.min_layer=20 (repeatable)",
     )
+    if target_speedup:
+        parser.add_argument(
+            "--target-speedup",
+            type=float,
+            metavar="X",
+            help="add a SkipDecode schedule averaging 1/X of the layers over the new tokens",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -724,29 +754,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
     )
-    _add_policy_args(gen)
-    gen.add_argument(
-        "--target-speedup",
-        type=float,
-        metavar="X",
-        help="add a SkipDecode schedule averaging 1/X of the layers over the new tokens",
-    )
+    _add_policy_args(gen, target_speedup=True)
     gen.set_defaults(handler=cmd_generate)
 
     ev = sub.add_parser("eval", parents=[common], help="sliding-window perplexity")
     ev.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: %(default)s)")
-    source = ev.add_mutually_exclusive_group()
-    source.add_argument("--dataset", help=f"{' | '.join(DATASET_NAMES)} (default: wikitext-2)")
-    source.add_argument("--text-file", metavar="FILE", help="score a UTF-8 text file instead")
-    source.add_argument("--jsonl", metavar="FILE", help="score a JSONL file (one document a line)")
-    ev.add_argument("--field", help="JSONL field holding the text (default: text)")
-    ev.add_argument("--split", help="dataset split (default: test, or validation for c4)")
-    ev.add_argument("--data-dir", metavar="DIR", help="where the datasets live")
-    ev.add_argument("--context", type=int, default=1024, help="window length in tokens")
-    ev.add_argument("--stride", type=int, default=512, help="tokens between window starts")
-    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
-    ev.add_argument("--max-windows", type=int, metavar="N", help="stop after N windows")
-    ev.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
+    _add_text_and_window_args(
+        ev,
+        split_help="dataset split (default: test, or validation for c4)",
+        batch_size=1,
+        max_windows=None,
+    )
     ev.add_argument(
         "--compare",
         action="append",
@@ -774,19 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument(
         "--flop-fraction", metavar="F", help="compute budget: counted FLOPs / dense, e.g. 0.6"
     )
-    cal_source = cal.add_mutually_exclusive_group()
-    cal_source.add_argument("--dataset", help=f"{' | '.join(DATASET_NAMES)} (default: wikitext-2)")
-    cal_source.add_argument("--text-file", metavar="FILE", help="calibrate on a UTF-8 text file")
-    cal_source.add_argument("--jsonl", metavar="FILE", help="calibrate on a JSONL file")
-    cal.add_argument("--field", help="JSONL field holding the text (default: text)")
-    cal.add_argument("--split", help="calibration split (default: validation)")
-    cal.add_argument("--data-dir", metavar="DIR", help="where the datasets live")
-    cal.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
-    cal.add_argument("--context", type=int, default=1024, help="window length in tokens")
-    cal.add_argument("--stride", type=int, default=512, help="tokens between window starts")
-    cal.add_argument("--batch-size", type=int, default=2, help="windows per forward pass")
-    cal.add_argument(
-        "--max-windows", type=int, default=16, metavar="N", help="calibration windows (16)"
+    _add_text_and_window_args(
+        cal, split_help="calibration split (default: validation)", batch_size=2, max_windows=16
     )
     cal.add_argument("--steps", type=int, default=6, help="bisection steps after bracketing")
     _add_policy_args(cal)
@@ -805,8 +812,7 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument("--field", help="JSONL field holding the prompt (default: prompt)")
     eg.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="N")
     eg.add_argument("--max-new-tokens", type=int, default=32)
-    eg.add_argument("--target-speedup", type=float, metavar="X", help="add a SkipDecode schedule")
-    _add_policy_args(eg)
+    _add_policy_args(eg, target_speedup=True)
     eg.set_defaults(handler=cmd_eval_gen)
 
     pol = sub.add_parser("policies", help="list the adaptive mechanisms and their parameters")

@@ -169,8 +169,16 @@ def load_jsonl(
     Blank lines are skipped. Compression is detected from a ".gz" suffix or the gzip magic bytes,
     so a misnamed file still loads.
     """
-    path = Path(path)
     _check_limits(max_documents, max_chars)
+    docs = read_jsonl_documents(path, field, max_documents)
+    return _build(f"file:{path}", docs, range(len(docs)), max_chars)
+
+
+def read_jsonl_documents(
+    path: str | Path, field: str = "text", max_documents: int | None = None
+) -> list[str]:
+    """The ``field`` of each non-blank line of a JSONL file (gzip-compressed or not)."""
+    path = Path(path)
     if not path.is_file():
         raise QuicksilverError(f"JSONL file not found: {path}")
     docs: list[str] = []
@@ -183,7 +191,7 @@ def load_jsonl(
                     docs.append(_jsonl_field(path, line_no, line, field))
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise QuicksilverError(f"cannot read JSONL file {path}: {exc}") from exc
-    return _build(f"file:{path}", docs, range(len(docs)), max_chars)
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------
