@@ -2,9 +2,13 @@
 
 For every policy and batch size, `evaluate_generation` runs dense and policy greedy decoding
 back to back on the same prompts (first sentences of WikiText-2 test paragraphs), so the
-tokens/s ratio is taken in one run; it also reports counted FLOPs per token, agreement with
-dense output, ROUGE-L and the dense model's perplexity of the policy's continuations. Peak RSS
-is the process's during each row. Writes docs/results/decode.md, decode.json, decode.png.
+tokens/s ratio is taken in one run; it also reports counted decode FLOPs per generated token,
+agreement with dense output, ROUGE-L and the dense model's perplexity of the policy's
+continuations. The halting threshold is calibrated first, by the same search as `quicksilver
+calibrate --measure generation`, on WikiText-2 *validation* prompts. A second table compares,
+per policy, the perplexity `eval` would report (teacher-forced) with the one generation
+produces (token by token) on the dense continuations. Peak RSS is the process's during each
+row. Writes docs/results/decode.md, decode.json, decode.png.
 
     .venv/bin/python benchmarks/decode_policies.py
 """
@@ -22,29 +26,42 @@ from typing import Any
 import torch
 
 from quicksilver.accounting import Meter
+from quicksilver.eval.calibrate import calibrate, generation_measure
 from quicksilver.eval.datasets import load_eval_text
-from quicksilver.eval.generation import evaluate_generation, wikitext_prompts
+from quicksilver.eval.generation import (
+    DenseReference,
+    evaluate_generation,
+    forced_vs_decoded,
+    wikitext_prompts,
+)
 from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import DEFAULT_MODEL, load
 from quicksilver.policies import PolicyStack
 from quicksilver.policies.skipdecode import schedule_for_speedup
+from quicksilver.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
+HALT_LAYER = 24
+# The halting signal we calibrate: logit-lens entropy over a 2,048-id shortlist (4% of a
+# full head product), checked once, late enough for the lens to be mostly right.
+HALTING_BASE = {
+    "halting": {"entropy_bits": 0.5, "lens_vocab": 2048, "min_layer": HALT_LAYER, "interval": 100}
+}
+FUSION = {"fusion": {"threshold": 0.35, "metric": "relative_l2", "start_layer": 16}}
 
-def policies(n_layers: int, new_tokens: int) -> list[tuple[str, PolicyStack]]:
+
+def policies(
+    config: ModelConfig, new_tokens: int, halting: PolicyStack
+) -> list[tuple[str, PolicyStack]]:
     rows = [("dense", PolicyStack())]
-    for target in (1.25, 1.5, 2.0, 3.0):
-        schedule = schedule_for_speedup(n_layers, target, new_tokens)
-        rows.append((f"SkipDecode, {target}x layer target", PolicyStack([schedule])))
+    for target in (1.5, 2.0, 2.5, 3.0):
+        schedule = schedule_for_speedup(config, target, new_tokens)
+        rows.append((f"SkipDecode, {target}x decode-FLOP target", PolicyStack([schedule])))
     rows += [
-        (
-            "halting: lens entropy < 0.01 bit at layer 27 (propagate)",
-            PolicyStack.from_config(
-                {"halting": {"entropy_bits": 0.01, "min_layer": 27, "interval": 100}}
-            ),
-        ),
+        ("halting, calibrated for <= 1% on validation", halting),
         (
             "halting: relative drift < 0.15 from layer 8 (skip)",
             PolicyStack.from_config(
@@ -64,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--calibration-prompts", type=int, default=64)
+    parser.add_argument("--consistency-prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "results")
@@ -75,16 +94,32 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
 
     loaded = load(args.model, getattr(torch, args.dtype))
+    model = loaded.model
     tokenizer = loaded.text_tokenizer()
-    prompts = wikitext_prompts(load_eval_text("wikitext-2", "test").text, args.prompts)
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    def encode(split: str, n: int) -> list[list[int]]:
+        prompts = wikitext_prompts(load_eval_text("wikitext-2", split).text, n)
+        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+    print("calibrating halting on validation prompts", file=sys.stderr, flush=True)
+    calibration = calibrate(
+        generation_measure(
+            model, encode("validation", args.calibration_prompts), max_new_tokens=args.new_tokens
+        ),
+        PolicyStack.from_config(HALTING_BASE),
+        max_ppl_increase=0.01,
+        steps=5,
+    )
+    halting = PolicyStack.from_config(calibration.policy)
+    ids = encode("test", args.prompts)
+    chosen = policies(model.config, args.new_tokens, halting)
     rows: list[dict[str, Any]] = []
-    for label, policy in policies(loaded.model.config.n_layers, args.new_tokens):
+    for label, policy in chosen:
         for size in args.batch_sizes:
             print(f"{label}, batch {size}", file=sys.stderr, flush=True)
             with Meter() as meter:
                 result = evaluate_generation(
-                    loaded.model, policy, ids, max_new_tokens=args.new_tokens, batch_size=size
+                    model, policy, ids, max_new_tokens=args.new_tokens, batch_size=size
                 )
             rows.append(
                 {
@@ -94,10 +129,18 @@ def main(argv: list[str] | None = None) -> int:
                     **result.to_dict(),
                 }
             )
+    consistency = eval_vs_generation(model, ids[: args.consistency_prompts], chosen, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(
         args.out_dir / "decode.json",
-        {"command": command, "date": date, "load_average": load_average, "rows": rows},
+        {
+            "command": command,
+            "date": date,
+            "load_average": load_average,
+            "halting_calibration": calibration.to_dict(),
+            "rows": rows,
+            "eval_vs_generation": consistency,
+        },
     )
     table = [
         [
@@ -109,38 +152,115 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['policy_flops_per_token'] / r['dense_flops_per_token']:.3f}",
             f"{r['agreement']:.3f}",
             f"{r['rouge_l']:.3f}",
-            f"{r['dense_ppl_of_policy']:.2f}",
-            f"{r['dense_ppl_of_dense']:.2f}",
+            f"{r['dense_ppl_of_policy']:.3f}",
+            f"{r['dense_ppl_of_dense']:.3f}",
+            f"{r['dense_ppl_of_policy'] / r['dense_ppl_of_dense'] - 1:+.1%}",
             f"{r['peak_rss_mb']:.0f}",
         ]
         for r in rows
     ]
-    headers = ["policy", "batch", "tok/s", "dense tok/s", "speedup", "FLOPs/dense"]
-    headers += ["agreement", "ROUGE-L", "dense ppl of text", "dense ppl (dense)", "peak RSS MB"]
+    headers = ["policy", "batch", "tok/s", "dense tok/s", "speedup", "decode FLOPs/dense"]
+    headers += ["agreement", "ROUGE-L", "dense ppl of text", "dense ppl (dense)", "Δ ppl"]
+    headers += ["peak RSS MB"]
+    trials = [
+        [
+            f"{t['factor']:.4g}",
+            f"{t['ppl']:.4f}",
+            f"{t['ppl_increase']:+.2%}",
+            f"{t['flop_fraction']:.4f}",
+            "yes" if t["feasible"] else "no",
+        ]
+        for t in calibration.to_dict()["trials"]
+    ]
+    gaps = [
+        [
+            c["label"],
+            f"{c['ppl_forced']:.4f}",
+            f"{c['ppl_decoded']:.4f}",
+            f"{c['ppl_decoded'] / c['ppl_forced'] - 1:+.2%}",
+            f"{c['max_logit_gap']:.2g}",
+        ]
+        for c in consistency
+    ]
+    halt_config = calibration.policy["halting"]
     page = [
         f"# Decoding under each policy: {args.model}, {args.dtype}",
         "",
         f"Produced by `{command}` on {date} (load average at start {load_average:.2f}; "
         f"{os.cpu_count()} CPU cores). Generated file: edit the benchmark, not this.",
         "",
-        f"{len(prompts)} prompts (first sentences of WikiText-2 test paragraphs), "
+        f"{len(ids)} prompts (first sentences of WikiText-2 test paragraphs), "
         f"{args.new_tokens} greedy tokens each, no early stop. Dense and policy decode the same "
         "prompts back to back for each row, so `speedup` (decode tokens/s ratio) is from one "
-        "run. FLOPs per token are counted over prefill and decode. Agreement: share of positions "
-        "where the policy's token equals dense greedy's; `dense ppl of text`: the dense model's "
-        "perplexity of the policy's continuations (dense's own in the next column). At "
-        "batch > 1, FLOPs/dense also reflects left padding: the dense path runs (and counts) "
-        "the padded prompt rows, the adaptive path never runs them.",
+        "run. `decode FLOPs/dense`: counted FLOPs of the decode steps per generated token "
+        "(checks, propagated K/V and the LM head included; no padding, since every row feeds "
+        "one token per step). Agreement: share of positions where the policy's token equals "
+        "dense greedy's; `dense ppl of text`: the dense model's perplexity of the policy's "
+        "continuations (dense's own in the next column; `Δ ppl` the ratio). SkipDecode "
+        "schedules come from `schedule_for_speedup` (`--target-speedup`): decode FLOPs of "
+        "1/target of dense, the LM head included.",
         "",
         format_table(headers, table, markdown=True),
         "",
         "![decode](decode.png)",
+        "",
+        "## Halting calibration",
+        "",
+        f"Base: `{HALTING_BASE['halting']}`; every threshold scaled by one factor, searched on "
+        f"{args.calibration_prompts} WikiText-2 *validation* prompts x {args.new_tokens} tokens "
+        "(batch 8) for the largest factor whose dense perplexity of the continuations is at "
+        f"most +1% (dense: {calibration.dense_ppl:.4f}). "
+        + (
+            f"Chosen: factor {calibration.factor:.4g}, `entropy_bits` "
+            f"{halt_config['entropy_bits']:.4g}."
+            if calibration.met
+            else "No trial met the budget; the closest is used."
+        ),
+        "",
+        format_table(
+            ["factor", "dense ppl of text", "Δ", "decode FLOPs/dense", "meets"],
+            trials,
+            markdown=True,
+        ),
+        "",
+        "## What `eval` says vs what generation does",
+        "",
+        f"The policy's own perplexity of the dense continuations of the first "
+        f"{len(ids[: args.consistency_prompts])} prompts, teacher-forced in one forward (what "
+        "`quicksilver eval` computes) and fed token by token through the KV cache (what "
+        "generation runs); the prompt boundary is set in both. Equal by construction, and "
+        "tested, for every policy but fusion, whose prompt tokens fold with their neighbours "
+        "in one forward while a decoded token, alone in its forward, never folds.",
+        "",
+        format_table(
+            ["policy", "ppl teacher-forced", "ppl token by token", "difference", "max |Δ logit|"],
+            gaps,
+            markdown=True,
+        ),
         "",
     ]
     (args.out_dir / "decode.md").write_text("\n".join(page), encoding="utf-8")
     plot(rows, args.out_dir / "decode.png")
     print(f"wrote {args.out_dir / 'decode.md'}", file=sys.stderr)
     return 0
+
+
+def eval_vs_generation(
+    model: Any,
+    ids: list[list[int]],
+    chosen: list[tuple[str, PolicyStack]],
+    args: argparse.Namespace,
+) -> list[dict[str, Any]]:
+    """`forced_vs_decoded` on the dense continuations, for each policy and for fusion."""
+    reference = DenseReference(model, ids, max_new_tokens=args.new_tokens)
+    picked = [(label, p) for label, p in chosen if label != "dense"]
+    picked.append(("fusion: relative L2 < 0.35 from layer 16", PolicyStack.from_config(FUSION)))
+    results = []
+    for label, policy in picked:
+        print(f"eval vs generation: {label}", file=sys.stderr, flush=True)
+        gap = forced_vs_decoded(Engine(model, policy=policy), ids, reference.continuations)
+        results.append({"label": label, "policy": policy.to_config(), **gap.to_dict()})
+    return results
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -156,7 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and not getattr(tokenizer, "chat_template", None):
         _say("note: the tokenizer has no chat template; using the prompt as-is")
     token_ids = [_encode_prompt(tokenizer, p, args.chat) for p in prompts]
-    policy = _with_target_speedup(policy, args, loaded.model.config.n_layers)
+    policy = _with_target_speedup(policy, args, loaded.model.config)
     engine = Engine(loaded.model, policy=policy)
     if not policy.is_off:
         _say(f"policy: {policy.describe()}")
@@ -229,6 +229,24 @@ def _eval_split(dataset: str, split: str | None) -> str:
     return "test" if "test" in splits else next(iter(splits))
 
 
+def _generation_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Up to ``--prompts`` prompts and where they came from: the ``--field`` (default
+    ``prompt``) of each line of ``--jsonl``, else the first sentence of each paragraph of the
+    chosen text (default: WikiText-2; the split depends on the command)."""
+    from quicksilver.eval import datasets
+    from quicksilver.eval.generation import wikitext_prompts
+
+    if args.jsonl:
+        documents = datasets.read_jsonl_documents(args.jsonl, args.field or "prompt")
+        prompts, name = [d.strip() for d in documents if d.strip()][: args.prompts], args.jsonl
+    else:
+        text = _load_eval_text(args)
+        prompts, name = wikitext_prompts(text.text, args.prompts), text.name
+    if not prompts:
+        raise QuicksilverError(f"no prompts found in {name}; check --jsonl and --field")
+    return prompts, name
+
+
 def _load_eval_text(args: argparse.Namespace) -> Any:
     from quicksilver.eval import datasets
 
@@ -259,8 +277,6 @@ def _check_text_and_windows(args: argparse.Namespace) -> None:
         stride=args.stride,
         batch_size=args.batch_size,
         max_windows=args.max_windows,
-        max_chars=args.max_chars,
-        threads=args.threads,
     )
     if args.context < 2:
         raise QuicksilverError(f"--context must be at least 2 tokens, got {args.context}")
@@ -268,6 +284,12 @@ def _check_text_and_windows(args: argparse.Namespace) -> None:
         raise QuicksilverError(
             f"--stride ({args.stride}) must not exceed --context ({args.context})"
         )
+    _check_text_args(args)
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """The text source options (`_add_text_args`)."""
+    _require_positive(max_chars=args.max_chars, threads=args.threads)
     if args.dataset is not None and args.dataset not in DATASET_NAMES:
         raise QuicksilverError(
             f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASET_NAMES)} "
@@ -471,15 +493,15 @@ def _load_policy_args(args: argparse.Namespace) -> Any:
     return load_policy(args.policy, args.set)
 
 
-def _with_target_speedup(policy: Any, args: argparse.Namespace, n_layers: int) -> Any:
+def _with_target_speedup(policy: Any, args: argparse.Namespace, config: Any) -> Any:
     """``policy`` with its SkipDecode schedule replaced by one derived from --target-speedup
-    over --max-new-tokens (unchanged without the option); needs the model's depth."""
+    over --max-new-tokens (unchanged without the option); needs the model's shape."""
     if args.target_speedup is None:
         return policy
     from quicksilver.policies.skipdecode import schedule_for_speedup
     from quicksilver.policies.stack import PolicyStack
 
-    schedule = schedule_for_speedup(n_layers, args.target_speedup, args.max_new_tokens)
+    schedule = schedule_for_speedup(config, args.target_speedup, args.max_new_tokens)
     return PolicyStack([*(p for p in policy.policies if p.name != "skipdecode"), schedule])
 
 
@@ -546,32 +568,49 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     check_output_path(output)
     dtype = _check_dtype(args.dtype)
+    generation = args.measure == "generation"
+    _require_positive(prompts=args.prompts, max_new_tokens=args.max_new_tokens)
+    if args.batch_size is None:
+        args.batch_size = 8 if generation else 2
     base = _load_policy_args(args)
-    from quicksilver.eval.calibrate import calibrate, check_calibratable
+    from quicksilver.eval import calibrate as calibration
 
-    check_calibratable(base, compute_budget=fraction is not None)
+    calibration.check_calibratable(base, compute_budget=fraction is not None)
     _set_threads(args.threads)
-    from quicksilver.eval.perplexity import tokenize_text
     from quicksilver.models import loading
     from quicksilver.policies.stack import PolicyStack, write_policy_file
     from quicksilver.runtime.engine import Engine
 
-    text = _load_eval_text(args)
+    if generation:
+        prompts, text_name = _generation_prompts(args)
+    else:
+        text = _load_eval_text(args)
+        text_name = text.name
     loaded = loading.load(args.model, dtype)
-    token_ids = tokenize_text(loaded.text_tokenizer(), text.text)
+    tokenizer = loaded.text_tokenizer()
     base.check_model(loaded.model.config)
-    engine = Engine(loaded.model)
-    result = calibrate(
-        engine,
-        token_ids,
-        base,
-        max_ppl_increase=increase,
-        flop_fraction=fraction,
-        context=args.context,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        max_windows=args.max_windows,
-        steps=args.steps,
+    if generation:
+        measure = calibration.generation_measure(
+            loaded.model,
+            [_encode_prompt(tokenizer, p, False) for p in prompts],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+        )
+        setting = {"prompts": len(prompts), "max_new_tokens": args.max_new_tokens}
+    else:
+        from quicksilver.eval.perplexity import tokenize_text
+
+        measure = calibration.perplexity_measure(
+            Engine(loaded.model),
+            tokenize_text(tokenizer, text.text),
+            context=args.context,
+            stride=args.stride,
+            batch_size=args.batch_size,
+            max_windows=args.max_windows,
+        )
+        setting = {"context": args.context, "stride": args.stride, "max_windows": args.max_windows}
+    result = calibration.calibrate(
+        measure, base, max_ppl_increase=increase, flop_fraction=fraction, steps=args.steps
     )
     chosen = PolicyStack.from_config(result.policy)
     record = {
@@ -579,10 +618,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "calibration": {
             "model": args.model,
             "dtype": args.dtype,
-            "dataset": text.name,
-            "context": args.context,
-            "stride": args.stride,
-            "max_windows": args.max_windows,
+            "measure": args.measure,
+            "dataset": text_name,
+            "batch_size": args.batch_size,
+            **setting,
             **{k: v for k, v in result.to_dict().items() if k != "policy"},
         },
     }
@@ -598,7 +637,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     t = result.chosen
     print(
         f"chosen: {chosen.describe()}\n"
-        f"factor {result.factor:.4g} {verdict} the budget on {text.name}: ppl {t.ppl:.4f} "
+        f"factor {result.factor:.4g} {verdict} the budget on {text_name}"
+        f"{' (continuations)' if generation else ''}: ppl {t.ppl:.4f} "
         f"({t.ppl_increase:+.2%} vs dense {result.dense_ppl:.4f}), FLOPs {t.flop_fraction:.3f} "
         f"of dense; written to {output}"
     )
@@ -611,28 +651,21 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     )
     for size in args.batch_sizes:
         _require_positive(batch_sizes=size)
+    _check_text_args(args)
     dtype = _check_dtype(args.dtype)
     json_path = _check_json(args.json)
     policy = _load_policy_args(args)
     _set_threads(args.threads)
 
-    from quicksilver.eval import datasets
-    from quicksilver.eval.generation import evaluate_generation, wikitext_prompts
+    from quicksilver.eval.generation import evaluate_generation
     from quicksilver.eval.report import format_table, write_json_atomic
     from quicksilver.models import loading
 
-    if args.jsonl:
-        documents = datasets.read_jsonl_documents(args.jsonl, args.field or "prompt")
-        prompts = [d.strip() for d in documents if d.strip()][: args.prompts]
-    else:
-        text = datasets.load_eval_text("wikitext-2", "test")
-        prompts = wikitext_prompts(text.text, args.prompts)
-    if not prompts:
-        raise QuicksilverError("no prompts found; check --jsonl and --field")
+    prompts, _ = _generation_prompts(args)
     loaded = loading.load(args.model, dtype)
     tokenizer = loaded.text_tokenizer()
     ids = [_encode_prompt(tokenizer, p, False) for p in prompts]
-    policy = _with_target_speedup(policy, args, loaded.model.config.n_layers)
+    policy = _with_target_speedup(policy, args, loaded.model.config)
     if policy.is_off:
         _say("note: the policy is dense; both sides will agree exactly")
     _say(f"policy: {policy.describe()}; {len(prompts)} prompts")
@@ -675,23 +708,32 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser and entry point
 
 
-def _add_text_and_window_args(
-    parser: argparse.ArgumentParser, *, split_help: str, batch_size: int, max_windows: int | None
-) -> None:
-    """The text source and window options of `eval` and `calibrate` (checked together by
-    `_check_text_and_windows`)."""
+def _add_text_args(parser: argparse.ArgumentParser, *, split_help: str, field: str) -> None:
+    """Where the text (or prompts) come from (checked by `_check_text_args`)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--dataset", help=f"{' | '.join(DATASET_NAMES)} (default: wikitext-2)")
     source.add_argument("--text-file", metavar="FILE", help="a UTF-8 text file instead")
     source.add_argument("--jsonl", metavar="FILE", help="a JSONL file (one document a line)")
-    parser.add_argument("--field", help="JSONL field holding the text (default: text)")
+    parser.add_argument("--field", help=f"JSONL field holding the text (default: {field})")
     parser.add_argument("--split", help=split_help)
     parser.add_argument("--data-dir", metavar="DIR", help="where the datasets live")
+    parser.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
+
+
+def _add_text_and_window_args(
+    parser: argparse.ArgumentParser,
+    *,
+    split_help: str,
+    batch_size: int | None,
+    max_windows: int | None,
+    batch_help: str = "windows per forward pass",
+) -> None:
+    """The text source and window options of `eval` and `calibrate` (checked together by
+    `_check_text_and_windows`)."""
+    _add_text_args(parser, split_help=split_help, field="text")
     parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
     parser.add_argument("--stride", type=int, default=512, help="tokens between window starts")
-    parser.add_argument(
-        "--batch-size", type=int, default=batch_size, help="windows per forward pass"
-    )
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
     parser.add_argument(
         "--max-windows",
         type=int,
@@ -699,7 +741,6 @@ def _add_text_and_window_args(
         metavar="N",
         help="stop after N windows" + (f" (default: {max_windows})" if max_windows else ""),
     )
-    parser.add_argument("--max-chars", type=int, metavar="N", help="cut the text to N characters")
 
 
 def _add_policy_args(parser: argparse.ArgumentParser, target_speedup: bool = False) -> None:
@@ -719,7 +760,8 @@ def _add_policy_args(parser: argparse.ArgumentParser, target_speedup: bool = Fal
             "--target-speedup",
             type=float,
             metavar="X",
-            help="add a SkipDecode schedule averaging 1/X of the layers over the new tokens",
+            help="add a SkipDecode schedule whose decode FLOPs over the new tokens (LM head "
+            "included) are 1/X of dense",
         )
 
 
@@ -792,8 +834,30 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument(
         "--flop-fraction", metavar="F", help="compute budget: counted FLOPs / dense, e.g. 0.6"
     )
+    cal.add_argument(
+        "--measure",
+        choices=["perplexity", "generation"],
+        default="perplexity",
+        help="perplexity: sliding-window perplexity of the text (what `eval` reports); "
+        "generation: the dense model's perplexity of the policy's greedy continuations of "
+        "prompts taken from the text, with decode FLOPs (what `eval-gen` reports)",
+    )
     _add_text_and_window_args(
-        cal, split_help="calibration split (default: validation)", batch_size=2, max_windows=16
+        cal,
+        split_help="calibration split (default: validation)",
+        batch_size=None,
+        max_windows=16,
+        batch_help="windows per forward pass (default 2), or prompts per batch with "
+        "--measure generation (default 8)",
+    )
+    cal.add_argument(
+        "--prompts", type=int, default=32, help="--measure generation: prompts (default: 32)"
+    )
+    cal.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=32,
+        help="--measure generation: tokens per continuation (default: 32)",
     )
     cal.add_argument("--steps", type=int, default=6, help="bisection steps after bracketing")
     _add_policy_args(cal)
@@ -805,11 +869,14 @@ def build_parser() -> argparse.ArgumentParser:
     eg.add_argument(
         "--dtype", default="bfloat16", help="float32 or bfloat16 (default: %(default)s)"
     )
-    eg.add_argument("--prompts", type=int, default=32, help="number of prompts (default: 32)")
     eg.add_argument(
-        "--jsonl", metavar="FILE", help="prompts from a JSONL file (default: WikiText-2 test)"
+        "--prompts",
+        type=int,
+        default=32,
+        help="number of prompts: the first sentences of the text's paragraphs, or JSONL "
+        "lines (default: 32)",
     )
-    eg.add_argument("--field", help="JSONL field holding the prompt (default: prompt)")
+    _add_text_args(eg, split_help="dataset split (default: test)", field="prompt")
     eg.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], metavar="N")
     eg.add_argument("--max-new-tokens", type=int, default=32)
     _add_policy_args(eg, target_speedup=True)

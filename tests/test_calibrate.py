@@ -37,9 +37,8 @@ def fake_evaluation(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def search(**budget: float) -> calibration.CalibrationResult:
-    return calibration.calibrate(
-        FakeEngine(), [1, 2, 3], BASE, steps=8, log=lambda _: None, **budget
-    )
+    measure = calibration.perplexity_measure(FakeEngine(), [1, 2, 3])
+    return calibration.calibrate(measure, BASE, steps=8, log=lambda _: None, **budget)
 
 
 @pytest.mark.parametrize("budget", [0.01, 0.05, 0.2, 0.5])
@@ -82,4 +81,5 @@ def test_unreachable_budget_reports_the_closest_trial() -> None:
 )
 def test_bad_calibrations(config: dict, budget: dict, message: str) -> None:
     with pytest.raises(QuicksilverError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        calibration.calibrate(FakeEngine(), [1, 2], PolicyStack.from_config(config), **budget)
+        measure = calibration.perplexity_measure(FakeEngine(), [1, 2])
+        calibration.calibrate(measure, PolicyStack.from_config(config), **budget)

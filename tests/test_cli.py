@@ -268,6 +268,26 @@ def test_calibrate_writes_a_policy_eval_reads(
     assert json.loads(out.read_text())["policy"] == record["policy"]
 
 
+def test_calibrate_on_generation_measures_continuations(
+    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    chosen = tmp_path / "chosen.json"
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ['{"prompt": "The castle was built"}', '{"prompt": "In the spring of that year"}']
+    prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    argv = ["calibrate", "--measure", "generation", "--jsonl", str(prompts)]
+    argv += ["--prompts", "2", "--max-new-tokens", "4", "--steps", "1", "--output", str(chosen)]
+    argv += ["--set", "halting.relative_drift=0.3", "--set", "halting.min_layer=20"]
+    code = main([*argv, "--max-ppl-increase", "5%", *one_thread])
+    assert code in (0, 1)
+    calibration = json.loads(chosen.read_text())["calibration"]
+    assert calibration["measure"] == "generation"
+    assert calibration["prompts"] == 2 and calibration["max_new_tokens"] == 4
+    assert calibration["batch_size"] == 8
+    assert len(calibration["trials"]) >= 2 and calibration["dense_ppl"] > 1
+    assert "(continuations)" in capsys.readouterr().out
+
+
 def test_generate_with_target_speedup_records_the_schedule(
     tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -10,6 +10,8 @@ import torch
 from test_accounting import random_model
 from test_policies import CONFIG, MATRIX, make_engine
 
+from quicksilver.eval.generation import forced_vs_decoded
+
 SKIPDECODE = {"skipdecode": {"max_layers": 5, "min_layers": 2, "decay_length": 4}}
 CONFIGS = {
     **MATRIX,
@@ -56,3 +58,17 @@ def test_teacher_forced_logits_equal_decoding(model, name: str) -> None:
     decoded = [engine.forward(tokens[:, :prompt], cache)[0]]
     decoded += [engine.forward(tokens[:, i : i + 1], cache)[0] for i in range(prompt, 12)]
     torch.testing.assert_close(torch.stack(decoded), forced, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["halt_skip", "skipdecode", "fusion_relative_w3"])
+def test_forced_vs_decoded_measures_the_difference(model, name: str) -> None:
+    """The measured gap between `eval` and generation is zero where the test above proves
+    them identical, and not zero for fusion (whose prompt tokens fold only when forced)."""
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
+    continuations = [[20, 21, 22, 23, 24, 25], [26, 27, 28, 29]]
+    gap = forced_vs_decoded(make_engine(model, CONFIGS[name]), prompts, continuations)
+    if name in SAME_PATH:
+        assert gap.max_logit_gap < 1e-4
+        assert gap.ppl_forced == pytest.approx(gap.ppl_decoded, rel=1e-5)
+    else:
+        assert gap.max_logit_gap > 1e-3 and gap.ppl_forced != gap.ppl_decoded

@@ -45,6 +45,7 @@ from quicksilver.policies.kv_skip import KVSkip
 from quicksilver.policies.stack import read_policy_file, write_policy_file
 from quicksilver.runtime import adaptive
 from quicksilver.runtime.adaptive import weight_bytes_of_layer
+from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
 
 # Deep enough for min_layer / decision_layer, long enough for rows past one query chunk (the
@@ -414,6 +415,41 @@ def test_gathered_path_in_small_query_chunks(
     _, engine, _ = run(model, halt_at(1, (1, 4, 5, 9), "skip"), tokens_for(8))
     pairs = expected_pairs_after_halt((1, 4, 5, 9), "skip")
     assert engine.counter.attention == (2 * DENSE_PAIRS + (L - 2) * pairs) * PAIR
+
+
+@pytest.mark.parametrize("window", [None, 4])
+@pytest.mark.parametrize("sized", [False, True])
+@pytest.mark.parametrize("rows", [(0, 1, 2), (0, 2)])
+def test_decode_attention_in_one_call_equals_row_by_row(
+    model: Transformer, rows: tuple[int, ...], sized: bool, window: int | None
+) -> None:
+    """Decoding rows attend in one call; it must equal the per-row path (outputs and pairs)."""
+    config = dataclasses.replace(model.config, sliding_window=window)
+    torch.manual_seed(3)
+    cache = KVCache(config, 3, 12, torch.float32)
+    cache.k.normal_()
+    cache.v.normal_()
+    cache.start = torch.tensor([0, 3, 6])
+    slot, layer = 9, 1
+    index = torch.tensor(rows)
+    q = torch.randn(len(rows), 1, config.n_heads, config.head_dim)
+    log_size = torch.rand(config.n_layers, 3, 12)[layer] if sized else None
+    visible = cache.visibility()[layer]
+    slots = torch.full((len(rows),), slot)
+    assert adaptive._one_query_per_row(index, slots, visible)
+    block = model.blocks[layer]
+    one, one_pairs = adaptive._attend_decode(block, q, index, slot, cache, layer, log_size)
+    each, each_pairs = adaptive.attend_rows(
+        q[:, 0], index, slots, cache.k[layer], cache.v[layer], cache, visible, log_size
+    )
+    assert_near(one.view_as(each), each, atol=1e-5)
+    assert (
+        one_pairs
+        == each_pairs
+        == sum(min(slot + 1 - int(cache.start[r]), window or slot + 1) for r in rows)
+    )
+    visible[rows[-1], 5] = False  # a hidden entry: the per-row path must gather it out
+    assert not adaptive._one_query_per_row(index, slots, visible)
 
 
 # --- 4. FLOP accounting, by hand -----------------------------------------------------------

@@ -9,6 +9,8 @@ import pytest
 import torch
 from test_accounting import TINY, random_model
 
+from quicksilver.accounting import head_flops_per_token, layer_matmul_flops_per_token
+
 from quicksilver.policies import PolicyConfigError, PolicyStack, load_policy
 from quicksilver.policies.skipdecode import SkipDecode, schedule_for_speedup
 from quicksilver.runtime.engine import Engine
@@ -147,20 +149,39 @@ def test_teacher_forced_logits_equal_generation(model) -> None:
     assert predicted == generated
 
 
-@pytest.mark.parametrize("target", [1.0, 1.5, 2.0, 3.0, 5.0])
+DEEP = dataclasses.replace(TINY, n_layers=30)
+
+
+def decode_cost(policy: SkipDecode, tokens: int) -> float:
+    """Matmul FLOPs per generated token, LM head included, by hand."""
+    layers = float(policy.layers_at(torch.arange(tokens), 30).float().mean())
+    return layers * layer_matmul_flops_per_token(DEEP) + head_flops_per_token(DEEP)
+
+
+@pytest.mark.parametrize("target", [1.0, 1.5, 2.0, 3.0])
 def test_target_speedup_derives_a_schedule(target: float) -> None:
-    policy = schedule_for_speedup(30, target, new_tokens=64)
-    mean = float(policy.layers_at(torch.arange(64), 30).float().mean())
-    assert mean <= 30 / target + 1e-9
+    policy = schedule_for_speedup(DEEP, target, new_tokens=64)
+    dense = 30 * layer_matmul_flops_per_token(DEEP) + head_flops_per_token(DEEP)
+    assert decode_cost(policy, 64) <= dense / target * (1 + 1e-9)
     assert policy.min_layers > policy.warmup_layers and policy.max_layers <= 30
     if policy.min_layers < policy.max_layers:  # one more layer at the end misses the target
         gentler = SkipDecode(policy.max_layers, policy.min_layers + 1, 64, policy.warmup_layers)
-        assert float(gentler.layers_at(torch.arange(64), 30).float().mean()) > 30 / target
+        assert decode_cost(gentler, 64) > dense / target
+
+
+def test_the_head_counts_in_the_target() -> None:
+    """The LM head always runs: with a head as heavy as 8 layers (SmolLM2-135M's), 2x needs
+    (30 + 8) / 2 - 8 = 11 layers on average, not 15."""
+    vocab = 8 * layer_matmul_flops_per_token(DEEP) // (2 * DEEP.embed_dim)
+    heavy = dataclasses.replace(DEEP, vocab_size=vocab)
+    policy = schedule_for_speedup(heavy, 2.0, new_tokens=64)
+    layers = float(policy.layers_at(torch.arange(64), 30).float().mean())
+    assert 10 < layers <= 11 + 1e-9
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [((30, 0.5, 64), ">= 1"), ((30, 40.0, 64), "no schedule reaches"), ((30, 2.0, 0), ">= 1")],
+    [((DEEP, 0.5, 64), ">= 1"), ((DEEP, 40.0, 64), "gives at most"), ((DEEP, 2.0, 0), ">= 1")],
 )
 def test_impossible_targets(args: tuple, message: str) -> None:
     with pytest.raises(PolicyConfigError, match=message):

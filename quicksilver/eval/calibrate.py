@@ -11,26 +11,97 @@ measurements, not guarantees). We search that factor on a calibration split for 
 - a compute budget: the smallest factor whose counted FLOPs are at most ``flop_fraction`` of
   the dense model's (the best quality at that cost),
 
-by bracketing (doubling or halving from 1) and then geometric bisection. Every trial is a
-full perplexity run through the adaptive engine, so the numbers are real and counted, and
-all are kept in the result. Calibrate on a validation split; evaluate the chosen policy on a
-different one (``quicksilver eval --policy``).
+by bracketing (doubling or halving from 1) and then geometric bisection. "Perplexity" is what
+the measure says it is: sliding-window perplexity of a text (``perplexity_measure``, for
+``eval``), or the dense model's perplexity of the policy's greedy continuations of a prompt set
+with decode FLOPs (``generation_measure``, for ``eval-gen``: what a policy does while
+generating). Every trial is a full run through the adaptive engine, so the numbers are real
+and counted, and all are kept in the result. Calibrate on a validation split; evaluate the
+chosen policy on a different one (``quicksilver eval --policy`` / ``eval-gen --policy``).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval.perplexity import PerplexityResult, evaluate_perplexity
+from quicksilver.eval.generation import DenseReference
+from quicksilver.eval.perplexity import evaluate_perplexity
 from quicksilver.policies.stack import KNOBS, PolicyStack
 from quicksilver.runtime.engine import Engine
 
 MAX_BRACKET_STEPS = 8
+
+
+@dataclass
+class Measurement:
+    ppl: float  # the quality figure: lower is better
+    flops: float  # counted work of the same run (any unit, compared with dense's)
+    seconds: float
+    description: str = ""  # e.g. how many tokens were scored
+
+
+# Measures a policy (None: the dense model) on fixed calibration data.
+Measure = Callable[[PolicyStack | None], Measurement]
+
+
+def perplexity_measure(
+    engine: Engine,
+    token_ids: Sequence[int],
+    *,
+    context: int = 1024,
+    stride: int = 512,
+    batch_size: int = 1,
+    max_windows: int | None = 16,
+) -> Measure:
+    """Sliding-window perplexity of ``token_ids`` and the FLOPs of the whole run."""
+
+    def measure(policy: PolicyStack | None) -> Measurement:
+        engine.set_policy(policy)
+        result = evaluate_perplexity(
+            engine,
+            token_ids,
+            context=context,
+            stride=stride,
+            batch_size=batch_size,
+            max_windows=max_windows,
+        )
+        engine.set_policy(None)
+        return Measurement(
+            result.ppl, result.flops["total"], result.seconds, f"{result.tokens} tokens"
+        )
+
+    return measure
+
+
+def generation_measure(
+    model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32, batch_size: int = 8
+) -> Measure:
+    """The dense model's perplexity of greedy continuations of ``prompts`` (the dense model's
+    own for None, generated once) and the decode FLOPs per generated token."""
+    reference: list[DenseReference] = []
+
+    def measure(policy: PolicyStack | None) -> Measurement:
+        start = time.perf_counter()
+        if not reference:
+            reference.append(
+                DenseReference(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+            )
+        dense = reference[0]
+        described = f"{len(dense.prompts)} prompts x {max_new_tokens} tokens"
+        if policy is None:
+            ppl, flops = dense.ppl, dense.flops_per_token
+        else:
+            quality = dense.measure(policy)
+            ppl, flops = quality.dense_ppl_of_policy, quality.policy_flops_per_token
+        return Measurement(ppl, flops, time.perf_counter() - start, described)
+
+    return measure
 
 
 @dataclass
@@ -81,16 +152,11 @@ def check_calibratable(policy: PolicyStack, compute_budget: bool = False) -> Non
 
 
 def calibrate(
-    engine: Engine,
-    token_ids: Sequence[int],
+    measure: Measure,
     base: PolicyStack,
     *,
     max_ppl_increase: float | None = None,
     flop_fraction: float | None = None,
-    context: int = 1024,
-    stride: int = 512,
-    batch_size: int = 1,
-    max_windows: int | None = 16,
     steps: int = 6,
     log: Callable[[str], None] | None = None,
 ) -> CalibrationResult:
@@ -110,25 +176,14 @@ def calibrate(
     check_calibratable(base, compute_budget=flop_fraction is not None)
     say = log or (lambda message: print(message, file=sys.stderr))
 
-    def run(policy: PolicyStack | None) -> PerplexityResult:
-        engine.set_policy(policy)
-        return evaluate_perplexity(
-            engine,
-            token_ids,
-            context=context,
-            stride=stride,
-            batch_size=batch_size,
-            max_windows=max_windows,
-        )
-
-    dense = run(None)
-    say(f"dense: ppl {dense.ppl:.4f} ({dense.tokens} tokens, {dense.seconds:.1f} s)")
+    dense = measure(None)
+    say(f"dense: ppl {dense.ppl:.4f} ({dense.description}, {dense.seconds:.1f} s)")
     trials: list[Trial] = []
 
     def trial(factor: float) -> Trial:
-        result = run(base.scaled(factor))
+        result = measure(base.scaled(factor))
         increase = result.ppl / dense.ppl - 1
-        fraction = result.flops["total"] / dense.flops["total"]
+        fraction = result.flops / dense.flops
         if max_ppl_increase is not None:
             feasible = increase <= max_ppl_increase
         else:
@@ -165,7 +220,6 @@ def calibrate(
         for _ in range(steps):
             t = trial(math.sqrt(good.factor * bad.factor))
             good, bad = (t, bad) if t.feasible else (good, t)
-    engine.set_policy(None)
     budget = (
         {"max_ppl_increase": max_ppl_increase}
         if max_ppl_increase is not None

@@ -4,7 +4,9 @@ For each prompt, greedy continuations from the dense engine and from the policy'
 (same batch size, same prompts): how often the policy's token equals the dense token at the
 same position (agreement), ROUGE-L F1 between the two token sequences, the dense model's
 perplexity of each continuation (does the policy's text still read as likely to the full
-model?), decode tokens/s and counted FLOPs per generated token of both.
+model?), decode tokens/s and counted decode FLOPs per generated token of both. Decode steps
+carry no padding (every row feeds one token), so the FLOP ratio compares like with like; the
+prompt's FLOPs, which include left padding, are left out.
 """
 
 from __future__ import annotations
@@ -74,9 +76,59 @@ def dense_nll(engine: Engine, prompt: Sequence[int], continuation: Sequence[int]
     tokens = torch.tensor([list(prompt) + list(continuation)])
     cache = engine.new_cache(1, tokens.shape[1])
     columns = torch.arange(len(prompt) - 1, tokens.shape[1] - 1)
-    logits = engine.forward(tokens, cache, logits_at=columns)[0].float()
-    targets = torch.tensor(list(continuation))
+    logits = engine.forward(tokens, cache, logits_at=columns)[0]
+    return summed_nll(logits, torch.tensor(list(continuation)))
+
+
+def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed NLL (natural log) of ``targets`` [T] under ``logits`` [T, V]."""
+    logits = logits.float()
     return float((torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]).sum())
+
+
+@dataclass
+class ForcedVsDecoded:
+    """A policy's perplexity of given continuations, computed the way `eval` does (one
+    teacher-forced forward over prompt + continuation) and the way generation does (the
+    prompt, then one token at a time through the KV cache), and the largest logit gap."""
+
+    ppl_forced: float
+    ppl_decoded: float
+    max_logit_gap: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def forced_vs_decoded(
+    engine: Engine, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+) -> ForcedVsDecoded:
+    """Both ways for each prompt alone; the prompt boundary is set in both, so a schedule
+    that depends on the generation step (SkipDecode) sees the same steps."""
+    nll_forced = nll_decoded = 0.0
+    gap, n_tokens = 0.0, 0
+    for prompt, continuation in zip(prompts, continuations, strict=True):
+        if not continuation:
+            continue
+        tokens = torch.tensor([list(prompt) + list(continuation)])
+        n, total = len(prompt), tokens.shape[1]
+        cache = engine.new_cache(1, total)
+        cache.prompt_end = n
+        forced = engine.forward(tokens, cache, logits_at=torch.arange(n - 1, total - 1))[0]
+        cache = engine.new_cache(1, total)
+        cache.prompt_end = n
+        decoded = [engine.forward(tokens[:, :n], cache)[0]]
+        decoded += [engine.forward(tokens[:, i : i + 1], cache)[0] for i in range(n, total - 1)]
+        stepped = torch.stack(decoded)
+        targets = tokens[0, n:]
+        nll_forced += summed_nll(forced, targets)
+        nll_decoded += summed_nll(stepped, targets)
+        gap = max(gap, float((forced.float() - stepped.float()).abs().max()))
+        n_tokens += len(continuation)
+    if not n_tokens:
+        raise QuicksilverError("no continuation tokens to score")
+    return ForcedVsDecoded(math.exp(nll_forced / n_tokens), math.exp(nll_decoded / n_tokens), gap)
 
 
 @dataclass
@@ -90,7 +142,7 @@ class GenerationQuality:
     dense_ppl_of_dense: float  # ... and of its own
     policy_tokens_per_s: float
     dense_tokens_per_s: float
-    policy_flops_per_token: float  # counted, prefill and decode, per token that went in
+    policy_flops_per_token: float  # counted in decode steps, per token fed
     dense_flops_per_token: float
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,11 +154,71 @@ def _run(engine: Engine, batches: list[list[list[int]]], new: int) -> list[Gener
 
 
 def _rate_and_cost(results: list[GenerationResult]) -> tuple[float, float]:
-    tokens = sum(len(r.tokens) * r.decode_steps for r in results)
+    fed = sum(len(r.tokens) * r.decode_steps for r in results)
     seconds = sum(r.decode_seconds for r in results)
-    fed = sum(r.prompt_tokens + len(r.tokens) * r.decode_steps for r in results)
-    flops = sum(r.flops["total"] for r in results)
-    return (tokens / seconds if seconds else 0.0), flops / fed
+    flops = sum(r.decode_flops.get("total", 0) for r in results)
+    return (fed / seconds if seconds else 0.0), (flops / fed if fed else 0.0)
+
+
+class DenseReference:
+    """The dense model's greedy continuations of a prompt set, generated once, against which
+    any number of policies are measured (`evaluate_generation` for one, calibration for many).
+    No early stop, so every continuation has ``max_new_tokens`` tokens on both sides."""
+
+    def __init__(
+        self,
+        model: Any,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int = 32,
+        batch_size: int = 8,
+    ) -> None:
+        if not prompts:
+            raise QuicksilverError("no prompts to generate from")
+        if batch_size < 1 or max_new_tokens < 1:
+            raise QuicksilverError("batch size and new tokens must be at least 1")
+        self.model = model
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batches = [
+            list(map(list, prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)
+        ]
+        self.engine = Engine(model)
+        self.results = _run(self.engine, self.batches, max_new_tokens)
+        self.continuations = [row for r in self.results for row in r.tokens]
+        self.prompts = [prompt for batch in self.batches for prompt in batch]
+        self.nll = self._nll(self.continuations)
+        self.tokens_per_s, self.flops_per_token = _rate_and_cost(self.results)
+
+    @property
+    def ppl(self) -> float:
+        """The dense model's perplexity of its own continuations."""
+        return math.exp(self.nll / sum(map(len, self.continuations)))
+
+    def _nll(self, continuations: list[list[int]]) -> float:
+        return sum(
+            dense_nll(self.engine, p, c) for p, c in zip(self.prompts, continuations, strict=True)
+        )
+
+    def measure(self, policy: PolicyStack) -> GenerationQuality:
+        """Generate under ``policy`` (same prompts, batches and length) and compare."""
+        results = _run(Engine(self.model, policy=policy), self.batches, self.max_new_tokens)
+        mine = [row for r in results for row in r.tokens]
+        n_tokens = sum(map(len, mine))
+        pairs = list(zip(mine, self.continuations, strict=True))
+        policy_rate, policy_cost = _rate_and_cost(results)
+        return GenerationQuality(
+            batch_size=self.batch_size,
+            prompts=len(self.prompts),
+            max_new_tokens=self.max_new_tokens,
+            agreement=sum(agreement(m, t) for m, t in pairs) / len(pairs),
+            rouge_l=sum(rouge_l(m, t) for m, t in pairs) / len(pairs),
+            dense_ppl_of_policy=math.exp(self._nll(mine) / n_tokens),
+            dense_ppl_of_dense=self.ppl,
+            policy_tokens_per_s=policy_rate,
+            dense_tokens_per_s=self.tokens_per_s,
+            policy_flops_per_token=policy_cost,
+            dense_flops_per_token=self.flops_per_token,
+        )
 
 
 def evaluate_generation(
@@ -117,39 +229,7 @@ def evaluate_generation(
     max_new_tokens: int = 32,
     batch_size: int = 8,
 ) -> GenerationQuality:
-    """Greedy generation of ``max_new_tokens`` (no early stop, so both sides produce the same
-    number of tokens) by the dense model and under ``policy``, batch by batch."""
-    if not prompts:
-        raise QuicksilverError("no prompts to generate from")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise QuicksilverError("batch size and new tokens must be at least 1")
-    batches = [
-        list(map(list, prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)
-    ]
-    dense_engine = Engine(model)
-    policy_engine = Engine(model, policy=policy)
-    dense = _run(dense_engine, batches, max_new_tokens)
-    adaptive = _run(policy_engine, batches, max_new_tokens)
-    pairs = [
-        (prompt, mine, theirs)
-        for batch, d, a in zip(batches, dense, adaptive, strict=True)
-        for prompt, theirs, mine in zip(batch, d.tokens, a.tokens, strict=True)
-    ]
-    n_tokens = sum(len(mine) for _, mine, _ in pairs)
-    nll_policy = sum(dense_nll(dense_engine, p, mine) for p, mine, _ in pairs)
-    nll_dense = sum(dense_nll(dense_engine, p, theirs) for p, _, theirs in pairs)
-    policy_rate, policy_cost = _rate_and_cost(adaptive)
-    dense_rate, dense_cost = _rate_and_cost(dense)
-    return GenerationQuality(
-        batch_size=batch_size,
-        prompts=len(prompts),
-        max_new_tokens=max_new_tokens,
-        agreement=sum(agreement(m, t) for _, m, t in pairs) / len(pairs),
-        rouge_l=sum(rouge_l(m, t) for _, m, t in pairs) / len(pairs),
-        dense_ppl_of_policy=math.exp(nll_policy / n_tokens),
-        dense_ppl_of_dense=math.exp(nll_dense / n_tokens),
-        policy_tokens_per_s=policy_rate,
-        dense_tokens_per_s=dense_rate,
-        policy_flops_per_token=policy_cost,
-        dense_flops_per_token=dense_cost,
-    )
+    """Greedy generation by the dense model and, right after (so the speed ratio is from one
+    run), under ``policy``, batch by batch."""
+    reference = DenseReference(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return reference.measure(policy)

@@ -264,16 +264,24 @@ class Attention(nn.Module):
         return run_linear(self.out, attended.reshape(batch, seq, self.q_dim), widths)
 
     def attend_one(
-        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        mask: torch.Tensor | None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Decode-time attention for one query per row, grouped by KV head.
 
         With a single query the query heads that share a KV head form a small matrix, so two
         batched matmuls do the work without expanding K/V (which SDPA's GQA path copies).
+        ``bias`` (broadcast to the scores, e.g. [B, 1, 1, T]) is added before the mask.
         """
         batch, _, _, head_dim = q.shape
         grouped = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, head_dim)
         scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * head_dim**-0.5
+        if bias is not None:
+            scores = scores + bias
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1)

@@ -162,7 +162,13 @@ class Policy:
     def begin(self, state: TokenState) -> None:
         """Called at the start of each forward, before layer 0."""
 
+    def decides_after(self, layer: int) -> bool:
+        """Whether ``after_layer`` may act after ``layer``. The engine builds no view and
+        calls nothing at the other layers, which keeps decoding's per-layer overhead low."""
+        return type(self).after_layer is not Policy.after_layer
+
     def after_layer(self, view: LayerView) -> Decision | None:
+        """Decide about the tokens that ran layer ``view.layer`` (None: nothing to do)."""
         return None
 
     def layer_plan(self, steps: torch.Tensor, n_layers: int) -> torch.Tensor | None:

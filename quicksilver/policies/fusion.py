@@ -118,9 +118,11 @@ class TokenFusion(Policy):
     def is_off(self) -> bool:
         return self.threshold is None
 
+    def decides_after(self, layer: int) -> bool:
+        return layer >= self.start_layer and (layer - self.start_layer) % self.interval == 0
+
     def after_layer(self, view: LayerView) -> Decision | None:
-        layer = view.layer
-        if self.is_off or layer < self.start_layer or (layer - self.start_layer) % self.interval:
+        if self.is_off or not self.decides_after(view.layer):
             return None
         sources, targets = [], []
         _, counts = torch.unique_consecutive(view.rows, return_counts=True)
@@ -134,7 +136,7 @@ class TokenFusion(Policy):
                 window=self.window,
                 metric=self.metric,
                 max_group=self.max_group,
-                parity=layer % 2,
+                parity=view.layer % 2,
             )
             sources.append(src + offset)
             targets.append(torch.where(dst >= 0, dst + offset, -1))

@@ -61,9 +61,11 @@ class TokenHalting(Policy):
     def is_off(self) -> bool:
         return self.drift is None and self.relative_drift is None and self.entropy_bits is None
 
+    def decides_after(self, layer: int) -> bool:
+        return layer >= self.min_layer and (layer - self.min_layer) % self.interval == 0
+
     def after_layer(self, view: LayerView) -> Decision | None:
-        layer = view.layer
-        if self.is_off or layer < self.min_layer or (layer - self.min_layer) % self.interval:
+        if self.is_off or not self.decides_after(view.layer):
             return None
         quiet = torch.ones(len(view.index), dtype=torch.bool)
         d = view.after.shape[-1]

@@ -193,8 +193,11 @@ class Matryoshka(Policy):
         if self.fixed_bits is not None:
             state.bits[state.active] = self.fixed_bits
 
+    def decides_after(self, layer: int) -> bool:
+        return self.entropy_high is not None and layer == self.decision_layer
+
     def after_layer(self, view: LayerView) -> Decision | None:
-        if self.entropy_high is None or view.layer != self.decision_layer:
+        if not self.decides_after(view.layer):
             return None
         entropy = view.lens_entropy(self.lens_vocab)
         bits = torch.full_like(entropy, 4, dtype=torch.long)

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from quicksilver.accounting import (
+    embed_flops_per_token,
+    head_flops_per_token,
+    layer_matmul_flops_per_token,
+)
 from quicksilver.models.config import ModelConfig
 from quicksilver.policies.base import Policy, PolicyConfigError
 
@@ -88,35 +93,51 @@ class SkipDecode(Policy):
         return ~skipped
 
 
+def decode_flops_per_token(config: ModelConfig, layers: float) -> float:
+    """Matmul FLOPs of one generated token that runs ``layers`` layers: those layers, the
+    embedding projection (if any) and the LM head, which always run. Attention over the
+    context is left out (small at short contexts, and shrinking with the layers anyway)."""
+    fixed = head_flops_per_token(config) + embed_flops_per_token(config)
+    return layers * layer_matmul_flops_per_token(config) + fixed
+
+
 def schedule_for_speedup(
-    n_layers: int,
+    config: ModelConfig,
     target: float,
     new_tokens: int,
     decay_length: int | None = None,
     warmup_layers: int = 1,
     power: float = 1.0,
 ) -> SkipDecode:
-    """The gentlest schedule whose layer count over ``new_tokens`` generated tokens is at most
-    ``n_layers / target`` on average (the decode speedup in layer work; attention and the LM
-    head do not shrink, so measured speedups are lower). Prefers the deepest start (early
-    tokens, which set the context, keep most layers), then the largest average depth."""
+    """The gentlest schedule whose decode FLOPs over ``new_tokens`` generated tokens are at
+    most 1 / ``target`` of the dense model's (`decode_flops_per_token`: the LM head does not
+    shrink, so e.g. SmolLM2-135M, whose head weighs as much as 8 of its 30 layers, needs
+    ~11 layers on average for 2x). Decoding is bound by reading weights, which scale like
+    these FLOPs, so measured speedups come close. Prefers the deepest start (early tokens,
+    which set the context, keep most layers), then the largest average depth."""
+    n_layers = config.n_layers
     if not target >= 1:
         raise PolicyConfigError(f"the target speedup must be >= 1, got {target}")
     if new_tokens < 1:
         raise PolicyConfigError(f"the schedule needs >= 1 generated token, got {new_tokens}")
     decay = decay_length or new_tokens
-    budget = n_layers / target
+    budget = decode_flops_per_token(config, n_layers) / target
     steps = torch.arange(new_tokens)
     best: tuple[int, float, SkipDecode] | None = None
     for top in range(n_layers, warmup_layers, -1):
         for bottom in range(top, warmup_layers, -1):
             policy = SkipDecode(top, bottom, decay, warmup_layers, power)
             mean = float(policy.layers_at(steps, n_layers).float().mean())
-            if mean <= budget + 1e-9 and (best is None or (top, mean) > best[:2]):
+            cost = decode_flops_per_token(config, mean)
+            if cost <= budget * (1 + 1e-9) and (best is None or (top, mean) > best[:2]):
                 best = (top, mean, policy)
     if best is None:
+        fastest = decode_flops_per_token(config, n_layers) / decode_flops_per_token(
+            config, warmup_layers + 1
+        )
         raise PolicyConfigError(
-            f"no schedule reaches {target}x on {n_layers} layers with {warmup_layers} warm-up "
-            f"layer(s): the fastest runs {warmup_layers + 1} layers per token"
+            f"no schedule reaches {target}x on this {n_layers}-layer model with "
+            f"{warmup_layers} warm-up layer(s): running {warmup_layers + 1} layers per token "
+            f"(plus the LM head) gives at most {fastest:.2f}x"
         )
     return best[2]

@@ -91,6 +91,10 @@ class PolicyStack:
         fusion = self.get("fusion")
         return isinstance(fusion, TokenFusion) and not fusion.is_off and fusion.size_weighted
 
+    def deciders(self, layer: int) -> list[Policy]:
+        """The mechanisms that may act after ``layer`` (in registry order)."""
+        return [p for p in self.policies if not p.is_off and p.decides_after(layer)]
+
     def check_model(self, config: ModelConfig) -> None:
         for policy in self.policies:
             if not policy.is_off:  # an off mechanism's layer settings are never used

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from quicksilver.accounting import FlopCounter, layer_weight_count
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Block, Step, WidthGroups, run_linear
-from quicksilver.policies.base import Decision, LayerView, TokenState
+from quicksilver.policies.base import Decision, LayerView, Policy, TokenState
 from quicksilver.policies.stack import PolicyStack
 from quicksilver.quant import weight_bytes
 from quicksilver.runtime.cache import KVCache
@@ -138,6 +138,7 @@ def adaptive_forward(
     rows_of = torch.arange(batch).repeat_interleave(seq)
     real_index = torch.nonzero(real.reshape(-1), as_tuple=True)[0]
     matryoshka = policy.get("matryoshka")
+    narrow = matryoshka is not None and not matryoshka.is_off
     group_size = getattr(matryoshka, "group_size", None)
     slot_of = step.slots.reshape(-1)
     rope = _Rope(step)
@@ -149,14 +150,15 @@ def adaptive_forward(
         slot_of - cache.prompt_end if cache.prompt_end is not None else torch.full_like(slot_of, -1)
     )
     plan = policy.layer_plan(steps, config.n_layers)
+    everyone = torch.arange(batch * seq)
     for i, block in enumerate(model.blocks):
         running = state.active if plan is None else state.active & plan[:, i]
         if bool(running.all()) and not cache.adapted:  # the dense path, maybe narrower
-            widths = width_groups(state.bits, batch * seq)
+            widths = width_groups(state.bits, batch * seq) if narrow else None
             before = flat
             flat = block(flat.view(batch, seq, -1), step, cache.k[i], cache.v[i], widths)
             flat = flat.reshape(batch * seq, -1)
-            index = torch.arange(batch * seq)
+            index = everyone
             after = flat
             counter.add_layer(i, batch * seq, dense_pairs)
             _count_weights(counter, config, widths, full_bytes, group_size)
@@ -166,7 +168,7 @@ def adaptive_forward(
             _leave_kv(block, i, flat, state, cache, rows_of, slot_of, rope, treatment, counter)
             if not len(index):  # every token has stopped: the remaining layers run nothing
                 continue
-            widths = width_groups(state.bits[index], batch * seq)
+            widths = width_groups(state.bits[index], batch * seq) if narrow else None
             log_size = None
             if policy.size_weighted:  # entries of this layer carry log(tokens they stand for),
                 log_size = cache.log_sizes()[i]  # a halted super-token's included
@@ -177,9 +179,10 @@ def adaptive_forward(
             flat[index] = after
             counter.add_layer(i, len(index), pairs)
             _count_weights(counter, config, widths, full_bytes, group_size)
-        if i < config.n_layers - 1 and len(index):
+        deciders = policy.deciders(i) if i < config.n_layers - 1 and len(index) else []
+        if deciders:
             view = LayerView(i, model, state, index, before, after)
-            _apply(_decide(policy, view), view, flat, counter)
+            _apply(_decide(deciders, view), view, flat, counter)
     return flat.view(batch, seq, -1)
 
 
@@ -265,29 +268,71 @@ def _run_gathered(
     pairs = [0]
     attn = block.attn
 
+    one_per_row = _one_query_per_row(rows, slots, visible)
+
     def attention(normed: torch.Tensor) -> torch.Tensor:
         q, k, v = attn.project(normed, rope.at(index), widths)  # [N, 1, heads, hd]
         k_cache[rows, :, slots] = k[:, 0]
         v_cache[rows, :, slots] = v[:, 0]
-        out, pairs[0] = attend_rows(
-            q[:, 0], rows, slots, k_cache, v_cache, cache, visible, log_size
-        )
+        if one_per_row:
+            out, pairs[0] = _attend_decode(block, q, rows, int(slots[0]), cache, layer, log_size)
+        else:
+            out, pairs[0] = attend_rows(
+                q[:, 0], rows, slots, k_cache, v_cache, cache, visible, log_size
+            )
         return run_linear(attn.out, out.reshape(len(index), 1, attn.q_dim), widths)
 
     out = block.run(x.unsqueeze(1), attention, widths)[:, 0]
     return out, pairs[0]
 
 
-def _decide(policy: PolicyStack, view: LayerView) -> Decision:
+def _one_query_per_row(rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> bool:
+    """A decoding step: one query per row, all at the same slot, and no hidden entry before
+    it, so the rows can attend in one call (hidden entries would have to be gathered out)."""
+    if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all() & (slots == slots[0]).all()):
+        return False
+    return bool(visible[rows, : int(slots[0]) + 1].all())
+
+
+def _attend_decode(
+    block: Block,
+    q: torch.Tensor,
+    rows: torch.Tensor,
+    slot: int,
+    cache: KVCache,
+    layer: int,
+    log_size: torch.Tensor | None,
+) -> tuple[torch.Tensor, int]:
+    """One query per row at ``slot`` over its row's cache, all rows in one call. Left padding
+    is masked, as on the dense path, and not counted."""
+    end = slot + 1
+    every_row = len(rows) == cache.batch_size
+    keys_of = (lambda c: c[:, :, :end]) if every_row else (lambda c: c[rows, :, :end])
+    keys = torch.arange(end)
+    allowed = keys >= cache.start[rows].unsqueeze(1)
+    if cache.sliding_window:
+        allowed &= keys > slot - cache.sliding_window
+    bias = None
+    if log_size is not None:
+        bias = log_size[rows, :end].float().view(len(rows), 1, 1, end)
+    out = block.attn.attend_one(
+        q,
+        keys_of(cache.k[layer]),
+        keys_of(cache.v[layer]),
+        allowed.view(len(rows), 1, 1, end),
+        bias,
+    )
+    return out, int(allowed.sum())
+
+
+def _decide(deciders: list[Policy], view: LayerView) -> Decision:
     """Combine the policies' decisions: halts are OR-ed, merges and widths concatenated. A
     merge whose source halts at the same layer is dropped (the source just halts); a halting
     target still receives its source (the source's fate must not depend on a later token)."""
     n = len(view.index)
     halt = torch.zeros(n, dtype=torch.bool)
     sources, targets, bits = [], [], None
-    for part in policy.policies:
-        if part.is_off:
-            continue
+    for part in deciders:
         decision = part.after_layer(view)
         if decision is None:
             continue

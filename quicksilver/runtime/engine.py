@@ -32,7 +32,8 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
-    flops: dict[str, int] = field(default_factory=dict)
+    flops: dict[str, int] = field(default_factory=dict)  # prefill and decode
+    decode_flops: dict[str, int] = field(default_factory=dict)  # decode steps only
 
     @property
     def new_tokens(self) -> int:
@@ -174,6 +175,7 @@ class Engine:
         start = time.perf_counter()
         logits, cache = self.prefill(prompts, max_new_tokens)
         prefill_seconds = time.perf_counter() - start
+        flops_after_prefill = self.counter.summary()
         outputs: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
         steps = 0
@@ -200,4 +202,5 @@ class Engine:
             decode_seconds=decode_seconds,
             decode_steps=steps,
             flops=self.counter.since(flops_before),
+            decode_flops=self.counter.since(flops_after_prefill),
         )
