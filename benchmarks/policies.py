@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from quicksilver.eval.calibrate import calibrate
+from quicksilver.eval.calibrate import calibrate, perplexity_measure
 from quicksilver.eval.datasets import load_eval_text
 from quicksilver.eval.perplexity import evaluate_perplexity, tokenize_text
 from quicksilver.eval.report import format_table, write_json_atomic
@@ -216,14 +216,17 @@ def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
     budgets += [("flop_fraction", b) for b in args.flop_budgets]
     for kind, value in budgets:
         say(f"[{dtype_name}] calibrating the combined policy for {kind} = {value}")
-        result = calibrate(
+        measure = perplexity_measure(
             engine,
             calib_ids,
-            base,
             context=1024,
             stride=512,
             batch_size=args.batch_size,
             max_windows=args.calib_windows,
+        )
+        result = calibrate(
+            measure,
+            base,
             log=lambda m: say(f"    {m}"),
             **{kind: value},
         )

@@ -229,6 +229,15 @@ def _eval_split(dataset: str, split: str | None) -> str:
     return "test" if "test" in splits else next(iter(splits))
 
 
+def _check_generation_length(max_new_tokens: int) -> None:
+    if max_new_tokens < 2:
+        raise QuicksilverError(
+            f"--max-new-tokens must be at least 2 to compare generation, got {max_new_tokens}: "
+            "the first token comes from the prompt's forward, speed and FLOPs are measured on "
+            "the decode steps after it"
+        )
+
+
 def _generation_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
     """Up to ``--prompts`` prompts and where they came from: the ``--field`` (default
     ``prompt``) of each line of ``--jsonl``, else the first sentence of each paragraph of the
@@ -237,6 +246,8 @@ def _generation_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
     from quicksilver.eval.generation import wikitext_prompts
 
     if args.jsonl:
+        if args.max_chars is not None:
+            raise QuicksilverError("--max-chars applies to text, not to prompts from --jsonl")
         documents = datasets.read_jsonl_documents(args.jsonl, args.field or "prompt")
         prompts, name = [d.strip() for d in documents if d.strip()][: args.prompts], args.jsonl
     else:
@@ -278,6 +289,9 @@ def _check_text_and_windows(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         max_windows=args.max_windows,
     )
+    if args.context is None:  # `calibrate --measure generation`: no windows
+        _check_text_args(args)
+        return
     if args.context < 2:
         raise QuicksilverError(f"--context must be at least 2 tokens, got {args.context}")
     if args.stride > args.context:
@@ -534,7 +548,30 @@ def cmd_policies(args: argparse.Namespace) -> int:
     return 0
 
 
+# What each calibration measure reads, with its defaults; the other measure's options are errors.
+MEASURE_OPTIONS = {
+    "perplexity": {"context": 1024, "stride": 512, "max_windows": 16},
+    "generation": {"prompts": 32, "max_new_tokens": 32},
+}
+
+
+def _resolve_measure_options(args: argparse.Namespace) -> None:
+    """Fill the chosen measure's defaults; reject options only the other measure reads."""
+    for measure, options in MEASURE_OPTIONS.items():
+        for name, default in options.items():
+            if measure == args.measure:
+                setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+            elif getattr(args, name) is not None:
+                flag = "--" + name.replace("_", "-")
+                raise QuicksilverError(
+                    f"{flag} applies to --measure {measure}, not --measure {args.measure}"
+                )
+    if args.batch_size is None:
+        args.batch_size = 8 if args.measure == "generation" else 2
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    _resolve_measure_options(args)
     _check_text_and_windows(args)
     _require_positive(steps=args.steps)
     if (args.max_ppl_increase is None) == (args.flop_fraction is None):
@@ -569,13 +606,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     check_output_path(output)
     dtype = _check_dtype(args.dtype)
     generation = args.measure == "generation"
-    _require_positive(prompts=args.prompts, max_new_tokens=args.max_new_tokens)
-    if args.batch_size is None:
-        args.batch_size = 8 if generation else 2
+    if generation:
+        _check_generation_length(args.max_new_tokens)
+    _require_positive(prompts=args.prompts)
     base = _load_policy_args(args)
     from quicksilver.eval import calibrate as calibration
 
-    calibration.check_calibratable(base, compute_budget=fraction is not None)
+    calibration.check_calibratable(base, compute_budget=fraction is not None, decode=generation)
     _set_threads(args.threads)
     from quicksilver.models import loading
     from quicksilver.policies.stack import PolicyStack, write_policy_file
@@ -651,6 +688,7 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
     )
     for size in args.batch_sizes:
         _require_positive(batch_sizes=size)
+    _check_generation_length(args.max_new_tokens)
     _check_text_args(args)
     dtype = _check_dtype(args.dtype)
     json_path = _check_json(args.json)
@@ -685,11 +723,12 @@ def cmd_eval_gen(args: argparse.Namespace) -> int:
             f"{r.policy_tokens_per_s:.1f}",
             f"{r.dense_tokens_per_s:.1f}",
             f"{r.policy_flops_per_token / r.dense_flops_per_token:.3f}",
+            f"{r.policy_prefill_flops_per_token / r.dense_prefill_flops_per_token:.3f}",
         ]
         for r in results
     ]
     headers = ["batch", "agreement", "ROUGE-L", "dense ppl (policy)", "dense ppl (dense)"]
-    headers += ["tok/s policy", "tok/s dense", "FLOPs/dense"]
+    headers += ["tok/s policy", "tok/s dense", "decode FLOPs/dense", "prompt FLOPs/dense"]
     print(format_table(headers, rows))
     if json_path is not None:
         write_json_atomic(
@@ -726,20 +765,29 @@ def _add_text_and_window_args(
     split_help: str,
     batch_size: int | None,
     max_windows: int | None,
+    field: str = "text",
     batch_help: str = "windows per forward pass",
+    resolved_later: bool = False,
 ) -> None:
     """The text source and window options of `eval` and `calibrate` (checked together by
-    `_check_text_and_windows`)."""
-    _add_text_args(parser, split_help=split_help, field="text")
-    parser.add_argument("--context", type=int, default=1024, help="window length in tokens")
-    parser.add_argument("--stride", type=int, default=512, help="tokens between window starts")
+    `_check_text_and_windows`). ``resolved_later``: no defaults here (the command fills them
+    in, `calibrate` per measure); the help still names them."""
+    _add_text_args(parser, split_help=split_help, field=field)
+    context, stride = (None, None) if resolved_later else (1024, 512)
+    parser.add_argument(
+        "--context", type=int, default=context, help="window length in tokens (default: 1024)"
+    )
+    parser.add_argument(
+        "--stride", type=int, default=stride, help="tokens between window starts (default: 512)"
+    )
     parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    shown = max_windows or (16 if resolved_later else None)
     parser.add_argument(
         "--max-windows",
         type=int,
-        default=max_windows,
+        default=None if resolved_later else max_windows,
         metavar="N",
-        help="stop after N windows" + (f" (default: {max_windows})" if max_windows else ""),
+        help="stop after N windows" + (f" (default: {shown})" if shown else ""),
     )
 
 
@@ -846,17 +894,16 @@ def build_parser() -> argparse.ArgumentParser:
         cal,
         split_help="calibration split (default: validation)",
         batch_size=None,
-        max_windows=16,
+        max_windows=None,
+        field="text; prompt with --measure generation",
         batch_help="windows per forward pass (default 2), or prompts per batch with "
         "--measure generation (default 8)",
+        resolved_later=True,
     )
-    cal.add_argument(
-        "--prompts", type=int, default=32, help="--measure generation: prompts (default: 32)"
-    )
+    cal.add_argument("--prompts", type=int, help="--measure generation: prompts (default: 32)")
     cal.add_argument(
         "--max-new-tokens",
         type=int,
-        default=32,
         help="--measure generation: tokens per continuation (default: 32)",
     )
     cal.add_argument("--steps", type=int, default=6, help="bisection steps after bracketing")

@@ -53,6 +53,10 @@ def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return lines[0]
 
 
+CALIBRATE_HALTING = ["calibrate", "--output", "x.json", "--max-ppl-increase", "1%"]
+CALIBRATE_HALTING += ["--set", "halting.relative_drift=0.2"]
+
+
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
@@ -94,6 +98,22 @@ def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
             ["calibrate", "--output", "x.json", "--flop-fraction", "0.5"],
             "no threshold to scale",
         ),
+        (
+            [*CALIBRATE_HALTING, "--measure", "generation", "--context", "64"],
+            "--context applies to --measure perplexity",
+        ),
+        ([*CALIBRATE_HALTING, "--prompts", "4"], "--prompts applies to --measure generation"),
+        (
+            [*CALIBRATE_HALTING, "--measure", "generation", "--max-new-tokens", "1"],
+            "at least 2",
+        ),
+        (
+            ["calibrate", "--output", "x.json", "--flop-fraction", "0.5", "--measure"]
+            + ["generation", "--set", "fusion.threshold=0.3"],
+            "needs halting thresholds",
+        ),
+        (["eval-gen", "--max-new-tokens", "1"], "at least 2"),
+        (["eval-gen", "--jsonl", "p.jsonl", "--max-chars", "9"], "--max-chars applies to text"),
     ],
 )
 def test_bad_arguments(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -61,6 +61,7 @@ def test_an_acting_policy_is_measured(model) -> None:
     policy = PolicyStack.from_config(MATRIX["halt_skip"])
     result = evaluate_generation(model, policy, PROMPTS, max_new_tokens=6, batch_size=3)
     assert result.policy_flops_per_token < result.dense_flops_per_token
+    assert result.policy_prefill_flops_per_token < result.dense_prefill_flops_per_token
     assert 0 <= result.agreement <= 1 and 0 <= result.rouge_l <= 1
     assert result.dense_ppl_of_policy > 0 and result.prompts == 3
 
@@ -68,8 +69,10 @@ def test_an_acting_policy_is_measured(model) -> None:
 def test_bad_input(model) -> None:
     with pytest.raises(QuicksilverError, match="no prompts"):
         evaluate_generation(model, PolicyStack(), [], max_new_tokens=2)
-    with pytest.raises(QuicksilverError, match="at least 1"):
-        evaluate_generation(model, PolicyStack(), PROMPTS, max_new_tokens=0)
+    with pytest.raises(QuicksilverError, match="at least 2 new tokens"):
+        evaluate_generation(model, PolicyStack(), PROMPTS, max_new_tokens=1)
+    with pytest.raises(QuicksilverError, match="batch size must be at least 1"):
+        evaluate_generation(model, PolicyStack(), PROMPTS, batch_size=0)
 
 
 def test_dense_nll_matches_a_direct_computation(model) -> None:

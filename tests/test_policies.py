@@ -436,7 +436,7 @@ def test_decode_attention_in_one_call_equals_row_by_row(
     log_size = torch.rand(config.n_layers, 3, 12)[layer] if sized else None
     visible = cache.visibility()[layer]
     slots = torch.full((len(rows),), slot)
-    assert adaptive._one_query_per_row(index, slots, visible)
+    assert adaptive._one_query_per_row(index, slots, visible, cache)
     block = model.blocks[layer]
     one, one_pairs = adaptive._attend_decode(block, q, index, slot, cache, layer, log_size)
     each, each_pairs = adaptive.attend_rows(
@@ -448,8 +448,10 @@ def test_decode_attention_in_one_call_equals_row_by_row(
         == each_pairs
         == sum(min(slot + 1 - int(cache.start[r]), window or slot + 1) for r in rows)
     )
-    visible[rows[-1], 5] = False  # a hidden entry: the per-row path must gather it out
-    assert not adaptive._one_query_per_row(index, slots, visible)
+    visible[rows[-1], 5] = False  # before the row's start or out of the window: never read
+    assert adaptive._one_query_per_row(index, slots, visible, cache)
+    visible[rows[-1], 8] = False  # read: hidden entries must be gathered out, row by row
+    assert not adaptive._one_query_per_row(index, slots, visible, cache)
 
 
 # --- 4. FLOP accounting, by hand -----------------------------------------------------------

@@ -10,7 +10,6 @@ import torch
 from test_accounting import TINY, random_model
 
 from quicksilver.accounting import head_flops_per_token, layer_matmul_flops_per_token
-
 from quicksilver.policies import PolicyConfigError, PolicyStack, load_policy
 from quicksilver.policies.skipdecode import SkipDecode, schedule_for_speedup
 from quicksilver.runtime.engine import Engine
@@ -154,7 +153,7 @@ DEEP = dataclasses.replace(TINY, n_layers=30)
 
 def decode_cost(policy: SkipDecode, tokens: int) -> float:
     """Matmul FLOPs per generated token, LM head included, by hand."""
-    layers = float(policy.layers_at(torch.arange(tokens), 30).float().mean())
+    layers = float(policy.layers_at(torch.arange(tokens - 1), 30).float().mean())
     return layers * layer_matmul_flops_per_token(DEEP) + head_flops_per_token(DEEP)
 
 
@@ -165,7 +164,7 @@ def test_target_speedup_derives_a_schedule(target: float) -> None:
     assert decode_cost(policy, 64) <= dense / target * (1 + 1e-9)
     assert policy.min_layers > policy.warmup_layers and policy.max_layers <= 30
     if policy.min_layers < policy.max_layers:  # one more layer at the end misses the target
-        gentler = SkipDecode(policy.max_layers, policy.min_layers + 1, 64, policy.warmup_layers)
+        gentler = SkipDecode(policy.max_layers, policy.min_layers + 1, 63, policy.warmup_layers)
         assert decode_cost(gentler, 64) > dense / target
 
 
@@ -175,7 +174,7 @@ def test_the_head_counts_in_the_target() -> None:
     vocab = 8 * layer_matmul_flops_per_token(DEEP) // (2 * DEEP.embed_dim)
     heavy = dataclasses.replace(DEEP, vocab_size=vocab)
     policy = schedule_for_speedup(heavy, 2.0, new_tokens=64)
-    layers = float(policy.layers_at(torch.arange(64), 30).float().mean())
+    layers = float(policy.layers_at(torch.arange(63), 30).float().mean())
     assert 10 < layers <= 11 + 1e-9
 
 

@@ -129,9 +129,12 @@ class CalibrationResult:
         return asdict(self)
 
 
-def check_calibratable(policy: PolicyStack, compute_budget: bool = False) -> None:
+def check_calibratable(
+    policy: PolicyStack, compute_budget: bool = False, decode: bool = False
+) -> None:
     """A policy can be calibrated when it has a threshold to scale; for a compute budget, one
-    that changes FLOPs (Matryoshka widths change bytes, not FLOPs)."""
+    that changes FLOPs (Matryoshka widths change bytes, not FLOPs; in decoding, where fusion
+    never folds a token, only halting does)."""
     knobs = {
         p.name
         for p in policy.policies
@@ -148,6 +151,11 @@ def check_calibratable(policy: PolicyStack, compute_budget: bool = False) -> Non
         raise QuicksilverError(
             "a FLOP budget cannot be met by Matryoshka widths alone (they change bytes moved, "
             "not FLOPs); add halting or fusion thresholds, or use --max-ppl-increase"
+        )
+    if compute_budget and decode and "halting" not in knobs:
+        raise QuicksilverError(
+            "a decode FLOP budget needs halting thresholds: fusion folds prompt tokens only "
+            "(a decoded token is alone in its forward) and Matryoshka widths change bytes"
         )
 
 

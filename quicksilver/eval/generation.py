@@ -144,6 +144,10 @@ class GenerationQuality:
     dense_tokens_per_s: float
     policy_flops_per_token: float  # counted in decode steps, per token fed
     dense_flops_per_token: float
+    # counted in the prompts' forward, per real prompt token; at batch > 1 the dense path
+    # also runs (and counts) left padding, which the adaptive path never runs
+    policy_prefill_flops_per_token: float
+    dense_prefill_flops_per_token: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,10 +157,15 @@ def _run(engine: Engine, batches: list[list[list[int]]], new: int) -> list[Gener
     return [engine.generate(batch, new, stop_ids=[]) for batch in batches]
 
 
+def _prefill_cost(results: list[GenerationResult]) -> float:
+    flops = sum(r.flops["total"] - r.decode_flops["total"] for r in results)
+    return flops / sum(r.prompt_tokens for r in results)
+
+
 def _rate_and_cost(results: list[GenerationResult]) -> tuple[float, float]:
     fed = sum(len(r.tokens) * r.decode_steps for r in results)
     seconds = sum(r.decode_seconds for r in results)
-    flops = sum(r.decode_flops.get("total", 0) for r in results)
+    flops = sum(r.decode_flops["total"] for r in results)
     return (fed / seconds if seconds else 0.0), (flops / fed if fed else 0.0)
 
 
@@ -175,8 +184,13 @@ class DenseReference:
     ) -> None:
         if not prompts:
             raise QuicksilverError("no prompts to generate from")
-        if batch_size < 1 or max_new_tokens < 1:
-            raise QuicksilverError("batch size and new tokens must be at least 1")
+        if batch_size < 1:
+            raise QuicksilverError(f"the batch size must be at least 1, got {batch_size}")
+        if max_new_tokens < 2:
+            raise QuicksilverError(
+                f"comparing generation needs at least 2 new tokens, got {max_new_tokens}: the "
+                "first comes from the prompt's forward, speed and FLOPs are measured on the rest"
+            )
         self.model = model
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.batches = [
@@ -218,6 +232,8 @@ class DenseReference:
             dense_tokens_per_s=self.tokens_per_s,
             policy_flops_per_token=policy_cost,
             dense_flops_per_token=self.flops_per_token,
+            policy_prefill_flops_per_token=_prefill_cost(results),
+            dense_prefill_flops_per_token=_prefill_cost(self.results),
         )
 
 

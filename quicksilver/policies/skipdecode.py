@@ -109,8 +109,9 @@ def schedule_for_speedup(
     warmup_layers: int = 1,
     power: float = 1.0,
 ) -> SkipDecode:
-    """The gentlest schedule whose decode FLOPs over ``new_tokens`` generated tokens are at
-    most 1 / ``target`` of the dense model's (`decode_flops_per_token`: the LM head does not
+    """The gentlest schedule whose decode FLOPs, averaged over the decode steps of
+    ``new_tokens`` generated tokens (the first comes from the prompt's forward), are at most
+    1 / ``target`` of the dense model's (`decode_flops_per_token`: the LM head does not
     shrink, so e.g. SmolLM2-135M, whose head weighs as much as 8 of its 30 layers, needs
     ~11 layers on average for 2x). Decoding is bound by reading weights, which scale like
     these FLOPs, so measured speedups come close. Prefers the deepest start (early tokens,
@@ -120,9 +121,9 @@ def schedule_for_speedup(
         raise PolicyConfigError(f"the target speedup must be >= 1, got {target}")
     if new_tokens < 1:
         raise PolicyConfigError(f"the schedule needs >= 1 generated token, got {new_tokens}")
-    decay = decay_length or new_tokens
+    steps = torch.arange(max(new_tokens - 1, 1))  # the first token comes from the prompt's pass
+    decay = decay_length or len(steps)
     budget = decode_flops_per_token(config, n_layers) / target
-    steps = torch.arange(new_tokens)
     best: tuple[int, float, SkipDecode] | None = None
     for top in range(n_layers, warmup_layers, -1):
         for bottom in range(top, warmup_layers, -1):

@@ -268,7 +268,7 @@ def _run_gathered(
     pairs = [0]
     attn = block.attn
 
-    one_per_row = _one_query_per_row(rows, slots, visible)
+    one_per_row = _one_query_per_row(rows, slots, visible, cache)
 
     def attention(normed: torch.Tensor) -> torch.Tensor:
         q, k, v = attn.project(normed, rope.at(index), widths)  # [N, 1, heads, hd]
@@ -286,12 +286,21 @@ def _run_gathered(
     return out, pairs[0]
 
 
-def _one_query_per_row(rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor) -> bool:
-    """A decoding step: one query per row, all at the same slot, and no hidden entry before
-    it, so the rows can attend in one call (hidden entries would have to be gathered out)."""
+def _one_query_per_row(
+    rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, cache: KVCache
+) -> bool:
+    """A decoding step: one query per row, all at the same slot, and no hidden entry among
+    the ones they read, so the rows can attend in one call (hidden entries would have to be
+    gathered out of the keys, which the per-row path does)."""
     if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all() & (slots == slots[0]).all()):
         return False
-    return bool(visible[rows, : int(slots[0]) + 1].all())
+    slot = int(slots[0])
+    first = int(cache.start[rows].min())
+    if cache.sliding_window:
+        first = max(first, slot - cache.sliding_window + 1)
+    keys = torch.arange(first, slot + 1)
+    read = keys >= cache.start[rows].unsqueeze(1)
+    return bool((visible[rows, first : slot + 1] | ~read).all())
 
 
 def _attend_decode(
@@ -314,7 +323,8 @@ def _attend_decode(
         allowed &= keys > slot - cache.sliding_window
     bias = None
     if log_size is not None:
-        bias = log_size[rows, :end].float().view(len(rows), 1, 1, end)
+        # rounded to the model's dtype first, as on the per-row path
+        bias = log_size[rows, :end].to(q.dtype).float().view(len(rows), 1, 1, end)
     out = block.attn.attend_one(
         q,
         keys_of(cache.k[layer]),
