@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from quicksilver.models.config import ModelConfig
+from quicksilver.quant import weight_bytes
 
 
 def layer_matmul_flops_per_token(config: ModelConfig) -> int:
@@ -44,6 +45,13 @@ def embed_flops_per_token(config: ModelConfig) -> int:
     return 2 * config.hidden_size * config.word_embed_proj_dim if config.word_embed_proj_dim else 0
 
 
+def causal_pairs(n_tokens: int, sliding_window: int | None = None) -> int:
+    """(query, key) pairs of causal attention over ``n_tokens`` from an empty cache; with a
+    sliding window each query reads at most ``sliding_window`` keys."""
+    window = min(sliding_window or n_tokens, n_tokens)
+    return window * (window + 1) // 2 + (n_tokens - window) * window
+
+
 def dense_flops(config: ModelConfig, n_tokens: int, attended_pairs: int, head_tokens: int) -> int:
     """The analytical dense cost of a workload: what a model running every token through
     every layer would spend."""
@@ -64,6 +72,17 @@ def kv_projection_flops_per_token(config: ModelConfig) -> int:
 def layer_weight_count(config: ModelConfig) -> int:
     """Weights of one layer's matrices (QKV, attention output, MLP)."""
     return layer_matmul_flops_per_token(config) // 2
+
+
+def weight_bytes_of_layer(config: ModelConfig, bits: int, group_size: int | None = None) -> int:
+    """Bytes of one layer's four weight matrices at ``bits``, scales included (one per
+    output channel, or one per group of ``group_size`` inputs)."""
+    d, q, kv, inner = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
+    up = inner * (2 if config.gated_mlp else 1)
+    shapes = [(q + 2 * kv, d), (d, q), (up, d), (d, inner)]
+    return sum(
+        weight_bytes(out, inp, bits, inp // group_size if group_size else 1) for out, inp in shapes
+    )
 
 
 WIDTH_KEYS = {

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from quicksilver.accounting import (
     attention_flops_per_pair,
+    causal_pairs,
     dense_flops,
     head_flops_per_token,
     layer_matmul_flops_per_token,
@@ -113,3 +116,19 @@ def test_smollm_dense_decode_matches_torch_counter(smollm_fp32):
         model.config
     )
     assert engine.counter.per_layer == [per_layer] * model.config.n_layers
+
+
+def test_causal_pairs_with_and_without_a_sliding_window():
+    assert causal_pairs(5) == 1 + 2 + 3 + 4 + 5
+    assert causal_pairs(5, 2) == 1 + 2 + 2 + 2 + 2
+    assert causal_pairs(3, 10) == causal_pairs(3)
+
+
+def test_perplexity_dense_reference_follows_the_sliding_window():
+    """A dense sliding-window model's counted FLOPs equal the dense reference exactly."""
+    from quicksilver.eval.perplexity import evaluate_perplexity
+
+    config = dataclasses.replace(TINY, sliding_window=6)
+    engine = Engine(random_model(config, fast=True))
+    result = evaluate_perplexity(engine, list(range(1, 40)), context=16, stride=8)
+    assert result.flops_per_token == result.dense_flops_per_token

@@ -18,6 +18,7 @@ from quicksilver.eval.perplexity import (
     transformers_perplexity,
     window_plan,
 )
+from quicksilver.eval.report import jsonable
 from quicksilver.runtime.engine import Engine
 
 WIKI_TEST = default_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
@@ -172,8 +173,8 @@ def test_without_text_or_with_max_windows_bytes_are_unknown(
     )
     assert partial.windows == 2 and partial.tokens == 63 + 32
     assert math.isnan(partial.bits_per_byte) and partial.n_bytes == 0 and partial.n_words == 0
-    assert partial.to_dict()["word_ppl"] is None
-    json.dumps(partial.to_dict(), allow_nan=False)
+    assert jsonable(partial.to_dict())["word_ppl"] is None
+    json.dumps(jsonable(partial.to_dict()), allow_nan=False)
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from quicksilver.accounting import (
     head_flops_per_token,
     kv_projection_flops_per_token,
     layer_matmul_flops_per_token,
+    weight_bytes_of_layer,
 )
 from quicksilver.models import loading
 from quicksilver.models.transformer import Transformer
@@ -44,7 +45,6 @@ from quicksilver.policies.fusion import TokenFusion, distance_to_previous, fold_
 from quicksilver.policies.kv_skip import KVSkip
 from quicksilver.policies.stack import read_policy_file, write_policy_file
 from quicksilver.runtime import adaptive
-from quicksilver.runtime.adaptive import weight_bytes_of_layer
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from quicksilver.accounting import Meter, dense_flops
+from quicksilver.accounting import Meter, causal_pairs, dense_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
 
@@ -57,12 +57,8 @@ class PerplexityResult:
     peak_extra_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for JSON; NaN becomes None so the output stays valid JSON."""
-        out = asdict(self)
-        for key, value in out.items():
-            if isinstance(value, float) and math.isnan(value):
-                out[key] = None
-        return out
+        """Plain dict (`report.write_json_atomic` turns NaN into null)."""
+        return asdict(self)
 
 
 def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -151,9 +147,9 @@ def evaluate_perplexity(
     dense = dense_flops(
         engine.config,
         n_tokens=sum(end - begin for begin, end, _ in plan),
-        # Plain causal attention over each window. A sliding-window model attends to fewer
-        # pairs, which would then show up as a difference from this dense figure.
-        attended_pairs=sum((end - begin) * (end - begin + 1) // 2 for begin, end, _ in plan),
+        attended_pairs=sum(
+            causal_pairs(end - begin, engine.config.sliding_window) for begin, end, _ in plan
+        ),
         head_tokens=scored,
     )
     n_bytes = text.n_bytes if text is not None and complete else 0

@@ -16,12 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quicksilver.accounting import FlopCounter, layer_weight_count
+from quicksilver.accounting import FlopCounter, layer_weight_count, weight_bytes_of_layer
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Block, Step, WidthGroups, run_linear
 from quicksilver.policies.base import Decision, LayerView, Policy, TokenState
 from quicksilver.policies.stack import PolicyStack
-from quicksilver.quant import weight_bytes
 from quicksilver.runtime.cache import KVCache
 
 if TYPE_CHECKING:
@@ -198,17 +197,6 @@ def _count_weights(
         counter.add_weight_read(
             bits, full_bytes if bits == 0 else weight_bytes_of_layer(config, bits, group_size)
         )
-
-
-def weight_bytes_of_layer(config: ModelConfig, bits: int, group_size: int | None = None) -> int:
-    """Bytes of one layer's four weight matrices at ``bits``, scales included (one per
-    output channel, or one per group of ``group_size`` inputs)."""
-    d, q, kv, inner = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
-    up = inner * (2 if config.gated_mlp else 1)
-    shapes = [(q + 2 * kv, d), (d, q), (up, d), (d, inner)]
-    return sum(
-        weight_bytes(out, inp, bits, inp // group_size if group_size else 1) for out, inp in shapes
-    )
 
 
 def _leave_kv(
