@@ -4,8 +4,8 @@ For every policy and batch size, `evaluate_generation` runs dense and policy gre
 back to back on the same prompts (first sentences of WikiText-2 test paragraphs), so the
 tokens/s ratio is taken in one run; it also reports counted decode FLOPs per generated token,
 agreement with dense output, ROUGE-L and the dense model's perplexity of the policy's
-continuations. The halting threshold is calibrated first, by the same search as `quicksilver
-calibrate --measure generation`, on WikiText-2 *validation* prompts. Peak RSS is the
+continuations. The halting threshold is calibrated first, by the search of `quicksilver
+calibrate --measure generation --steps 5`, on WikiText-2 *validation* prompts. Peak RSS is the
 process's during each row. Writes docs/results/decode.md, decode.json, decode.png.
 
     .venv/bin/python benchmarks/decode_policies.py

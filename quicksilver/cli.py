@@ -808,8 +808,8 @@ def _add_policy_args(parser: argparse.ArgumentParser, target_speedup: bool = Fal
             "--target-speedup",
             type=float,
             metavar="X",
-            help="add a SkipDecode schedule whose decode FLOPs over the new tokens (LM head "
-            "included) are 1/X of dense",
+            help="add a SkipDecode schedule whose decode FLOPs per token (LM head included, "
+            "averaged over the decode steps) are 1/X of dense",
         )
 
 
