@@ -560,7 +560,8 @@ def _resolve_measure_options(args: argparse.Namespace) -> None:
     for measure, options in MEASURE_OPTIONS.items():
         for name, default in options.items():
             if measure == args.measure:
-                setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+                if getattr(args, name) is None:
+                    setattr(args, name, default)
             elif getattr(args, name) is not None:
                 flag = "--" + name.replace("_", "-")
                 raise QuicksilverError(

@@ -288,13 +288,19 @@ def test_calibrate_writes_a_policy_eval_reads(
     assert json.loads(out.read_text())["policy"] == record["policy"]
 
 
+@pytest.fixture
+def prompts(tmp_path: Path) -> Path:
+    """Two prompts as JSONL, in the `prompt` field."""
+    path = tmp_path / "prompts.jsonl"
+    rows = ['{"prompt": "The castle was built"}', '{"prompt": "In the spring of that year"}']
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
 def test_calibrate_on_generation_measures_continuations(
-    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, prompts: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     chosen = tmp_path / "chosen.json"
-    prompts = tmp_path / "prompts.jsonl"
-    rows = ['{"prompt": "The castle was built"}', '{"prompt": "In the spring of that year"}']
-    prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
     argv = ["calibrate", "--measure", "generation", "--jsonl", str(prompts)]
     argv += ["--prompts", "2", "--max-new-tokens", "4", "--steps", "1", "--output", str(chosen)]
     argv += ["--set", "halting.relative_drift=0.3", "--set", "halting.min_layer=20"]
@@ -320,11 +326,8 @@ def test_generate_with_target_speedup_records_the_schedule(
 
 
 def test_eval_gen_json(
-    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, prompts: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    prompts = tmp_path / "prompts.jsonl"
-    rows = ['{"prompt": "The castle was built"}', '{"prompt": "In the spring of that year"}']
-    prompts.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "out.json"
     argv = ["eval-gen", "--jsonl", str(prompts), "--batch-sizes", "1", "2", "--max-new-tokens"]
     argv += ["3", "--set", "halting.relative_drift=0.3", "--set", "halting.min_layer=20"]

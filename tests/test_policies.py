@@ -436,9 +436,10 @@ def test_decode_attention_in_one_call_equals_row_by_row(
     log_size = torch.rand(config.n_layers, 3, 12)[layer] if sized else None
     visible = cache.visibility()[layer]
     slots = torch.full((len(rows),), slot)
-    assert adaptive._one_query_per_row(index, slots, visible, cache)
+    reads = adaptive._one_call_reads(index, slots, visible, cache)
+    assert reads is not None
     block = model.blocks[layer]
-    one, one_pairs = adaptive._attend_decode(block, q, index, slot, cache, layer, log_size)
+    one, one_pairs = adaptive._attend_decode(block, q, index, reads, cache, layer, log_size)
     each, each_pairs = adaptive.attend_rows(
         q[:, 0], index, slots, cache.k[layer], cache.v[layer], cache, visible, log_size
     )
@@ -449,9 +450,9 @@ def test_decode_attention_in_one_call_equals_row_by_row(
         == sum(min(slot + 1 - int(cache.start[r]), window or slot + 1) for r in rows)
     )
     visible[rows[-1], 5] = False  # before the row's start or out of the window: never read
-    assert adaptive._one_query_per_row(index, slots, visible, cache)
+    assert adaptive._one_call_reads(index, slots, visible, cache) is not None
     visible[rows[-1], 8] = False  # read: hidden entries must be gathered out, row by row
-    assert not adaptive._one_query_per_row(index, slots, visible, cache)
+    assert adaptive._one_call_reads(index, slots, visible, cache) is None
 
 
 # --- 4. FLOP accounting, by hand -----------------------------------------------------------

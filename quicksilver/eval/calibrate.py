@@ -84,15 +84,15 @@ def generation_measure(
 ) -> Measure:
     """The dense model's perplexity of greedy continuations of ``prompts`` (the dense model's
     own for None, generated once) and the decode FLOPs per generated token."""
-    reference: list[DenseReference] = []
+    dense: DenseReference | None = None  # generated at the first measurement
 
     def measure(policy: PolicyStack | None) -> Measurement:
+        nonlocal dense
         start = time.perf_counter()
-        if not reference:
-            reference.append(
-                DenseReference(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        if dense is None:
+            dense = DenseReference(
+                model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
             )
-        dense = reference[0]
         described = f"{len(dense.prompts)} prompts x {max_new_tokens} tokens"
         if policy is None:
             ppl, flops = dense.ppl, dense.flops_per_token

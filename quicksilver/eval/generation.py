@@ -73,11 +73,20 @@ def dense_nll(engine: Engine, prompt: Sequence[int], continuation: Sequence[int]
     """The dense model's summed NLL of ``continuation`` after ``prompt`` (natural log)."""
     if not continuation:
         return 0.0
+    logits = teacher_forced_logits(engine, prompt, continuation)
+    return summed_nll(logits, torch.tensor(list(continuation)))
+
+
+def teacher_forced_logits(
+    engine: Engine, prompt: Sequence[int], continuation: Sequence[int]
+) -> torch.Tensor:
+    """Logits predicting each token of ``continuation`` [T, V] from one forward over prompt +
+    continuation, with the prompt boundary set (what generation's step count starts from)."""
     tokens = torch.tensor([list(prompt) + list(continuation)])
     cache = engine.new_cache(1, tokens.shape[1])
+    cache.prompt_end = len(prompt)
     columns = torch.arange(len(prompt) - 1, tokens.shape[1] - 1)
-    logits = engine.forward(tokens, cache, logits_at=columns)[0]
-    return summed_nll(logits, torch.tensor(list(continuation)))
+    return engine.forward(tokens, cache, logits_at=columns)[0]
 
 
 def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -111,11 +120,9 @@ def forced_vs_decoded(
     for prompt, continuation in zip(prompts, continuations, strict=True):
         if not continuation:
             continue
+        forced = teacher_forced_logits(engine, prompt, continuation)
         tokens = torch.tensor([list(prompt) + list(continuation)])
         n, total = len(prompt), tokens.shape[1]
-        cache = engine.new_cache(1, total)
-        cache.prompt_end = n
-        forced = engine.forward(tokens, cache, logits_at=torch.arange(n - 1, total - 1))[0]
         cache = engine.new_cache(1, total)
         cache.prompt_end = n
         decoded = [engine.forward(tokens[:, :n], cache)[0]]

@@ -256,14 +256,14 @@ def _run_gathered(
     pairs = [0]
     attn = block.attn
 
-    one_per_row = _one_query_per_row(rows, slots, visible, cache)
+    reads = _one_call_reads(rows, slots, visible, cache)
 
     def attention(normed: torch.Tensor) -> torch.Tensor:
         q, k, v = attn.project(normed, rope.at(index), widths)  # [N, 1, heads, hd]
         k_cache[rows, :, slots] = k[:, 0]
         v_cache[rows, :, slots] = v[:, 0]
-        if one_per_row:
-            out, pairs[0] = _attend_decode(block, q, rows, int(slots[0]), cache, layer, log_size)
+        if reads is not None:
+            out, pairs[0] = _attend_decode(block, q, rows, reads, cache, layer, log_size)
         else:
             out, pairs[0] = attend_rows(
                 q[:, 0], rows, slots, k_cache, v_cache, cache, visible, log_size
@@ -274,53 +274,45 @@ def _run_gathered(
     return out, pairs[0]
 
 
-def _one_query_per_row(
+def _one_call_reads(
     rows: torch.Tensor, slots: torch.Tensor, visible: torch.Tensor, cache: KVCache
-) -> bool:
-    """A decoding step: one query per row, all at the same slot, and no hidden entry among
-    the ones they read, so the rows can attend in one call (hidden entries would have to be
-    gathered out of the keys, which the per-row path does)."""
+) -> torch.Tensor | None:
+    """For a decoding step (one query per row, all at the same slot) whose queries read no
+    hidden entry: which slots 0..slot each row's query reads ([N, slot + 1] bool: from the
+    row's start, within the sliding window), so the rows can attend in one call. None
+    otherwise: hidden entries must be gathered out of the keys, which the per-row path does."""
     if len(rows) > 1 and not bool((rows[1:] > rows[:-1]).all() & (slots == slots[0]).all()):
-        return False
+        return None
     slot = int(slots[0])
-    first = int(cache.start[rows].min())
+    keys = torch.arange(slot + 1)
+    reads = keys >= cache.start[rows].unsqueeze(1)
     if cache.sliding_window:
-        first = max(first, slot - cache.sliding_window + 1)
-    keys = torch.arange(first, slot + 1)
-    read = keys >= cache.start[rows].unsqueeze(1)
-    return bool((visible[rows, first : slot + 1] | ~read).all())
+        reads &= keys > slot - cache.sliding_window
+    return reads if bool((visible[rows, : slot + 1] | ~reads).all()) else None
 
 
 def _attend_decode(
     block: Block,
     q: torch.Tensor,
     rows: torch.Tensor,
-    slot: int,
+    reads: torch.Tensor,
     cache: KVCache,
     layer: int,
     log_size: torch.Tensor | None,
 ) -> tuple[torch.Tensor, int]:
-    """One query per row at ``slot`` over its row's cache, all rows in one call. Left padding
-    is masked, as on the dense path, and not counted."""
-    end = slot + 1
-    every_row = len(rows) == cache.batch_size
+    """One query per row over the entries ``reads`` marks in its row's cache, all rows in
+    one call. Left padding is masked, as on the dense path, and not counted."""
+    n, end = reads.shape
+    every_row = n == cache.batch_size
     keys_of = (lambda c: c[:, :, :end]) if every_row else (lambda c: c[rows, :, :end])
-    keys = torch.arange(end)
-    allowed = keys >= cache.start[rows].unsqueeze(1)
-    if cache.sliding_window:
-        allowed &= keys > slot - cache.sliding_window
     bias = None
     if log_size is not None:
         # rounded to the model's dtype first, as on the per-row path
-        bias = log_size[rows, :end].to(q.dtype).float().view(len(rows), 1, 1, end)
+        bias = log_size[rows, :end].to(q.dtype).float().view(n, 1, 1, end)
     out = block.attn.attend_one(
-        q,
-        keys_of(cache.k[layer]),
-        keys_of(cache.v[layer]),
-        allowed.view(len(rows), 1, 1, end),
-        bias,
+        q, keys_of(cache.k[layer]), keys_of(cache.v[layer]), reads.view(n, 1, 1, end), bias
     )
-    return out, int(allowed.sum())
+    return out, int(reads.sum())
 
 
 def _decide(deciders: list[Policy], view: LayerView) -> Decision:
