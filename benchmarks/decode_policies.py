@@ -33,7 +33,7 @@ from quicksilver.eval.generation import (
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import DEFAULT_MODEL, load
-from quicksilver.policies import PolicyStack
+from quicksilver.policies import Policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,31 +47,29 @@ HALTING_BASE = {
 }
 
 
-def policies(
-    config: ModelConfig, new_tokens: int, halting: PolicyStack
-) -> list[tuple[str, PolicyStack]]:
-    rows = [("dense", PolicyStack())]
+def policies(config: ModelConfig, new_tokens: int, halting: Policy) -> list[tuple[str, Policy]]:
+    rows = [("dense", Policy())]
     for target in (1.5, 2.0, 2.5, 3.0):
         schedule = schedule_for_speedup(config, target, new_tokens)
-        rows.append((f"SkipDecode, {target}x decode-FLOP target", PolicyStack([schedule])))
+        rows.append((f"SkipDecode, {target}x decode-FLOP target", Policy([schedule])))
     rows += [
         ("halting, calibrated for <= 1% on validation", halting),
         (
             f"halting: every token exits after layer {HALT_LAYER} (mechanics, no signal)",
-            PolicyStack.from_config(
+            Policy.from_config(
                 # the shortlist's entropy is at most log2(2048) = 11 bits: every token halts
                 {"halting": {**HALTING_BASE["halting"], "entropy_bits": 12.0}}
             ),
         ),
         (
             "halting: relative drift < 0.15 from layer 8 (skip)",
-            PolicyStack.from_config(
+            Policy.from_config(
                 {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "skip"}}
             ),
         ),
         (
             "Matryoshka int8 (int8 kernel in decode)",
-            PolicyStack.from_config({"matryoshka": {"fixed_bits": 8}}),
+            Policy.from_config({"matryoshka": {"fixed_bits": 8}}),
         ),
     ]
     return rows
@@ -106,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         generation_measure(
             model, encode("validation", args.calibration_prompts), max_new_tokens=args.new_tokens
         ),
-        PolicyStack.from_config(HALTING_BASE),
+        Policy.from_config(HALTING_BASE),
         max_ppl_increase=0.01,
         steps=5,
     )
-    halting = PolicyStack.from_config(calibration.policy)
+    halting = Policy.from_config(calibration.policy)
     ids = encode("test", args.prompts)
     chosen = policies(model.config, args.new_tokens, halting)
     rows: list[dict[str, Any]] = []

@@ -26,24 +26,24 @@ from quicksilver.eval.generation import DenseReference, forced_vs_decoded, wikit
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import DEFAULT_MODEL, load
-from quicksilver.policies import PolicyStack
+from quicksilver.policies import Policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
 from quicksilver.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def policies(config: ModelConfig, new_tokens: int) -> list[tuple[str, PolicyStack | None]]:
+def policies(config: ModelConfig, new_tokens: int) -> list[tuple[str, Policy | None]]:
     return [
         ("dense", None),
         (
             "SkipDecode, 2x decode-FLOP target",
-            PolicyStack([schedule_for_speedup(config, 2.0, new_tokens)]),
+            Policy([schedule_for_speedup(config, 2.0, new_tokens)]),
         ),
         (
             # the operating point calibrated in decode.md
             "halting: shortlist lens entropy < 0.034 bit at layer 24",
-            PolicyStack.from_config(
+            Policy.from_config(
                 {
                     "halting": {
                         "entropy_bits": 0.034,
@@ -56,14 +56,14 @@ def policies(config: ModelConfig, new_tokens: int) -> list[tuple[str, PolicyStac
         ),
         (
             "halting: relative drift < 0.15 from layer 8 (skip)",
-            PolicyStack.from_config(
+            Policy.from_config(
                 {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "skip"}}
             ),
         ),
-        ("Matryoshka int8", PolicyStack.from_config({"matryoshka": {"fixed_bits": 8}})),
+        ("Matryoshka int8", Policy.from_config({"matryoshka": {"fixed_bits": 8}})),
         (
             "fusion: relative L2 < 0.35 from layer 16",
-            PolicyStack.from_config(
+            Policy.from_config(
                 {"fusion": {"threshold": 0.35, "metric": "relative_l2", "start_layer": 16}}
             ),
         ),

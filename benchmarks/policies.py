@@ -31,7 +31,7 @@ from quicksilver.eval.datasets import load_eval_text
 from quicksilver.eval.perplexity import evaluate_perplexity, tokenize_text
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.loading import DEFAULT_MODEL, load
-from quicksilver.policies import PRESETS, PolicyStack
+from quicksilver.policies import PRESETS, Policy
 from quicksilver.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +106,7 @@ def perplexity(engine: Engine, ids: list[int], windows: int, args) -> Any:
     )
 
 
-def paired_speedup(engine: Engine, policy: PolicyStack, ids: list[int], args) -> dict[str, float]:
+def paired_speedup(engine: Engine, policy: Policy, ids: list[int], args) -> dict[str, float]:
     """Dense and policy timed back to back on the same windows, twice, best of each: on a
     shared machine only such adjacent ratios are meaningful."""
     best = {"dense": math.inf, "policy": math.inf}
@@ -123,7 +123,7 @@ def paired_speedup(engine: Engine, policy: PolicyStack, ids: list[int], args) ->
     }
 
 
-def evaluate(engine: Engine, policy: PolicyStack | None, texts: dict, args) -> dict[str, Any]:
+def evaluate(engine: Engine, policy: Policy | None, texts: dict, args) -> dict[str, Any]:
     engine.set_policy(policy)
     out = {}
     for name, ids in texts.items():
@@ -195,7 +195,7 @@ def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
     engine = Engine(loaded.model)
     rows: list[dict[str, Any]] = []
 
-    def add(label: str, policy: PolicyStack, extra: dict | None = None) -> None:
+    def add(label: str, policy: Policy, extra: dict | None = None) -> None:
         say(f"[{dtype_name}] {label}")
         rows.append(
             {
@@ -207,10 +207,10 @@ def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
             }
         )
 
-    add("dense", PolicyStack())
+    add("dense", Policy())
     for label, config in SINGLE:
-        add(label, PolicyStack.from_config(config))
-    base = PolicyStack.from_config(COMBINED)
+        add(label, Policy.from_config(config))
+    base = Policy.from_config(COMBINED)
     calibrations = []
     budgets = [("max_ppl_increase", b) for b in args.quality_budgets]
     budgets += [("flop_fraction", b) for b in args.flop_budgets]
@@ -235,7 +235,7 @@ def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
         met = "" if result.met else " (budget not met on validation)"
         add(
             f"combined, calibrated for {budget}{met}",
-            PolicyStack.from_config(result.policy),
+            Policy.from_config(result.policy),
             {"calibration": {"budget": result.budget, "factor": result.factor, "met": result.met}},
         )
     return {

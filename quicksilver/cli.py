@@ -513,10 +513,10 @@ def _with_target_speedup(policy: Any, args: argparse.Namespace, config: Any) -> 
     if args.target_speedup is None:
         return policy
     from quicksilver.policies.skipdecode import schedule_for_speedup
-    from quicksilver.policies.stack import PolicyStack
+    from quicksilver.policies.stack import Policy
 
     schedule = schedule_for_speedup(config, args.target_speedup, args.max_new_tokens)
-    return PolicyStack([*(p for p in policy.policies if p.name != "skipdecode"), schedule])
+    return Policy([*(p for p in policy.policies if p.name != "skipdecode"), schedule])
 
 
 def _parse_fraction(text: str, flag: str) -> float:
@@ -616,7 +616,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     calibration.check_calibratable(base, compute_budget=fraction is not None, decode=generation)
     _set_threads(args.threads)
     from quicksilver.models import loading
-    from quicksilver.policies.stack import PolicyStack, write_policy_file
+    from quicksilver.policies.files import write_policy_file
+    from quicksilver.policies.stack import Policy
     from quicksilver.runtime.engine import Engine
 
     if generation:
@@ -650,7 +651,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     result = calibration.calibrate(
         measure, base, max_ppl_increase=increase, flop_fraction=fraction, steps=args.steps
     )
-    chosen = PolicyStack.from_config(result.policy)
+    chosen = Policy.from_config(result.policy)
     record = {
         "policy": result.policy,
         "calibration": {

@@ -9,9 +9,9 @@ import pytest
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval import calibrate as calibration
-from quicksilver.policies import PolicyStack
+from quicksilver.policies import Policy
 
-BASE = PolicyStack.from_config({"halting": {"relative_drift": 0.2}})
+BASE = Policy.from_config({"halting": {"relative_drift": 0.2}})
 
 
 class FakeEngine:
@@ -82,4 +82,4 @@ def test_unreachable_budget_reports_the_closest_trial() -> None:
 def test_bad_calibrations(config: dict, budget: dict, message: str) -> None:
     with pytest.raises(QuicksilverError, match=message.replace("(", r"\(").replace(")", r"\)")):
         measure = calibration.perplexity_measure(FakeEngine(), [1, 2])
-        calibration.calibrate(measure, PolicyStack.from_config(config), **budget)
+        calibration.calibrate(measure, Policy.from_config(config), **budget)

@@ -16,7 +16,7 @@ from quicksilver.eval.generation import (
     rouge_l,
     wikitext_prompts,
 )
-from quicksilver.policies import PolicyStack
+from quicksilver.policies import Policy
 
 
 def test_metrics_on_known_cases() -> None:
@@ -51,14 +51,14 @@ PROMPTS = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
 
 
 def test_dense_policy_agrees_exactly(model) -> None:
-    result = evaluate_generation(model, PolicyStack(), PROMPTS, max_new_tokens=6, batch_size=2)
+    result = evaluate_generation(model, Policy(), PROMPTS, max_new_tokens=6, batch_size=2)
     assert result.agreement == 1.0 and result.rouge_l == 1.0
     assert result.dense_ppl_of_policy == pytest.approx(result.dense_ppl_of_dense)
     assert result.policy_flops_per_token == pytest.approx(result.dense_flops_per_token)
 
 
 def test_an_acting_policy_is_measured(model) -> None:
-    policy = PolicyStack.from_config(MATRIX["halt_skip"])
+    policy = Policy.from_config(MATRIX["halt_skip"])
     result = evaluate_generation(model, policy, PROMPTS, max_new_tokens=6, batch_size=3)
     assert result.policy_flops_per_token < result.dense_flops_per_token
     assert result.policy_prefill_flops_per_token < result.dense_prefill_flops_per_token
@@ -68,11 +68,11 @@ def test_an_acting_policy_is_measured(model) -> None:
 
 def test_bad_input(model) -> None:
     with pytest.raises(QuicksilverError, match="no prompts"):
-        evaluate_generation(model, PolicyStack(), [], max_new_tokens=2)
+        evaluate_generation(model, Policy(), [], max_new_tokens=2)
     with pytest.raises(QuicksilverError, match="at least 2 new tokens"):
-        evaluate_generation(model, PolicyStack(), PROMPTS, max_new_tokens=1)
+        evaluate_generation(model, Policy(), PROMPTS, max_new_tokens=1)
     with pytest.raises(QuicksilverError, match="batch size must be at least 1"):
-        evaluate_generation(model, PolicyStack(), PROMPTS, batch_size=0)
+        evaluate_generation(model, Policy(), PROMPTS, batch_size=0)
 
 
 def test_dense_nll_matches_a_direct_computation(model) -> None:

@@ -36,14 +36,14 @@ from quicksilver.policies import (
     REGISTRY,
     Decision,
     LayerView,
+    Mechanism,
     Policy,
     PolicyConfigError,
-    PolicyStack,
     load_policy,
 )
+from quicksilver.policies.files import read_policy_file, write_policy_file
 from quicksilver.policies.fusion import TokenFusion, distance_to_previous, fold_right
 from quicksilver.policies.kv_skip import KVSkip
-from quicksilver.policies.stack import read_policy_file, write_policy_file
 from quicksilver.runtime import adaptive
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
@@ -103,7 +103,7 @@ MATRIX: dict[str, dict] = {
         }
     },
     "paper": PRESETS["paper"],  # acts only through its checks here: entropies are ~6.6 bits
-    "paper_x6": PolicyStack.from_config(PRESETS["paper"]).scaled(6.0).to_config(),
+    "paper_x6": Policy.from_config(PRESETS["paper"]).scaled(6.0).to_config(),
     # Combinations of halting, KV treatments and widths (all four together below).
     "halt_skip_int4": {
         "halting": HALT,
@@ -191,9 +191,9 @@ def tokens_for(seed: int, batch: int = B, seq: int = S, vocab: int = CONFIG.voca
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def make_engine(model: Transformer, policy: dict | PolicyStack | None) -> Engine:
+def make_engine(model: Transformer, policy: dict | Policy | None) -> Engine:
     if isinstance(policy, dict):
-        policy = PolicyStack.from_config(policy)
+        policy = Policy.from_config(policy)
     return Engine(model, policy=policy)
 
 
@@ -226,7 +226,7 @@ def rows_through_mlp(model: Transformer, monkeypatch: pytest.MonkeyPatch) -> lis
 
 
 @dataclass
-class Scripted(Policy):
+class Scripted(Mechanism):
     """Test-only mechanism that decides by position, the same in every row: ``halts`` maps a
     layer to the positions halted after it, ``merges`` to (source, target) position pairs.
     It computes no signal (no check cost), so the accounting can be worked out by hand."""
@@ -249,11 +249,11 @@ class Scripted(Policy):
         return Decision(halt=halt, merge_from=merge[:, 0], merge_into=merge[:, 1])
 
 
-def halt_at(layer: int, positions: tuple[int, ...], treatment: str | None) -> PolicyStack:
-    policies: list[Policy] = [Scripted(halts={layer: positions})]
+def halt_at(layer: int, positions: tuple[int, ...], treatment: str | None) -> Policy:
+    policies: list[Mechanism] = [Scripted(halts={layer: positions})]
     if treatment is not None:
         policies.append(KVSkip(treatment))
-    return PolicyStack(policies)
+    return Policy(policies)
 
 
 # --- 1. every configuration of the matrix acts ---------------------------------------------
@@ -306,8 +306,8 @@ def test_off_settings_give_dense_logits_exactly(model: Transformer, name: str) -
 
 def test_off_stack_uses_the_dense_path(model: Transformer) -> None:
     for name in ("empty", "halting_null", "kv_skip_alone", "fusion_null", "matryoshka_null"):
-        assert PolicyStack.from_config(OFF[name]).is_off
-    assert not PolicyStack.from_config(OFF["halt_relative_0"]).is_off
+        assert Policy.from_config(OFF[name]).is_off
+    assert not Policy.from_config(OFF["halt_relative_0"]).is_off
 
 
 # --- 3. no causality leak, no leak across rows ---------------------------------------------
@@ -702,9 +702,7 @@ def test_scripted_merges_by_hand(model: Transformer, monkeypatch: pytest.MonkeyP
     )
     seen = rows_through_mlp(model, monkeypatch)
     try:
-        logits, engine, cache = run(
-            model, PolicyStack([Scripted(merges={0: ((2, 3), (6, 7))})]), tokens
-        )
+        logits, engine, cache = run(model, Policy([Scripted(merges={0: ((2, 3), (6, 7))})]), tokens)
     finally:
         hook.remove()
     c = engine.counter
@@ -725,23 +723,23 @@ def test_scripted_merges_by_hand(model: Transformer, monkeypatch: pytest.MonkeyP
 def test_merge_into_a_token_halted_at_the_same_layer(model: Transformer) -> None:
     """The source's fate is its own decision: it stops even when its target halts (the
     halted target receives it); a source that halts itself just halts."""
-    stack = PolicyStack([Scripted(merges={0: ((2, 3),)}, halts={0: (3,)}), KVSkip("skip")])
+    stack = Policy([Scripted(merges={0: ((2, 3),)}, halts={0: (3,)}), KVSkip("skip")])
     _, engine, cache = run(model, stack, tokens_for(14))
     assert not bool(cache.visible[1:, :, 2].any())  # 2 merged away
     assert not bool(cache.visible[1:, :, 3].any())  # 3 halted (skip hides it)
     assert engine.counter.layer_tokens == N + (L - 1) * (N - 2 * B)
-    stack = PolicyStack([Scripted(merges={0: ((2, 3),)}, halts={0: (2,)}), KVSkip("skip")])
+    stack = Policy([Scripted(merges={0: ((2, 3),)}, halts={0: (2,)}), KVSkip("skip")])
     _, engine, cache = run(model, stack, tokens_for(14))
     assert not bool(cache.visible[1:, :, 2].any())  # 2 halted
     assert bool(cache.visible[1:, :, 3].all())  # 3 received nothing and keeps running
     assert engine.counter.layer_tokens == N + (L - 1) * (N - B)
 
 
-def size_weighted_scripted(treatment: str, halt_super_token: bool) -> PolicyStack:
+def size_weighted_scripted(treatment: str, halt_super_token: bool) -> Policy:
     """Merge 2 -> 3 after layer 0 (size 2), optionally halt the super-token after layer 1;
     a fusion policy that never merges (threshold 0) switches size weighting on."""
     halts = {1: (3,)} if halt_super_token else {}
-    return PolicyStack(
+    return Policy(
         [
             Scripted(merges={0: ((2, 3),)}, halts=halts),
             KVSkip(treatment),
@@ -887,14 +885,14 @@ def test_matryoshka_entropy_picks_every_width(model: Transformer) -> None:
     tokens = tokens_for(12)
     entropies = []
 
-    class Record(Policy):
+    class Record(Mechanism):
         name = "record"
 
         def after_layer(self, view):
             if view.layer == 1:
                 entropies.append(view.lens_entropy())
 
-    run(model, PolicyStack([Record()]), tokens)
+    run(model, Policy([Record()]), tokens)
     low, high = torch.quantile(entropies[0], torch.tensor([1 / 3, 2 / 3])).tolist()
     policy = {"matryoshka": {"entropy_low": low, "entropy_high": high, "decision_layer": 1}}
     _, engine, _ = run(model, policy, tokens)
@@ -925,24 +923,24 @@ def test_propagated_kv_projections_count_their_weight_reads(model: Transformer) 
 
 @pytest.mark.parametrize("name", MATRIX)
 def test_config_round_trips(name: str, tmp_path: Path) -> None:
-    stack = PolicyStack.from_config(MATRIX[name])
-    assert PolicyStack.from_config(stack.to_config()) == stack
+    stack = Policy.from_config(MATRIX[name])
+    assert Policy.from_config(stack.to_config()) == stack
     for suffix in (".json", ".yaml"):
         path = tmp_path / f"policy{suffix}"
         write_policy_file(stack, path)
-        assert PolicyStack.from_config(read_policy_file(path)) == stack
+        assert Policy.from_config(read_policy_file(path)) == stack
         assert load_policy(str(path)) == stack
     json.dumps(stack.to_config())  # plain values only
 
 
 def test_mechanisms_run_in_registry_order() -> None:
     config = {"matryoshka": {"fixed_bits": 4}, "fusion": {"threshold": 1.0}, "halting": {}}
-    names = [p.name for p in PolicyStack.from_config(config).policies]
+    names = [p.name for p in Policy.from_config(config).policies]
     assert names == [n for n in REGISTRY if n in config]
 
 
 def test_integers_become_floats_for_numbers() -> None:
-    stack = PolicyStack.from_config({"halting": {"drift": 1, "min_layer": 2}})
+    stack = Policy.from_config({"halting": {"drift": 1, "min_layer": 2}})
     halting = stack.get("halting")
     assert halting.drift == 1.0 and isinstance(halting.drift, float)
     assert isinstance(halting.min_layer, int)
@@ -951,7 +949,7 @@ def test_integers_become_floats_for_numbers() -> None:
 def test_results_file_reuses_its_stored_policy(tmp_path: Path) -> None:
     path = tmp_path / "results.json"
     path.write_text(json.dumps({"policy": MATRIX["all_skip"], "ppl": 12.5}))
-    assert load_policy(str(path)) == PolicyStack.from_config(MATRIX["all_skip"])
+    assert load_policy(str(path)) == Policy.from_config(MATRIX["all_skip"])
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_policy(str(empty)).is_off
@@ -960,7 +958,7 @@ def test_results_file_reuses_its_stored_policy(tmp_path: Path) -> None:
 def test_presets_and_overrides() -> None:
     assert load_policy("dense").is_off and load_policy(None).is_off
     paper = load_policy("paper")
-    assert paper == PolicyStack.from_config(PRESETS["paper"])
+    assert paper == Policy.from_config(PRESETS["paper"])
     assert paper.kv_treatment == "zero"
     tuned = load_policy(
         "paper",
@@ -979,7 +977,7 @@ def test_presets_and_overrides() -> None:
 
 
 def test_scaled_multiplies_only_the_knobs() -> None:
-    stack = PolicyStack.from_config(MATRIX["all_skip"]).scaled(2.0)
+    stack = Policy.from_config(MATRIX["all_skip"]).scaled(2.0)
     halting, fusion = stack.get("halting"), stack.get("fusion")
     assert halting.relative_drift == pytest.approx(0.4) and halting.drift is None
     assert halting.min_layer == 1 and fusion.threshold == pytest.approx(2.9)
@@ -989,8 +987,8 @@ def test_scaled_multiplies_only_the_knobs() -> None:
 
 
 def test_describe() -> None:
-    assert PolicyStack.from_config({}).describe() == "dense"
-    text = PolicyStack.from_config(MATRIX["halt_skip"]).describe()
+    assert Policy.from_config({}).describe() == "dense"
+    text = Policy.from_config(MATRIX["halt_skip"]).describe()
     assert "halting(" in text and "relative_drift=0.2" in text and "treatment=skip" in text
 
 
@@ -1030,7 +1028,7 @@ INVALID = {
 def test_invalid_configs_are_explained(case: str) -> None:
     config, message = INVALID[case]
     with pytest.raises(PolicyConfigError) as error:
-        PolicyStack.from_config(config)
+        Policy.from_config(config)
     assert message in str(error.value)
 
 
@@ -1048,7 +1046,7 @@ def test_invalid_configs_are_explained(case: str) -> None:
     ],
 )
 def test_layers_beyond_the_depth_are_rejected(model: Transformer, config, message) -> None:
-    stack = PolicyStack.from_config(config)
+    stack = Policy.from_config(config)
     with pytest.raises(PolicyConfigError) as error:
         Engine(model, policy=stack)
     assert message in str(error.value)
@@ -1073,7 +1071,7 @@ UNUSED_LAYER_PARAMETERS = {
 def test_unused_layer_parameters_fit_a_shallow_model(model: Transformer, name: str) -> None:
     config = UNUSED_LAYER_PARAMETERS[name]
     logits, _, _ = run(model, config, tokens_for(1))
-    if PolicyStack.from_config(config).is_off:
+    if Policy.from_config(config).is_off:
         dense, _, _ = run(model, None, tokens_for(1))
         assert torch.equal(logits, dense)
 

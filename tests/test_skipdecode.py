@@ -10,7 +10,7 @@ import torch
 from test_accounting import TINY, random_model
 
 from quicksilver.accounting import head_flops_per_token, layer_matmul_flops_per_token
-from quicksilver.policies import PolicyConfigError, PolicyStack, load_policy
+from quicksilver.policies import Policy, PolicyConfigError, load_policy
 from quicksilver.policies.skipdecode import SkipDecode, schedule_for_speedup
 from quicksilver.runtime.engine import Engine
 
@@ -61,7 +61,7 @@ def test_plan_keeps_warmup_and_top_layers_and_skips_just_above_warmup() -> None:
 )
 def test_impossible_schedules_are_rejected(settings: dict, message: str) -> None:
     with pytest.raises(PolicyConfigError, match=message):
-        PolicyStack.from_config({"skipdecode": settings})
+        Policy.from_config({"skipdecode": settings})
 
 
 @pytest.mark.parametrize(
@@ -74,7 +74,7 @@ def test_impossible_schedules_are_rejected(settings: dict, message: str) -> None
 )
 def test_schedules_that_do_not_fit_the_model(model, settings: dict, message: str) -> None:
     with pytest.raises(PolicyConfigError, match=message):
-        Engine(model, policy=PolicyStack.from_config({"skipdecode": settings}))
+        Engine(model, policy=Policy.from_config({"skipdecode": settings}))
 
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12]]

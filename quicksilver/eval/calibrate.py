@@ -2,7 +2,7 @@
 
 CALM's idea, in its simplest form: the user picks the signals (which mechanisms, which
 layers); one knob — a factor that scales every threshold of the policy together
-(``PolicyStack.scaled``) — trades quality for compute. Larger thresholds halt, merge and
+(``Policy.scaled``) — trades quality for compute. Larger thresholds halt, merge and
 narrow more tokens, so quality and cost both fall monotonically (nearly: these are
 measurements, not guarantees). We search that factor on a calibration split for either
 
@@ -32,7 +32,7 @@ from typing import Any
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.generation import DenseReference
 from quicksilver.eval.perplexity import evaluate_perplexity
-from quicksilver.policies.stack import KNOBS, PolicyStack
+from quicksilver.policies.stack import KNOBS, Policy
 from quicksilver.runtime.engine import Engine
 
 MAX_BRACKET_STEPS = 8
@@ -47,7 +47,7 @@ class Measurement:
 
 
 # Measures a policy (None: the dense model) on fixed calibration data.
-Measure = Callable[[PolicyStack | None], Measurement]
+Measure = Callable[[Policy | None], Measurement]
 
 
 def perplexity_measure(
@@ -61,7 +61,7 @@ def perplexity_measure(
 ) -> Measure:
     """Sliding-window perplexity of ``token_ids`` and the FLOPs of the whole run."""
 
-    def measure(policy: PolicyStack | None) -> Measurement:
+    def measure(policy: Policy | None) -> Measurement:
         engine.set_policy(policy)
         result = evaluate_perplexity(
             engine,
@@ -86,7 +86,7 @@ def generation_measure(
     own for None, generated once) and the decode FLOPs per generated token."""
     dense: DenseReference | None = None  # generated at the first measurement
 
-    def measure(policy: PolicyStack | None) -> Measurement:
+    def measure(policy: Policy | None) -> Measurement:
         nonlocal dense
         start = time.perf_counter()
         if dense is None:
@@ -129,9 +129,7 @@ class CalibrationResult:
         return asdict(self)
 
 
-def check_calibratable(
-    policy: PolicyStack, compute_budget: bool = False, decode: bool = False
-) -> None:
+def check_calibratable(policy: Policy, compute_budget: bool = False, decode: bool = False) -> None:
     """A policy can be calibrated when it has a threshold to scale; for a compute budget, one
     that changes FLOPs (Matryoshka widths change bytes, not FLOPs; in decoding, where fusion
     never folds a token, only halting does)."""
@@ -161,7 +159,7 @@ def check_calibratable(
 
 def calibrate(
     measure: Measure,
-    base: PolicyStack,
+    base: Policy,
     *,
     max_ppl_increase: float | None = None,
     flop_fraction: float | None = None,

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.policies.stack import PolicyStack
+from quicksilver.policies.stack import Policy
 from quicksilver.runtime.engine import Engine, GenerationResult
 
 
@@ -220,7 +220,7 @@ class DenseReference:
             dense_nll(self.engine, p, c) for p, c in zip(self.prompts, continuations, strict=True)
         )
 
-    def measure(self, policy: PolicyStack) -> GenerationQuality:
+    def measure(self, policy: Policy) -> GenerationQuality:
         """Generate under ``policy`` (same prompts, batches and length) and compare."""
         results = _run(Engine(self.model, policy=policy), self.batches, self.max_new_tokens)
         mine = [row for r in results for row in r.tokens]
@@ -246,7 +246,7 @@ class DenseReference:
 
 def evaluate_generation(
     model: Any,
-    policy: PolicyStack,
+    policy: Policy,
     prompts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 32,

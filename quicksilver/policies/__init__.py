@@ -1,16 +1,17 @@
 """Mechanisms that give each token only the computation it needs, one per file."""
 
-from quicksilver.policies.base import Decision, LayerView, Policy, PolicyConfigError, TokenState
-from quicksilver.policies.stack import PRESETS, REGISTRY, PolicyStack, load_policy
+from quicksilver.policies.base import Decision, LayerView, Mechanism, PolicyConfigError, TokenState
+from quicksilver.policies.files import load_policy
+from quicksilver.policies.stack import PRESETS, REGISTRY, Policy
 
 __all__ = [
     "PRESETS",
     "REGISTRY",
     "Decision",
     "LayerView",
-    "Policy",
+    "Mechanism",
     "PolicyConfigError",
-    "PolicyStack",
+    "Policy",
     "TokenState",
     "load_policy",
 ]

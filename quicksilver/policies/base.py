@@ -132,7 +132,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 @dataclass
-class Policy:
+class Mechanism:
     """Base of every mechanism. Subclasses set ``name`` and implement ``after_layer``; their
     dataclass fields are their parameters (plain numbers, strings or None)."""
 
@@ -165,7 +165,7 @@ class Policy:
     def decides_after(self, layer: int) -> bool:
         """Whether ``after_layer`` may act after ``layer``. The engine builds no view and
         calls nothing at the other layers, which keeps decoding's per-layer overhead low."""
-        return type(self).after_layer is not Policy.after_layer
+        return type(self).after_layer is not Mechanism.after_layer
 
     def after_layer(self, view: LayerView) -> Decision | None:
         """Decide about the tokens that ran layer ``view.layer`` (None: nothing to do)."""
@@ -198,7 +198,7 @@ class Policy:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Policy:
+    def from_dict(cls, values: dict[str, Any]) -> Mechanism:
         if not isinstance(values, dict):
             raise PolicyConfigError(
                 f"policy {cls.name!r} needs a mapping of parameters, got {values!r}"

@@ -34,7 +34,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.policies.base import (
     Decision,
     LayerView,
-    Policy,
+    Mechanism,
     PolicyConfigError,
     check_layer,
     check_threshold,
@@ -85,7 +85,7 @@ def fold_right(
 
 
 @dataclass
-class TokenFusion(Policy):
+class TokenFusion(Mechanism):
     name = "fusion"
     summary = "fold redundant tokens into right-hand super-tokens (Contextual Token Fusion)"
     choices = {"metric": METRICS}

@@ -23,7 +23,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.policies.base import (
     Decision,
     LayerView,
-    Policy,
+    Mechanism,
     PolicyConfigError,
     check_layer,
     check_threshold,
@@ -31,7 +31,7 @@ from quicksilver.policies.base import (
 
 
 @dataclass
-class TokenHalting(Policy):
+class TokenHalting(Mechanism):
     name = "halting"
     summary = "freeze tokens whose state stopped changing (Dynamic Token Halting)"
 

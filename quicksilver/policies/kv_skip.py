@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quicksilver.policies.base import Policy, PolicyConfigError
+from quicksilver.policies.base import Mechanism, PolicyConfigError
 
 TREATMENTS = ("propagate", "skip", "zero")
 
 
 @dataclass
-class KVSkip(Policy):
+class KVSkip(Mechanism):
     name = "kv_skip"
     summary = "what halted tokens write to the KV cache: propagate | skip | zero"
     choices = {"treatment": TREATMENTS}

@@ -36,7 +36,7 @@ from quicksilver.models.transformer import Linear, Transformer
 from quicksilver.policies.base import (
     Decision,
     LayerView,
-    Policy,
+    Mechanism,
     PolicyConfigError,
     TokenState,
     check_layer,
@@ -107,7 +107,7 @@ def narrow_products(
 
 
 @dataclass
-class Matryoshka(Policy):
+class Matryoshka(Mechanism):
     name = "matryoshka"
     summary = "per-token weight width 8/4/2 bits from logit-lens entropy (Matryoshka quantisation)"
     choices = {"fixed_bits": (None, *WIDTHS), "kernel": ("auto", "int8", "simulated")}

@@ -25,11 +25,11 @@ from quicksilver.accounting import (
     layer_matmul_flops_per_token,
 )
 from quicksilver.models.config import ModelConfig
-from quicksilver.policies.base import Policy, PolicyConfigError
+from quicksilver.policies.base import Mechanism, PolicyConfigError
 
 
 @dataclass
-class SkipDecode(Policy):
+class SkipDecode(Mechanism):
     name = "skipdecode"
     summary = "batch-wide layer skipping per generated position, on a decaying schedule"
 

@@ -2,31 +2,28 @@
 
 A policy configuration is a plain mapping ``{mechanism name: {parameter: value}}``, e.g.
 ``{"halting": {"relative_drift": 0.05, "min_layer": 20}, "kv_skip": {"treatment": "skip"}}``;
-``{}`` is the dense model. It is stored with every result (``PolicyStack.to_config``).
+``{}`` is the dense model. It is stored with every result (``Policy.to_config``).
 Mechanisms always run in registry order (halting, kv_skip, fusion, matryoshka, skipdecode),
 whatever the order in the file.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Transformer
-from quicksilver.policies.base import Policy, PolicyConfigError
+from quicksilver.policies.base import Mechanism, PolicyConfigError
 from quicksilver.policies.fusion import TokenFusion
 from quicksilver.policies.halting import TokenHalting
 from quicksilver.policies.kv_skip import KVSkip
 from quicksilver.policies.matryoshka import Matryoshka
 from quicksilver.policies.skipdecode import SkipDecode
 
-REGISTRY: dict[str, type[Policy]] = {
+REGISTRY: dict[str, type[Mechanism]] = {
     cls.name: cls for cls in (TokenHalting, KVSkip, TokenFusion, Matryoshka, SkipDecode)
 }
 
@@ -49,11 +46,11 @@ KNOBS: dict[str, tuple[str, ...]] = {
 
 
 @dataclass
-class PolicyStack:
-    policies: list[Policy] = field(default_factory=list)
+class Policy:
+    policies: list[Mechanism] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any] | None) -> PolicyStack:
+    def from_config(cls, config: dict[str, Any] | None) -> Policy:
         config = config or {}
         if not isinstance(config, dict):
             raise PolicyConfigError(
@@ -74,7 +71,7 @@ class PolicyStack:
     def to_config(self) -> dict[str, Any]:
         return {p.name: p.to_dict() for p in self.policies}
 
-    def get(self, name: str) -> Policy | None:
+    def get(self, name: str) -> Mechanism | None:
         return next((p for p in self.policies if p.name == name), None)
 
     @property
@@ -91,7 +88,7 @@ class PolicyStack:
         fusion = self.get("fusion")
         return isinstance(fusion, TokenFusion) and not fusion.is_off and fusion.size_weighted
 
-    def deciders(self, layer: int) -> list[Policy]:
+    def deciders(self, layer: int) -> list[Mechanism]:
         """The mechanisms that may act after ``layer`` (in registry order)."""
         return [p for p in self.policies if not p.is_off and p.decides_after(layer)]
 
@@ -105,7 +102,7 @@ class PolicyStack:
             if not policy.is_off:
                 policy.prepare(model)
 
-    def release(self, model: Transformer, keep: PolicyStack | None = None) -> None:
+    def release(self, model: Transformer, keep: Policy | None = None) -> None:
         """Undo what ``prepare`` attached, except what ``keep`` (the next policy) shares."""
         kept = {(p.name, p.prepare_key()) for p in (keep.policies if keep else []) if not p.is_off}
         for policy in self.policies:
@@ -123,7 +120,7 @@ class PolicyStack:
                 plan = part if plan is None else plan & part
         return plan
 
-    def scaled(self, factor: float) -> PolicyStack:
+    def scaled(self, factor: float) -> Policy:
         """The same policy with every calibration knob multiplied by ``factor``."""
         policies = []
         for policy in self.policies:
@@ -133,7 +130,7 @@ class PolicyStack:
                 if getattr(policy, key) is not None
             }
             policies.append(replace(policy, **changes))
-        return PolicyStack(policies)
+        return Policy(policies)
 
     def describe(self) -> str:
         if self.is_off:
@@ -148,62 +145,3 @@ class PolicyStack:
             ]
             parts.append(f"{policy.name}({', '.join(changed)})")
         return " + ".join(parts)
-
-
-def load_policy(spec: str | None, overrides: list[str] | None = None) -> PolicyStack:
-    """A policy from a preset name or a JSON/YAML file, with ``name.key=value`` overrides
-    (values parsed as YAML scalars: numbers, null, true/false, text)."""
-    config: dict[str, Any] = {}
-    if spec:
-        if spec in PRESETS:
-            config = json.loads(json.dumps(PRESETS[spec]))
-        else:
-            config = read_policy_file(Path(spec))
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        name, dot, param = key.strip().partition(".")
-        if not sep or not dot or not name or not param:
-            raise PolicyConfigError(
-                f"--set expects mechanism.parameter=value (e.g. halting.min_layer=20), got {item!r}"
-            )
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            raise PolicyConfigError(f"cannot parse the value in {item!r}: {exc}") from None
-        section = config.get(name) or {}
-        config[name] = section
-        if not isinstance(section, dict):
-            raise PolicyConfigError(f"policy {name!r} in the configuration is not a mapping")
-        section[param] = value
-    return PolicyStack.from_config(config)
-
-
-def read_policy_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        presets = ", ".join(PRESETS)
-        raise PolicyConfigError(
-            f"policy {str(path)!r} is neither a preset ({presets}) nor an existing JSON/YAML file"
-        )
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise PolicyConfigError(f"cannot parse policy file {path}: {exc}") from None
-    if isinstance(data, dict) and "policy" in data and isinstance(data["policy"], dict):
-        data = data["policy"]  # a results or calibration JSON: reuse the policy it stored
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise PolicyConfigError(
-            f"policy file {path} must hold a mapping, got {type(data).__name__}"
-        )
-    return data
-
-
-def write_policy_file(stack: PolicyStack, path: Path) -> None:
-    text = (
-        json.dumps(stack.to_config(), indent=2)
-        if path.suffix == ".json"
-        else yaml.safe_dump(stack.to_config(), sort_keys=False)
-    )
-    path.write_text(text + ("\n" if not text.endswith("\n") else ""), encoding="utf-8")

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from quicksilver.accounting import FlopCounter, layer_weight_count, weight_bytes_of_layer
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Block, Step, WidthGroups, run_linear
-from quicksilver.policies.base import Decision, LayerView, Policy, TokenState
-from quicksilver.policies.stack import PolicyStack
+from quicksilver.policies.base import Decision, LayerView, Mechanism, TokenState
+from quicksilver.policies.stack import Policy
 from quicksilver.runtime.cache import KVCache
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def attend_rows(
 
 
 def adaptive_forward(
-    engine: Engine, tokens: torch.Tensor, cache: KVCache, step: Step, policy: PolicyStack
+    engine: Engine, tokens: torch.Tensor, cache: KVCache, step: Step, policy: Policy
 ) -> torch.Tensor:
     """Run tokens [B, S] through every layer under ``policy``; return final states [B, S, d]
     (halted and merged-away tokens keep the state they stopped with)."""
@@ -315,7 +315,7 @@ def _attend_decode(
     return out, int(reads.sum())
 
 
-def _decide(deciders: list[Policy], view: LayerView) -> Decision:
+def _decide(deciders: list[Mechanism], view: LayerView) -> Decision:
     """Combine the policies' decisions: halts are OR-ed, merges and widths concatenated. A
     merge whose source halts at the same layer is dropped (the source just halts); a halting
     target still receives its source (the source's fate must not depend on a later token)."""

@@ -9,7 +9,7 @@ call with S = prompt length or S = 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,7 @@ import torch
 from quicksilver.accounting import FlopCounter, layer_weight_count
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.transformer import Step, Transformer
-from quicksilver.policies.stack import PolicyStack
+from quicksilver.policies.stack import Policy
 from quicksilver.runtime.adaptive import adaptive_forward
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
@@ -32,6 +32,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
     flops: dict[str, int] = field(default_factory=dict)  # prefill and decode
     decode_flops: dict[str, int] = field(default_factory=dict)  # decode steps only
 
@@ -52,15 +53,15 @@ class Engine:
         self,
         model: Transformer,
         counter: FlopCounter | None = None,
-        policy: PolicyStack | None = None,
+        policy: Policy | None = None,
     ) -> None:
         self.model = model
         self.config = model.config
         self.counter = counter if counter is not None else FlopCounter(model.config)
-        self.policy: PolicyStack | None = None
+        self.policy: Policy | None = None
         self.set_policy(policy)
 
-    def set_policy(self, policy: PolicyStack | None) -> None:
+    def set_policy(self, policy: Policy | None) -> None:
         """Use ``policy`` from the next forward on (None or an off policy: the dense model).
         Checks it against the model and does its one-time preparation (e.g. quantisation)."""
         if policy is not None:
@@ -166,41 +167,107 @@ class Engine:
         Finished rows keep riding along in the batch (uniform shapes), their tokens ignored;
         their work is counted because it ran.
         """
+        generation = self.start(prompts, max_new_tokens, sampling, stop_ids)
+        for new in generation:
+            if on_token is not None:
+                for row, token in new:
+                    on_token(row, token)
+        return generation.result()
+
+    def start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None = None,
+        stop_ids: Sequence[int] | None = None,
+    ) -> Generation:
+        """A batched generation to drive one step at a time (streaming, stop strings)."""
+        return Generation(self, prompts, max_new_tokens, sampling, stop_ids)
+
+
+class Generation:
+    """Batched generation, one step at a time: iterating yields, per step, the (row, token)
+    pairs produced (the first step's come from the prompts' forward). ``finish(row)`` ends a
+    row early (e.g. its text reached a stop string); ``result()`` sums up once iteration ends.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        sampling: SamplingConfig | None,
+        stop_ids: Sequence[int] | None,
+    ) -> None:
         if max_new_tokens < 1:
             raise QuicksilverError("max_new_tokens must be at least 1")
-        sampling = sampling or SamplingConfig()
-        generator = make_generator(sampling)
-        stops = set(self.config.eos_token_ids if stop_ids is None else stop_ids)
-        flops_before = self.counter.summary()
+        self.engine = engine
+        self.prompts = [list(p) for p in prompts]
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or SamplingConfig()
+        self.stops = set(engine.config.eos_token_ids if stop_ids is None else stop_ids)
+        self.tokens: list[list[int]] = [[] for _ in self.prompts]
+        self.finish_reasons: list[str | None] = [None] * len(self.prompts)
+        self.prefill_seconds = self.decode_seconds = 0.0
+        self.decode_steps = 0
+        self._flops_before: dict[str, int] = {}
+        self._flops_after_prefill: dict[str, int] = {}
+        self._ended = False
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+    def finish(self, row: int, reason: str = "stop") -> None:
+        """End ``row`` now (its later tokens are not produced)."""
+        if self.finish_reasons[row] is None:
+            self.finish_reasons[row] = reason
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        engine = self.engine
+        generator = make_generator(self.sampling)
+        counter = engine.counter
+        self._flops_before = counter.summary()
         start = time.perf_counter()
-        logits, cache = self.prefill(prompts, max_new_tokens)
-        prefill_seconds = time.perf_counter() - start
-        flops_after_prefill = self.counter.summary()
-        outputs: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        steps = 0
+        logits, cache = engine.prefill(self.prompts, self.max_new_tokens)
+        self.prefill_seconds = time.perf_counter() - start
+        self._flops_after_prefill = counter.summary()
         start = time.perf_counter()
-        while True:
-            next_ids = sample_next(logits, sampling, generator)
-            for row, token in enumerate(next_ids.tolist()):
-                if done[row]:
-                    continue
-                outputs[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
-                if token in stops or len(outputs[row]) >= max_new_tokens:
-                    done[row] = True
-            if all(done):
-                break
-            logits = self.forward(next_ids.view(-1, 1), cache)
-            steps += 1
-        decode_seconds = time.perf_counter() - start
+        try:
+            while True:
+                next_ids = sample_next(logits, self.sampling, generator)
+                new = []
+                for row, token in enumerate(next_ids.tolist()):
+                    if self.finish_reasons[row] is not None:
+                        continue
+                    self.tokens[row].append(token)
+                    new.append((row, token))
+                    if token in self.stops:
+                        self.finish_reasons[row] = "stop"
+                    elif len(self.tokens[row]) >= self.max_new_tokens:
+                        self.finish_reasons[row] = "length"
+                paused = time.perf_counter()
+                yield new
+                start += time.perf_counter() - paused  # the consumer's time is not decoding
+                if self.done:
+                    break
+                logits = engine.forward(next_ids.view(-1, 1), cache)
+                self.decode_steps += 1
+        finally:
+            self.decode_seconds = time.perf_counter() - start
+            self._ended = True
+
+    def result(self) -> GenerationResult:
+        if not self._ended:
+            raise QuicksilverError("the generation has not run yet: iterate over it first")
+        counter = self.engine.counter
         return GenerationResult(
-            tokens=outputs,
-            prompt_tokens=sum(len(p) for p in prompts),
-            prefill_seconds=prefill_seconds,
-            decode_seconds=decode_seconds,
-            decode_steps=steps,
-            flops=self.counter.since(flops_before),
-            decode_flops=self.counter.since(flops_after_prefill),
+            tokens=self.tokens,
+            prompt_tokens=sum(len(p) for p in self.prompts),
+            prefill_seconds=self.prefill_seconds,
+            decode_seconds=self.decode_seconds,
+            decode_steps=self.decode_steps,
+            finish_reasons=[reason or "stop" for reason in self.finish_reasons],
+            flops=counter.since(self._flops_before),
+            decode_flops=counter.since(self._flops_after_prefill),
         )
