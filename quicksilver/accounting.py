@@ -69,6 +69,57 @@ def kv_projection_flops_per_token(config: ModelConfig) -> int:
     return 2 * config.hidden_size * 2 * config.kv_dim
 
 
+def lens_check_flops(config: ModelConfig, n_tokens: int, vocab_rows: int) -> int:
+    """A logit-lens signal: the head product over ``vocab_rows`` ids (and OPT's output
+    projection) for ``n_tokens`` tokens."""
+    flops = n_tokens * 2 * config.embed_dim * vocab_rows
+    if config.word_embed_proj_dim:
+        flops += n_tokens * 2 * config.hidden_size * config.word_embed_proj_dim
+    return flops
+
+
+def drift_check_flops(hidden: int, n_tokens: int, relative: bool) -> int:
+    """||h_l - h_(l-1)|| per token: difference, square, sum (3d); dividing by ||h_l|| adds
+    its square and sum (2d)."""
+    return n_tokens * hidden * (5 if relative else 3)
+
+
+def fusion_check_flops(hidden: int, window: int, n_tokens: int) -> int:
+    """One distance (difference, square, sum) per token and each of its ``window``
+    candidates."""
+    return 3 * hidden * window * n_tokens
+
+
+def decode_flops_per_token(config: ModelConfig, layers: float) -> float:
+    """Matmul FLOPs of one generated token that runs ``layers`` layers: those layers, the
+    embedding projection (if any) and the LM head, which always run. Attention over the
+    context is left out (small at short contexts, and shrinking with the layers anyway)."""
+    fixed = head_flops_per_token(config) + embed_flops_per_token(config)
+    return layers * layer_matmul_flops_per_token(config) + fixed
+
+
+def kv_cache_bytes(config: ModelConfig, batch: int, length: int, element_size: int) -> int:
+    """Memory of a KV cache: keys and values of every layer, row and slot."""
+    return 2 * config.n_layers * batch * config.n_kv_heads * length * config.head_dim * element_size
+
+
+def kv_weight_bytes(config: ModelConfig, element_size: int) -> int:
+    """The K/V rows of one layer's QKV weight: what a propagated halted token reads."""
+    return 2 * config.kv_dim * config.hidden_size * element_size
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where unknown): what an allocation may use."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def layer_weight_count(config: ModelConfig) -> int:
     """Weights of one layer's matrices (QKV, attention output, MLP)."""
     return layer_matmul_flops_per_token(config) // 2

@@ -103,8 +103,8 @@ def test_tokens_placed_by_explicit_slots_match_the_contiguous_path(smollm_fp32):
 
     explicit = engine.new_cache(1, 16)
     engine.forward(ids[:, :6], explicit)
-    step = engine.make_step(explicit, 4)
-    step.write_start = None  # force per-token slot writes
-    got = engine.forward(ids[:, 6:], explicit, logits_at="all", step=step)
+    context = engine.context(explicit, 4)
+    context.write_start = None  # force per-token slot writes
+    got = engine.forward(ids[:, 6:], explicit, logits_at="all", context=context)
     torch.testing.assert_close(got, expected)
     torch.testing.assert_close(explicit.k[:, :, :, :10], contiguous.k[:, :, :, :10])

@@ -51,10 +51,10 @@ def test_teacher_forced_logits_equal_decoding(model, name: str) -> None:
     )
     prompt = 4
     cache = engine.new_cache(1, 12)
-    cache.prompt_end = prompt
+    cache.set_prompt_end(prompt)
     forced = engine.forward(tokens, cache, logits_at="all")[0, prompt - 1 :]
     cache = engine.new_cache(1, 12)
-    cache.prompt_end = prompt
+    cache.set_prompt_end(prompt)
     decoded = [engine.forward(tokens[:, :prompt], cache)[0]]
     decoded += [engine.forward(tokens[:, i : i + 1], cache)[0] for i in range(prompt, 12)]
     torch.testing.assert_close(torch.stack(decoded), forced, atol=1e-5, rtol=1e-5)

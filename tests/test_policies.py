@@ -44,7 +44,7 @@ from quicksilver.policies import (
 from quicksilver.policies.files import read_policy_file, write_policy_file
 from quicksilver.policies.fusion import TokenFusion, distance_to_previous, fold_right
 from quicksilver.policies.kv_skip import KVSkip
-from quicksilver.runtime import adaptive
+from quicksilver.runtime import attention
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
 
@@ -391,8 +391,7 @@ def assert_gathered_path_is_dense(model: Transformer, tokens: torch.Tensor, deco
         engine = make_engine(model, policy)
         cache = engine.new_cache(*tokens.shape)
         if policy is not None:
-            cache.visibility()
-            cache.adapted = True
+            cache._adapted = True  # nothing hidden, but the plain attention may not be used
         steps = [engine.forward(tokens[:, :n], cache, logits_at="all")]
         for i in range(n, n + decode):
             steps.append(engine.forward(tokens[:, i : i + 1], cache, logits_at="all"))
@@ -410,7 +409,7 @@ def test_gathered_path_equals_dense_across_query_chunks(model: Transformer) -> N
 def test_gathered_path_in_small_query_chunks(
     model: Transformer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(adaptive, "QUERY_CHUNK", 5)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 5)
     assert_gathered_path_is_dense(model, tokens_for(16), decode=2)
     _, engine, _ = run(model, halt_at(1, (1, 4, 5, 9), "skip"), tokens_for(8))
     pairs = expected_pairs_after_halt((1, 4, 5, 9), "skip")
@@ -434,15 +433,14 @@ def test_decode_attention_in_one_call_equals_row_by_row(
     index = torch.tensor(rows)
     q = torch.randn(len(rows), 1, config.n_heads, config.head_dim)
     log_size = torch.rand(config.n_layers, 3, 12)[layer] if sized else None
-    visible = cache.visibility()[layer]
+    cache.hide(layer, torch.tensor([0]), torch.tensor([11]))  # after every query: never read
+    visible = cache.visible[layer]
     slots = torch.full((len(rows),), slot)
-    reads = adaptive._one_call_reads(index, slots, visible, cache)
+    reads = attention._reads_without_hidden(cache, layer, index, slots)
     assert reads is not None
-    block = model.blocks[layer]
-    one, one_pairs = adaptive._attend_decode(block, q, index, reads, cache, layer, log_size)
-    each, each_pairs = adaptive.attend_rows(
-        q[:, 0], index, slots, cache.k[layer], cache.v[layer], cache, visible, log_size
-    )
+    one = attention._one_per_row(q, cache, layer, index, reads, log_size)
+    one_pairs = int(reads.sum())
+    each, each_pairs = attention._row_by_row(q[:, 0], cache, layer, index, slots, log_size)
     assert_near(one.view_as(each), each, atol=1e-5)
     assert (
         one_pairs
@@ -450,9 +448,9 @@ def test_decode_attention_in_one_call_equals_row_by_row(
         == sum(min(slot + 1 - int(cache.start[r]), window or slot + 1) for r in rows)
     )
     visible[rows[-1], 5] = False  # before the row's start or out of the window: never read
-    assert adaptive._one_call_reads(index, slots, visible, cache) is not None
+    assert attention._reads_without_hidden(cache, layer, index, slots) is not None
     visible[rows[-1], 8] = False  # read: hidden entries must be gathered out, row by row
-    assert adaptive._one_call_reads(index, slots, visible, cache) is None
+    assert attention._reads_without_hidden(cache, layer, index, slots) is None
 
 
 # --- 4. FLOP accounting, by hand -----------------------------------------------------------
@@ -664,7 +662,7 @@ def test_propagate_projects_the_frozen_state(model: Transformer, treatment: str 
     finally:
         hook.remove()
     h = frozen["h"]  # [B, S, d]: state after layer AFTER (all tokens still ran it)
-    step = engine.make_step(engine.new_cache(B, S), S)
+    step = engine.context(engine.new_cache(B, S), S)
     positions = list(HALTED)
     for layer in range(AFTER + 1, L):
         block = model.blocks[layer]

@@ -142,7 +142,7 @@ def test_teacher_forced_logits_equal_generation(model) -> None:
     generated = engine.generate([prompt], 8, stop_ids=[]).tokens[0]
     sequence = torch.tensor([prompt + generated[:-1]])
     cache = engine.new_cache(1, sequence.shape[1])
-    cache.prompt_end = len(prompt)  # positions from here on are generated steps 0, 1, ...
+    cache.set_prompt_end(len(prompt))  # positions from here on are generated steps 0, 1, ...
     logits = engine.forward(sequence, cache, logits_at="all")[0]
     predicted = logits[len(prompt) - 1 :].argmax(-1).tolist()
     assert predicted == generated

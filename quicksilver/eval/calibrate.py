@@ -32,7 +32,7 @@ from typing import Any
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.generation import DenseReference
 from quicksilver.eval.perplexity import evaluate_perplexity
-from quicksilver.policies.stack import KNOBS, Policy
+from quicksilver.policies.stack import REGISTRY, Policy
 from quicksilver.runtime.engine import Engine
 
 MAX_BRACKET_STEPS = 8
@@ -63,15 +63,17 @@ def perplexity_measure(
 
     def measure(policy: Policy | None) -> Measurement:
         engine.set_policy(policy)
-        result = evaluate_perplexity(
-            engine,
-            token_ids,
-            context=context,
-            stride=stride,
-            batch_size=batch_size,
-            max_windows=max_windows,
-        )
-        engine.set_policy(None)
+        try:
+            result = evaluate_perplexity(
+                engine,
+                token_ids,
+                context=context,
+                stride=stride,
+                batch_size=batch_size,
+                max_windows=max_windows,
+            )
+        finally:
+            engine.set_policy(None)
         return Measurement(
             result.ppl, result.flops["total"], result.seconds, f"{result.tokens} tokens"
         )
@@ -129,31 +131,32 @@ class CalibrationResult:
         return asdict(self)
 
 
+SAVED = {
+    "prompt_flops": "prompt FLOPs",
+    "decode_flops": "decode FLOPs",
+    "weight_bytes": "bytes moved",
+}
+
+
 def check_calibratable(policy: Policy, compute_budget: bool = False, decode: bool = False) -> None:
     """A policy can be calibrated when it has a threshold to scale; for a compute budget, one
-    that changes FLOPs (Matryoshka widths change bytes, not FLOPs; in decoding, where fusion
-    never folds a token, only halting does)."""
-    knobs = {
-        p.name
-        for p in policy.policies
-        for key in KNOBS.get(p.name, ())
-        if getattr(p, key) is not None
-    }
-    if not knobs:
+    whose scaling changes the FLOPs measured (prefill/teacher-forced FLOPs for perplexity,
+    decode FLOPs for generation), as each mechanism declares in ``savings``."""
+    if not any(p.has_knob_set for p in policy.policies):
         raise QuicksilverError(
             "the policy to calibrate has no threshold to scale; set at least one of "
-            + ", ".join(f"{name}.{key}" for name, keys in KNOBS.items() for key in keys)
+            + ", ".join(f"{cls.name}.{key}" for cls in REGISTRY.values() for key in cls.knobs)
             + " (with --policy FILE or --set)"
         )
-    if compute_budget and knobs <= {"matryoshka"}:
+    needed = "decode_flops" if decode else "prompt_flops"
+    if compute_budget and needed not in policy.knob_savings:
+        able = [cls.name for cls in REGISTRY.values() if needed in cls.savings and cls.knobs]
+        what = "decode FLOPs" if decode else "FLOPs"
+        changes = ", ".join(SAVED[k] for k in sorted(policy.knob_savings))
         raise QuicksilverError(
-            "a FLOP budget cannot be met by Matryoshka widths alone (they change bytes moved, "
-            "not FLOPs); add halting or fusion thresholds, or use --max-ppl-increase"
-        )
-    if compute_budget and decode and "halting" not in knobs:
-        raise QuicksilverError(
-            "a decode FLOP budget needs halting thresholds: fusion folds prompt tokens only "
-            "(a decoded token is alone in its forward) and Matryoshka widths change bytes"
+            f"a {what} budget cannot be met by this policy's thresholds: scaling them changes "
+            f"{changes}, not {what}; it needs {' or '.join(able)} thresholds (or use "
+            "--max-ppl-increase)"
         )
 
 

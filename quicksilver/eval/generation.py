@@ -84,7 +84,7 @@ def teacher_forced_logits(
     continuation, with the prompt boundary set (what generation's step count starts from)."""
     tokens = torch.tensor([list(prompt) + list(continuation)])
     cache = engine.new_cache(1, tokens.shape[1])
-    cache.prompt_end = len(prompt)
+    cache.set_prompt_end(len(prompt))
     columns = torch.arange(len(prompt) - 1, tokens.shape[1] - 1)
     return engine.forward(tokens, cache, logits_at=columns)[0]
 
@@ -124,7 +124,7 @@ def forced_vs_decoded(
         tokens = torch.tensor([list(prompt) + list(continuation)])
         n, total = len(prompt), tokens.shape[1]
         cache = engine.new_cache(1, total)
-        cache.prompt_end = n
+        cache.set_prompt_end(n)
         decoded = [engine.forward(tokens[:, :n], cache)[0]]
         decoded += [engine.forward(tokens[:, i : i + 1], cache)[0] for i in range(n, total - 1)]
         stepped = torch.stack(decoded)
@@ -222,7 +222,11 @@ class DenseReference:
 
     def measure(self, policy: Policy) -> GenerationQuality:
         """Generate under ``policy`` (same prompts, batches and length) and compare."""
-        results = _run(Engine(self.model, policy=policy), self.batches, self.max_new_tokens)
+        engine = Engine(self.model, policy=policy)
+        try:
+            results = _run(engine, self.batches, self.max_new_tokens)
+        finally:
+            engine.set_policy(None)  # release what the policy attached to the shared model
         mine = [row for r in results for row in r.tokens]
         n_tokens = sum(map(len, mine))
         pairs = list(zip(mine, self.continuations, strict=True))

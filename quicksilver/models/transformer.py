@@ -1,9 +1,9 @@
 """A layer-by-layer decoder-only transformer in plain PyTorch (Llama, GPT-2, OPT).
 
-The model holds weights and per-layer functions only; the loop over layers lives in
-``quicksilver.runtime.engine`` so that it can decide, per layer, which tokens run.
-Every block works on whatever tokens it is handed: a ``Step`` says where each token sits
-(position, KV-cache slot) and what it may attend to.
+The model holds weights and per-layer functions only: projections, norms, the MLP, the block
+around a token-mixing function. The loop over layers, the KV cache and attention live in
+``quicksilver.runtime`` so that the runner can decide, per layer, which tokens run and what
+they read. Every block works on whatever tokens it is handed.
 """
 
 from __future__ import annotations
@@ -19,32 +19,6 @@ from torch import nn
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
-
-
-@dataclass
-class Step:
-    """Where a [B, S] block of tokens sits: positions, cache slots and the attention mask.
-
-    ``write_start`` is set when row b's token s goes to slot ``write_start + s`` for every row
-    (the common, fast case); otherwise ``slots`` gives each token's slot (-1: padding entry,
-    not written). ``mask`` is [B, 1, S, attend_len] (True = may attend), or None when no
-    mask is needed: a causal block starting at slot 0, or one token per row reading every
-    earlier slot.
-    """
-
-    positions: torch.Tensor  # [B, S] int64
-    slots: torch.Tensor  # [B, S] int64
-    write_start: int | None
-    attend_len: int
-    mask: torch.Tensor | None
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: [B, S, 1, hd]
-
-    def attended_pairs(self, batch: int, seq: int) -> int:
-        """(query, key) pairs that attention scores for a full [batch, seq] block."""
-        if self.mask is not None:
-            return int(self.mask.sum())
-        # without a mask, token s of the block reads slots 0..write_start + s
-        return batch * (seq * self.write_start + seq * (seq + 1) // 2)
 
 
 @functools.cache
@@ -237,71 +211,6 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope)
         return k, v
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        step: Step,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        widths: WidthGroups | None = None,
-    ) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = self.project(x, step.rope, widths)
-        write_kv(k_cache, v_cache, k, v, step)
-        keys = k_cache[:, :, : step.attend_len]
-        values = v_cache[:, :, : step.attend_len]
-        if seq == 1:
-            attended = self.attend_one(q, keys, values, step.mask)
-        else:
-            attended = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                keys,
-                values,
-                attn_mask=step.mask,
-                is_causal=step.mask is None,
-                enable_gqa=self.n_kv_heads != self.n_heads,
-            ).transpose(1, 2)
-        return run_linear(self.out, attended.reshape(batch, seq, self.q_dim), widths)
-
-    def attend_one(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-        bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Decode-time attention for one query per row, grouped by KV head.
-
-        With a single query the query heads that share a KV head form a small matrix, so two
-        batched matmuls do the work without expanding K/V (which SDPA's GQA path copies).
-        ``bias`` (broadcast to the scores, e.g. [B, 1, 1, T]) is added before the mask.
-        """
-        batch, _, _, head_dim = q.shape
-        grouped = q.reshape(batch, self.n_kv_heads, self.n_heads // self.n_kv_heads, head_dim)
-        scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * head_dim**-0.5
-        if bias is not None:
-            scores = scores + bias
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, values.float()).to(q.dtype).reshape(batch, 1, self.q_dim)
-
-
-def write_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step
-) -> None:
-    """Store this step's keys/values ([B, S, kv_heads, head_dim]) in the layer's cache."""
-    if step.write_start is not None:
-        end = step.write_start + k.shape[1]
-        k_cache[:, :, step.write_start : end] = k.transpose(1, 2)
-        v_cache[:, :, step.write_start : end] = v.transpose(1, 2)
-        return
-    rows, cols = torch.nonzero(step.slots >= 0, as_tuple=True)
-    slots = step.slots[rows, cols]
-    k_cache[rows, :, slots] = k[rows, cols]
-    v_cache[rows, :, slots] = v[rows, cols]
-
 
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -340,20 +249,11 @@ class Block(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
-        step: Step,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        widths: WidthGroups | None = None,
-    ) -> torch.Tensor:
-        return self.run(h, lambda x: self.attn(x, step, k_cache, v_cache, widths), widths)
-
-    def run(
-        self,
-        h: torch.Tensor,
         attention: Callable[[torch.Tensor], torch.Tensor],
         widths: WidthGroups | None = None,
     ) -> torch.Tensor:
-        """The block around a given token-mixing function (norms, residuals, MLP)."""
+        """The block around a given token-mixing function (norms, residuals, MLP): the
+        runner supplies attention, since which cache entries a token reads is its business."""
         if self.pre_norm:
             h = h + attention(self.attn_norm(h))
             return h + self.mlp(self.mlp_norm(h), widths)

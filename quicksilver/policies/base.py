@@ -1,10 +1,17 @@
-"""The policy protocol: what a mechanism sees after each layer and what it may decide.
+"""The mechanism protocol: what a mechanism sees after each layer, what it may decide, and
+what it declares about itself.
 
-A policy is a small dataclass (its fields are its parameters) with one method to implement,
-``after_layer``: given the states of the tokens that just ran a layer, it returns a
-``Decision`` — tokens to halt, tokens to merge, weight widths to use from now on. The engine
+A mechanism is a small dataclass (its fields are its parameters) with one method to
+implement, ``after_layer``: given the states of the tokens that just ran a layer, it returns a
+``Decision`` — tokens to halt, tokens to merge, weight widths to use from now on. The runner
 applies the decisions and owns everything else (gathering the active tokens, the KV cache,
-the FLOP counter), so a policy never touches tensors it does not own.
+the FLOP counter), so a mechanism never touches tensors it does not own.
+
+Everything else the runner or calibration needs to know is declared on the mechanism's own
+class, never looked up by name: ``kv_treatment`` (what halted tokens leave in the cache),
+``attention_bias`` (cache entries weighted by the tokens they stand for), ``narrows_weights``
+with ``layer_weight_bytes`` (a per-token weight width), ``layer_plan`` (layers decided before
+the first one), ``knobs`` and ``savings`` (what calibration may scale, and what that buys).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from quicksilver.accounting import lens_check_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Transformer
@@ -102,14 +110,7 @@ class LayerView:
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 parts.append(-(logp.exp() * logp).sum(-1) / math.log(2))
             self._entropies[vocab] = torch.cat(parts) if parts else self.after.new_zeros(0)
-            self.check_flops += len(self.after) * 2 * model.config.embed_dim * rows
-            if model.project_out is not None:
-                self.check_flops += (
-                    len(self.after)
-                    * 2
-                    * model.config.hidden_size
-                    * (model.config.word_embed_proj_dim)
-                )
+            self.check_flops += lens_check_flops(model.config, len(self.after), rows)
         return self._entropies[vocab]
 
     def count(self, flops: int) -> None:
@@ -139,6 +140,11 @@ class Mechanism:
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     choices: ClassVar[dict[str, tuple[Any, ...]]] = {}  # allowed values of fixed-choice fields
+    # Thresholds a calibration scales together; larger values must always mean more savings.
+    knobs: ClassVar[tuple[str, ...]] = ()
+    # What turning the knobs up saves: "prompt_flops" (teacher-forced / prefill work),
+    # "decode_flops" (generated tokens' work), "weight_bytes" (bytes read, not FLOPs).
+    savings: ClassVar[frozenset[str]] = frozenset()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -181,6 +187,40 @@ class Mechanism:
     def is_off(self) -> bool:
         """True when this setting cannot change anything (the dense model exactly)."""
         return False
+
+    @property
+    def kv_treatment(self) -> str | None:
+        """What halted tokens leave in the K/V of the layers they skip ("propagate", "skip",
+        "zero"), if this mechanism decides it; None: it has no say."""
+        return None
+
+    @property
+    def attention_bias(self) -> bool:
+        """True when cache entries get + log(tokens they stand for) in attention scores."""
+        return False
+
+    @property
+    def narrows_weights(self) -> bool:
+        """True when ``Decision.bits`` (or ``begin``) can give tokens a narrower weight width,
+        which ``prepare`` must have made runnable."""
+        return False
+
+    def layer_weight_bytes(self, config: ModelConfig, bits: int) -> int:
+        """Bytes of one layer's weights read at width ``bits`` (for a mechanism that
+        ``narrows_weights``)."""
+        raise NotImplementedError(f"{self.name} does not narrow weights")
+
+    def scaled(self, factor: float) -> Mechanism:
+        """The same mechanism with every calibration knob multiplied by ``factor``."""
+        changes = {
+            key: getattr(self, key) * factor for key in self.knobs if getattr(self, key) is not None
+        }
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def has_knob_set(self) -> bool:
+        """True when at least one calibration knob has a value to scale."""
+        return any(getattr(self, key) is not None for key in self.knobs)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quicksilver.accounting import fusion_check_flops
 from quicksilver.models.config import ModelConfig
 from quicksilver.policies.base import (
     Decision,
@@ -89,6 +90,9 @@ class TokenFusion(Mechanism):
     name = "fusion"
     summary = "fold redundant tokens into right-hand super-tokens (Contextual Token Fusion)"
     choices = {"metric": METRICS}
+    knobs = ("threshold",)
+    # A decoded token is alone in its forward, with nobody to fold into: prompt work only.
+    savings = frozenset({"prompt_flops"})
 
     threshold: float | None = None
     metric: str = "relative_l2"
@@ -118,6 +122,10 @@ class TokenFusion(Mechanism):
     def is_off(self) -> bool:
         return self.threshold is None
 
+    @property
+    def attention_bias(self) -> bool:
+        return not self.is_off and self.size_weighted
+
     def decides_after(self, layer: int) -> bool:
         return layer >= self.start_layer and (layer - self.start_layer) % self.interval == 0
 
@@ -141,6 +149,5 @@ class TokenFusion(Mechanism):
             sources.append(src + offset)
             targets.append(torch.where(dst >= 0, dst + offset, -1))
             offset += count
-        d = view.after.shape[-1]
-        view.count(3 * d * self.window * len(view.index))  # one distance per candidate pair
+        view.count(fusion_check_flops(view.after.shape[-1], self.window, len(view.index)))
         return Decision(merge_from=torch.cat(sources), merge_into=torch.cat(targets))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quicksilver.accounting import drift_check_flops
 from quicksilver.models.config import ModelConfig
 from quicksilver.policies.base import (
     Decision,
@@ -34,6 +35,8 @@ from quicksilver.policies.base import (
 class TokenHalting(Mechanism):
     name = "halting"
     summary = "freeze tokens whose state stopped changing (Dynamic Token Halting)"
+    knobs = ("drift", "relative_drift", "entropy_bits")
+    savings = frozenset({"prompt_flops", "decode_flops"})
 
     drift: float | None = None
     relative_drift: float | None = None
@@ -71,12 +74,12 @@ class TokenHalting(Mechanism):
         d = view.after.shape[-1]
         if self.drift is not None or self.relative_drift is not None:
             moved = (view.after - view.before).float().norm(dim=-1)
-            view.count(3 * d * len(view.index))  # difference, square, sum
+            relative = self.relative_drift is not None
+            view.count(drift_check_flops(d, len(view.index), relative))
             if self.drift is not None:
                 quiet &= moved < self.drift
-            if self.relative_drift is not None:
+            if relative:
                 quiet &= moved < self.relative_drift * view.after.float().norm(dim=-1)
-                view.count(2 * d * len(view.index))
         if self.entropy_bits is not None:
             quiet &= view.lens_entropy(self.lens_vocab) < self.entropy_bits
         streak = view.state.streak

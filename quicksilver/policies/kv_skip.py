@@ -1,8 +1,8 @@
 """KV Cache Skipping (QuickSilver): what a halted token leaves in the layers it skips.
 
-- ``propagate``: K/V computed from the frozen state (CALM-style state propagation); only
-  the K/V projections run, later tokens still see the token. The quality-preserving option,
-  and what halting does when this policy is absent.
+- ``propagate`` (the default, also when this mechanism is absent): K/V computed from the
+  frozen state (CALM-style state propagation); only the K/V projections run, later tokens
+  still see the token. The quality-preserving option.
 - ``skip``: no K/V written; later tokens do not attend to the token in those layers (the
   attention pairs are not computed either).
 - ``zero``: the paper's literal multiply-by-zero: K = V = 0 is written, so the entry still
@@ -24,7 +24,7 @@ class KVSkip(Mechanism):
     summary = "what halted tokens write to the KV cache: propagate | skip | zero"
     choices = {"treatment": TREATMENTS}
 
-    treatment: str = "skip"
+    treatment: str = "propagate"
 
     def validate(self) -> None:
         if self.treatment not in TREATMENTS:
@@ -36,3 +36,7 @@ class KVSkip(Mechanism):
     def is_off(self) -> bool:
         # It only says what happens to halted tokens; alone it changes nothing.
         return True
+
+    @property
+    def kv_treatment(self) -> str:
+        return self.treatment

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from quicksilver import quant
+from quicksilver.accounting import weight_bytes_of_layer
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Linear, Transformer
 from quicksilver.policies.base import (
@@ -111,6 +112,8 @@ class Matryoshka(Mechanism):
     name = "matryoshka"
     summary = "per-token weight width 8/4/2 bits from logit-lens entropy (Matryoshka quantisation)"
     choices = {"fixed_bits": (None, *WIDTHS), "kernel": ("auto", "int8", "simulated")}
+    knobs = ("entropy_high", "entropy_low")
+    savings = frozenset({"weight_bytes"})
 
     entropy_high: float | None = None
     entropy_low: float | None = None
@@ -170,6 +173,13 @@ class Matryoshka(Mechanism):
     @property
     def is_off(self) -> bool:
         return self.fixed_bits is None and self.entropy_high is None
+
+    @property
+    def narrows_weights(self) -> bool:
+        return not self.is_off
+
+    def layer_weight_bytes(self, config: ModelConfig, bits: int) -> int:
+        return weight_bytes_of_layer(config, bits, self.group_size)
 
     def prepare_key(self) -> tuple | None:
         widths = (self.fixed_bits,) if self.fixed_bits is not None else WIDTHS

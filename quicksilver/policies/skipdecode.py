@@ -19,11 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quicksilver.accounting import (
-    embed_flops_per_token,
-    head_flops_per_token,
-    layer_matmul_flops_per_token,
-)
+from quicksilver.accounting import decode_flops_per_token
 from quicksilver.models.config import ModelConfig
 from quicksilver.policies.base import Mechanism, PolicyConfigError
 
@@ -91,14 +87,6 @@ class SkipDecode(Mechanism):
         first = self.warmup_layers
         skipped = (index >= first) & (index < first + (n_layers - layers).unsqueeze(1))
         return ~skipped
-
-
-def decode_flops_per_token(config: ModelConfig, layers: float) -> float:
-    """Matmul FLOPs of one generated token that runs ``layers`` layers: those layers, the
-    embedding projection (if any) and the LM head, which always run. Attention over the
-    context is left out (small at short contexts, and shrinking with the layers anyway)."""
-    fixed = head_flops_per_token(config) + embed_flops_per_token(config)
-    return layers * layer_matmul_flops_per_token(config) + fixed
 
 
 def schedule_for_speedup(

@@ -9,7 +9,7 @@ whatever the order in the file.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -37,17 +37,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Parameters a calibration scales together: larger values always mean more savings.
-KNOBS: dict[str, tuple[str, ...]] = {
-    "halting": ("drift", "relative_drift", "entropy_bits"),
-    "fusion": ("threshold",),
-    "matryoshka": ("entropy_high", "entropy_low"),
-}
-
 
 @dataclass
 class Policy:
-    policies: list[Mechanism] = field(default_factory=list)
+    """A set of mechanisms applied together (``{}``: the dense model). The runner asks it
+    what its mechanisms declared; it never asks for a mechanism by name."""
+
+    policies: list[Mechanism] = field(default_factory=list)  # in registry order
 
     @classmethod
     def from_config(cls, config: dict[str, Any] | None) -> Policy:
@@ -79,14 +75,29 @@ class Policy:
         return all(p.is_off for p in self.policies)
 
     @property
+    def active(self) -> list[Mechanism]:
+        return [p for p in self.policies if not p.is_off]
+
+    @property
     def kv_treatment(self) -> str:
-        kv = self.get("kv_skip")
-        return kv.treatment if isinstance(kv, KVSkip) else "propagate"
+        """What halted tokens leave in the cache: the first mechanism that says, else their
+        K/V are propagated from the frozen state (the quality-preserving choice)."""
+        said = (p.kv_treatment for p in self.policies if p.kv_treatment is not None)
+        return next(said, "propagate")
 
     @property
     def size_weighted(self) -> bool:
-        fusion = self.get("fusion")
-        return isinstance(fusion, TokenFusion) and not fusion.is_off and fusion.size_weighted
+        return any(p.attention_bias for p in self.active)
+
+    @property
+    def narrowing(self) -> Mechanism | None:
+        """The mechanism that gives tokens narrower weights, if any (at most one may)."""
+        return next((p for p in self.active if p.narrows_weights), None)
+
+    @property
+    def knob_savings(self) -> frozenset[str]:
+        """What scaling this policy's set knobs can save (see ``Mechanism.savings``)."""
+        return frozenset().union(*(p.savings for p in self.policies if p.has_knob_set))
 
     def deciders(self, layer: int) -> list[Mechanism]:
         """The mechanisms that may act after ``layer`` (in registry order)."""
@@ -122,15 +133,7 @@ class Policy:
 
     def scaled(self, factor: float) -> Policy:
         """The same policy with every calibration knob multiplied by ``factor``."""
-        policies = []
-        for policy in self.policies:
-            changes = {
-                key: getattr(policy, key) * factor
-                for key in KNOBS.get(policy.name, ())
-                if getattr(policy, key) is not None
-            }
-            policies.append(replace(policy, **changes))
-        return Policy(policies)
+        return Policy([p.scaled(factor) for p in self.policies])
 
     def describe(self) -> str:
         if self.is_off:

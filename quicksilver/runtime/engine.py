@@ -1,9 +1,10 @@
-"""Prefill, decode and generation: the loop over layers lives here (under a policy, in
-``runtime.adaptive``).
+"""The runner: prefill, decode and generation, and the one loop over layers.
 
 ``Engine.forward`` runs a [B, S] block of new tokens through the model, writing their K/V into
 the cache and feeding the FLOP counter with what executed. Prefill and decode are the same
-call with S = prompt length or S = 1.
+call with S = prompt length or S = 1. Dense is the case where every token runs every layer;
+under a policy, ``ActiveTokens`` says which tokens run each layer and the others are gathered
+out (never masked), so the counter and the clock see only what ran.
 """
 
 from __future__ import annotations
@@ -14,12 +15,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quicksilver.accounting import FlopCounter, layer_weight_count
+from quicksilver.accounting import (
+    FlopCounter,
+    available_memory_bytes,
+    kv_cache_bytes,
+    layer_weight_count,
+)
 from quicksilver.errors import QuicksilverError
-from quicksilver.models.transformer import Step, Transformer
+from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_linear
 from quicksilver.policies.stack import Policy
-from quicksilver.runtime.adaptive import adaptive_forward
+from quicksilver.runtime.active import ActiveTokens
+from quicksilver.runtime.attention import attend
 from quicksilver.runtime.cache import KVCache
+from quicksilver.runtime.context import ForwardContext
 from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
 
 TokenCallback = Callable[[int, int], None]  # (row, token id)
@@ -46,6 +54,9 @@ class GenerationResult:
         return rows * self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
+LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
+
+
 class Engine:
     """Runs a model, optionally under an adaptive policy; counts what executed."""
 
@@ -63,7 +74,8 @@ class Engine:
 
     def set_policy(self, policy: Policy | None) -> None:
         """Use ``policy`` from the next forward on (None or an off policy: the dense model).
-        Checks it against the model and does its one-time preparation (e.g. quantisation)."""
+        Checks it against the model, does its one-time preparation (e.g. quantisation) and
+        releases what the previous policy prepared and the new one does not share."""
         if policy is not None:
             policy.check_model(self.config)
         if self.policy is not None and self.policy is not policy:
@@ -73,31 +85,26 @@ class Engine:
         self.policy = policy
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A cache for ``batch_size`` rows of up to ``max_len`` tokens, checked against the
+        model's positions and the memory available before anything is allocated."""
         if max_len > self.config.max_position_embeddings:
             raise QuicksilverError(
                 f"prompt plus new tokens need {max_len} positions, more than the model's "
                 f"{self.config.max_position_embeddings}; shorten the prompt or --max-new-tokens"
             )
+        needed = kv_cache_bytes(self.config, batch_size, max_len, self.model.dtype.itemsize)
+        available = available_memory_bytes()
+        if available is not None and needed > available:
+            raise QuicksilverError(
+                f"a KV cache for {batch_size} rows x {max_len} tokens needs "
+                f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available; "
+                "use a smaller batch or fewer tokens"
+            )
         return KVCache(self.config, batch_size, max_len, self.model.dtype)
 
-    def make_step(self, cache: KVCache, n_new: int) -> Step:
-        first = cache.reserve(n_new)
-        batch = cache.batch_size
-        slots = torch.arange(first, first + n_new).expand(batch, n_new)
-        positions = (slots - cache.start.view(-1, 1)).clamp(min=0)
-        # No mask needed for a plain causal block from slot 0, or for one new token per row
-        # that may read every slot before it.
-        window_ok = not cache.sliding_window or first + n_new <= cache.sliding_window
-        needs_mask = cache.padded or not window_ok or (first > 0 and n_new > 1)
-        mask = cache.attention_mask(slots, first + n_new) if needs_mask else None
-        return Step(
-            positions=positions,
-            slots=slots,
-            write_start=first,
-            attend_len=first + n_new,
-            mask=mask,
-            rope=self.model.rope_for(positions),
-        )
+    def context(self, cache: KVCache, n_new: int) -> ForwardContext:
+        """Place the next ``n_new`` tokens of every row in ``cache`` (reserving their slots)."""
+        return ForwardContext.next_block(cache, n_new, self.model.rope_for)
 
     @torch.inference_mode()
     def forward(
@@ -105,36 +112,115 @@ class Engine:
         tokens: torch.Tensor,
         cache: KVCache,
         logits_at: torch.Tensor | str = "last",
-        step: Step | None = None,
+        context: ForwardContext | None = None,
+        observe: LayerObserver | None = None,
     ) -> torch.Tensor:
         """Run new tokens [B, S]; return logits at ``"last"`` ([B, V]), ``"all"``
         ([B, S, V]) or at the given column indices ([B, len(idx), V]).
 
-        ``step`` overrides where the tokens go (default: the next S slots of every row)."""
+        ``context`` overrides where the tokens go (default: each row's next S slots).
+        ``observe(layer, states)`` sees the [B, S, d] states after each layer (halted and
+        merged tokens keep the state they stopped with)."""
         batch, n_new = tokens.shape
-        step = step or self.make_step(cache, n_new)
-        maskless_ok = step.write_start is not None and (
-            step.attend_len == step.write_start + n_new and (n_new == 1 or step.write_start == 0)
-        )
-        if step.mask is None and not maskless_ok:
-            raise ValueError("a step with explicit slots or after earlier slots needs a mask")
-        if self.policy is not None and not self.policy.is_off:
-            h = adaptive_forward(self, tokens, cache, step, self.policy)
-        else:
-            h = self.model.embed_tokens(tokens, step.positions)
-            self.counter.add_embedding(batch * n_new)
-            layer_bytes = layer_weight_count(self.config) * h.element_size()
-            pairs = step.attended_pairs(batch, n_new)
-            for i, block in enumerate(self.model.blocks):
-                h = block(h, step, cache.k[i], cache.v[i])
-                self.counter.add_layer(i, batch * n_new, pairs)
-                self.counter.add_weight_read(0, layer_bytes)
+        context = context or self.context(cache, n_new)
+        policy = self.policy
+        active = None
+        if policy is not None and not policy.is_off:
+            active = ActiveTokens(policy, self.model, context, self.counter)
+        counter = self.counter
+        h = self.model.embed_tokens(tokens, context.positions)
+        counter.add_embedding(batch * n_new)
+        flat = h.reshape(batch * n_new, -1)
+        full_bytes = layer_weight_count(self.config) * h.element_size()
+        dense_pairs: int | None = None
+        for i, block in enumerate(self.model.blocks):
+            index = None if active is None else active.running(i)
+            widths = None if active is None else active.widths(index)
+            if index is None:
+                before = flat
+                flat = self._dense_layer(block, i, flat.view(batch, n_new, -1), context, widths)
+                flat = flat.reshape(batch * n_new, -1)
+                dense_pairs = context.attended_pairs() if dense_pairs is None else dense_pairs
+                counter.add_layer(i, batch * n_new, dense_pairs)
+                after = flat
+            else:
+                active.leave_kv(i, block, flat)
+                if not len(index):  # every token has stopped: the remaining layers run nothing
+                    continue
+                before = flat[index]
+                after, pairs = self._gathered_layer(
+                    block, i, before, index, context, active, widths
+                )
+                flat[index] = after
+                counter.add_layer(i, len(index), pairs)
+            if active is None:
+                counter.add_weight_read(0, full_bytes)
+            else:
+                active.count_weights(widths, full_bytes)
+                everyone = torch.arange(batch * n_new) if index is None else index
+                active.after_layer(i, everyone, before, after, flat)
+            if observe is not None:
+                observe(i, flat.view(batch, n_new, -1))
+        h = flat.view(batch, n_new, -1)
         if isinstance(logits_at, str):
             h = h[:, -1] if logits_at == "last" else h
         else:
             h = h[:, logits_at]
-        self.counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
+        counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
         return self.model.logits(h)
+
+    def _dense_layer(
+        self,
+        block: Block,
+        layer: int,
+        h: torch.Tensor,
+        context: ForwardContext,
+        widths: WidthGroups | None,
+    ) -> torch.Tensor:
+        """Every token of the [B, S] block through ``block``."""
+        cache, attn = context.cache, block.attn
+
+        def attention(normed: torch.Tensor) -> torch.Tensor:
+            q, k, v = attn.project(normed, context.rope, widths)
+            if context.write_start is not None:
+                end = context.write_start + k.shape[1]
+                cache.k[layer, :, :, context.write_start : end] = k.transpose(1, 2)
+                cache.v[layer, :, :, context.write_start : end] = v.transpose(1, 2)
+            else:
+                rows, cols = torch.nonzero(context.slots >= 0, as_tuple=True)
+                slots = context.slots[rows, cols]
+                cache.k[layer, rows, :, slots] = k[rows, cols]
+                cache.v[layer, rows, :, slots] = v[rows, cols]
+            out, _ = attend(q, context, layer)
+            return run_linear(attn.out, out, widths)
+
+        return block(h, attention, widths)
+
+    def _gathered_layer(
+        self,
+        block: Block,
+        layer: int,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        context: ForwardContext,
+        active: ActiveTokens,
+        widths: WidthGroups | None,
+    ) -> tuple[torch.Tensor, int]:
+        """The tokens ``index`` of the flattened block (x: [N, d]) through ``block``."""
+        cache, attn = context.cache, block.attn
+        rows, slots = active.rows_of[index], active.slot_of[index]
+        log_size = active.log_sizes(layer)
+        pairs = [0]
+
+        def attention(normed: torch.Tensor) -> torch.Tensor:
+            q, k, v = attn.project(normed, context.rope_at(index), widths)  # [N, 1, heads, hd]
+            cache.k[layer, rows, :, slots] = k[:, 0]
+            cache.v[layer, rows, :, slots] = v[:, 0]
+            out, pairs[0] = attend(q, context, layer, index, log_size)
+            return run_linear(attn.out, out, widths)
+
+        out = block(x.unsqueeze(1), attention, widths)[:, 0]
+        return out, pairs[0]
 
     def prefill(
         self, prompts: Sequence[Sequence[int]], max_new_tokens: int
@@ -145,13 +231,12 @@ class Engine:
         longest = max(len(p) for p in prompts)
         # The last sampled token is never fed back: one slot fewer than prompt + new tokens.
         cache = self.new_cache(len(prompts), longest + max_new_tokens - 1)
+        cache.left_pad([len(p) for p in prompts])
+        cache.set_prompt_end(longest)
         pad = self.config.eos_token_ids[0] if self.config.eos_token_ids else 0
         block = torch.full((len(prompts), longest), pad, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             block[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            cache.start[row] = longest - len(prompt)
-        cache.padded = any(len(p) != longest for p in prompts)
-        cache.prompt_end = longest
         return self.forward(block, cache), cache
 
     def generate(

@@ -1,18 +1,54 @@
-"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling."""
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Every finite, valid setting gives a valid token, including extreme ones (``temperature=1e-45``,
+``top_p=1e-300``): scores are shifted so the best token scores exactly 0 before the temperature
+divides them, the arithmetic runs in float64, and the best token survives every filter.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from quicksilver.errors import QuicksilverError
 
+# torch.Generator.manual_seed takes any 64-bit value, signed or unsigned.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def _real(name: str, value: Any, rule: str) -> float:
+    """``value`` as a float, or a QuicksilverError naming the option (bool, text, None, a
+    tensor or an int too large for a float are all refused here, not deep inside torch)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise QuicksilverError(f"{name} must be {rule}, got {value!r} ({type(value).__name__})")
+    try:
+        number = float(value)
+    except (OverflowError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise QuicksilverError(f"{name} must be {rule}, got {value!r}")
+    return number
+
+
+def _integer(name: str, value: Any, rule: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise QuicksilverError(f"{name} must be {rule}, got {value!r} ({type(value).__name__})")
+    return int(value)
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick the next token. The defaults are greedy decoding."""
+    """How to pick the next token. The defaults are greedy decoding.
+
+    Values are checked and normalised (to float / int) on construction, so a bad CLI flag or
+    API argument fails before a model is loaded. Options that cannot change the outcome (e.g.
+    ``top_p`` with ``temperature=0``) are accepted; ``ignored()`` names them so that callers
+    can tell the user instead of silently dropping them.
+    """
 
     temperature: float = 0.0  # 0 means greedy
     top_k: int = 0  # 0 disables
@@ -20,20 +56,70 @@ class SamplingConfig:
     seed: int | None = None  # None uses torch's global RNG
 
     def __post_init__(self) -> None:
-        # Checked up front so a bad CLI flag fails before a model is loaded.
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+        temperature = _real("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
+        if temperature < 0:
             raise QuicksilverError(
                 f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}"
             )
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        top_k = _integer("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if top_k < 0:
             raise QuicksilverError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (0 < self.top_p <= 1):
+        top_p = _real("top_p", self.top_p, "a number in (0, 1] (1 = off)")
+        if not 0 < top_p <= 1:
             raise QuicksilverError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        seed = self.seed
+        if seed is not None:
+            seed = _integer("seed", seed, "an integer or None")
+            if not SEED_MIN <= seed <= SEED_MAX:
+                raise QuicksilverError(
+                    f"seed must be an integer from -2**63 to 2**64-1, got {self.seed}"
+                )
+        # Normalised so that equal settings compare equal (1 == 1.0 == numpy.float64(1)).
+        object.__setattr__(self, "temperature", temperature)
+        object.__setattr__(self, "top_k", top_k)
+        object.__setattr__(self, "top_p", top_p)
+        object.__setattr__(self, "seed", seed)
 
     @property
     def greedy(self) -> bool:
         """True when the choice is always the argmax (top_k=1 keeps only the argmax too)."""
         return self.temperature == 0 or self.top_k == 1
+
+    def ignored(self, vocab_size: int | None = None) -> list[str]:
+        """The options that were set but cannot change which token is picked.
+
+        With ``temperature=0`` the argmax is taken, so ``top_k``, ``top_p`` and ``seed`` do
+        nothing; with ``top_k=1`` only the argmax survives, so ``temperature``, ``top_p`` and
+        ``seed`` do nothing; a ``top_k`` of at least ``vocab_size`` (when given) keeps every
+        token. Defaults are never listed. Callers print these as a note (see
+        ``ignored_note``) rather than fail, since such settings are harmless but likely a
+        mistake.
+        """
+        names = []
+        if self.temperature == 0:
+            names += ["top_k"] if self.top_k != 0 else []
+        elif self.top_k == 1:
+            names.append("temperature")
+        elif vocab_size is not None and self.top_k >= vocab_size:
+            names.append("top_k")
+        if self.greedy:
+            names += ["top_p"] if self.top_p != 1.0 else []
+            names += ["seed"] if self.seed is not None else []
+        return names
+
+    def ignored_note(self, vocab_size: int | None = None) -> str | None:
+        """One line for the user about ``ignored()`` options, or None when there are none."""
+        names = self.ignored(vocab_size)
+        if not names:
+            return None
+        if self.temperature == 0:
+            why = "temperature 0 means greedy decoding (always the most likely token)"
+        elif self.top_k == 1:
+            why = "top_k 1 keeps only the most likely token"
+        else:
+            why = f"top_k {self.top_k} keeps the whole vocabulary of {vocab_size} tokens"
+        verb = "has" if len(names) == 1 else "have"
+        return f"{', '.join(names)} {verb} no effect: {why}"
 
 
 def make_generator(
@@ -57,13 +143,24 @@ def sample_next(
 
     Filtering works row by row, and torch.multinomial draws the same amount of randomness for
     each row, so row b's token depends only on row b's logits and the generator state.
+    Non-finite logits mean the model is broken (overflow in half precision, damaged
+    weights); they raise a QuicksilverError instead of yielding an arbitrary token.
     """
-    if logits.dim() != 2:
+    if logits.dim() != 2 or logits.shape[-1] == 0:
         raise ValueError(f"expected logits of shape [batch, vocab], got {tuple(logits.shape)}")
+    if not bool(torch.isfinite(logits).all()):
+        raise QuicksilverError(
+            "the model produced NaN/inf logits, so no token can be chosen; its weights may "
+            "be damaged or overflow in this dtype (try --dtype float32 or another checkpoint)"
+        )
     if config.greedy:
         return logits.argmax(dim=-1)
 
-    scores = logits.float() / config.temperature
+    # Shift so the best token scores 0: dividing by a tiny temperature then sends the others
+    # to -inf (probability 0) instead of sending the best to +inf (NaN after softmax). float64
+    # keeps temperatures and top_p values below float32's range from rounding to 0.
+    scores = logits.double()
+    scores = (scores - scores.amax(dim=-1, keepdim=True)) / config.temperature
     vocab = scores.shape[-1]
     if 0 < config.top_k < vocab:
         # Ties with the k-th score are kept, so a row can keep slightly more than k tokens.
@@ -72,10 +169,12 @@ def sample_next(
     if config.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
         probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the top token has
-        # nothing above it, so it always survives.
+        # Drop a token when the tokens ranked above it already reach top_p; the top token is
+        # kept explicitly, whatever rounding does to the cumulative sum.
         mass_before = torch.cumsum(probs, dim=-1) - probs
-        sorted_scores = sorted_scores.masked_fill(mass_before >= config.top_p, -math.inf)
+        drop = mass_before >= config.top_p
+        drop[:, 0] = False
+        sorted_scores = sorted_scores.masked_fill(drop, -math.inf)
         scores = torch.empty_like(scores).scatter_(-1, order, sorted_scores)
     probs = torch.softmax(scores, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
