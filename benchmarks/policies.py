@@ -145,16 +145,20 @@ def diagnostics(model, ids: list[int]) -> dict[str, Any]:
     """Logit-lens calibration and per-layer update sizes on 2 x 1024 validation tokens."""
     engine = Engine(model)
     tokens = torch.tensor(ids[:2048]).view(2, 1024)
-    cache = engine.new_cache(2, 1024)
-    step = engine.make_step(cache, 1024)
-    h = model.embed_tokens(tokens, step.positions)
-    states, drift = [], []
-    for i, block in enumerate(model.blocks):
-        new = block(h, step, cache.k[i], cache.v[i])
-        rel = ((new - h).float().norm(dim=-1) / new.float().norm(dim=-1))[:, 1:].flatten()
+    states: list[torch.Tensor] = []
+    engine.forward(
+        tokens,
+        engine.new_cache(2, 1024),
+        logits_at="all",
+        observe=lambda _layer, h: states.append(h.clone()),
+    )
+    drift = []
+    previous = model.embed_tokens(tokens, torch.arange(1024).expand(2, -1))
+    for new in states:
+        rel = ((new - previous).float().norm(dim=-1) / new.float().norm(dim=-1))[:, 1:].flatten()
         drift.append([float(x) for x in rel.quantile(torch.tensor([0.01, 0.1, 0.5]))])
-        states.append(new)
-        h = new
+        previous = new
+    h = states[-1]
     targets = tokens[:, 1:]
     final = torch.log_softmax(model.logits(h[:, :-1]).float(), -1)
     nll_final = -final.gather(-1, targets[..., None])[..., 0]

@@ -131,6 +131,13 @@ class Policy:
                 plan = part if plan is None else plan & part
         return plan
 
+    def replacing(self, mechanism: Mechanism) -> Policy:
+        """This policy with ``mechanism`` in place of any of its kind (e.g. a SkipDecode
+        schedule derived from a target speedup), kept in registry order."""
+        order = list(REGISTRY)
+        kept = [p for p in self.policies if type(p) is not type(mechanism)]
+        return Policy(sorted([*kept, mechanism], key=lambda p: order.index(p.name)))
+
     def scaled(self, factor: float) -> Policy:
         """The same policy with every calibration knob multiplied by ``factor``."""
         return Policy([p.scaled(factor) for p in self.policies])

@@ -154,6 +154,7 @@ class KVCache:
 
     # ------------------------------------------------------------------ rollback
 
+    @torch.inference_mode()
     def truncate(
         self, n: int | Sequence[int] | torch.Tensor, rows: Sequence[int] | None = None
     ) -> None:
