@@ -142,6 +142,13 @@ MATRIX: dict[str, dict] = {
         "fusion": {**FUSE, "window": 3, "max_group": 4, "start_layer": 1},
         "matryoshka": {"fixed_bits": 4, "decision_layer": 0},
     },
+    # Acts on generated positions; `run` marks every position of these blocks as generated.
+    "skipdecode": {"skipdecode": {"max_layers": 5, "min_layers": 2, "decay_length": 4}},
+    "skipdecode_halt_skip": {
+        "skipdecode": {"max_layers": 4, "min_layers": 2, "decay_length": 6},
+        "halting": HALT,
+        "kv_skip": {"treatment": "skip"},
+    },
 }
 
 # Settings that cannot change anything: the dense logits exactly.
@@ -201,6 +208,7 @@ def run(model: Transformer, policy, tokens: torch.Tensor):
     """Logits at every position, the engine (its counter) and the cache of one prefill."""
     engine = make_engine(model, policy)
     cache = engine.new_cache(*tokens.shape)
+    cache.set_prompt_end(0)  # every position counts as generated (SkipDecode's schedule)
     return engine.forward(tokens, cache, logits_at="all"), engine, cache
 
 
@@ -276,8 +284,9 @@ def test_matrix_config_really_acts(model: Transformer, name: str) -> None:
         return
     assert not torch.equal(logits, dense)
     halting, fusion = config.get("halting"), config.get("fusion")
-    if halting or fusion:
+    if halting or fusion or "skipdecode" in config:
         assert ours["layer_tokens"] < base["layer_tokens"]
+    if halting or fusion:
         assert ours["checks"] > 0
     if halting:
         treatment = config.get("kv_skip", {}).get("treatment", "propagate")
