@@ -49,6 +49,7 @@ def distance_to_previous(states: torch.Tensor, window: int, metric: str) -> torc
     tokens before it ([n]; inf for the first token)."""
     n = states.shape[0]
     x = states.float()
+    window = max(1, min(window, n - 1))  # no token has more than n - 1 tokens before it
     offsets = torch.arange(1, window + 1)
     earlier = torch.arange(n).unsqueeze(1) - offsets  # [n, window]
     valid = earlier >= 0

@@ -53,8 +53,8 @@ class SkipDecode(Mechanism):
                 f"{self.warmup_layers} and {self.power}"
             )
 
-        if self.max_layers is not None:
-            steps = torch.arange(self.decay_length + 2)
+        if self.max_layers is not None:  # sampled: a decay length may be huge
+            steps = torch.linspace(0, self.decay_length + 1, 4096).floor().long()
             layers = self.layers_at(steps, self.max_layers)
             assert bool((layers[1:] <= layers[:-1]).all()), "the schedule must never increase"
 
