@@ -248,8 +248,59 @@ def test_text_file_errors(tmp_path: Path) -> None:
         load_text_file(empty)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(QuicksilverError, match="cannot read"):
+    with pytest.raises(QuicksilverError, match="is not UTF-8 text"):
         load_text_file(binary)
+
+
+def test_text_file_not_utf8_says_where(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("first line\ncaf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(QuicksilverError) as error:
+        load_text_file(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "byte 0xe9 at offset 14, line 2" in message and "convert it to UTF-8" in message
+
+
+def test_text_file_that_is_a_directory_or_empty(tmp_path: Path) -> None:
+    with pytest.raises(QuicksilverError, match="is a directory"):
+        load_text_file(tmp_path)
+    empty = tmp_path / "zero.txt"
+    empty.write_bytes(b"")
+    with pytest.raises(QuicksilverError, match="is empty"):
+        load_text_file(empty)
+
+
+@pytest.mark.parametrize("bad", [None, 3, "", b"x.txt", "a\0b"])
+def test_paths_that_are_not_file_names(bad: object) -> None:
+    for loader in (load_text_file, load_jsonl):
+        with pytest.raises(QuicksilverError, match="must be a file name"):
+            loader(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [True, 1.5, "3", 0, -1])
+def test_limits_must_be_positive_integers(tmp_path: Path, value: object) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("some text", encoding="utf-8")
+    with pytest.raises(QuicksilverError, match="max_chars must be a positive integer"):
+        load_text_file(path, max_chars=value)  # type: ignore[arg-type]
+    with pytest.raises(QuicksilverError, match="max_documents must be a positive integer"):
+        load_jsonl(path, max_documents=value)  # type: ignore[arg-type]
+
+
+def test_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.txt"
+    path.write_text("x", encoding="utf-8")
+    with pytest.raises(QuicksilverError, match="data directory .* is a file"):
+        load_eval_text("wikitext-2", data_dir=path)
+
+
+def test_local_wikitext_not_utf8(tmp_path: Path) -> None:
+    raw = tmp_path / "wikitext-2-raw" / "wiki.test.raw"
+    raw.parent.mkdir()
+    raw.write_bytes(b" \n = Title = \n \n caf\xe9 \n")
+    with pytest.raises(QuicksilverError, match=r"is not UTF-8 text \(byte 0xe9 .* line 4\)"):
+        load_eval_text("wikitext-2", "test", data_dir=tmp_path)
 
 
 # --- JSONL files -----------------------------------------------------------------------------
@@ -315,3 +366,50 @@ def test_jsonl_missing_empty_and_corrupt(tmp_path: Path) -> None:
     corrupt.write_bytes(gzip.compress(_jsonl(ROWS).encode())[:20])
     with pytest.raises(QuicksilverError, match="cannot read"):
         load_jsonl(corrupt)
+
+
+def test_jsonl_that_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(QuicksilverError, match="JSONL file .* is a directory"):
+        load_jsonl(tmp_path)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_jsonl_not_utf8_names_the_line(tmp_path: Path, compress: bool) -> None:
+    data = _jsonl(ROWS[:2]).encode() + b'{"text": "caf\xe9"}\n'
+    path = tmp_path / ("bad.jsonl.gz" if compress else "bad.jsonl")
+    path.write_bytes(gzip.compress(data) if compress else data)
+    with pytest.raises(
+        QuicksilverError, match=r"line 3: not valid UTF-8 \(byte 0xe9 at column 14\)"
+    ):
+        load_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "line, kind", [("[1, 2]", "list"), ('"just text"', "str"), ("42", "int"), ("null", "NoneType")]
+)
+def test_jsonl_line_that_is_not_an_object(tmp_path: Path, line: str, kind: str) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(_jsonl(ROWS[:1]) + line + "\n", encoding="utf-8")
+    with pytest.raises(QuicksilverError) as error:
+        load_jsonl(path)
+    assert f"line 2: expected a JSON object with a 'text' field, got {kind}" in str(error.value)
+
+
+def test_jsonl_unusable_json(tmp_path: Path) -> None:
+    path = tmp_path / "big.jsonl"
+    path.write_text('{"text": "a", "n": ' + "9" * 5000 + "}\n", encoding="utf-8")
+    with pytest.raises(QuicksilverError, match="line 1: not usable JSON"):
+        load_jsonl(path)
+
+
+def test_jsonl_windows_line_endings(tmp_path: Path) -> None:
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(_jsonl(ROWS).replace("\n", "\r\n").encode())
+    assert load_jsonl(path).text == "first doc\n\nsecond doc\n\nthird doc"
+
+
+def test_jsonl_field_must_be_a_name(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text(_jsonl(ROWS), encoding="utf-8")
+    with pytest.raises(QuicksilverError, match="field must be a name"):
+        load_jsonl(path, field=3)  # type: ignore[arg-type]

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import save_tiny, save_tiny_gguf, tiny_gpt2, tiny_llama
+from tiny_models import TINY_MODELS, save_tiny, save_tiny_gguf, tiny_gpt2, tiny_llama
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.models import loading
+from quicksilver.models.transformer import Transformer
 
 
 def _load_error(name: str | Path, tmp_path: Path) -> str:
@@ -247,3 +249,377 @@ def test_broken_tokenizer_is_an_error(tmp_path: Path, gpt2_dir: Path) -> None:
     directory = _copy_dir(gpt2_dir, tmp_path / "bad_tokenizer")
     (directory / "tokenizer.json").write_text("{ broken")
     assert "cannot load a tokenizer" in _load_error(directory, tmp_path)
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize(
+    "spec, dtype",
+    [
+        ("float32", torch.float32),
+        ("fp32", torch.float32),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("float16", torch.float16),
+        ("fp16", torch.float16),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+    ],
+)
+def test_accepted_dtypes(spec: str | torch.dtype, dtype: torch.dtype) -> None:
+    assert loading.parse_dtype(spec) is dtype
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("FP32", "unknown dtype 'FP32'; choose float32, bfloat16 or float16"),
+        ("torch.float32", "unknown dtype"),
+        ("", "unknown dtype"),
+        (torch.float64, "dtype torch.float64 is not supported"),
+        (torch.int8, "dtype torch.int8 is not supported"),
+        (None, "got NoneType"),
+        (32, "got int"),
+        (["float32"], "got list"),
+    ],
+)
+def test_rejected_dtypes(spec: object, message: str) -> None:
+    with pytest.raises(QuicksilverError) as info:
+        loading.parse_dtype(spec)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_load_takes_a_torch_dtype(gpt2_dir: Path) -> None:
+    lm = loading.load(gpt2_dir, torch.float16)  # a Path and a torch.dtype, as the API passes
+    assert lm.model.dtype is torch.float16
+    with pytest.raises(QuicksilverError, match="not supported"):
+        loading.load(str(gpt2_dir), torch.float64)
+
+
+@pytest.mark.parametrize("name", [None, 3, "", "   ", "a\0b"])
+def test_model_names_that_are_not_names(name: object) -> None:
+    with pytest.raises(QuicksilverError, match="model"):
+        loading.load(name)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- config sizes
+
+
+@pytest.mark.parametrize("key", ["vocab_size", "n_embd", "n_layer", "n_positions", "n_inner"])
+@pytest.mark.parametrize("value", [0, -4, 64.0, 1.5, True, "64"])
+def test_config_sizes_must_be_positive_integers(
+    tmp_path: Path, gpt2_dir: Path, key: str, value: object
+) -> None:
+    config = json.loads((gpt2_dir / "config.json").read_text())
+    config[key] = value
+    directory = _write_config(tmp_path / "bad_size", config)
+    message = _load_error(directory, tmp_path)
+    assert "positive integers" in message or "invalid value" in message, message
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("vocab_size", 10**12),
+        ("hidden_size", 2**40),
+        ("num_hidden_layers", 10**9),
+        ("intermediate_size", 10**13),
+    ],
+)
+def test_absurd_sizes_are_refused_before_allocating(tmp_path: Path, key: str, value: int) -> None:
+    config = json.loads(tiny_llama().config.to_json_string())
+    config[key] = value
+    if key == "hidden_size":
+        config["head_dim"] = 16
+    directory = _write_config(tmp_path / "huge", config)
+    message = _load_error(directory, tmp_path)
+    assert "would need" in message and "GiB of memory" in message
+    assert f"{key.replace('num_hidden_layers', 'n_layers')}={value}" in message
+
+
+def test_gpt2_positions_count_towards_memory(tmp_path: Path, gpt2_dir: Path) -> None:
+    config = json.loads((gpt2_dir / "config.json").read_text())
+    config["n_positions"] = 10**12
+    message = _load_error(_write_config(tmp_path / "positions", config), tmp_path)
+    assert "max_position_embeddings=1000000000000" in message
+
+
+def test_memory_limit_is_this_machines(gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    total = loading.total_memory_bytes()
+    assert total is not None and total > 2**26  # /proc/meminfo or sysconf answered
+    need = loading.ModelConfig.from_hf(json.loads((gpt2_dir / "config.json").read_text()))
+    weights = need.parameter_count() * 4
+    monkeypatch.setattr(loading, "total_memory_bytes", lambda: int(weights / 0.9) - 1)
+    with pytest.raises(QuicksilverError, match="more than 90% of this machine's"):
+        loading.load(str(gpt2_dir))
+    monkeypatch.setattr(loading, "total_memory_bytes", lambda: int(weights / 0.9) + 8)
+    assert loading.load(str(gpt2_dir)).model is not None
+    monkeypatch.setattr(loading, "total_memory_bytes", lambda: None)  # unknown: no check
+    assert loading.load(str(gpt2_dir)).model is not None
+
+
+@pytest.mark.parametrize("family", sorted(TINY_MODELS))
+def test_parameter_count_is_exact(family: str) -> None:
+    """The estimate matches the parameters our transformer really has, for every family."""
+    config = loading.ModelConfig.from_hf(TINY_MODELS[family]().config.to_dict())
+    with torch.device("meta"):
+        model = Transformer(config)
+    real = sum(p.numel() for name, p in model.named_parameters())
+    if config.tie_word_embeddings:
+        real -= model.lm_head.weight.numel()
+    assert config.parameter_count() == real
+
+
+# ----------------------------------------------------------------------------- GGUF cache
+
+
+def _entry(cache: Path) -> Path:
+    entries = [p for p in (cache / "converted").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def _damage_safetensors_header(entry: Path) -> None:
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:24] = b"}garbled{garbled"
+    weights.write_bytes(bytes(data))
+
+
+def _truncate_weights(entry: Path) -> None:
+    weights = entry / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+def _garble_config(entry: Path) -> None:
+    (entry / "config.json").write_text('{"family": "llama", "vocab_size"')
+
+
+def _wrong_config(entry: Path) -> None:
+    """Valid JSON of the same length whose sizes do not fit the weights."""
+    text = (entry / "config.json").read_text()
+    (entry / "config.json").write_text(text.replace('"n_layers": 3', '"n_layers": 2'))
+
+
+DAMAGE = {
+    "garbled header": _damage_safetensors_header,
+    "truncated weights": _truncate_weights,
+    "missing weights": lambda entry: (entry / "model.safetensors").unlink(),
+    "missing config": lambda entry: (entry / "config.json").unlink(),
+    "bad config json": _garble_config,
+    "config of another model": _wrong_config,
+    "missing manifest": lambda entry: (entry / "complete").unlink(),
+    "bad manifest": lambda entry: (entry / "complete").write_text("not json"),
+    "entry is a file": lambda entry: (shutil.rmtree(entry), entry.write_text("x")),
+}
+
+
+@pytest.fixture
+def tiny_gguf_path(tmp_path: Path, tiny_gguf: bytes) -> Path:
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(tiny_gguf)
+    return path
+
+
+def test_cache_is_used_on_the_second_load(
+    tiny_gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    first = loading.load(str(tiny_gguf_path), cache_dir=cache)
+    manifest = json.loads((_entry(cache) / "complete").read_text())
+    assert (
+        manifest["files"]["model.safetensors"]
+        == (_entry(cache) / "model.safetensors").stat().st_size
+    )
+
+    def no_conversion(path: Path) -> None:
+        raise AssertionError("the cached entry should have been used")
+
+    monkeypatch.setattr(loading, "_read_gguf", no_conversion)
+    second = loading.load(str(tiny_gguf_path), cache_dir=cache)
+    assert torch.equal(first.model.embed, second.model.embed)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_cache_entry_is_rebuilt(
+    tiny_gguf_path: Path, tmp_path: Path, damage: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    reference = loading.load(str(tiny_gguf_path), cache_dir=cache)
+    entry = _entry(cache)
+    DAMAGE[damage](entry)
+    capsys.readouterr()
+    rebuilt = loading.load(str(tiny_gguf_path), cache_dir=cache)
+    err = capsys.readouterr().err
+    assert f"warning: the converted-model cache entry {entry} is damaged" in err
+    assert f"rebuilding it from {tiny_gguf_path}" in err
+    assert torch.equal(rebuilt.model.embed, reference.model.embed)
+    # The rebuilt entry is whole again: the next load is quiet.
+    loading.load(str(tiny_gguf_path), cache_dir=cache)
+    assert capsys.readouterr().err == ""
+    assert _entry(cache) == entry
+
+
+def test_interrupted_conversion_leaves_no_entry(
+    tiny_gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    save_config = loading.ModelConfig.to_dict
+
+    def interrupted(self: loading.ModelConfig) -> dict:
+        raise KeyboardInterrupt  # Ctrl-C after the weights were written
+
+    monkeypatch.setattr(loading.ModelConfig, "to_dict", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        loading.load(str(tiny_gguf_path), cache_dir=cache)
+    assert list((cache / "converted").iterdir()) == []  # neither an entry nor a temp dir
+    monkeypatch.setattr(loading.ModelConfig, "to_dict", save_config)
+    loading.load(str(tiny_gguf_path), cache_dir=cache)
+    assert (_entry(cache) / "complete").is_file()
+
+
+def test_read_only_cache_still_loads(
+    tiny_gguf_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def read_only(*args: object, **kwargs: object) -> str:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(loading.tempfile, "mkdtemp", read_only)
+    lm = loading.load(str(tiny_gguf_path), cache_dir=tmp_path / "cache")
+    assert lm.model.config.n_layers == 3
+
+
+# ----------------------------------------------------------------------------- hub cache
+
+REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _fake_hub_cache(root: Path, repo: str, files: bool = True) -> Path:
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<rev>/...}."""
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / REVISION
+    if files:
+        save_tiny(tiny_gpt2(), snapshot, with_tokenizer=True)
+    else:
+        snapshot.mkdir(parents=True)
+        (snapshot / "config.json").write_text(json.dumps(tiny_gpt2().config.to_dict()))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(REVISION)
+    return snapshot
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every hub call the loader could make fails loudly and is recorded."""
+    import huggingface_hub
+
+    calls: list[str] = []
+
+    def offline(name: str):
+        def call(*args: object, **kwargs: object) -> None:
+            calls.append(name)
+            raise ConnectionError(f"{name}: network is unreachable")
+
+        return call
+
+    for name in ("list_repo_files", "snapshot_download", "hf_hub_download"):
+        monkeypatch.setattr(huggingface_hub, name, offline(name))
+    return calls
+
+
+def test_hub_id_in_the_local_cache_loads_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    snapshot = _fake_hub_cache(tmp_path / "hub", "tiny-org/tiny-gpt2")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # "tiny-org/tiny-gpt2" must not exist as a local path
+    lm = loading.load("tiny-org/tiny-gpt2")
+    assert no_network == []
+    assert lm.source.kind == "hub" and lm.model.config.family == "gpt2"
+    assert lm.tokenizer is not None
+    direct = loading.load(str(snapshot))
+    assert torch.equal(lm.model.embed, direct.model.embed)
+
+
+def test_hub_id_neither_cached_nor_reachable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    message = _load_error("nobody/nothing", tmp_path)
+    assert "'nobody/nothing' is not in the local Hugging Face cache" in message
+    assert str(tmp_path / "hub") in message and "could not be fetched" in message
+    assert no_network == ["list_repo_files"]
+
+
+def test_partial_snapshot_goes_to_the_hub(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    """A snapshot with config.json but no weights is not a model: the hub must complete it."""
+    _fake_hub_cache(tmp_path / "hub", "tiny-org/partial", files=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert "not in the local Hugging Face cache" in _load_error("tiny-org/partial", tmp_path)
+    assert no_network == ["list_repo_files"]
+
+
+def test_invalid_hub_id(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert "not a valid Hugging Face hub id" in _load_error("bad id!/x", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rope_theta": 0}, "rope_theta must be a finite number > 0"),
+        ({"rope_theta": 10**400}, "invalid value"),
+        ({"rms_norm_eps": -1e-5}, "norm epsilon must be a finite number >= 0"),
+        ({"rms_norm_eps": "tiny"}, "norm epsilon"),
+        (
+            {
+                "hidden_size": 60,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "head_dim": None,
+            },
+            "even head",
+        ),
+        (
+            {
+                "hidden_size": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 4,
+                "head_dim": None,
+            },
+            "no dimensions",
+        ),
+        ({"head_dim": 0}, "positive integers"),
+        ({"num_key_value_heads": 0}, "positive integers"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": "x"}}, "rope_scaling.factor"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 10**400}}, None),
+        ({"rope_scaling": {"rope_type": "linear", "factor": -2.0}}, "rope_scaling.factor"),
+        ({"rope_scaling": [1, 2]}, "invalid value"),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 4.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                }
+            },
+            "high_freq_factor must exceed low_freq_factor",
+        ),
+    ],
+)
+def test_config_values_that_cannot_build_a_model(
+    tmp_path: Path, changes: dict, message: str | None
+) -> None:
+    config = json.loads(tiny_llama().config.to_json_string())
+    config.pop("rope_parameters", None)  # so rope_theta / rope_scaling below are the ones read
+    config.update(changes)
+    error = _load_error(_write_config(tmp_path / "bad", config), tmp_path)
+    assert message is None or message in error, error

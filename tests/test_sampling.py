@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
@@ -113,3 +118,211 @@ def test_invalid_config_raises(kwargs: dict, message: str) -> None:
 def test_rejects_non_2d_logits() -> None:
     with pytest.raises(ValueError, match="batch, vocab"):
         sample_next(torch.zeros(5), SamplingConfig(), None)
+    with pytest.raises(ValueError, match="batch, vocab"):
+        sample_next(torch.zeros(2, 0), SamplingConfig(), None)
+
+
+# --- extreme but valid settings ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": 1e-45},  # below float32's smallest subnormal
+        {"temperature": 5e-324},  # float64's smallest subnormal
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 1.0, "top_p": 5e-324},
+        {"temperature": 1e-300, "top_p": 1e-300, "top_k": 2},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_extreme_settings_pick_the_argmax(kwargs: dict, dtype: torch.dtype) -> None:
+    logits = _logits(batch=6, vocab=300).to(dtype)
+    config = SamplingConfig(**kwargs, seed=0)
+    ids = sample_next(logits, config, make_generator(config))
+    assert torch.equal(ids, logits.argmax(dim=-1))
+
+
+def test_extreme_logits_near_the_dtype_maximum() -> None:
+    """Huge logits divided by a tiny temperature must not overflow into NaN."""
+    logits = torch.full((2, 8), 65000.0, dtype=torch.float16)
+    logits[0, 3] = 65504.0
+    logits[1, 5] = -65504.0
+    config = SamplingConfig(temperature=1e-30, seed=1)
+    ids = sample_next(logits, config, make_generator(config))
+    assert ids[0] == 3 and ids[1] != 5
+
+
+def test_huge_temperature_is_near_uniform() -> None:
+    logits = _logits(batch=1, vocab=20)
+    config = SamplingConfig(temperature=1e300, seed=0)
+    gen = make_generator(config)
+    seen = {int(sample_next(logits, config, gen)) for _ in range(300)}
+    assert len(seen) == 20
+
+
+# --- bad values: clear errors, never TypeError ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": "0.7"}, "temperature must be a finite number"),
+        ({"temperature": True}, "temperature"),
+        ({"temperature": None}, "temperature"),
+        ({"temperature": [1.0]}, "temperature"),
+        ({"temperature": 10**400}, "temperature"),  # too large for a float
+        ({"temperature": torch.tensor(1.0)}, "temperature"),
+        ({"top_k": True}, "top_k must be an integer"),
+        ({"top_k": "3"}, "top_k"),
+        ({"top_k": 2.0}, "top_k"),
+        ({"top_k": None}, "top_k"),
+        ({"top_p": "0.9"}, "top_p"),
+        ({"top_p": False}, "top_p"),
+        ({"top_p": None}, "top_p"),
+        ({"top_p": float("inf")}, "top_p"),
+        ({"top_p": -0.5}, "top_p"),
+        ({"seed": "1"}, "seed must be an integer"),
+        ({"seed": 1.5}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"seed": float("nan")}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+    ],
+)
+def test_bad_types_raise_quicksilver_error(kwargs: dict, message: str) -> None:
+    with pytest.raises(QuicksilverError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_values_are_normalised() -> None:
+    config = SamplingConfig(
+        temperature=1, top_k=np.int64(5), top_p=np.float32(0.5), seed=np.uint8(3)
+    )
+    assert config == SamplingConfig(temperature=1.0, top_k=5, top_p=0.5, seed=3)
+    assert type(config.temperature) is float and type(config.top_k) is int
+    assert type(config.top_p) is float and type(config.seed) is int
+    assert SamplingConfig(seed=2**64 - 1).seed == 2**64 - 1
+    assert make_generator(SamplingConfig(seed=-(2**63))) is not None
+
+
+# --- options without effect are named, never silently dropped --------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, vocab, ignored",
+    [
+        ({}, None, []),
+        ({"temperature": 0.0, "seed": 1}, None, ["seed"]),
+        ({"top_k": 5, "top_p": 0.9, "seed": 1}, None, ["top_k", "top_p", "seed"]),
+        ({"top_k": 1}, None, ["top_k"]),
+        (
+            {"temperature": 0.8, "top_k": 1, "top_p": 0.5, "seed": 2},
+            None,
+            ["temperature", "top_p", "seed"],
+        ),
+        ({"temperature": 0.8, "top_k": 1}, None, ["temperature"]),
+        ({"temperature": 0.8, "top_k": 40, "top_p": 0.9, "seed": 2}, None, []),
+        ({"temperature": 0.8, "top_k": 40}, 40, ["top_k"]),
+        ({"temperature": 0.8, "top_k": 40}, 41, []),
+        ({"temperature": 0.8, "seed": 3}, 10, []),
+    ],
+)
+def test_ignored_names_the_options_without_effect(
+    kwargs: dict, vocab: int | None, ignored: list[str]
+) -> None:
+    config = SamplingConfig(**kwargs)
+    assert config.ignored(vocab) == ignored
+    note = config.ignored_note(vocab)
+    if ignored:
+        assert note is not None and all(name in note for name in ignored)
+    else:
+        assert note is None
+
+
+def test_ignored_note_says_why() -> None:
+    greedy = SamplingConfig(top_p=0.9).ignored_note()
+    assert (
+        greedy
+        == "top_p has no effect: temperature 0 means greedy decoding (always the most likely token)"
+    )
+    assert (
+        "top_k 1 keeps only the most likely token"
+        in SamplingConfig(temperature=1.0, top_k=1, seed=0).ignored_note()
+    )
+    assert "whole vocabulary of 10" in SamplingConfig(temperature=1.0, top_k=99).ignored_note(10)
+
+
+# --- a broken model's logits ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("config", [SamplingConfig(), SamplingConfig(temperature=1.0, top_p=0.9)])
+def test_non_finite_logits_are_an_error(bad: float, config: SamplingConfig) -> None:
+    logits = _logits(batch=3)
+    logits[1, 7] = bad
+    with pytest.raises(QuicksilverError, match="NaN/inf logits"):
+        sample_next(logits, config, make_generator(config))
+
+
+# --- property: any arguments give a clear error or a valid token ------------------------------
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0.0, max_value=2.0),
+    st.text(max_size=4),
+    st.sampled_from([0, 1, 2, 5, 1e-45, 1e-300, 5e-324, 1.0, 1e300]),
+)
+LOGIT = st.one_of(
+    st.floats(min_value=-1e5, max_value=1e5, allow_nan=False, width=32),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+    st.sampled_from([0.0, 65504.0, -65504.0, 3e38, -3e38]),
+)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@st.composite
+def logits_batches(draw: st.DrawFn) -> torch.Tensor:
+    batch = draw(st.integers(min_value=1, max_value=3))
+    vocab = draw(st.integers(min_value=1, max_value=12))
+    values = draw(st.lists(LOGIT, min_size=batch * vocab, max_size=batch * vocab))
+    dtype = draw(st.sampled_from(DTYPES))
+    return torch.tensor(values, dtype=torch.float64).view(batch, vocab).to(dtype)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    temperature=ANY_VALUE,
+    top_k=ANY_VALUE,
+    top_p=ANY_VALUE,
+    seed=ANY_VALUE,
+    logits=logits_batches(),
+)
+def test_any_arguments_give_an_error_or_a_valid_token(
+    temperature: object, top_k: object, top_p: object, seed: object, logits: torch.Tensor
+) -> None:
+    try:
+        config = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    except QuicksilverError:
+        return
+    finite = bool(torch.isfinite(logits).all())
+    try:
+        ids = sample_next(logits, config, make_generator(config))
+    except QuicksilverError as error:
+        assert not finite, f"finite logits refused: {error}"
+        assert "NaN/inf logits" in str(error)
+        return
+    assert finite, "non-finite logits must be refused"
+    assert ids.dtype == torch.int64 and ids.shape == (logits.shape[0],)
+    assert bool(((ids >= 0) & (ids < logits.shape[1])).all())
+    chosen = logits.gather(1, ids[:, None]).squeeze(1)
+    if config.greedy:
+        assert torch.equal(chosen, logits.max(dim=-1).values)
+    elif config.top_k:
+        # The token is among the top_k best (ties with the k-th kept).
+        k = min(config.top_k, logits.shape[1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1]
+        assert bool((chosen >= kth).all())

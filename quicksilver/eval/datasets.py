@@ -9,6 +9,7 @@ comparable with published ones, so the construction rules are spelled out below.
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import json
 import os
@@ -17,7 +18,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from quicksilver.errors import QuicksilverError
 
@@ -132,7 +133,9 @@ def load_eval_text(
         raise QuicksilverError(f"dataset {name!r} has no split {split!r}; valid splits: {splits}")
     _check_limits(max_documents, max_chars)
 
-    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    root = _as_path(data_dir, "data directory") if data_dir is not None else default_data_dir()
+    if root.exists() and not root.is_dir():
+        raise QuicksilverError(f"data directory {root} is a file; pass the directory holding it")
     candidates = [root / rel for rel in spec.local[split]]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
@@ -145,15 +148,9 @@ def load_eval_text(
 
 def load_text_file(path: str | Path, *, max_chars: int | None = None) -> EvalText:
     """Load a UTF-8 text file as one document, byte for byte (line endings are not rewritten)."""
-    path = Path(path)
+    path = _existing_file(path, "text file")
     _check_limits(None, max_chars)
-    if not path.is_file():
-        raise QuicksilverError(f"text file not found: {path}")
-    try:
-        with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QuicksilverError(f"cannot read text file {path}: {exc}") from exc
+    text = _decode_utf8(path, _read_bytes(path, "text file"))
     return _build(f"file:{path}", [text], [0], max_chars)
 
 
@@ -177,19 +174,30 @@ def load_jsonl(
 def read_jsonl_documents(
     path: str | Path, field: str = "text", max_documents: int | None = None
 ) -> list[str]:
-    """The ``field`` of each non-blank line of a JSONL file (gzip-compressed or not)."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuicksilverError(f"JSONL file not found: {path}")
+    """The ``field`` of each non-blank line of a JSONL file (gzip-compressed or not).
+
+    Lines are decoded one by one, so an invalid UTF-8 byte is reported with its line.
+    """
+    path = _existing_file(path, "JSONL file")
+    if not isinstance(field, str):
+        raise QuicksilverError(f"the JSONL field must be a name, got {type(field).__name__}")
+    _check_limits(max_documents, None)
     docs: list[str] = []
     try:
         with _open_maybe_gzip(path) as f:
-            for line_no, line in enumerate(f, start=1):
+            for line_no, raw in enumerate(f, start=1):
                 if max_documents is not None and len(docs) >= max_documents:
                     break
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise QuicksilverError(
+                        f"{path}, line {line_no}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} "
+                        f"at column {exc.start + 1}); convert the file to UTF-8"
+                    ) from None
                 if line.strip():
                     docs.append(_jsonl_field(path, line_no, line, field))
-    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise QuicksilverError(f"cannot read JSONL file {path}: {exc}") from exc
     return docs
 
@@ -200,26 +208,64 @@ def read_jsonl_documents(
 def _check_limits(max_documents: int | None, max_chars: int | None) -> None:
     """Reject limits that would silently produce nonsense (negative slices, empty text)."""
     for label, value in (("max_documents", max_documents), ("max_chars", max_chars)):
-        if value is not None and value < 1:
-            raise QuicksilverError(f"{label} must be a positive integer, got {value}")
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise QuicksilverError(f"{label} must be a positive integer, got {value!r}")
+
+
+def _as_path(path: Any, what: str) -> Path:
+    text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise QuicksilverError(f"{what} must be a file name, got {path!r}")
+    return Path(text)
+
+
+def _existing_file(path: Any, what: str) -> Path:
+    """``path`` as a Path if it names a readable regular file; else a clear error."""
+    path = _as_path(path, what)
+    if path.is_dir():
+        raise QuicksilverError(f"{what} {path} is a directory; pass a file inside it")
+    if not path.exists():
+        raise QuicksilverError(f"{what} not found: {path}")
+    if not path.is_file():
+        raise QuicksilverError(f"{what} {path} is not a regular file (a device, pipe or socket)")
+    return path
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise QuicksilverError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+
+
+def _decode_utf8(path: Path, data: bytes) -> str:
+    """``data`` as text, or an error that says where the first non-UTF-8 byte is."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise QuicksilverError(
+            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}, "
+            f"line {line}); convert it to UTF-8 (e.g. with iconv)"
+        ) from None
 
 
 def _read_lines(path: Path) -> list[str]:
-    """Read lines the way the hub's WikiText builder did (text mode, split on newlines only)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return list(f)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QuicksilverError(f"cannot read {path}: {exc}") from exc
+    """Read lines the way the hub's WikiText builder did (text mode: universal newlines,
+    split on newlines only)."""
+    text = _decode_utf8(path, _read_bytes(path, "file"))
+    return io.StringIO(text, newline=None).readlines()
 
 
-def _open_maybe_gzip(path: Path) -> IO[str]:
-    """Open a text file, transparently decompressing gzip."""
+def _open_maybe_gzip(path: Path) -> IO[bytes]:
+    """Open a file for reading lines of bytes, transparently decompressing gzip."""
     with open(path, "rb") as f:
         is_gzip = path.name.endswith(".gz") or f.read(2) == _GZIP_MAGIC
     if is_gzip:
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _jsonl_field(path: Path, line_no: int, line: str, field: str) -> str:
@@ -228,7 +274,14 @@ def _jsonl_field(path: Path, line_no: int, line: str, field: str) -> str:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise QuicksilverError(f"{path}, line {line_no}: not valid JSON ({exc.msg})") from None
-    if not isinstance(row, dict) or field not in row:
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of 10,000 digits
+        raise QuicksilverError(f"{path}, line {line_no}: not usable JSON ({exc})") from None
+    if not isinstance(row, dict):
+        raise QuicksilverError(
+            f"{path}, line {line_no}: expected a JSON object with a {field!r} field, "
+            f"got {type(row).__name__}"
+        )
+    if field not in row:
         raise QuicksilverError(f"{path}, line {line_no}: no {field!r} field in the JSON object")
     value = row[field]
     if not isinstance(value, str):

@@ -6,6 +6,7 @@ biases, pre/post norm) so the transformer code stays one readable implementation
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +51,11 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
+        """Reject what no model can be built from, before any memory is allocated for it.
+
+        Configs come from files users hand us; a zero, negative, fractional or boolean size
+        would otherwise surface as an obscure torch error, or never (``True`` is an int).
+        """
         if self.family not in FAMILIES:
             raise QuicksilverError(
                 f"unsupported model family {self.family!r}; supported: {', '.join(FAMILIES)}"
@@ -63,21 +69,44 @@ class ModelConfig:
             "intermediate_size": self.intermediate_size,
             "max_position_embeddings": self.max_position_embeddings,
         }
-        bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v <= 0}
+        optional = {
+            "head_dim": self.head_dim_override,
+            "word_embed_proj_dim": self.word_embed_proj_dim,
+            "sliding_window": self.sliding_window,
+        }
+        sizes.update({k: v for k, v in optional.items() if v is not None})
+        bad = {k: v for k, v in sizes.items() if not _positive_int(v)}
         if bad:
             raise QuicksilverError(f"model config sizes must be positive integers, got {bad}")
+        if not (_is_int(self.position_offset) and self.position_offset >= 0):
+            raise QuicksilverError(
+                f"position_offset must be an integer >= 0, got {self.position_offset!r}"
+            )
         if self.n_heads % self.n_kv_heads:
             raise QuicksilverError(
                 f"num_attention_heads ({self.n_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.n_kv_heads})"
             )
+        if self.head_dim < 1:
+            raise QuicksilverError(
+                f"hidden_size ({self.hidden_size}) is smaller than num_attention_heads "
+                f"({self.n_heads}): each head would have no dimensions"
+            )
+        if self.position == "rope" and self.head_dim % 2:
+            raise QuicksilverError(
+                f"RoPE needs an even head dimension, got {self.head_dim} "
+                f"(hidden_size {self.hidden_size} / {self.n_heads} heads)"
+            )
+        if not (_finite(self.norm_eps) and self.norm_eps >= 0):
+            raise QuicksilverError(
+                f"norm epsilon must be a finite number >= 0, got {self.norm_eps!r}"
+            )
+        if not (_finite(self.rope_theta) and self.rope_theta > 0):
+            raise QuicksilverError(
+                f"rope_theta must be a finite number > 0, got {self.rope_theta!r}"
+            )
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in SUPPORTED_ROPE_TYPES:
-                raise QuicksilverError(
-                    f"RoPE scaling type {kind!r} is not supported; "
-                    f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-                )
+            _check_rope_scaling(self.rope_scaling)
 
     @property
     def head_dim(self) -> int:
@@ -94,6 +123,37 @@ class ModelConfig:
     @property
     def embed_dim(self) -> int:
         return self.word_embed_proj_dim or self.hidden_size
+
+    def parameter_count(self) -> int:
+        """How many weights the model built from this config holds (exact, from the same
+        shapes as ``Transformer``), in Python integers so absurd sizes cannot overflow.
+
+        An untied LM head is counted separately; a tied one shares the embedding.
+        """
+        d, e = self.hidden_size, self.embed_dim
+        norm = d * (2 if self.norm == "layer" else 1)
+        qkv_rows = self.q_dim + 2 * self.kv_dim
+        up_rows = self.intermediate_size * (2 if self.gated_mlp else 1)
+        block = (
+            2 * norm
+            + qkv_rows * d
+            + (qkv_rows if self.qkv_bias else 0)
+            + self.q_dim * d
+            + (d if self.out_bias else 0)
+            + up_rows * d
+            + self.intermediate_size * d
+            + (up_rows + d if self.mlp_bias else 0)
+        )
+        total = self.vocab_size * e + self.n_layers * block
+        if self.position == "learned":
+            total += (self.max_position_embeddings + self.position_offset) * d
+        if self.word_embed_proj_dim:
+            total += 2 * e * d  # project_in and project_out
+        if self.final_norm:
+            total += norm
+        if not self.tie_word_embeddings:
+            total += self.vocab_size * e
+        return total
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,7 +177,7 @@ class ModelConfig:
             raise QuicksilverError(
                 f"config.json for model_type {model_type!r} lacks the required key {err}"
             ) from err
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, AttributeError, OverflowError) as err:  # e.g. a list
             raise QuicksilverError(f"config.json has an invalid value: {err}") from err
 
     @classmethod
@@ -151,7 +211,7 @@ class ModelConfig:
                 hidden_size=hf["hidden_size"],
                 n_layers=hf["num_hidden_layers"],
                 n_heads=hf["num_attention_heads"],
-                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                n_kv_heads=_unless_none(hf.get("num_key_value_heads"), hf["num_attention_heads"]),
                 intermediate_size=hf["intermediate_size"],
                 max_position_embeddings=hf.get("max_position_embeddings", 4096),
                 norm="rms",
@@ -177,7 +237,7 @@ class ModelConfig:
                 n_layers=hf["n_layer"],
                 n_heads=hf["n_head"],
                 n_kv_heads=hf["n_head"],
-                intermediate_size=hf.get("n_inner") or 4 * d,
+                intermediate_size=_unless_none(hf.get("n_inner"), 4 * d),
                 max_position_embeddings=hf["n_positions"],
                 norm="layer",
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),
@@ -221,6 +281,49 @@ class ModelConfig:
             f"model_type {model_type!r} is not supported; supported: llama (also mistral, "
             "qwen2-style), gpt2, opt"
         )
+
+
+def _unless_none(value: Any, default: Any) -> Any:
+    """``value`` unless it is absent (None): a 0 in config.json is an error, not "default"."""
+    return default if value is None else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value: Any) -> bool:
+    return _is_int(value) and value > 0
+
+
+def _finite(value: Any) -> bool:
+    """A real number that is not inf/NaN (any int is: math.isfinite would overflow on 10**400)."""
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _check_rope_scaling(scaling: Any) -> None:
+    if not isinstance(scaling, dict):
+        raise QuicksilverError(f"rope_scaling must be a mapping, got {type(scaling).__name__}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise QuicksilverError(
+            f"RoPE scaling type {kind!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
+        if key in scaling and not (_finite(scaling[key]) and scaling[key] > 0):
+            raise QuicksilverError(
+                f"rope_scaling.{key} must be a finite number > 0, got {scaling[key]!r}"
+            )
+    if kind == "llama3" and scaling.get("high_freq_factor", 4.0) <= scaling.get(
+        "low_freq_factor", 1.0
+    ):
+        raise QuicksilverError("rope_scaling.high_freq_factor must exceed low_freq_factor")
 
 
 def _activation(name: str) -> str:

@@ -2,16 +2,22 @@
 
 GGUF weights are dequantised once with the ``gguf`` package and cached on disk as fp32
 safetensors (plus the tokenizer), so later loads take a fraction of a second instead of the
-conversion time.
+conversion time. A cache entry is written whole or not at all (temporary directory, rename)
+and checked against its manifest when read; a damaged one is reported and rebuilt.
+
+Sizes from a config are checked against this machine's memory before anything is allocated,
+and a hub id whose snapshot is in the local Hugging Face cache loads without the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,13 +32,20 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Transformer, rope_inverse_frequencies
 
 DEFAULT_MODEL = "smollm2-135m"
-CONVERSION_VERSION = "2"  # bump when the converted cache layout or its config changes
+CONVERSION_VERSION = "3"  # bump when the converted cache layout or its config changes
+# Accepted dtype spellings. float16 runs everywhere the model does, but overflows more easily
+# than bfloat16 (sample_next then reports NaN/inf logits).
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
+# Refuse a model whose weights would take more than this share of the machine's memory: it
+# could only end in the OOM killer or swapping, after minutes of loading.
+MEMORY_FRACTION = 0.9
 
 
 @dataclass(frozen=True)
@@ -77,14 +90,29 @@ class LoadedModel:
         return self.tokenizer
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """A dtype from its name (``DTYPES``) or a torch.dtype the model runs in."""
+    choices = "float32, bfloat16 or float16"
+    if isinstance(name, torch.dtype):
+        if name not in DTYPES.values():
+            raise QuicksilverError(f"dtype {name} is not supported; choose {choices}")
+        return name
+    if not isinstance(name, str):
+        raise QuicksilverError(
+            f"dtype must be a name such as 'bfloat16' or a torch.dtype, got {type(name).__name__}"
+        )
     if name not in DTYPES:
-        raise QuicksilverError(f"unknown dtype {name!r}; choose float32 or bfloat16")
+        raise QuicksilverError(f"unknown dtype {name!r}; choose {choices}")
     return DTYPES[name]
 
 
-def resolve(name: str) -> ModelSource:
+def resolve(name: str | os.PathLike[str]) -> ModelSource:
     """Turn a short name, a path or a hub id into a concrete source."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise QuicksilverError(f"a model is a name, a path or a hub id, got {type(name).__name__}")
+    name = os.fspath(name)
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise QuicksilverError(f"model name {name!r} is empty or not a usable path")
     if name in MODEL_ALIASES:
         alias = MODEL_ALIASES[name]
         spec = importlib.util.find_spec(alias.package)
@@ -125,7 +153,7 @@ def resolve(name: str) -> ModelSource:
 
 
 def load(
-    name: str = DEFAULT_MODEL,
+    name: str | os.PathLike[str] = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
     fast: bool = True,
     cache_dir: Path | None = None,
@@ -136,7 +164,7 @@ def load(
     callers that need text decide whether that is an error.
     """
     start = time.perf_counter()
-    torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+    torch_dtype = parse_dtype(dtype)
     source = resolve(name)
     if source.kind == "gguf":
         config, state, tokenizer = _load_gguf_cached(Path(source.path), cache_dir)
@@ -153,28 +181,16 @@ def build_model(
 ) -> Transformer:
     """Our model around ``state`` (our key names). In fp32 the parameters share memory with
     ``state``'s tensors rather than copying them, so do not modify ``state`` afterwards."""
+    check_memory(config, dtype)
     with torch.device("meta"):
         model = Transformer(config)
+    tied = check_state(model, state)
     model.to_empty(device="cpu")  # allocation only; every parameter is replaced below
     model.inv_freq = rope_inverse_frequencies(config)  # buffers were created on meta
-    tied = config.tie_word_embeddings or "lm_head.weight" not in state
     if tied:
         model.lm_head.weight = model.embed
-    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
-    missing = expected - state.keys()
-    unexpected = state.keys() - expected
-    if missing or unexpected:
-        raise QuicksilverError(
-            f"checkpoint does not match the {config.family} layout: missing "
-            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
     with torch.no_grad():
         for key, param in model.named_parameters():
-            if tuple(state[key].shape) != tuple(param.shape):
-                raise QuicksilverError(
-                    f"tensor {key!r} has shape {tuple(state[key].shape)} but the config implies "
-                    f"{tuple(param.shape)}; config.json and the weights do not belong together"
-                )
             # Adopt the loaded tensor instead of copying it: saves a pass over every weight.
             param.data = state[key].to(dtype).contiguous()
     model.eval()
@@ -182,10 +198,101 @@ def build_model(
     return model
 
 
+def check_state(model: Transformer, state: dict[str, torch.Tensor]) -> bool:
+    """Raise unless ``state`` holds exactly the tensors, of the shapes, that ``model`` (built
+    on the meta device: no memory) needs; return whether the LM head is tied to the embedding
+    (tied in the config, or no head tensor in the checkpoint)."""
+    config = model.config
+    tied = config.tie_word_embeddings or "lm_head.weight" not in state
+    shapes = {
+        key: tuple(param.shape)
+        for key, param in model.named_parameters()
+        if not (tied and key == "lm_head.weight")
+    }
+    missing = shapes.keys() - state.keys()
+    unexpected = state.keys() - shapes.keys()
+    if missing or unexpected:
+        raise QuicksilverError(
+            f"checkpoint does not match the {config.family} layout: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    for key, shape in shapes.items():
+        if tuple(state[key].shape) != shape:
+            raise QuicksilverError(
+                f"tensor {key!r} has shape {tuple(state[key].shape)} but the config implies "
+                f"{shape}; config.json and the weights do not belong together"
+            )
+    return tied
+
+
+def total_memory_bytes() -> int | None:
+    """This machine's memory as a process here can use it: the smaller of the physical RAM
+    (/proc/meminfo, else sysconf) and a cgroup limit (containers); None when unknown."""
+    sizes = []
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    sizes.append(int(line.split()[1]) * 1024)
+                    break
+    except (OSError, ValueError, IndexError):
+        pass
+    if not sizes:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            sizes.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            sizes.append(int(Path(limit_file).read_text().strip()))  # "max" means no limit
+        except (OSError, ValueError):
+            continue
+    sizes = [size for size in sizes if size > 0]
+    return min(sizes) if sizes else None
+
+
+def check_memory(config: ModelConfig, dtype: torch.dtype) -> None:
+    """Refuse, before allocating, a config whose weights in ``dtype`` cannot fit in memory:
+    an absurd size in a config file should be an error that says so, not the OOM killer."""
+    total = total_memory_bytes()
+    if total is None:
+        return
+    count = config.parameter_count()
+    need = count * dtype.itemsize
+    if need > MEMORY_FRACTION * total:
+        sizes = ", ".join(
+            f"{k}={getattr(config, k)}"
+            for k in (
+                "vocab_size",
+                "hidden_size",
+                "n_layers",
+                "intermediate_size",
+                "max_position_embeddings",
+            )
+        )
+        name = config.name or f"this {config.family} model"
+        raise QuicksilverError(
+            f"{name} would need {_gib(need)} of memory for its {count:,} weights in "
+            f"{str(dtype).removeprefix('torch.')}, more than {MEMORY_FRACTION:.0%} of this "
+            f"machine's {_gib(total)}; check the config's sizes ({sizes}) or use a machine "
+            "with more memory"
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
 # ---------------------------------------------------------------- Hugging Face checkpoints
 
 
 def _download(repo_id: str) -> Path:
+    """A local snapshot of ``repo_id``: from the Hugging Face cache when it holds the config
+    and weights (no network at all), else downloaded from the hub."""
+    from huggingface_hub import constants
+
+    cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    cached = _cached_snapshot(repo_id, cache_dir)
+    if cached is not None:
+        return cached
     try:
         from huggingface_hub import list_repo_files, snapshot_download
 
@@ -202,13 +309,45 @@ def _download(repo_id: str) -> Path:
             snapshot_download(
                 repo_id,
                 allow_patterns=["*.json", "*.model", "*.txt", *weights],
+                cache_dir=cache_dir,
             )
         )
     except Exception as err:  # hub errors come in many types; all mean the same to the user
+        detail = " ".join(str(err).split())[:200]
         raise QuicksilverError(
-            f"could not fetch {repo_id!r} from the Hugging Face hub ({type(err).__name__}); "
-            "pass a local model directory or a .gguf file instead"
+            f"{repo_id!r} is not in the local Hugging Face cache ({cache_dir}) and could not be "
+            f"fetched from the hub ({type(err).__name__}: {detail}); download it once with "
+            "network access, or pass a local model directory or a .gguf file instead"
         ) from err
+
+
+def _cached_snapshot(repo_id: str, cache_dir: str) -> Path | None:
+    """The cached snapshot of the repo's main revision, if it has config.json and weights.
+
+    A snapshot can be partial (an interrupted download, or only config.json fetched by
+    another tool); then None, and the download completes it.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    except ValueError as err:  # HFValidationError: not a valid repo id
+        raise QuicksilverError(f"{repo_id!r} is not a valid Hugging Face hub id: {err}") from err
+    if not isinstance(config, str):
+        return None
+    directory = Path(config).parent
+    try:
+        has_weights = bool(
+            _weight_files(
+                directory, "model.safetensors", "model.safetensors.index.json", "*.safetensors"
+            )
+            or _weight_files(
+                directory, "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"
+            )
+        )
+    except QuicksilverError:  # an index whose shards are not all there yet
+        return None
+    return directory if has_weights else None
 
 
 def _weight_files(directory: Path, single: str, index: str, pattern: str) -> list[Path]:
@@ -273,6 +412,7 @@ def _load_hf_dir(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]
     if not isinstance(hf_config, dict):
         raise QuicksilverError(f"{directory / 'config.json'} does not hold a JSON object")
     config = ModelConfig.from_hf(hf_config)
+    check_memory(config, torch.float32)  # the checkpoint is read into fp32 first
     if config.family == "gpt2" and (
         hf_config.get("scale_attn_by_inverse_layer_idx")
         or hf_config.get("reorder_and_upcast_attn")
@@ -440,20 +580,74 @@ def _cache_root(cache_dir: Path | None) -> Path:
 def _load_gguf_cached(
     path: Path, cache_dir: Path | None
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
-    from safetensors.torch import load_file, save_file
+    """Read the converted copy of a GGUF file, converting (and caching) it when there is none.
 
+    A damaged entry (truncated or garbled files, files missing, bad JSON) is named in a
+    warning on stderr, removed and rebuilt: the cache must never be a permanent failure.
+    """
     stat = path.stat()
     key = hashlib.sha1(
         f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}".encode()
     ).hexdigest()[:16]
     target = _cache_root(cache_dir) / "converted" / key
-    if (target / "complete").is_file():
-        config = ModelConfig.from_dict(json.loads((target / "config.json").read_text()))
-        state = load_file(str(target / "model.safetensors"))
-        return config, state, _load_hf_tokenizer(target / "tokenizer")
+    if target.exists():
+        try:
+            return _read_cache_entry(target)
+        except Exception as err:  # anything unreadable in our own cache means damage
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            print(
+                f"warning: the converted-model cache entry {target} is damaged ({reason}); "
+                f"rebuilding it from {path}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    target.unlink()
     config, state, has_tokenizer = _read_gguf(path)
     tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if has_tokenizer else None
-    # Write into a temporary sibling and rename, so an interrupted run leaves nothing half-done.
+    _write_cache_entry(target, path, config, state, tokenizer)
+    return config, state, tokenizer
+
+
+def _read_cache_entry(target: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
+    """A cache entry, checked against its manifest (every file present with its size) and the
+    tensors against the shapes its config implies; raises on any damage."""
+    from safetensors.torch import load_file
+
+    manifest = json.loads((target / "complete").read_text())
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        raise QuicksilverError("its manifest lists no files")
+    for name, size in files.items():
+        file = target / name
+        if not file.is_file():
+            raise QuicksilverError(f"{name} is missing")
+        if file.stat().st_size != size:
+            raise QuicksilverError(f"{name} has {file.stat().st_size} bytes, expected {size}")
+    data = json.loads((target / "config.json").read_text())
+    if not isinstance(data, dict):
+        raise QuicksilverError("config.json does not hold a JSON object")
+    config = ModelConfig.from_dict(data)
+    state = load_file(str(target / "model.safetensors"))
+    with torch.device("meta"):
+        check_state(Transformer(config), state)
+    tokenizer = _load_hf_tokenizer(target / "tokenizer")
+    if tokenizer is None and any(name.startswith("tokenizer/") for name in files):
+        raise QuicksilverError("the tokenizer files are missing")
+    return config, state, tokenizer
+
+
+def _write_cache_entry(
+    target: Path, source: Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Any
+) -> None:
+    """Write an entry into a temporary sibling and rename it into place, so an interrupted
+    run leaves no half entry. The ``complete`` manifest, written last, lists every file with
+    its size. A read-only or full cache only costs speed: the entry is then not kept."""
+    from safetensors.torch import save_file
+
     tmp: Path | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -462,14 +656,19 @@ def _load_gguf_cached(
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        (tmp / "complete").write_text(str(path))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except OSError:  # a read-only cache only costs speed
-        if tmp is not None:
+        files = {
+            file.relative_to(tmp).as_posix(): file.stat().st_size
+            for file in sorted(tmp.rglob("*"))
+            if file.is_file()
+        }
+        manifest = {"source": str(source), "files": files}
+        (tmp / "complete").write_text(json.dumps(manifest, indent=1))
+        tmp.rename(target)  # fails if another process renamed its entry first: keep that one
+    except OSError:
+        pass
+    finally:
+        if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return config, state, tokenizer
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
@@ -549,6 +748,7 @@ def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
         eos_token_ids=[int(eos)] if eos is not None else [],
         name=str(fields.get("general.name", path.stem)),
     )
+    check_memory(config, torch.float32)  # before dequantising: GGUF expands 4-8x in fp32
 
     def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
         # GGUF stores Q/K rows interleaved per rotary pair; transformers' half-split layout

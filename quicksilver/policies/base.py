@@ -282,7 +282,14 @@ def _wants_float(hint: Any) -> bool:
     return float in _type_args(hint)
 
 
+# Integers past float precision are never a meaningful setting, and past int64 they would
+# overflow inside torch.
+MAX_INT = 2**53
+
+
 def _type_ok(value: Any, hint: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        return False
     for option in _type_args(hint):
         if option is type(None) and value is None:
             return True
