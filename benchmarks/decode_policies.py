@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+import quicksilver as qs
 from quicksilver.accounting import Meter
 from quicksilver.eval.calibrate import calibrate, generation_measure
 from quicksilver.eval.datasets import load_eval_text
@@ -32,7 +33,6 @@ from quicksilver.eval.generation import (
 )
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.config import ModelConfig
-from quicksilver.models.loading import DEFAULT_MODEL, load
 from quicksilver.policies import Policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
 
@@ -77,7 +77,7 @@ def policies(config: ModelConfig, new_tokens: int, halting: Policy) -> list[tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--calibration-prompts", type=int, default=64)
@@ -91,13 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     load_average = os.getloadavg()[0]
     torch.set_num_threads(os.cpu_count() or 1)
 
-    loaded = load(args.model, getattr(torch, args.dtype))
-    model = loaded.model
-    tokenizer = loaded.text_tokenizer()
+    llm = qs.load(args.model, dtype=args.dtype)
+    model = llm.model
 
     def encode(split: str, n: int) -> list[list[int]]:
         prompts = wikitext_prompts(load_eval_text("wikitext-2", split).text, n)
-        return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        return [llm.encode(p) for p in prompts]
 
     print("calibrating halting on validation prompts", file=sys.stderr, flush=True)
     calibration = calibrate(

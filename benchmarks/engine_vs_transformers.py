@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from quicksilver.errors import QuicksilverError
+import quicksilver as qs
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.eval.throughput import run_bench, summary_rows
-from quicksilver.models.loading import DEFAULT_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "benchmarks"
@@ -30,7 +29,7 @@ DEFAULT_OUT = REPO / "docs" / "benchmarks"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument(
         "--dtypes",
         nargs="+",
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = out_dir / ".engine.md.tmp"
         tmp.write_text(markdown, encoding="utf-8")
         tmp.replace(out_dir / "engine.md")
-    except QuicksilverError as err:
+    except qs.QuicksilverError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(markdown)

@@ -21,14 +21,13 @@ from typing import Any
 
 import torch
 
+import quicksilver as qs
 from quicksilver.eval.datasets import load_eval_text
 from quicksilver.eval.generation import DenseReference, forced_vs_decoded, wikitext_prompts
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.config import ModelConfig
-from quicksilver.models.loading import DEFAULT_MODEL, load
 from quicksilver.policies import Policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
-from quicksilver.runtime.engine import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,7 +71,7 @@ def policies(config: ModelConfig, new_tokens: int) -> list[tuple[str, Policy | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -86,14 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     prompts = wikitext_prompts(load_eval_text("wikitext-2", "test").text, args.prompts)
     rows: list[dict[str, Any]] = []
     for dtype in args.dtypes:
-        loaded = load(args.model, getattr(torch, dtype))
-        tokenizer = loaded.text_tokenizer()
-        ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        reference = DenseReference(loaded.model, ids, max_new_tokens=args.new_tokens)
-        for label, policy in policies(loaded.model.config, args.new_tokens):
+        llm = qs.load(args.model, dtype=dtype)
+        ids = [llm.encode(p) for p in prompts]
+        reference = DenseReference(llm.model, ids, max_new_tokens=args.new_tokens)
+        for label, policy in policies(llm.config, args.new_tokens):
             print(f"{dtype}: {label}", file=sys.stderr, flush=True)
-            engine = Engine(loaded.model, policy=policy)
-            gap = forced_vs_decoded(engine, ids, reference.continuations)
+            with llm.use(policy):
+                gap = forced_vs_decoded(llm.engine, ids, reference.continuations)
             config = policy.to_config() if policy else {}
             rows.append({"dtype": dtype, "label": label, "policy": config, **gap.to_dict()})
     args.out_dir.mkdir(parents=True, exist_ok=True)

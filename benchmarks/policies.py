@@ -26,13 +26,13 @@ from typing import Any
 
 import torch
 
+import quicksilver as qs
 from quicksilver.eval.calibrate import calibrate, perplexity_measure
 from quicksilver.eval.datasets import load_eval_text
-from quicksilver.eval.perplexity import evaluate_perplexity, tokenize_text
 from quicksilver.eval.report import format_table, write_json_atomic
-from quicksilver.models.loading import DEFAULT_MODEL, load
-from quicksilver.policies import PRESETS, Policy
+from quicksilver.policies import PRESETS
 from quicksilver.runtime.engine import Engine
+from quicksilver.text import encode_stream
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
@@ -85,7 +85,7 @@ COMBINED: dict[str, Any] = {
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--windows", type=int, default=8, help="windows per test set")
     parser.add_argument("--calib-windows", type=int, default=8, help="validation windows")
@@ -99,23 +99,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def perplexity(engine: Engine, ids: list[int], windows: int, args) -> Any:
+def perplexity(llm: qs.LLM, ids: list[int], windows: int, args) -> qs.PerplexityResult:
     """The benchmark's one evaluation setting: context 1024, stride 512, the first windows."""
-    return evaluate_perplexity(
-        engine, ids, context=1024, stride=512, batch_size=args.batch_size, max_windows=windows
+    return llm.perplexity(
+        ids, context=1024, stride=512, batch_size=args.batch_size, max_windows=windows
     )
 
 
-def paired_speedup(engine: Engine, policy: Policy, ids: list[int], args) -> dict[str, float]:
+def paired_speedup(llm: qs.LLM, policy: qs.Policy, ids: list[int], args) -> dict[str, float]:
     """Dense and policy timed back to back on the same windows, twice, best of each: on a
     shared machine only such adjacent ratios are meaningful."""
     best = {"dense": math.inf, "policy": math.inf}
     for _ in range(2):
         for name, chosen in (("dense", None), ("policy", policy)):
-            engine.set_policy(chosen)
-            seconds = perplexity(engine, ids, args.timing_windows, args).seconds
+            with llm.use(chosen):
+                seconds = perplexity(llm, ids, args.timing_windows, args).seconds
             best[name] = min(best[name], seconds)
-    engine.set_policy(None)
     return {
         "dense_seconds": best["dense"],
         "policy_seconds": best["policy"],
@@ -123,20 +122,19 @@ def paired_speedup(engine: Engine, policy: Policy, ids: list[int], args) -> dict
     }
 
 
-def evaluate(engine: Engine, policy: Policy | None, texts: dict, args) -> dict[str, Any]:
-    engine.set_policy(policy)
+def evaluate(llm: qs.LLM, policy: qs.Policy, texts: dict, args) -> dict[str, Any]:
     out = {}
-    for name, ids in texts.items():
-        r = perplexity(engine, ids, args.windows, args)
-        out[name] = {
-            "ppl": r.ppl,
-            "tokens": r.tokens,
-            "flops_total": r.flops["total"],
-            "flops": r.flops,
-            "seconds": r.seconds,
-            "peak_rss_mb": r.peak_rss_bytes / MB,
-        }
-    engine.set_policy(None)
+    with llm.use(policy):
+        for name, ids in texts.items():
+            r = perplexity(llm, ids, args.windows, args)
+            out[name] = {
+                "ppl": r.ppl,
+                "tokens": r.tokens,
+                "flops_total": r.flops["total"],
+                "flops": r.flops,
+                "seconds": r.seconds,
+                "peak_rss_mb": r.peak_rss_bytes / MB,
+            }
     return out
 
 
@@ -188,65 +186,69 @@ def diagnostics(model, ids: list[int]) -> dict[str, Any]:
 
 
 def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
-    dtype = getattr(torch, dtype_name)
-    loaded = load(args.model, dtype)
-    tokenizer = loaded.text_tokenizer()
+    llm = qs.load(args.model, dtype=dtype_name)
+
+    def stream(dataset: str, split: str) -> list[int]:
+        # Tokenised once and reused by every row (what llm.perplexity(text) would redo).
+        return encode_stream(llm.tokenizer, load_eval_text(dataset, split).text)
+
     texts = {
-        "wikitext-2 test": tokenize_text(tokenizer, load_eval_text("wikitext-2", "test").text),
-        "c4 validation": tokenize_text(tokenizer, load_eval_text("c4", "validation").text),
+        "wikitext-2 test": stream("wikitext-2", "test"),
+        "c4 validation": stream("c4", "validation"),
     }
-    calib_ids = tokenize_text(tokenizer, load_eval_text("wikitext-2", "validation").text)
-    engine = Engine(loaded.model)
+    calib_ids = stream("wikitext-2", "validation")
     rows: list[dict[str, Any]] = []
 
-    def add(label: str, policy: Policy, extra: dict | None = None) -> None:
+    def add(label: str, policy: qs.Policy, extra: dict | None = None) -> None:
         say(f"[{dtype_name}] {label}")
         rows.append(
             {
                 "label": label,
                 "policy": policy.to_config(),
-                "results": evaluate(engine, policy, texts, args),
-                "timing": paired_speedup(engine, policy, texts["wikitext-2 test"], args),
+                "results": evaluate(llm, policy, texts, args),
+                "timing": paired_speedup(llm, policy, texts["wikitext-2 test"], args),
                 **(extra or {}),
             }
         )
 
-    add("dense", Policy())
+    add("dense", qs.Policy())
     for label, config in SINGLE:
-        add(label, Policy.from_config(config))
-    base = Policy.from_config(COMBINED)
+        add(label, qs.Policy.from_config(config))
+    base = qs.Policy.from_config(COMBINED)
     calibrations = []
     budgets = [("max_ppl_increase", b) for b in args.quality_budgets]
     budgets += [("flop_fraction", b) for b in args.flop_budgets]
     for kind, value in budgets:
         say(f"[{dtype_name}] calibrating the combined policy for {kind} = {value}")
-        measure = perplexity_measure(
-            engine,
-            calib_ids,
-            context=1024,
-            stride=512,
-            batch_size=args.batch_size,
-            max_windows=args.calib_windows,
-        )
-        result = calibrate(
-            measure,
-            base,
-            log=lambda m: say(f"    {m}"),
-            **{kind: value},
-        )
+        # The measure sets each trial's policy on the engine; the block puts dense back.
+        with llm.use(None):
+            measure = perplexity_measure(
+                llm.engine,
+                calib_ids,
+                context=1024,
+                stride=512,
+                batch_size=args.batch_size,
+                max_windows=args.calib_windows,
+            )
+            result = calibrate(
+                measure,
+                base,
+                log=lambda m: say(f"    {m}"),
+                **{kind: value},
+            )
         calibrations.append(result.to_dict())
         budget = f"+{value:.0%} ppl" if kind == "max_ppl_increase" else f"{value:.0%} FLOPs"
         met = "" if result.met else " (budget not met on validation)"
         add(
             f"combined, calibrated for {budget}{met}",
-            Policy.from_config(result.policy),
+            qs.Policy.from_config(result.policy),
             {"calibration": {"budget": result.budget, "factor": result.factor, "met": result.met}},
         )
     return {
         "dtype": dtype_name,
         "rows": rows,
         "calibrations": calibrations,
-        "diagnostics": diagnostics(loaded.model, calib_ids) if dtype_name == "float32" else None,
+        "diagnostics": diagnostics(llm.model, calib_ids) if dtype_name == "float32" else None,
     }
 
 

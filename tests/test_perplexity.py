@@ -14,12 +14,11 @@ from quicksilver.eval.datasets import EvalText, default_data_dir, load_eval_text
 from quicksilver.eval.perplexity import (
     PerplexityResult,
     evaluate_perplexity,
-    tokenize_text,
     transformers_perplexity,
     window_plan,
 )
-from quicksilver.eval.report import jsonable
 from quicksilver.runtime.engine import Engine
+from quicksilver.text import encode_stream
 
 WIKI_TEST = default_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
 needs_wikitext = pytest.mark.skipif(
@@ -91,7 +90,7 @@ def wiki_slice() -> EvalText:
 
 @pytest.fixture(scope="module")
 def wiki_ids(smollm_fp32, wiki_slice: EvalText) -> list[int]:
-    return tokenize_text(smollm_fp32.tokenizer, wiki_slice.text)
+    return encode_stream(smollm_fp32.tokenizer, wiki_slice.text)
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +103,12 @@ def result(engine: Engine, wiki_ids: list[int], wiki_slice: EvalText) -> Perplex
     return evaluate_perplexity(engine, wiki_ids, context=CONTEXT, stride=STRIDE, text=wiki_slice)
 
 
-def test_tokenize_text_adds_no_special_tokens(smollm_fp32, wiki_slice: EvalText) -> None:
+def test_stream_encoding_adds_no_special_tokens(smollm_fp32, wiki_slice: EvalText) -> None:
     tokenizer = smollm_fp32.tokenizer
-    ids = tokenize_text(tokenizer, wiki_slice.text)
+    ids = encode_stream(tokenizer, wiki_slice.text)
     assert ids == tokenizer(wiki_slice.text, add_special_tokens=False)["input_ids"]
     assert (
-        tokenize_text(tokenizer, "Hello")
+        encode_stream(tokenizer, "Hello")
         == tokenizer("Hello", add_special_tokens=False)["input_ids"]
     )
     assert tokenizer.bos_token_id not in ids
@@ -173,8 +172,8 @@ def test_without_text_or_with_max_windows_bytes_are_unknown(
     )
     assert partial.windows == 2 and partial.tokens == 63 + 32
     assert math.isnan(partial.bits_per_byte) and partial.n_bytes == 0 and partial.n_words == 0
-    assert jsonable(partial.to_dict())["word_ppl"] is None
-    json.dumps(jsonable(partial.to_dict()), allow_nan=False)
+    assert partial.to_dict()["word_ppl"] is None  # the JSON form: NaN is null
+    json.dumps(partial.to_dict(), allow_nan=False)
 
 
 @pytest.mark.parametrize(

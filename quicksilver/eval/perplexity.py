@@ -28,6 +28,8 @@ from tqdm import tqdm
 from quicksilver.accounting import Meter, causal_pairs, dense_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
+from quicksilver.eval.report import jsonable
+from quicksilver.text import encode_stream
 
 # Rows of logits turned into log-probabilities at once: bounds the float32 temporaries of the
 # loss to LOSS_CHUNK * vocab floats instead of another copy of the whole logits tensor.
@@ -57,8 +59,8 @@ class PerplexityResult:
     peak_extra_bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict (`report.write_json_atomic` turns NaN into null)."""
-        return asdict(self)
+        """The JSON form: unknown byte and word figures (NaN) become null."""
+        return jsonable(asdict(self))
 
 
 def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
@@ -88,21 +90,9 @@ def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int
     return plan
 
 
-def tokenize_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of `text` with no BOS or other special tokens added.
-
-    No BOS, because the project's reference perplexity (transformers, fp32) was measured on the
-    plain token stream, as in the Hugging Face guide; a BOS would add a token and change the
-    first window. The whole text is encoded in one call: the Rust tokenizer handles a
-    WikiText-sized file in about a second, and cutting the text into pieces could change the
-    tokens at each seam (byte-level BPE merges whitespace runs; SentencePiece adds a prefix
-    space per piece). With a fast tokenizer we call its backend directly, which gives the same
-    ids without transformers' "sequence longer than the model maximum" warning.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        return list(backend.encode(text, add_special_tokens=False).ids)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+# The stream encoding lives in quicksilver.text; this name stays for the callers that import
+# it from here.
+tokenize_text = encode_stream
 
 
 def evaluate_perplexity(
@@ -128,7 +118,9 @@ def evaluate_perplexity(
     bytes behind the scored tokens are not known.
     """
     tokens = _as_token_tensor(token_ids)
-    _validate(engine, len(tokens), context, stride, batch_size, max_windows)
+    check_windows(
+        engine.config.max_position_embeddings, len(tokens), context, stride, batch_size, max_windows
+    )
     plan = window_plan(len(tokens), context, stride)
     complete = max_windows is None or max_windows >= len(plan)
     plan = plan if complete else plan[:max_windows]
@@ -218,16 +210,16 @@ def _as_token_tensor(token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def _validate(
-    engine: Any,
+def check_windows(
+    max_positions: int,
     n_tokens: int,
     context: int,
     stride: int,
     batch_size: int,
     max_windows: int | None,
 ) -> None:
-    """Reject settings that would crash mid-run or silently score nothing."""
-    max_positions = engine.config.max_position_embeddings
+    """Reject settings that would crash mid-run or silently score nothing (for a model with
+    ``max_positions`` positions and a stream of ``n_tokens``)."""
     if context < 2:
         raise QuicksilverError(f"context must be at least 2 tokens, got {context}")
     if not 1 <= stride <= context:
@@ -277,9 +269,20 @@ def _score_windows(engine: Any, tokens: torch.Tensor, group: list[tuple[int, int
     # Column c predicts token c + 1; the scored tokens are the last n_scored of the window.
     columns = torch.arange(length - n_scored - 1, length - 1)
     logits = engine.forward(block, cache, logits_at=columns)  # [B, n_scored, V]
+    check_finite_logits(logits)
     targets = block[:, length - n_scored :]
     del cache
     return _nll(logits.flatten(0, 1), targets.flatten())
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """A model whose forward overflowed (or whose weights hold NaN) must fail, not report a
+    perplexity of NaN or a log-likelihood that compares as nothing."""
+    if not bool(torch.isfinite(logits).all()):
+        raise QuicksilverError(
+            "the model produced NaN or infinite logits: its weights or this dtype overflow "
+            "(try dtype float32, or check the checkpoint)"
+        )
 
 
 def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
