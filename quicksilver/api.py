@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from quicksilver.errors import QuicksilverError
+from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.perplexity import (
     PerplexityResult,
@@ -50,11 +50,6 @@ from quicksilver.text import TextStream, decode, encode_prompt, encode_stream
 PolicySpec = Policy | str | os.PathLike[str] | Mapping[str, Any] | None
 # One prompt: text, or token ids.
 Prompt = str | Sequence[int]
-
-
-class InvalidArgument(QuicksilverError, ValueError):
-    """An argument that cannot work: wrong type, out of range, empty, or too long for the
-    model. Raised before any model work starts."""
 
 
 # ---------------------------------------------------------------- result records
