@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from quicksilver import cli
 from quicksilver.cli import main
+from quicksilver.cli import models as models_command
+from quicksilver.cli.checks import set_threads
+from quicksilver.cli.console import MAX_ERROR_CHARS
+from quicksilver.cli.main import BUG_HINT
+from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import write_json_atomic
 
 TEXT = (
@@ -65,7 +71,7 @@ CALIBRATE_HALTING += ["--set", "halting.relative_drift=0.2"]
         (["eval", "--context", "64", "--stride", "65"], "must not exceed --context"),
         (["eval", "--context", "abc"], "invalid int"),
         (["eval", "--dataset", "no-such-set"], "unknown dataset"),
-        (["eval", "--dtype", "float16"], "unknown dtype"),
+        (["eval", "--dtype", "float64"], "unknown dtype"),
         (["generate", "--prompt", "hi", "--dtype", "int8"], "unknown dtype"),
         (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
         (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
@@ -159,9 +165,89 @@ def test_keyboard_interrupt_exits_130(
     def interrupted(args: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_models", interrupted)
+    monkeypatch.setattr(models_command, "run", interrupted)
     assert main(["models"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_bug_is_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An exception the library did not mean for the user still ends as one line, naming
+    its type and asking for a report, never as a traceback."""
+
+    def broken(args: object) -> int:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(models_command, "run", broken)
+    line = run_error(["models"], capsys)
+    assert "ZeroDivisionError: division by zero" in line and BUG_HINT in line
+
+
+def test_long_errors_are_cut_in_the_middle(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def failing(args: object) -> int:
+        raise QuicksilverError("start " + "x" * 10_000 + " how to fix it")
+
+    monkeypatch.setattr(models_command, "run", failing)
+    line = run_error(["models"], capsys)
+    assert len(line) <= len("error: ") + MAX_ERROR_CHARS
+    assert line.startswith("error: start x") and line.endswith(" how to fix it")
+
+
+def test_library_warnings_are_notes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def warns(args: object) -> int:
+        warnings.warn("top_k has no effect", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(models_command, "run", warns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["models"]) == 0
+    assert capsys.readouterr().err.splitlines() == ["note: top_k has no effect"]
+
+
+def test_threads_are_capped_at_the_cpus(capsys: pytest.CaptureFixture[str]) -> None:
+    threads = torch.get_num_threads()
+    try:
+        set_threads(10**30)
+        assert torch.get_num_threads() == os.cpu_count()
+    finally:
+        torch.set_num_threads(threads)
+    assert "note: --threads" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--json", "--policy"])
+def test_an_output_that_is_an_input_is_refused(
+    flag: str, text_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--json naming the run's own text (or policy) file would destroy it: refused before any
+    work, the file untouched."""
+    policy = text_file.with_suffix(".yaml")
+    policy.write_text("halting:\n  relative_drift: 0.3\n", encoding="utf-8")
+    target = text_file if flag == "--json" else policy
+    before = target.read_bytes()
+    argv = ["eval", "--text-file", str(text_file), "--policy", str(policy)]
+    line = run_error([*argv, "--json", str(target)], capsys)
+    assert "same file as the input" in line
+    assert target.read_bytes() == before
+
+
+def test_calibrate_refuses_the_same_file_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*CALIBRATE_HALTING[:-2], "--output", "x.json", "--json", "x.json"]
+    assert "same file" in run_error([*argv, *CALIBRATE_HALTING[-2:]], capsys)
+
+
+def test_nul_in_an_argument(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "NUL" in run_error(["eval", "--text-file", "a\0b"], capsys)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("quicksilver ")
 
 
 def test_module_entry_point_exit_code() -> None:
@@ -202,9 +288,11 @@ def test_generate_json(
     data = json.loads(out.read_text())
     assert data["model"] == "smollm2-135m" and data["dtype"] == "float32"
     assert data["prompts"] == ["Hello"]
-    assert len(data["completions"]) == 1 and len(data["tokens"]) == 1
+    # The record is GenerationOutput.to_dict(): one completion per prompt, with its token ids.
+    (completion,) = data["completions"]
+    assert len(completion["token_ids"]) == data["new_tokens"]
     assert 1 <= data["new_tokens"] <= 4
-    assert data["completions"][0] in captured.out  # streamed to stdout
+    assert completion["text"] in captured.out  # streamed to stdout
     assert data["prefill_seconds"] > 0 and data["flops_per_token"] > 0
     assert "tokens, prefill" in captured.err and "GFLOP/token" in captured.err
 

@@ -15,22 +15,20 @@ memory once per step, prefill by matmul throughput.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from quicksilver.accounting import Meter
+from quicksilver.api import LLM, load
 from quicksilver.errors import QuicksilverError
+from quicksilver.integrations.hf_reference import load_transformers_model, quiet_transformers
 from quicksilver.models import loading
-from quicksilver.models.loading import ModelSource
 from quicksilver.runtime.engine import Engine
 
 ENGINE_NAME = "quicksilver"
@@ -48,63 +46,6 @@ FALLBACK_PARAGRAPH = (
     "the water for most of its length, crossing it on stone bridges that date from the same "
     "period, and walkers can still see the channels that once fed the wheels. "
 )
-
-
-# ---------------------------------------------------------------- loading transformers
-
-
-@contextlib.contextmanager
-def _quiet_transformers(capture_stderr: bool = False) -> Iterator[None]:
-    """Silence transformers' warnings and progress bars (they would interleave with ours).
-
-    `capture_stderr` also swallows what bypasses transformers' logging, such as the bare tqdm
-    bar of its GGUF loader.
-    """
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        if capture_stderr:
-            with contextlib.redirect_stderr(io.StringIO()):
-                yield
-        else:
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def load_transformers_model(source: ModelSource, dtype: torch.dtype) -> Any:
-    """transformers' own model for the same checkpoint and dtype, in eval mode."""
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError as err:
-        raise QuicksilverError(
-            f"transformers is not importable ({err}); run `pip install transformers`"
-        ) from err
-    try:
-        with _quiet_transformers(capture_stderr=True):
-            if source.kind == "gguf":
-                path = Path(source.path)
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(path.parent), gguf_file=path.name, dtype=dtype
-                )
-            else:
-                model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
-    except ImportError as err:
-        hint = "; run `pip install accelerate`" if "accelerate" in str(err) else ""
-        raise QuicksilverError(f"transformers cannot load {source.name!r}: {err}{hint}") from err
-    except Exception as err:  # transformers raises many types; all mean "cannot compare"
-        message = " ".join(str(err).split())[:300]
-        hint = "; run `pip install accelerate`" if "accelerate" in message.lower() else ""
-        raise QuicksilverError(
-            f"transformers cannot load {source.name!r} ({type(err).__name__}: {message}){hint}"
-        ) from err
-    return model.eval()
 
 
 # ---------------------------------------------------------------- prompts
@@ -240,7 +181,7 @@ def bench_transformers(
             )
         return seconds
 
-    with _quiet_transformers(), torch.inference_mode():
+    with quiet_transformers(), torch.inference_mode():
         run(1)
         run(new_tokens)  # warm-ups
         prefill, full = [], []
@@ -327,13 +268,14 @@ def fractions_of_limit(
 # ---------------------------------------------------------------- the whole run
 
 
-def _check_bench_args(
+def check_bench_args(
     batch_sizes: Sequence[int],
     prompt_tokens: int,
     new_tokens: int,
     compare: Sequence[str],
     repeats: int,
 ) -> None:
+    """Reject settings `run_bench` cannot measure, before anything is loaded."""
     if not batch_sizes:
         raise QuicksilverError("give at least one batch size")
     bad = [b for b in batch_sizes if b < 1]
@@ -350,7 +292,7 @@ def _check_bench_args(
 
 
 def run_bench(
-    model_name: str = loading.DEFAULT_MODEL,
+    model: str | LLM = loading.DEFAULT_MODEL,
     dtype: str | torch.dtype = "bfloat16",
     batch_sizes: Sequence[int] = (1, 8),
     prompt_tokens: int = 128,
@@ -359,10 +301,12 @@ def run_bench(
     repeats: int = 3,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Benchmark our engine (and optionally transformers) and return a JSON-able report."""
-    _check_bench_args(batch_sizes, prompt_tokens, new_tokens, compare, repeats)
-    torch_dtype = loading.parse_dtype(dtype) if isinstance(dtype, str) else dtype
-    dtype_name = str(torch_dtype).removeprefix("torch.")
+    """Benchmark our engine (and optionally transformers) and return a JSON-able report.
+
+    ``model`` is a loaded ``LLM`` (which keeps its own dtype) or a name loaded here in
+    ``dtype``. Timing goes through a dense engine of its own on the LLM's weights.
+    """
+    check_bench_args(batch_sizes, prompt_tokens, new_tokens, compare, repeats)
     say: Callable[[str], None] = (
         (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
         if progress
@@ -370,19 +314,25 @@ def run_bench(
     )
 
     load_at_start = _load_average()
-    say(f"loading {model_name} ({dtype_name})")
-    loaded = loading.load(model_name, torch_dtype)
-    engine = Engine(loaded.model)
+    if isinstance(model, LLM):
+        llm = model
+    else:
+        say(f"loading {model}")
+        llm = load(model, dtype=dtype)
+    torch_dtype = llm.model.dtype
+    engine = Engine(llm.model)
     hf_model = None
     if TRANSFORMERS_NAME in compare:
         say("loading the transformers model")
-        hf_model = load_transformers_model(loaded.source, torch_dtype)
+        hf_model = load_transformers_model(llm.source, torch_dtype)
 
     say("measuring memory bandwidth and matmul throughput")
     bandwidth = measure_memory_bandwidth()
     matmul = measure_matmul_flops(torch_dtype)
-    weight_bytes = linear_weight_bytes(loaded.model)
-    prompts, origin = bench_prompts(loaded.text_tokenizer(), max(batch_sizes), prompt_tokens)
+    weight_bytes = linear_weight_bytes(llm.model)
+    if llm.tokenizer is None:
+        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
+    prompts, origin = bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
 
     results: dict[str, dict[str, Any]] = {ENGINE_NAME: {}}
     if hf_model is not None:
@@ -414,9 +364,9 @@ def run_bench(
     import transformers
 
     return {
-        "model": model_name,
-        "model_source": {"kind": loaded.source.kind, "path": loaded.source.path},
-        "dtype": dtype_name,
+        "model": llm.name,
+        "model_source": {"kind": llm.source.kind, "path": llm.source.path},
+        "dtype": llm.dtype,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

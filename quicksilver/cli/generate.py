@@ -1,0 +1,115 @@
+"""``quicksilver generate``: continue prompts, one streamed or several as a batch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import quicksilver as qs
+from quicksilver.accounting import Meter
+from quicksilver.cli.checks import (
+    check_fits,
+    check_output,
+    check_target_speedup,
+    require_positive,
+    set_threads,
+)
+from quicksilver.cli.console import printable, say, show
+from quicksilver.cli.inputs import load_policy_args, read_prompts, with_target_speedup
+from quicksilver.cli.options import add_dtype, add_policy_args
+from quicksilver.eval.report import write_json_atomic
+from quicksilver.models.loading import parse_dtype
+
+NAME = "generate"
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        NAME,
+        parents=[common],
+        help="generate text from prompts",
+        description="Continue each prompt. One prompt is printed as it is generated; several "
+        "run as one batch and print when done. Timing and counted FLOPs go to stderr.",
+    )
+    add_dtype(parser, "bfloat16")
+    parser.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable)")
+    parser.add_argument("--prompt-file", metavar="FILE", help="one prompt per line, as a batch")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="tokens to generate per prompt, at most (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)"
+    )
+    parser.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P", help="1 = off (default)")
+    parser.add_argument("--seed", type=int, metavar="N", help="seed for reproducible sampling")
+    parser.add_argument(
+        "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
+    )
+    add_policy_args(parser, target_speedup=True)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    require_positive(max_new_tokens=args.max_new_tokens)
+    sampling = qs.SamplingConfig(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+    )
+    check_target_speedup(args.target_speedup)
+    parse_dtype(args.dtype)
+    prompts = read_prompts(args)
+    policy = load_policy_args(args)
+    json_path = check_output(args.json, args)
+    set_threads(args.threads)
+
+    llm = qs.load(args.model, dtype=args.dtype)
+    token_ids = [llm.encode(p, chat=args.chat) for p in prompts]
+    check_fits(
+        llm.config,
+        llm.model.dtype,
+        rows=len(token_ids),
+        length=max(map(len, token_ids)) + args.max_new_tokens - 1,
+        fix="use shorter or fewer prompts or a lower --max-new-tokens",
+    )
+    policy = with_target_speedup(policy, args.target_speedup, args.max_new_tokens, llm.config)
+    if not policy.is_off:
+        say(f"policy: {policy.describe()}")
+    options = dict(
+        max_new_tokens=args.max_new_tokens, policy=policy, **dataclasses.asdict(sampling)
+    )
+    with Meter() as meter:
+        if len(token_ids) == 1:
+            stream = llm.stream(token_ids[0], **options)
+            for piece in stream:
+                sys.stdout.write(printable(piece))
+                sys.stdout.flush()
+            show()
+            output = stream.output
+        else:
+            output = llm.generate(token_ids, **options)
+            for i, (prompt, completion) in enumerate(zip(prompts, output.completions, strict=True)):
+                show(f"--- [{i}] {prompt}")
+                show(completion.text)
+    say(
+        f"[{output.new_tokens} tokens, prefill {output.prefill_seconds:.2f} s, "
+        f"decode {output.decode_tokens_per_s:.1f} tok/s, "
+        f"{output.flops_per_token / 1e9:.2f} GFLOP/token]"
+    )
+    if json_path is not None:
+        record = {
+            "model": args.model,
+            "dtype": args.dtype,
+            "chat": args.chat,
+            "sampling": dataclasses.asdict(sampling),
+            "max_new_tokens": args.max_new_tokens,
+            "prompts": prompts,
+            "load_seconds": llm.load_seconds,
+            "peak_rss_bytes": meter.peak_rss_bytes,
+        }
+        write_json_atomic(json_path, {**record, **output.to_dict()})
+    return 0

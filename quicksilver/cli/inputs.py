@@ -1,0 +1,97 @@
+"""What a command reads besides the model: prompts, evaluation text and the policy, each
+turned from options into library objects with errors that name the option."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from quicksilver.api import LLM
+from quicksilver.cli.checks import utf8
+from quicksilver.errors import QuicksilverError
+from quicksilver.eval import datasets
+from quicksilver.eval.datasets import EvalText
+from quicksilver.eval.generation import wikitext_prompts
+from quicksilver.models.config import ModelConfig
+from quicksilver.policies import Policy, load_policy
+from quicksilver.policies.skipdecode import schedule_for_speedup
+from quicksilver.text import encode_stream
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """--prompt values, then the non-blank lines of --prompt-file."""
+    prompts = [utf8(p, "--prompt") for p in args.prompt or []]
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise QuicksilverError(f"cannot read prompt file {path}: {err}") from err
+        from_file = [line for line in lines if line.strip()]
+        if not from_file:
+            raise QuicksilverError(f"prompt file {path} has no non-empty lines")
+        prompts.extend(from_file)
+    if not prompts:
+        raise QuicksilverError("give a prompt with --prompt TEXT or --prompt-file FILE")
+    if any(not p for p in prompts):
+        raise QuicksilverError("prompts must not be empty")
+    return prompts
+
+
+def load_eval_text(args: argparse.Namespace) -> EvalText:
+    """--text-file, --jsonl (its --field, default ``text``) or --dataset (default WikiText-2,
+    its test split unless it has none)."""
+    if args.text_file:
+        return datasets.load_text_file(args.text_file, max_chars=args.max_chars)
+    if args.jsonl:
+        return datasets.load_jsonl(args.jsonl, args.field or "text", max_chars=args.max_chars)
+    name = args.dataset or "wikitext-2"
+    split = args.split
+    if split is None and name in datasets.DATASETS:  # an unknown name is the loader's error
+        splits = datasets.DATASETS[name].local
+        split = "test" if "test" in splits else next(iter(splits))
+    return datasets.load_eval_text(
+        name,
+        split or "test",
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        max_chars=args.max_chars,
+    )
+
+
+def generation_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Up to ``--prompts`` prompts and where they came from: the --field (default ``prompt``)
+    of each line of --jsonl, else the first sentence of each paragraph of the chosen text."""
+    if args.jsonl:
+        if args.max_chars is not None:
+            raise QuicksilverError("--max-chars applies to text, not to prompts from --jsonl")
+        documents = datasets.read_jsonl_documents(args.jsonl, args.field or "prompt")
+        prompts, name = [d.strip() for d in documents if d.strip()][: args.prompts], args.jsonl
+    else:
+        text = load_eval_text(args)
+        prompts, name = wikitext_prompts(text.text, args.prompts), text.name
+    if not prompts:
+        raise QuicksilverError(f"no prompts found in {name}; check --jsonl and --field")
+    # JSON escapes can spell lone surrogates, which no tokenizer takes.
+    return [utf8(p, f"a prompt in {name}") for p in prompts], name
+
+
+def stream_ids(llm: LLM, text: str) -> list[int]:
+    """``text`` as one raw token stream, the encoding perplexity scores."""
+    if llm.tokenizer is None:
+        raise QuicksilverError(f"{llm.name} ships no tokenizer; it cannot score text")
+    return encode_stream(llm.tokenizer, text)
+
+
+def load_policy_args(args: argparse.Namespace) -> Policy:
+    """The policy of --policy (preset or file) and --set overrides."""
+    return load_policy(args.policy, args.set)
+
+
+def with_target_speedup(
+    policy: Policy, target: float | None, max_new_tokens: int, config: ModelConfig
+) -> Policy:
+    """``policy`` with its SkipDecode schedule replaced by the one --target-speedup asks for
+    over ``max_new_tokens`` (unchanged without the option); needs the model's shape."""
+    if target is None:
+        return policy
+    return policy.replacing(schedule_for_speedup(config, target, max_new_tokens))
