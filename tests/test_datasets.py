@@ -413,3 +413,10 @@ def test_jsonl_field_must_be_a_name(tmp_path: Path) -> None:
     path.write_text(_jsonl(ROWS), encoding="utf-8")
     with pytest.raises(QuicksilverError, match="field must be a name"):
         load_jsonl(path, field=3)  # type: ignore[arg-type]
+
+
+def test_jsonl_field_with_an_unpaired_surrogate_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "bad \\ud800 escape"}\n', encoding="utf-8")
+    with pytest.raises(QuicksilverError, match=r"line 2: field 'text' holds an unpaired"):
+        load_jsonl(path, "text")

@@ -9,7 +9,6 @@ from tokenizers import processors
 from transformers import PreTrainedTokenizerFast
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval.perplexity import tokenize_text
 from quicksilver.text import TextStream, decode, encode_prompt, encode_stream
 
 BOS = SPECIAL_IDS["bos"]
@@ -44,7 +43,6 @@ def test_streams_for_perplexity_get_no_special_tokens() -> None:
     text = "Hello there. Héllo again."
     assert encode_stream(bos_tokenizer(), text) == byte_ids(text)
     assert encode_stream(byte_level_tokenizer(), text) == byte_ids(text)
-    assert tokenize_text is encode_stream  # the old name still works
 
 
 def test_chat_prompts_carry_the_templates_bos_once() -> None:

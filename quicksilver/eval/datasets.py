@@ -287,6 +287,13 @@ def _jsonl_field(path: Path, line_no: int, line: str, field: str) -> str:
     if not isinstance(value, str):
         kind = type(value).__name__
         raise QuicksilverError(f"{path}, line {line_no}: field {field!r} is a {kind}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON may escape lone surrogates, e.g. "\ud800"
+        raise QuicksilverError(
+            f"{path}, line {line_no}: field {field!r} holds an unpaired surrogate escape at "
+            f"character {exc.start}; it is not text"
+        ) from None
     return value
 
 

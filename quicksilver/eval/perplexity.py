@@ -29,7 +29,6 @@ from quicksilver.accounting import Meter, causal_pairs, dense_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.report import jsonable
-from quicksilver.text import encode_stream
 
 # Rows of logits turned into log-probabilities at once: bounds the float32 temporaries of the
 # loss to LOSS_CHUNK * vocab floats instead of another copy of the whole logits tensor.
@@ -88,11 +87,6 @@ def window_plan(n_tokens: int, context: int, stride: int) -> list[tuple[int, int
         plan.append((begin, end, end - max(prev_end, begin + 1)))
         prev_end = end
     return plan
-
-
-# The stream encoding lives in quicksilver.text; this name stays for the callers that import
-# it from here.
-tokenize_text = encode_stream
 
 
 def evaluate_perplexity(
