@@ -7,12 +7,13 @@ import argparse
 from typing import Any
 
 import quicksilver as qs
-from quicksilver.cli.checks import check_fits, check_output, require_positive, set_threads
+from quicksilver.cli.checks import check_output, require_positive, set_threads
 from quicksilver.cli.console import show
 from quicksilver.cli.options import add_compare, add_dtype
 from quicksilver.eval import throughput
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.loading import parse_dtype
+from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "bench"
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
 
     llm = qs.load(args.model, dtype=args.dtype)
-    check_fits(
+    check_cache_fits(
         llm.config,
         llm.model.dtype,
         rows=max(args.batch_sizes),

@@ -10,7 +10,6 @@ from typing import Any
 
 import quicksilver as qs
 from quicksilver.cli.checks import (
-    check_fits,
     check_output,
     check_text_args,
     check_windows,
@@ -34,6 +33,7 @@ from quicksilver.eval.report import write_json_atomic
 from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy
 from quicksilver.policies.files import write_policy_file
+from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "calibrate"
 # What each calibration measure reads, with its defaults; the other measure's options are errors.
@@ -193,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     base.check_model(llm.config)
     if generation:
         ids = [llm.encode(p) for p in prompts]
-        check_fits(
+        check_cache_fits(
             llm.config,
             llm.model.dtype,
             rows=min(args.batch_size, len(ids)),

@@ -13,17 +13,14 @@ from pathlib import Path
 
 import torch
 
-from quicksilver.accounting import available_memory_bytes, kv_cache_bytes
 from quicksilver.api import LLM
 from quicksilver.cli.console import say
 from quicksilver.cli.options import COMPARABLE
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import check_output_path
-from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import MODEL_ALIASES
 from quicksilver.policies import PRESETS
-
-GIB = 1024**3
+from quicksilver.runtime.cache import check_cache_fits
 
 
 def flag(name: str) -> str:
@@ -130,36 +127,8 @@ def check_output(path: str | None, args: argparse.Namespace) -> Path | None:
     return check_output_path(path, inputs=input_paths(args)) if path is not None else None
 
 
-def check_fits(
-    config: ModelConfig,
-    dtype: torch.dtype,
-    *,
-    rows: int,
-    length: int,
-    fix: str,
-    extra_bytes: int = 0,
-) -> None:
-    """Refuse a run whose KV cache (plus ``extra_bytes``, e.g. logits) cannot exist: longer
-    than the model's positions, or larger than the memory available now. ``fix`` says which
-    options to change."""
-    limit = config.max_position_embeddings
-    if length > limit:
-        raise QuicksilverError(
-            f"the run needs {length} positions per sequence, more than the model's {limit}; {fix}"
-        )
-    need = kv_cache_bytes(config, rows, length, dtype.itemsize) + extra_bytes
-    available = available_memory_bytes()
-    if available is not None and need > available:
-        what = "KV cache and logits" if extra_bytes else "KV cache"
-        raise QuicksilverError(
-            f"the run needs at least {need / GIB:.1f} GiB for its {what} "
-            f"({rows} sequences x {length} positions), more than the {available / GIB:.1f} GiB "
-            f"of memory available; {fix}"
-        )
-
-
 def check_windows_fit(llm: LLM, args: argparse.Namespace, n_bytes: int) -> None:
-    """`check_fits` for sliding windows over a text of ``n_bytes`` bytes: the rows of one
+    """`check_cache_fits` for sliding windows over a text of ``n_bytes`` bytes: the rows of one
     forward are at most --batch-size windows, and each gets logits for up to --context
     positions. A token covers at least one byte, so the windows are bounded without
     tokenising the text first."""
@@ -168,7 +137,7 @@ def check_windows_fit(llm: LLM, args: argparse.Namespace, n_bytes: int) -> None:
     rows = min(args.batch_size, windows, args.max_windows or windows)
     length = min(args.context, tokens)
     dtype = llm.model.dtype
-    check_fits(
+    check_cache_fits(
         llm.config,
         dtype,
         rows=rows,

@@ -7,7 +7,6 @@ import argparse
 
 import quicksilver as qs
 from quicksilver.cli.checks import (
-    check_fits,
     check_output,
     check_target_speedup,
     check_text_args,
@@ -21,6 +20,7 @@ from quicksilver.cli.options import add_dtype, add_policy_args, add_text_args
 from quicksilver.eval.generation import evaluate_generation
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.loading import parse_dtype
+from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "eval-gen"
 # Why generation comparisons need two new tokens: what `--max-new-tokens` errors say.
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, _ = generation_prompts(args)
     llm = qs.load(args.model, dtype=args.dtype)
     ids = [llm.encode(p) for p in prompts]
-    check_fits(
+    check_cache_fits(
         llm.config,
         llm.model.dtype,
         rows=min(max(args.batch_sizes), len(ids)),

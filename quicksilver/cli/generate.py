@@ -9,7 +9,6 @@ import sys
 import quicksilver as qs
 from quicksilver.accounting import Meter
 from quicksilver.cli.checks import (
-    check_fits,
     check_output,
     check_target_speedup,
     require_positive,
@@ -20,6 +19,7 @@ from quicksilver.cli.inputs import load_policy_args, read_prompts, with_target_s
 from quicksilver.cli.options import add_dtype, add_policy_args
 from quicksilver.eval.report import write_json_atomic
 from quicksilver.models.loading import parse_dtype
+from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "generate"
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
     llm = qs.load(args.model, dtype=args.dtype)
     token_ids = [llm.encode(p, chat=args.chat) for p in prompts]
-    check_fits(
+    check_cache_fits(
         llm.config,
         llm.model.dtype,
         rows=len(token_ids),

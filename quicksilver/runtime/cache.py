@@ -19,8 +19,39 @@ from collections.abc import Sequence
 
 import torch
 
+from quicksilver.accounting import available_memory_bytes, kv_cache_bytes
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
+
+GIB = 2**30
+
+
+def check_cache_fits(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    *,
+    rows: int,
+    length: int,
+    fix: str,
+    extra_bytes: int = 0,
+) -> None:
+    """Refuse a KV cache (plus ``extra_bytes``, e.g. logits) that cannot exist: longer than
+    the model's positions, or larger than the memory available now. ``fix`` says what to
+    change. Checked before anything is allocated."""
+    limit = config.max_position_embeddings
+    if length > limit:
+        raise QuicksilverError(
+            f"the run needs {length} positions per sequence, more than the model's {limit}; {fix}"
+        )
+    need = kv_cache_bytes(config, rows, length, dtype.itemsize) + extra_bytes
+    available = available_memory_bytes()
+    if available is not None and need > available:
+        what = "KV cache and logits" if extra_bytes else "KV cache"
+        raise QuicksilverError(
+            f"the run needs at least {need / GIB:.1f} GiB for its {what} "
+            f"({rows} sequences x {length} positions), more than the {available / GIB:.1f} GiB "
+            f"of memory available; {fix}"
+        )
 
 
 class KVCache:
@@ -48,6 +79,7 @@ class KVCache:
         self.visible: torch.Tensor | None = None  # bool [L, B, T]
         self.log_size: torch.Tensor | None = None  # float32 [L, B, T]
         self._adapted = False
+        self._padded = False
 
     # ------------------------------------------------------------------ shape and placement
 
@@ -70,8 +102,6 @@ class KVCache:
         """True while some entry is hidden or stands for several tokens: such a cache cannot
         be read by the plain dense attention."""
         return self._adapted
-
-    _padded = False
 
     def left_pad(self, lengths: Sequence[int]) -> int:
         """Place rows of these prompt lengths right-aligned in a fresh cache; returns the

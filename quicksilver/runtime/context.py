@@ -34,6 +34,7 @@ class ForwardContext:
     mask: torch.Tensor | None
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: [B, S, 1, hd]
     _flat_rope: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _rows_of: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def next_block(cls, cache: KVCache, n_new: int, rope_for) -> ForwardContext:
@@ -63,9 +64,8 @@ class ForwardContext:
         start, or a slot -1 entry) reads its own slot only, so its output, which nobody
         uses, stays finite instead of NaN from an empty softmax."""
         keys = torch.arange(self.attend_len)
-        rows = torch.arange(self.batch).repeat_interleave(self.seq)
         q = self.slots.reshape(-1)
-        allowed = self.cache.readable(rows, q, keys)
+        allowed = self.cache.readable(self.rows_of(), q, keys)
         allowed |= keys == q.clamp(min=0).unsqueeze(-1)
         return allowed.view(self.batch, 1, self.seq, self.attend_len)
 
@@ -85,7 +85,10 @@ class ForwardContext:
     # ------------------------------------------------------------------ flat views
 
     def rows_of(self) -> torch.Tensor:
-        return torch.arange(self.batch).repeat_interleave(self.seq)
+        """The row of each token of the flattened block (built once per forward)."""
+        if self._rows_of is None:
+            self._rows_of = torch.arange(self.batch).repeat_interleave(self.seq)
+        return self._rows_of
 
     def rope_at(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rotation tables of the flattened block's tokens ``index``: [N, 1, 1, hd]."""

@@ -15,18 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quicksilver.accounting import (
-    FlopCounter,
-    available_memory_bytes,
-    kv_cache_bytes,
-    layer_weight_count,
-)
+from quicksilver.accounting import FlopCounter, layer_weight_count
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_linear
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
 from quicksilver.runtime.attention import attend
-from quicksilver.runtime.cache import KVCache
+from quicksilver.runtime.cache import KVCache, check_cache_fits
 from quicksilver.runtime.context import ForwardContext
 from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
 
@@ -87,19 +82,13 @@ class Engine:
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         """A cache for ``batch_size`` rows of up to ``max_len`` tokens, checked against the
         model's positions and the memory available before anything is allocated."""
-        if max_len > self.config.max_position_embeddings:
-            raise QuicksilverError(
-                f"prompt plus new tokens need {max_len} positions, more than the model's "
-                f"{self.config.max_position_embeddings}; shorten the prompt or --max-new-tokens"
-            )
-        needed = kv_cache_bytes(self.config, batch_size, max_len, self.model.dtype.itemsize)
-        available = available_memory_bytes()
-        if available is not None and needed > available:
-            raise QuicksilverError(
-                f"a KV cache for {batch_size} rows x {max_len} tokens needs "
-                f"{needed / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available; "
-                "use a smaller batch or fewer tokens"
-            )
+        check_cache_fits(
+            self.config,
+            self.model.dtype,
+            rows=batch_size,
+            length=max_len,
+            fix="use a shorter prompt, fewer new tokens or fewer rows",
+        )
         return KVCache(self.config, batch_size, max_len, self.model.dtype)
 
     def context(self, cache: KVCache, n_new: int) -> ForwardContext:
