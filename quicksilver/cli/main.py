@@ -20,15 +20,26 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import quicksilver as qs
-from quicksilver.cli import bench, calibrate, eval_gen, generate, models, policies
+from quicksilver.cli import bench, calibrate, eval_gen, generate, models, policies, serve
 from quicksilver.cli import eval as eval_command
+from quicksilver.cli import lm_eval as lm_eval_command
 from quicksilver.cli.console import one_line, print_error, say
 from quicksilver.cli.options import Parser, common_options
 from quicksilver.errors import QuicksilverError
 
 PROG = "quicksilver"
 # In the order `quicksilver --help` lists them.
-COMMANDS = (generate, eval_command, calibrate, eval_gen, policies, bench, models)
+COMMANDS = (
+    generate,
+    eval_command,
+    calibrate,
+    eval_gen,
+    policies,
+    bench,
+    models,
+    serve,
+    lm_eval_command,
+)
 BUG_HINT = "this is a bug in quicksilver; please report it with the command you ran"
 
 

@@ -1,0 +1,81 @@
+"""``quicksilver lm-eval``: lm-evaluation-harness with the ``quicksilver`` model registered and
+the offline ``qs_*`` tasks on its include path (the ``lm-eval`` extra).
+
+The harness has no plugin entry point, so this command imports the backend (which registers
+``--model quicksilver``), writes the offline tasks with their data paths filled in, and runs
+the harness's own command line with every argument after ``--`` passed through unchanged:
+
+    quicksilver lm-eval -- --model quicksilver --model_args pretrained=smollm2-135m,policy=paper \\
+        --tasks qs_wikitext2_doc,qs_facts_mc
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+
+from quicksilver.errors import QuicksilverError
+
+NAME = "lm-eval"
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        NAME,
+        help="run lm-evaluation-harness with --model quicksilver and the offline qs_* tasks",
+        description="Every argument after `--` goes to lm-evaluation-harness "
+        "(`lm_eval --help`). Offline tasks: qs_facts_mc (multiple choice) and "
+        "qs_wikitext2_doc (WikiText-2 test, document-level rolling log-likelihood).",
+    )
+    parser.add_argument(
+        "--wikitext-raw",
+        metavar="FILE",
+        help="wiki.test.raw for qs_wikitext2_doc (default: the shared data directory)",
+    )
+    parser.add_argument(
+        "--wikitext-documents",
+        type=int,
+        metavar="N",
+        help="score only the first N WikiText articles (default: all 62)",
+    )
+    parser.add_argument("harness_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import quicksilver.integrations.lm_eval  # noqa: F401  (registers --model quicksilver)
+        from quicksilver.lm_eval_tasks import prepare_tasks
+    except ImportError as err:
+        raise QuicksilverError(
+            f"this needs the lm-eval extra ({err.name} is missing): pip install "
+            "'quicksilver-llm[lm-eval]'"
+        ) from None
+    if args.wikitext_documents is not None and args.wikitext_documents < 1:
+        raise QuicksilverError(
+            f"--wikitext-documents must be positive, got {args.wikitext_documents}"
+        )
+    passed = [a for a in args.harness_args if a != "--"]
+    if not passed:
+        raise QuicksilverError(
+            "give the harness's arguments after --, e.g. -- --model quicksilver --tasks qs_facts_mc"
+        )
+    with tempfile.TemporaryDirectory(prefix="qs-lm-eval-") as tasks_dir:
+        prepare_tasks(
+            tasks_dir,
+            wikitext_raw=args.wikitext_raw,
+            wikitext_documents_limit=args.wikitext_documents,
+        )
+        include = ["--include_path", tasks_dir] if "--include_path" not in passed else []
+        saved = sys.argv
+        sys.argv = ["lm_eval", *passed, *include]
+        try:
+            cli_evaluate()
+        except SystemExit as exit_:
+            return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+        finally:
+            sys.argv = saved
+    return 0

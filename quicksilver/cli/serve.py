@@ -1,0 +1,107 @@
+"""``quicksilver serve``: an OpenAI-compatible HTTP server for one model (the ``serve`` extra).
+
+The command checks its options, loads the model and the default policy, and hands over to
+``quicksilver.serve``; uvicorn prints where it listens and stops on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import quicksilver as qs
+from quicksilver.cli.checks import require_positive, set_threads
+from quicksilver.cli.console import say
+from quicksilver.cli.inputs import load_policy_args
+from quicksilver.cli.options import add_dtype, add_policy_args
+from quicksilver.errors import QuicksilverError
+from quicksilver.models.loading import DEFAULT_MODEL, parse_dtype
+
+NAME = "serve"
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    parser = sub.add_parser(
+        NAME,
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve one model at /v1/completions and /v1/chat/completions (plus "
+        "/v1/models, /health, /metrics, /tokenize, /detokenize, /tokenizer_info). Requests "
+        "that arrive while a batch runs join the next batch; a request may choose its own "
+        'policy with {"quicksilver": {"policy": ...}}.',
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="short name, .gguf file, HF model dir or hub id (default: %(default)s)",
+    )
+    add_dtype(parser, "bfloat16")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: %(default)s)"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $QUICKSILVER_API_KEY, else none)",
+    )
+    parser.add_argument(
+        "--served-model-name", metavar="NAME", help="the model's name in the API (default: --model)"
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=16, metavar="N", help="rows per batch (default: 16)"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests that may wait for a batch; more get 503 (default: 64)",
+    )
+    parser.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, metavar="N", help="(default: 1 MiB)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="torch CPU threads, at most one per CPU (default: torch's choice)",
+    )
+    add_policy_args(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from quicksilver.serve.app import Settings
+        from quicksilver.serve.server import serve
+    except ImportError as err:
+        raise QuicksilverError(
+            f"serving needs the serve extra ({err.name} is missing): pip install "
+            "'quicksilver-llm[serve]'"
+        ) from None
+    require_positive(
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+    )
+    if not 0 < args.port < 65536:
+        raise QuicksilverError(f"--port must be from 1 to 65535, got {args.port}")
+    parse_dtype(args.dtype)
+    policy = load_policy_args(args)
+    set_threads(args.threads)
+    api_key = args.api_key or os.environ.get("QUICKSILVER_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        say(f"note: listening on {args.host} without --api-key: anyone who can reach it may use it")
+    llm = qs.load(args.model, dtype=args.dtype)
+    policy.check_model(llm.config)
+    settings = Settings(
+        model_name=args.served_model_name or args.model,
+        api_key=api_key,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_body_bytes=args.max_body_bytes,
+        default_policy=None if policy.is_off else policy,
+    )
+    say(f"serving {llm.name} as {settings.model_name!r} at http://{args.host}:{args.port}/v1")
+    serve(llm, settings, host=args.host, port=args.port)
+    return 0

@@ -1,0 +1,284 @@
+"""The OpenAI-compatible HTTP app: routes, request reading, errors, streaming.
+
+Handlers never touch the model's engine: they check a request (``protocol``), queue it
+(``scheduler``) and turn the worker's events into a JSON body or server-sent events
+(``responses``). Tokenisation (``/tokenize``, prompts) runs in the handlers; it reads the
+tokenizer only, which the worker never changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import quicksilver as qs
+from quicksilver.serve import protocol
+from quicksilver.serve.errors import APIError
+from quicksilver.serve.metrics import Metrics
+from quicksilver.serve.responses import ChunkMaker, chat_body, completion_body, new_id
+from quicksilver.serve.runner import BatchRunner
+from quicksilver.serve.scheduler import Job, JobResult, Scheduler
+from quicksilver.text import encode_prompt
+
+OPEN_PATHS = {"/health", "/metrics"}  # answered without the API key (probes, scrapers)
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class Settings:
+    model_name: str
+    api_key: str | None = None
+    max_batch_size: int = 16  # rows (prompts x n) per batch
+    max_queue: int = 64  # requests waiting for a batch
+    max_body_bytes: int = 1 << 20
+    default_policy: qs.Policy | None = None
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = None) -> FastAPI:
+    """The app for one loaded model. ``scheduler`` replaces the default one (tests hold the
+    worker with it); otherwise a worker running ``BatchRunner`` starts with the app."""
+    if llm.tokenizer is None:
+        raise qs.QuicksilverError("serving needs a model that ships a tokenizer")
+    metrics = Metrics()
+    runner = BatchRunner(llm, metrics)
+    if scheduler is None:
+        scheduler = Scheduler(
+            runner,
+            max_rows=settings.max_batch_size,
+            max_queue=settings.max_queue,
+            positions=llm.config.max_position_embeddings,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.stop()
+            runner.close()
+
+    app = FastAPI(title="quicksilver", version=qs.__version__, lifespan=lifespan)
+    app.state.scheduler, app.state.metrics, app.state.llm = scheduler, metrics, llm
+
+    # ------------------------------------------------------------ errors and auth
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        metrics.request(request.url.path, err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return await api_error(request, APIError(str(err.detail), err.status_code))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        message = f"internal error: {type(err).__name__}: {err}"
+        return await api_error(request, APIError(message, 500))
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next: Any) -> Response:
+        if settings.api_key and request.url.path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
+                err = APIError("missing or wrong API key (Authorization: Bearer ...)", 401)
+                metrics.request(request.url.path, 401)
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    async def read_json(request: Request) -> Any:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(f"the request body is over the server's limit of {limit} bytes", 413)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(f"the request body is over the server's limit of {limit} bytes", 413)
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise APIError(f"the request body is not valid JSON: {err}") from None
+
+    # ------------------------------------------------------------ generation
+
+    async def generate(request: Request, kind: str) -> Response:
+        started = time.perf_counter()
+        body = await read_json(request)
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and not isinstance(model, str):
+            raise APIError(f"model must be a string, got {model!r}", param="model")
+        parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
+        spec = parse(body, llm, model or settings.model_name, settings.max_batch_size)
+        job = Job(spec, spec.policy or settings.default_policy, asyncio.get_running_loop())
+        scheduler.submit(job)
+        endpoint = request.url.path
+        if spec.stream:
+            return StreamingResponse(
+                stream_events(job, endpoint, started), media_type="text/event-stream"
+            )
+        try:
+            result = await wait_for_result(job, request)
+        except ClientGone:
+            metrics.request(endpoint, 499)
+            return Response(status_code=499)
+        rid, created = new_id(kind), int(time.time())
+        build = chat_body if kind == "chat" else completion_body
+        metrics.request(endpoint, 200, time.perf_counter() - started)
+        return JSONResponse(build(llm, spec, result, rid, created))
+
+    async def wait_for_result(job: Job, request: Request) -> JobResult:
+        while True:
+            try:
+                event = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ClientGone from None
+                continue
+            if event[0] == "error":
+                raise event[1]
+            if event[0] == "end":
+                return event[1]
+
+    async def stream_events(job: Job, endpoint: str, started: float) -> AsyncIterator[str]:
+        chunks = ChunkMaker(job.spec)
+        status = 200
+        try:
+            for chunk in chunks.opening():
+                yield _sse(chunk)
+            if job.spec.echo:
+                for p, text in enumerate(job.spec.prompt_texts):
+                    for j in range(job.spec.n):
+                        yield _sse(chunks.echo(p * job.spec.n + j, text))
+            while True:
+                event = await job.events.get()
+                if event[0] == "text":
+                    yield _sse(chunks.text(event[1], event[2]))
+                elif event[0] == "error":
+                    status = event[1].status
+                    yield _sse(event[1].body())
+                    break
+                else:
+                    for chunk in chunks.closing(event[1]):
+                        yield _sse(chunk)
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            if not job.done:  # the client went away mid-stream: free its rows
+                job.cancel()
+                status = 499
+            metrics.request(endpoint, status, time.perf_counter() - started)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, "chat")
+
+    # ------------------------------------------------------------ the rest
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        metrics.request("/v1/models", 200)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "quicksilver",
+                    "max_model_len": llm.config.max_position_embeddings,
+                }
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": settings.model_name,
+            "queued": scheduler.queued,
+            "running": scheduler.running,
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        text = metrics.render(scheduler.queued, scheduler.running)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        body = await read_json(request)
+        if not isinstance(body, dict):
+            raise APIError("the request body must be a JSON object")
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise APIError("add_special_tokens must be true or false", param="add_special_tokens")
+        if "messages" in body:
+            ids = protocol.chat_prompt(body["messages"], llm)
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise APIError("prompt must be a string", param="prompt")
+            tokenizer = llm.tokenizer
+            if special:
+                ids = encode_prompt(tokenizer, prompt) if prompt else []
+            else:
+                ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        metrics.request("/tokenize", 200)
+        positions = llm.config.max_position_embeddings
+        return {"tokens": ids, "count": len(ids), "max_model_len": positions}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        body = await read_json(request)
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list):
+            raise APIError("tokens must be a list of token ids", param="tokens")
+        try:
+            text = llm.decode(tokens)
+        except qs.QuicksilverError as err:
+            raise APIError(str(err), param="tokens") from None
+        metrics.request("/detokenize", 200)
+        return {"prompt": text}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        tokenizer = llm.tokenizer
+        metrics.request("/tokenizer_info", 200)
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            "eos_token": tokenizer.eos_token,
+            "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token,
+            "unk_token": getattr(tokenizer, "unk_token", None),
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": llm.config.max_position_embeddings,
+            "vocab_size": llm.config.vocab_size,
+        }
+
+    return app
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -1,0 +1,361 @@
+"""Request bodies of the OpenAI-compatible endpoints, checked into one ``GenerationSpec``.
+
+Every field is checked before a request is queued, so a mistake costs the client one 400
+with a message naming the field, and never a slot in a batch. Fields the server does not
+implement are refused rather than silently ignored (a client asking for a penalty would
+otherwise get text it did not ask for), except the ones that are no-ops at their defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import quicksilver as qs
+from quicksilver.errors import QuicksilverError
+from quicksilver.policies import PRESETS
+from quicksilver.serve.errors import APIError
+
+MAX_STOP = 4  # OpenAI's limit on stop strings
+MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # top alternatives per token (vLLM's limit)
+MAX_N = 16
+CHAT_DEFAULT_MAX_TOKENS = 256  # chat without max_tokens: this, or what the context leaves
+
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "seed",
+    "user",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "quicksilver",
+}
+COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "logprobs", "suffix", "best_of"}
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
+
+
+@dataclass
+class GenerationSpec:
+    """One checked request: what to run and how to answer."""
+
+    kind: str  # "completion" or "chat"
+    model: str
+    prompts: list[list[int]]
+    n: int
+    max_tokens: int  # 0 only with echo: score the prompt, generate nothing
+    sampling: qs.SamplingConfig
+    stop: tuple[str, ...]
+    logprobs: int | None  # top alternatives to return per token; None: no logprobs
+    echo: bool
+    stream: bool
+    include_usage: bool
+    policy: qs.Policy | None  # None: the server's default
+    prompt_texts: list[str] = field(default_factory=list)  # for echo
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts) * self.n
+
+
+# ---------------------------------------------------------------- field checks
+
+
+def _integer(body: Mapping[str, Any], name: str, default: Any, low: int, high: int) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise APIError(f"{name} must be an integer, got {value!r}", param=name)
+    if not low <= value <= high:
+        raise APIError(f"{name} must be from {low} to {high}, got {value}", param=name)
+    return int(value)
+
+
+def _number(body: Mapping[str, Any], name: str, default: float) -> float:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise APIError(f"{name} must be a number, got {value!r}", param=name)
+    if not math.isfinite(value):
+        raise APIError(f"{name} must be finite, got {value!r}", param=name)
+    return float(value)
+
+
+def _flag(body: Mapping[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(f"{name} must be true or false, got {value!r}", param=name)
+    return value
+
+
+def _check_fields(body: Any, allowed: set[str]) -> None:
+    if not isinstance(body, dict):
+        raise APIError(f"the request body must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise APIError(f"unknown field {unknown[0]!r}", param=unknown[0])
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0) != 0.0:
+            raise APIError(f"{name} is not supported; leave it at 0", param=name)
+    if body.get("logit_bias"):
+        raise APIError("logit_bias is not supported", param="logit_bias")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise APIError(f"user must be a string, got {user!r}", param="user")
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise APIError("stop must be a string or a list of strings", param="stop")
+    if len(stops) > MAX_STOP:
+        raise APIError(f"stop takes at most {MAX_STOP} strings, got {len(stops)}", param="stop")
+    if not all(0 < len(s) <= MAX_STOP_CHARS for s in stops):
+        raise APIError(f"stop strings must have 1 to {MAX_STOP_CHARS} characters", param="stop")
+    return tuple(stops)
+
+
+def _sampling(body: Mapping[str, Any]) -> qs.SamplingConfig:
+    temperature = _number(body, "temperature", 1.0)  # OpenAI's default: sampling
+    top_p = _number(body, "top_p", 1.0)
+    top_k = _integer(body, "top_k", 0, -1, 2**31 - 1)
+    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
+    try:
+        return qs.SamplingConfig(
+            temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=seed
+        )
+    except QuicksilverError as err:
+        raise APIError(str(err)) from None
+
+
+def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise APIError(
+            "stream_options must be an object with only include_usage", param="stream_options"
+        )
+    if not stream:
+        raise APIError("stream_options needs stream=true", param="stream_options")
+    return stream, _flag(options, "include_usage")
+
+
+def parse_policy(value: Any, llm: qs.LLM) -> qs.Policy | None:
+    """The request's ``quicksilver`` object: ``{"policy": preset or mapping, "set": [...]}``
+    or a preset name. Files are the server operator's choice (``--policy``), never a
+    client's: a path in a request would let it probe the server's disk."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = {"policy": value}
+    if not isinstance(value, dict) or set(value) - {"policy", "set"}:
+        raise APIError(
+            'quicksilver must be a preset name or {"policy": preset or mapping, "set": [...]}',
+            param="quicksilver",
+        )
+    spec, overrides = value.get("policy"), value.get("set")
+    if isinstance(spec, str) and spec not in PRESETS:
+        raise APIError(
+            f"unknown policy preset {spec!r}; give one of {', '.join(PRESETS)} or a mapping "
+            "{mechanism: {parameter: value}}",
+            param="quicksilver.policy",
+        )
+    if spec is not None and not isinstance(spec, (str, dict)):
+        raise APIError("quicksilver.policy must be a preset name or a mapping", param="quicksilver")
+    if overrides is not None and (
+        not isinstance(overrides, list) or not all(isinstance(s, str) for s in overrides)
+    ):
+        raise APIError("quicksilver.set must be a list of 'm.p=v' strings", param="quicksilver")
+    try:
+        policy = qs.load_policy(spec, overrides)
+        policy.check_model(llm.config)
+    except QuicksilverError as err:
+        raise APIError(f"invalid policy: {err}", param="quicksilver") from None
+    return policy
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _prompt_ids(prompt: Any, llm: qs.LLM, what: str) -> list[int]:
+    """One prompt (text or token ids) as checked token ids."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise APIError(f"{what} is empty", param="prompt")
+        try:
+            return llm.encode(prompt)
+        except QuicksilverError as err:
+            raise APIError(f"{what}: {err}", param="prompt") from None
+    if not prompt:
+        raise APIError(f"{what} has no tokens", param="prompt")
+    vocab = llm.config.vocab_size
+    for token in prompt:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab:
+            raise APIError(
+                f"{what} holds {token!r}, not a token id of the vocabulary 0..{vocab - 1}",
+                param="prompt",
+            )
+    return list(prompt)
+
+
+def completion_prompts(prompt: Any, llm: qs.LLM) -> list[list[int]]:
+    """``prompt`` as OpenAI takes it: a text, a list of texts, token ids or lists of ids."""
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)
+    ):
+        items = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        items = prompt
+    else:
+        raise APIError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of "
+            "token-id lists (and not empty)",
+            param="prompt",
+        )
+    many = len(items) > 1
+    return [
+        _prompt_ids(p, llm, f"prompt {i}" if many else "the prompt") for i, p in enumerate(items)
+    ]
+
+
+def chat_prompt(messages: Any, llm: qs.LLM) -> list[int]:
+    """The messages through the tokenizer's chat template, the assistant's turn opened."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError("messages must be a non-empty list", param="messages")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise APIError(f"messages[{i}] must be an object with a role", param="messages")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+                raise APIError(f"messages[{i}]: only text content is supported", param="messages")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise APIError(f"messages[{i}].content must be a string", param="messages")
+        turns.append({"role": message["role"], "content": content})
+    tokenizer = llm.tokenizer
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError("this model has no chat template; use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # a Jinja template raising on these turns (e.g. role order)
+        raise APIError(f"the chat template refused the messages: {err}", param="messages") from None
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise APIError("the messages encode to no tokens", param="messages")
+    return ids
+
+
+# ---------------------------------------------------------------- the two endpoints
+
+
+def _fit(spec: GenerationSpec, llm: qs.LLM, max_rows: int, explicit: bool) -> GenerationSpec:
+    """Check the request against the model's positions and the server's batch size."""
+    positions = llm.config.max_position_embeddings
+    longest = max(map(len, spec.prompts))
+    if longest > positions:
+        raise APIError(
+            f"the prompt has {longest} tokens, more than the model's context of {positions}",
+            param="prompt",
+        )
+    if not explicit:
+        spec.max_tokens = max(1, min(spec.max_tokens, positions - longest + 1))
+    if longest + spec.max_tokens - 1 > positions:
+        raise APIError(
+            f"the prompt ({longest} tokens) plus max_tokens ({spec.max_tokens}) exceed the "
+            f"model's context of {positions} tokens; lower max_tokens",
+            param="max_tokens",
+        )
+    if spec.rows > max_rows:
+        raise APIError(
+            f"this request needs {spec.rows} rows (prompts x n), more than the server's batch "
+            f"size of {max_rows}; send fewer prompts or a lower n",
+            param="n",
+        )
+    return spec
+
+
+def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationSpec:
+    _check_fields(body, COMPLETION_FIELDS)
+    if body.get("suffix") is not None:
+        raise APIError("suffix is not supported", param="suffix")
+    if "prompt" not in body:
+        raise APIError("prompt is required", param="prompt")
+    echo = _flag(body, "echo")
+    n = _integer(body, "n", 1, 1, MAX_N)
+    if body.get("best_of") not in (None, n):
+        raise APIError("best_of must equal n (or be left out)", param="best_of")
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1, 2**31 - 1)
+    stream, include_usage = _stream(body)
+    if stream and logprobs is not None:
+        raise APIError("logprobs with stream=true is not supported; ask without stream")
+    prompts = completion_prompts(body["prompt"], llm)
+    spec = GenerationSpec(
+        kind="completion",
+        model=model,
+        prompts=prompts,
+        n=n,
+        max_tokens=max_tokens,
+        sampling=_sampling(body),
+        stop=_stop(body),
+        logprobs=logprobs,
+        echo=echo,
+        stream=stream,
+        include_usage=include_usage,
+        policy=parse_policy(body.get("quicksilver"), llm),
+        prompt_texts=[llm.decode(p) for p in prompts] if echo else [],
+    )
+    return _fit(spec, llm, max_rows, explicit=True)
+
+
+def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationSpec:
+    _check_fields(body, CHAT_FIELDS)
+    if "messages" not in body:
+        raise APIError("messages is required", param="messages")
+    limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    explicit = body.get(limit) is not None
+    max_tokens = _integer(body, limit, CHAT_DEFAULT_MAX_TOKENS, 1, 2**31 - 1)
+    want_logprobs = _flag(body, "logprobs")
+    top = _integer(body, "top_logprobs", 0, 0, MAX_LOGPROBS)
+    if body.get("top_logprobs") is not None and not want_logprobs:
+        raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
+    stream, include_usage = _stream(body)
+    if stream and want_logprobs:
+        raise APIError("logprobs with stream=true is not supported; ask without stream")
+    spec = GenerationSpec(
+        kind="chat",
+        model=model,
+        prompts=[chat_prompt(body["messages"], llm)],
+        n=_integer(body, "n", 1, 1, MAX_N),
+        max_tokens=max_tokens,
+        sampling=_sampling(body),
+        stop=_stop(body),
+        logprobs=top if want_logprobs else None,
+        echo=False,
+        stream=stream,
+        include_usage=include_usage,
+        policy=parse_policy(body.get("quicksilver"), llm),
+    )
+    return _fit(spec, llm, max_rows, explicit)

@@ -1,0 +1,458 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client (and raw HTTP where
+the client hides what is checked: the SSE framing, malformed bodies, status codes).
+
+Every server here runs a tiny random Llama with a byte-level tokenizer on 127.0.0.1 at a
+free port; answers are compared with the same model loaded a second time and called through
+the Python API, so a wrong batch, a lost token or a mis-scored log-prob shows as a mismatch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from tiny_models import MAX_POSITIONS, byte_level_tokenizer, save_tiny, tiny_llama  # noqa: E402
+
+import quicksilver as qs  # noqa: E402
+from quicksilver.serve.app import Settings  # noqa: E402
+from quicksilver.serve.metrics import Metrics  # noqa: E402
+from quicksilver.serve.runner import BatchRunner  # noqa: E402
+from quicksilver.serve.scheduler import Scheduler  # noqa: E402
+from quicksilver.serve.server import BackgroundServer  # noqa: E402
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+HALTING = {"halting": {"relative_drift": 10.0, "min_layer": 1}}  # halts every token early
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = save_tiny(tiny_llama(), tmp_path_factory.mktemp("serve") / "tiny")
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+def load(model_dir: Path) -> qs.LLM:
+    return qs.load(str(model_dir), dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> qs.LLM:
+    """The same model, called directly (the server's own copy belongs to its worker)."""
+    return load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path):
+    settings = Settings(model_name="tiny", max_body_bytes=64 * 1024)
+    with BackgroundServer(load(model_dir), settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: BackgroundServer):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    return [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+# ---------------------------------------------------------------- completions and chat
+
+
+def test_completions_match_the_python_api(client, reference: qs.LLM) -> None:
+    prompts = ["The cat sat", "A much longer prompt about dogs", [5, 6, 7, 8]]
+    out = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0)
+    expected = reference.generate(prompts, max_new_tokens=6)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
+        c.text for c in expected.completions
+    ]
+    assert out.usage.prompt_tokens == expected.prompt_tokens
+    assert out.usage.completion_tokens == expected.new_tokens
+    info = out.model_extra["quicksilver"]
+    # Dense, padded batch: the counted FLOPs are exactly the dense cost of the same forwards.
+    assert info["policy"] == {} and info["flop_fraction"] == pytest.approx(1.0, rel=1e-12)
+    assert info["flops"] > 0 and info["timings"]["total_s"] > 0
+
+
+def test_a_lone_dense_request_costs_exactly_dense(client) -> None:
+    out = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5, temperature=0)
+    info = out.model_extra["quicksilver"]
+    assert info["batch_rows"] == 1
+    assert info["flops"] == info["dense_flops"]
+
+
+def test_stop_strings_n_and_seeded_sampling(client, reference: qs.LLM) -> None:
+    greedy = reference.generate("Hello", max_new_tokens=12).text
+    stop = greedy[3:5]
+    assert stop and greedy.find(stop) >= 0
+    out = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=12, temperature=0, stop=[stop]
+    )
+    assert out.choices[0].text == greedy[: greedy.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+    kwargs = dict(model="tiny", prompt="Hello", max_tokens=8, temperature=1.5, n=3, seed=7)
+    first, again = client.completions.create(**kwargs), client.completions.create(**kwargs)
+    assert len(first.choices) == 3
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+
+
+def test_streamed_completion_joins_to_the_plain_one(client) -> None:
+    plain = client.completions.create(model="tiny", prompt="Once", max_tokens=10, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="tiny",
+            prompt="Once",
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == plain.choices[0].text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].model_extra["quicksilver"]["dense_flops"] > 0
+
+
+def test_chat_plain_and_streamed(client, reference: qs.LLM) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    templated = reference.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    ids = reference.tokenizer(templated, add_special_tokens=False)["input_ids"]
+    expected = reference.generate(ids, max_new_tokens=7).text
+    plain = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=7, temperature=0
+    )
+    assert plain.choices[0].message.content == expected
+    assert plain.usage.prompt_tokens == len(ids)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=7,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.total_tokens == len(ids) + 7
+
+
+def test_sse_framing_ends_with_done(server: BackgroundServer) -> None:
+    body = {"prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    assert all(json.loads(e)["object"] == "text_completion" for e in events[:-1])
+
+
+# ---------------------------------------------------------------- echo + logprobs
+
+
+def test_echo_logprobs_score_the_prompt_like_loglikelihood(client, reference: qs.LLM) -> None:
+    context, continuation = "The cat", " sat on the mat"
+    ids = reference.encode(context + continuation)
+    n_context = len(reference.encode(context))
+    out = client.completions.create(
+        model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=3
+    )
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.tokens) == len(ids) + 1
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    scored = logprobs.token_logprobs[n_context:-1]
+    expected = reference.loglikelihood(context, continuation)
+    assert math.fsum(scored) == pytest.approx(expected.logprob, abs=1e-4)
+    for chosen, top in zip(scored, logprobs.top_logprobs[n_context:-1], strict=True):
+        assert 1 <= len(top) <= 4  # the top 3 and the chosen token
+        assert max(top.values()) >= chosen - 1e-6
+    greedy = all(
+        c >= max(t.values()) - 1e-6
+        for c, t in zip(scored, logprobs.top_logprobs[n_context:-1], strict=True)
+    )
+    assert greedy == expected.is_greedy
+    assert out.choices[0].text.startswith(reference.decode(ids))
+
+
+def test_logprobs_of_generated_tokens_and_max_tokens_zero(client) -> None:
+    out = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=4, temperature=0, logprobs=2
+    )
+    logprobs = out.choices[0].logprobs
+    assert len(logprobs.token_logprobs) == 4 and None not in logprobs.token_logprobs
+    # Greedy tokens are the top choice at every step.
+    assert all(
+        c == pytest.approx(max(t.values()))
+        for c, t in zip(logprobs.token_logprobs, logprobs.top_logprobs, strict=True)
+    )
+    echoed = client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=0, echo=True, logprobs=0
+    )
+    assert echoed.choices[0].text == "Hello" and echoed.usage.completion_tokens == 0
+    assert len(echoed.choices[0].logprobs.token_logprobs) == 5
+
+
+def test_chat_logprobs(client) -> None:
+    out = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    content = out.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(c.top_logprobs) == 2 for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob) for c in content)
+
+
+# ---------------------------------------------------------------- policies
+
+
+def test_per_request_policy_through_extra_body(client, reference: qs.LLM) -> None:
+    out = client.completions.create(
+        model="tiny",
+        prompt="Hello there",
+        max_tokens=5,
+        temperature=0,
+        extra_body={"quicksilver": {"policy": HALTING}},
+    )
+    info = out.model_extra["quicksilver"]
+    assert info["policy"] == qs.load_policy(HALTING).to_config()
+    assert info["flop_fraction"] < 0.9
+    expected = reference.generate("Hello there", max_new_tokens=5, policy=HALTING).text
+    assert out.choices[0].text == expected
+    dense = client.completions.create(model="tiny", prompt="Hello there", max_tokens=5)
+    assert dense.model_extra["quicksilver"]["policy"] == {}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"policy": {"halting": {"relative_drift": -1}}},
+        {"policy": "no-such-preset"},
+        {"policy": "/etc/passwd"},
+        {"policy": {"warp_drive": {}}},
+        {"set": "halting.min_layer=1"},
+        {"colour": "blue"},
+        7,
+    ],
+)
+def test_invalid_policies_are_400(client, value) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(
+            model="tiny", prompt="Hi", max_tokens=2, extra_body={"quicksilver": value}
+        )
+    assert caught.value.body["message"]
+
+
+# ---------------------------------------------------------------- bad requests
+
+
+def _post(server: BackgroundServer, path: str, **kwargs) -> httpx.Response:
+    return httpx.post(server.url + path, timeout=30, **kwargs)
+
+
+BAD_COMPLETIONS = [
+    {"prompt": ""},
+    {"prompt": []},
+    {"prompt": [[]]},
+    {"prompt": 5},
+    {"prompt": [1.5, 2]},
+    {"prompt": [10**9]},
+    {"prompt": "Hi", "max_tokens": MAX_POSITIONS + 10},
+    {"prompt": "x" * (MAX_POSITIONS + 5), "max_tokens": 1},
+    {"prompt": "Hi", "max_tokens": "ten"},
+    {"prompt": "Hi", "max_tokens": 0},
+    {"prompt": "Hi", "temperature": "hot"},
+    {"prompt": "Hi", "temperature": -1},
+    {"prompt": "Hi", "top_p": 0},
+    {"prompt": "Hi", "n": 0},
+    {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]},
+    {"prompt": "Hi", "stop": [""]},
+    {"prompt": "Hi", "stop": 3},
+    {"prompt": "Hi", "logprobs": 99},
+    {"prompt": "Hi", "echo": "yes"},
+    {"prompt": "Hi", "stream": 1},
+    {"prompt": "Hi", "stream_options": {"include_usage": True}},
+    {"prompt": "Hi", "frequency_penalty": 0.5},
+    {"prompt": "Hi", "suffix": "end"},
+    {"prompt": "Hi", "mystery": 1},
+    {"prompt": "Hi", "model": 3},
+    {"prompt": ["a"] * 17},
+    {"max_tokens": 3},
+]
+
+
+@pytest.mark.parametrize("body", BAD_COMPLETIONS, ids=lambda b: json.dumps(b)[:40])
+def test_bad_completion_requests_are_4xx_json(server: BackgroundServer, body: dict) -> None:
+    response = _post(server, "/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": []},
+        {"messages": "hi"},
+        {"messages": [{"content": "hi"}]},
+        {"messages": [{"role": "user", "content": 3}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+    ],
+    ids=lambda b: json.dumps(b)[:40],
+)
+def test_bad_chat_requests_are_4xx_json(server: BackgroundServer, body: dict) -> None:
+    response = _post(server, "/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_malformed_oversize_and_unknown_routes(server: BackgroundServer) -> None:
+    cases = [
+        (_post(server, "/v1/completions", content=b"{not json"), 400),
+        (_post(server, "/v1/completions", content=b"[1, 2]"), 400),
+        (_post(server, "/v1/completions", content=b"\xff\xfe"), 400),
+        (_post(server, "/v1/completions", json={"prompt": "x" * 100_000}), 413),
+        (httpx.get(server.url + "/v1/nothing-here"), 404),
+        (httpx.get(server.url + "/v1/completions"), 405),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, response.text
+        assert response.json()["error"]["message"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok"
+
+
+def test_models_tokenizer_endpoints_and_metrics(server: BackgroundServer, reference) -> None:
+    models = httpx.get(server.url + "/v1/models").json()
+    assert models["data"][0]["id"] == "tiny"
+    ids = _post(server, "/tokenize", json={"prompt": "Hello"}).json()
+    assert ids["tokens"] == reference.encode("Hello") and ids["count"] == 5
+    text = _post(server, "/detokenize", json={"tokens": ids["tokens"]}).json()
+    assert text == {"prompt": "Hello"}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and info["chat_template"] == CHAT_TEMPLATE
+    assert _post(server, "/detokenize", json={"tokens": [10**9]}).status_code == 400
+    metrics = httpx.get(server.url + "/metrics").text
+    for name in (
+        "requests_total",
+        "counted_flops_total",
+        "dense_flops_total",
+        "flop_fraction_of_dense",
+        "time_to_first_token_seconds_count",
+    ):
+        assert f"quicksilver_{name}" in metrics
+
+
+def test_api_key(model_dir: Path) -> None:
+    settings = Settings(model_name="tiny", api_key="sesame")
+    with BackgroundServer(load(model_dir), settings) as server:
+        wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
+        assert right.models.list().data[0].id == "tiny"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---------------------------------------------------------------- batching and the queue
+
+
+class HeldRunner(BatchRunner):
+    """Runs batches only once released, and records their sizes."""
+
+    def __init__(self, llm: qs.LLM) -> None:
+        super().__init__(llm, Metrics())
+        self.release = threading.Event()
+        self.batches: list[int] = []
+
+    def __call__(self, jobs) -> None:
+        self.release.wait(30)
+        self.batches.append(len(jobs))
+        super().__call__(jobs)
+
+
+def test_requests_arriving_during_a_batch_join_the_next_one_and_a_full_queue_is_503(
+    model_dir: Path, reference: qs.LLM
+) -> None:
+    llm = load(model_dir)
+    runner = HeldRunner(llm)
+    scheduler = Scheduler(runner, max_rows=8, max_queue=4, positions=MAX_POSITIONS)
+    prompts = ["one", "two two", "three three three", "four", "five"]
+    with BackgroundServer(llm, Settings(model_name="tiny"), scheduler) as server:
+        results: dict[int, httpx.Response] = {}
+
+        def ask(i: int) -> None:
+            body = {"prompt": prompts[i], "max_tokens": 5, "temperature": 0}
+            results[i] = _post(server, "/v1/completions", json=body)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(5)]
+        threads[0].start()
+        while scheduler.running == 0:  # the first request holds the worker
+            time.sleep(0.01)
+        for t in threads[1:]:
+            t.start()
+        while scheduler.queued < 4:
+            time.sleep(0.01)
+        busy = _post(server, "/v1/completions", json={"prompt": "six", "max_tokens": 2})
+        assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+        assert busy.json()["error"]["message"]
+        runner.release.set()
+        for t in threads:
+            t.join(30)
+    assert runner.batches == [1, 4]
+    expected = reference.generate(prompts, max_new_tokens=5).completions
+    for i, response in results.items():
+        body = response.json()
+        assert body["choices"][0]["text"] == expected[i].text
+        assert body["quicksilver"]["batch_requests"] == (1 if i == 0 else 4)
+
+
+class SlowRunner(BatchRunner):
+    """Sends each streamed piece slowly, so that a client can leave mid-generation."""
+
+    def _send(self, row, piece: str) -> None:
+        time.sleep(0.02)
+        super()._send(row, piece)
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(model_dir: Path) -> None:
+    llm = load(model_dir)
+    metrics = Metrics()
+    runner = SlowRunner(llm, metrics)
+    scheduler = Scheduler(runner, max_rows=8, max_queue=4, positions=MAX_POSITIONS)
+    with BackgroundServer(llm, Settings(model_name="tiny"), scheduler) as server:
+        body = {"prompt": "Hi", "max_tokens": 100, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+            next(response.iter_lines())
+        deadline = time.monotonic() + 10
+        while scheduler.running or scheduler.queued:
+            assert time.monotonic() < deadline, "the slot was not freed"
+            time.sleep(0.02)
+        health = httpx.get(server.url + "/health").json()
+        assert health["running"] == 0
+        after = _post(server, "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert after.status_code == 200
+    generated = metrics.counters["generation_tokens"]
+    assert generated < 100, "the abandoned generation ran to its end"
