@@ -103,9 +103,9 @@ def kv_cache_bytes(config: ModelConfig, batch: int, length: int, element_size: i
     return 2 * config.n_layers * batch * config.n_kv_heads * length * config.head_dim * element_size
 
 
-def kv_weight_bytes(config: ModelConfig, element_size: int) -> int:
+def kv_weight_bytes(config: ModelConfig, bytes_per_weight: float) -> int:
     """The K/V rows of one layer's QKV weight: what a propagated halted token reads."""
-    return 2 * config.kv_dim * config.hidden_size * element_size
+    return int(2 * config.kv_dim * config.hidden_size * bytes_per_weight)
 
 
 def available_memory_bytes() -> int | None:

@@ -41,6 +41,7 @@ from quicksilver.eval.perplexity import (
 )
 from quicksilver.eval.report import jsonable
 from quicksilver.models import loading
+from quicksilver.models.formats import WeightFormat
 from quicksilver.policies import Policy, load_policy
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import SamplingConfig
@@ -80,6 +81,7 @@ class GenerationOutput:
     flops: dict[str, int]  # counted over the prompts' forward and every decode step
     decode_flops: dict[str, int]  # the decode steps only
     policy: dict[str, Any]  # the policy's configuration ({} is dense)
+    compile_seconds: float = 0.0  # compiling decode steps (compile=True), not in decode_seconds
 
     @property
     def text(self) -> str:
@@ -172,11 +174,27 @@ def load(
     model: str | os.PathLike[str] = loading.DEFAULT_MODEL,
     *,
     dtype: str | torch.dtype = "bfloat16",
+    weights: str | None = None,
+    head_weights: str | None = None,
+    group_size: int = 32,
+    compile: bool = False,
     device: str | torch.device = "cpu",
 ) -> LLM:
     """Load a model and its tokenizer: a short name (``smollm2-135m``), a ``.gguf`` file, a
-    Hugging Face model directory or a hub id, with its weights in ``dtype`` (``bfloat16``,
-    ``float32``, or what ``models.loading.DTYPES`` lists).
+    Hugging Face model directory or a hub id.
+
+    ``dtype`` is the activations' (and embeddings', norms', KV cache's) precision
+    (``bfloat16``, ``float32``, or what ``models.loading.DTYPES`` lists). ``weights`` is the
+    linear layers' storage format: None (the same as ``dtype``), ``int8`` (per channel) or
+    ``int4`` (groups of ``group_size`` = 32, 64 or 128; a GGUF file's Q4_0 / Q4_1 layers load
+    as they are with groups of 32). ``head_weights`` overrides the LM head's format (default:
+    the blocks', except int8 for an int4 model: a 4-bit head broke greedy output). Only one
+    copy of the weights is kept, in the chosen format.
+
+    ``compile=True`` runs each dense decode step as one compiled graph
+    (``runtime.compiled``): the first step of each batch size compiles (tens of seconds for
+    SmolLM2-135M, much less once inductor's on-disk cache has it), reported as
+    ``compile_seconds``, never as decode time.
 
     Only ``device="cpu"`` exists in this build: the engine's caches and step tensors are
     created on the CPU, so a model moved to a GPU could not run.
@@ -192,9 +210,47 @@ def load(
         )
     try:
         torch_dtype = loading.parse_dtype(dtype)
+        fmt = weight_format(torch_dtype, weights, head_weights, group_size)
     except QuicksilverError as err:
         raise InvalidArgument(str(err)) from None
-    return LLM(loading.load(os.fspath(model), torch_dtype))
+    return LLM(
+        loading.load(os.fspath(model), torch_dtype, weights=fmt), compile=_flag("compile", compile)
+    )
+
+
+def weight_format(
+    dtype: torch.dtype, weights: str | None, head_weights: str | None, group_size: Any
+) -> WeightFormat:
+    """The checked ``WeightFormat`` of a load's options (names as ``parse_dtype`` reads them;
+    a float format must be the activations' dtype: a second float copy would buy nothing)."""
+    own = str(dtype).removeprefix("torch.")
+
+    def name(value: str | None, what: str) -> str | None:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{what} must be a format name, got {type(value).__name__}")
+        if value in ("int8", "int4"):
+            return value
+        try:
+            parsed = str(loading.parse_dtype(value)).removeprefix("torch.")
+        except QuicksilverError:
+            raise InvalidArgument(
+                f"unknown {what} {value!r}; choose int4, int8 or the dtype ({own})"
+            ) from None
+        if parsed != own:
+            raise InvalidArgument(
+                f"{what} {value!r} differs from dtype {own!r}: float weights are kept in the "
+                "activations' dtype; use dtype= to change both, or int8 / int4"
+            )
+        return parsed
+
+    group = _integer("group_size", group_size)
+    return WeightFormat(
+        blocks=name(weights, "weights") or own,
+        head=name(head_weights, "head_weights"),
+        group_size=group,
+    )
 
 
 # ---------------------------------------------------------------- the model
@@ -219,11 +275,12 @@ class LLM:
     applies one for a block of calls. Without either, the model runs dense.
     """
 
-    def __init__(self, loaded: loading.LoadedModel) -> None:
+    def __init__(self, loaded: loading.LoadedModel, compile: bool = False) -> None:
         self._loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer  # None when the checkpoint ships none
-        self.engine = Engine(loaded.model)
+        self.engine = Engine(loaded.model, compile=compile)
+        self.weights = loaded.model.weight_format  # how the linear weights are stored
         self.config = loaded.model.config
         self.source = loaded.source
         self.name = loaded.source.name
@@ -231,7 +288,17 @@ class LLM:
         self.load_seconds = loaded.load_seconds
 
     def __repr__(self) -> str:
-        return f"LLM({self.name!r}, dtype={self.dtype!r})"
+        fmt, extra = self.weights, ""
+        if fmt.quantised:
+            extra += f", weights={fmt.blocks!r}, head_weights={fmt.head_format!r}"
+        if self.engine.compiled is not None:
+            extra += ", compile=True"
+        return f"LLM({self.name!r}, dtype={self.dtype!r}{extra})"
+
+    @property
+    def compile_seconds(self) -> float:
+        """Seconds spent compiling decode steps so far (0 unless loaded with compile=True)."""
+        return self.engine.compile_seconds
 
     # ------------------------------------------------------------ text
 
@@ -425,6 +492,7 @@ class LLM:
             flops=result.flops,
             decode_flops=result.decode_flops,
             policy=policy.to_config() if policy is not None else {},
+            compile_seconds=result.compile_seconds,
         )
 
     # ------------------------------------------------------------ scoring

@@ -11,6 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "quicksilver"
 RUNNER = PACKAGE / "runtime" / "engine.py"
+# The compiled dense step: the runner's one-token step traced into a graph, called only by it.
+COMPILED_STEP = PACKAGE / "runtime" / "compiled.py"
 
 
 def module_name(path: Path) -> str:
@@ -106,7 +108,7 @@ def _runs_a_block(node: ast.AST) -> bool:
     ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_only_the_runner_runs_layers(path: Path) -> None:
-    if path == RUNNER:
+    if path in (RUNNER, COMPILED_STEP):
         return
     tree = ast.parse(path.read_text(encoding="utf-8"))
     calls = [ast.unparse(n) for n in ast.walk(tree) if _runs_a_block(n)]
@@ -114,8 +116,18 @@ def test_only_the_runner_runs_layers(path: Path) -> None:
 
 
 def test_the_runner_does_run_layers() -> None:
-    tree = ast.parse(RUNNER.read_text(encoding="utf-8"))
-    assert any(_runs_a_block(n) for n in ast.walk(tree))
+    for path in (RUNNER, COMPILED_STEP):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assert any(_runs_a_block(n) for n in ast.walk(tree)), path.name
+
+
+def test_only_the_runner_calls_the_compiled_step() -> None:
+    users = [
+        p.name
+        for p in PACKAGE.rglob("*.py")
+        if p not in (RUNNER, COMPILED_STEP) and "CompiledDecode" in p.read_text(encoding="utf-8")
+    ]
+    assert not users, users
 
 
 def test_command_line_files_stay_small() -> None:

@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import quicksilver as qs
 from quicksilver.cli.checks import (
     check_output,
     check_text_args,
@@ -21,8 +20,10 @@ from quicksilver.cli.checks import (
 from quicksilver.cli.console import say, show
 from quicksilver.cli.eval_gen import GENERATION_LENGTH_WHY
 from quicksilver.cli.inputs import (
+    check_model_args,
     generation_prompts,
     load_eval_text,
+    load_llm,
     load_policy_args,
     stream_ids,
 )
@@ -30,7 +31,6 @@ from quicksilver.cli.options import add_dtype, add_policy_args, add_text_args, a
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval import calibrate as calibration
 from quicksilver.eval.report import write_json_atomic
-from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy
 from quicksilver.policies.files import write_policy_file
 from quicksilver.runtime.cache import check_cache_fits
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = check_output(args.json, args)
     if json_path is not None and json_path.resolve() == output.resolve():
         raise QuicksilverError("--json and --output name the same file; give two names")
-    parse_dtype(args.dtype)
+    check_model_args(args)
     base = load_policy_args(args)
     calibration.check_calibratable(base, compute_budget=fraction is not None, decode=generation)
     set_threads(args.threads)
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         text = load_eval_text(args)
         text_name = text.name
-    llm = qs.load(args.model, dtype=args.dtype)
+    llm = load_llm(args)
     base.check_model(llm.config)
     if generation:
         ids = [llm.encode(p) for p in prompts]

@@ -15,7 +15,6 @@ import torch
 
 from quicksilver.api import LLM
 from quicksilver.cli.console import say
-from quicksilver.cli.options import COMPARABLE
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import check_output_path
 from quicksilver.models.loading import MODEL_ALIASES
@@ -44,11 +43,13 @@ def check_target_speedup(value: float | None) -> None:
         raise QuicksilverError(f"--target-speedup must be >= 1 and finite, got {value}")
 
 
-def check_compare(names: Iterable[str] | None) -> None:
+def check_compare(names: Iterable[str] | None, choices: Iterable[str] = ("transformers",)) -> None:
+    allowed = tuple(choices)
     for name in names or ():
-        if name not in COMPARABLE:
-            choices = ", ".join(COMPARABLE)
-            raise QuicksilverError(f"cannot compare with {name!r}; the only choice is {choices}")
+        if name not in allowed:
+            listed = ", ".join(allowed)
+            what = "the only choice is" if len(allowed) == 1 else "choose from"
+            raise QuicksilverError(f"cannot compare with {name!r}; {what} {listed}")
 
 
 def utf8(text: str, what: str) -> str:

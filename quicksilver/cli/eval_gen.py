@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 
-import quicksilver as qs
 from quicksilver.cli.checks import (
     check_output,
     check_target_speedup,
@@ -15,11 +14,16 @@ from quicksilver.cli.checks import (
     set_threads,
 )
 from quicksilver.cli.console import say, show
-from quicksilver.cli.inputs import generation_prompts, load_policy_args, with_target_speedup
+from quicksilver.cli.inputs import (
+    check_model_args,
+    generation_prompts,
+    load_llm,
+    load_policy_args,
+    with_target_speedup,
+)
 from quicksilver.cli.options import add_dtype, add_policy_args, add_text_args
 from quicksilver.eval.generation import evaluate_generation
 from quicksilver.eval.report import format_table, write_json_atomic
-from quicksilver.models.loading import parse_dtype
 from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "eval-gen"
@@ -75,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
     require_at_least("max_new_tokens", args.max_new_tokens, 2, GENERATION_LENGTH_WHY)
     check_target_speedup(args.target_speedup)
     check_text_args(args)
-    parse_dtype(args.dtype)
+    check_model_args(args)
     policy = load_policy_args(args)
     json_path = check_output(args.json, args)
     set_threads(args.threads)
 
     prompts, _ = generation_prompts(args)
-    llm = qs.load(args.model, dtype=args.dtype)
+    llm = load_llm(args)
     ids = [llm.encode(p) for p in prompts]
     check_cache_fits(
         llm.config,
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         record = {
             "model": args.model,
             "dtype": args.dtype,
+            "weights": llm.weights.to_dict(),
             "policy": policy.to_config(),
             "prompts": prompts,
             "results": [r.to_dict() for r in results],

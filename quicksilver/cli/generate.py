@@ -15,10 +15,15 @@ from quicksilver.cli.checks import (
     set_threads,
 )
 from quicksilver.cli.console import printable, say, show
-from quicksilver.cli.inputs import load_policy_args, read_prompts, with_target_speedup
+from quicksilver.cli.inputs import (
+    check_model_args,
+    load_llm,
+    load_policy_args,
+    read_prompts,
+    with_target_speedup,
+)
 from quicksilver.cli.options import add_dtype, add_policy_args
 from quicksilver.eval.report import write_json_atomic
-from quicksilver.models.loading import parse_dtype
 from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "generate"
@@ -61,13 +66,13 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     check_target_speedup(args.target_speedup)
-    parse_dtype(args.dtype)
+    check_model_args(args)
     prompts = read_prompts(args)
     policy = load_policy_args(args)
     json_path = check_output(args.json, args)
     set_threads(args.threads)
 
-    llm = qs.load(args.model, dtype=args.dtype)
+    llm = load_llm(args)
     token_ids = [llm.encode(p, chat=args.chat) for p in prompts]
     check_cache_fits(
         llm.config,
@@ -95,15 +100,17 @@ def run(args: argparse.Namespace) -> int:
             for i, (prompt, completion) in enumerate(zip(prompts, output.completions, strict=True)):
                 show(f"--- [{i}] {prompt}")
                 show(completion.text)
+    compiled = f", compile {output.compile_seconds:.1f} s" if args.compile else ""
     say(
         f"[{output.new_tokens} tokens, prefill {output.prefill_seconds:.2f} s, "
-        f"decode {output.decode_tokens_per_s:.1f} tok/s, "
-        f"{output.flops_per_token / 1e9:.2f} GFLOP/token]"
+        f"decode {output.decode_tokens_per_s:.1f} tok/s{compiled}, "
+        f"{output.flops_per_token / 1e9:.2f} GFLOP/token, weights {llm.weights.describe()}]"
     )
     if json_path is not None:
         record = {
             "model": args.model,
             "dtype": args.dtype,
+            "weights": llm.weights.to_dict(),
             "chat": args.chat,
             "sampling": dataclasses.asdict(sampling),
             "max_new_tokens": args.max_new_tokens,

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from quicksilver.api import LLM
+import quicksilver as qs
+from quicksilver.api import LLM, weight_format
 from quicksilver.cli.checks import utf8
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval import datasets
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.generation import wikitext_prompts
 from quicksilver.models.config import ModelConfig
+from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy, load_policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
 from quicksilver.text import encode_stream
@@ -80,6 +82,23 @@ def stream_ids(llm: LLM, text: str) -> list[int]:
     if llm.tokenizer is None:
         raise QuicksilverError(f"{llm.name} ships no tokenizer; it cannot score text")
     return encode_stream(llm.tokenizer, text)
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """--dtype, --weights, --head-weights and --group-size, before anything is loaded."""
+    weight_format(parse_dtype(args.dtype), args.weights, args.head_weights, args.group_size)
+
+
+def load_llm(args: argparse.Namespace) -> LLM:
+    """The model of --model in --dtype, its weights as --weights/--head-weights say."""
+    return qs.load(
+        args.model,
+        dtype=args.dtype,
+        weights=args.weights,
+        head_weights=args.head_weights,
+        group_size=args.group_size,
+        compile=args.compile,
+    )
 
 
 def load_policy_args(args: argparse.Namespace) -> Policy:

@@ -8,7 +8,6 @@ from typing import NoReturn
 
 from quicksilver.cli.console import print_error
 from quicksilver.eval.datasets import DATASETS
-from quicksilver.eval.throughput import COMPARABLE
 from quicksilver.models.loading import DEFAULT_MODEL, DTYPES
 
 
@@ -39,12 +38,45 @@ def common_options() -> Parser:
 
 
 def add_dtype(parser: argparse.ArgumentParser, default: str) -> None:
+    """--dtype, and how the weights are stored and run (checked by `inputs.check_model_args`)."""
     names = ", ".join(dict.fromkeys(str(d).removeprefix("torch.") for d in DTYPES.values()))
     parser.add_argument("--dtype", default=default, help=f"{names} (default: %(default)s)")
+    parser.add_argument(
+        "--weights",
+        metavar="FORMAT",
+        help="linear weights as int8 (per channel), int4 (GGUF Q4 layers load as they are) "
+        "or the dtype (default: the dtype)",
+    )
+    add_format_options(parser)
 
 
-def add_compare(parser: argparse.ArgumentParser, help: str) -> None:
-    parser.add_argument("--compare", action="append", metavar="|".join(COMPARABLE), help=help)
+def add_format_options(parser: argparse.ArgumentParser) -> None:
+    """The weight-format details and compilation, shared with `bench`."""
+    parser.add_argument(
+        "--head-weights",
+        metavar="FORMAT",
+        help="the LM head's format (default: the blocks', int8 when they are int4)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="int4 group size: 32, 64 or 128 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the dense decode step (slow once, then faster; time reported apart)",
+    )
+
+
+def add_compare(
+    parser: argparse.ArgumentParser, help: str, choices: tuple[str, ...] = ("transformers",)
+) -> None:
+    parser.add_argument(
+        "--compare", nargs="+", action="extend", metavar="|".join(choices), help=help
+    )
 
 
 def add_text_args(parser: argparse.ArgumentParser, *, split_help: str, field: str) -> None:

@@ -29,6 +29,12 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
+from quicksilver.models.formats import (
+    Int4Codes,
+    WeightFormat,
+    convert_model,
+    int4_codes_from_gguf,
+)
 from quicksilver.models.transformer import Transformer, rope_inverse_frequencies
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -157,11 +163,15 @@ def load(
     dtype: str | torch.dtype = "float32",
     fast: bool = True,
     cache_dir: Path | None = None,
+    weights: WeightFormat | None = None,
 ) -> LoadedModel:
-    """Load a model and its tokenizer, ready for inference (weights in ``dtype``).
+    """Load a model and its tokenizer, ready for inference (activations in ``dtype``; linear
+    weights in ``weights``' format, by default the same dtype).
 
     ``tokenizer`` is None when the checkpoint ships none (token ids can still be fed directly);
-    callers that need text decide whether that is an error.
+    callers that need text decide whether that is an error. A GGUF file's Q4_0 / Q4_1 layers
+    load into the int4 format as they are (groups of 32) when ``weights`` asks for int4 with
+    groups of 32.
     """
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -172,7 +182,14 @@ def load(
         directory = Path(source.path) if source.kind == "hf_dir" else _download(source.path)
         config, state = _load_hf_dir(directory)
         tokenizer = _load_hf_tokenizer(directory)
-    model = build_model(config, state, torch_dtype, fast)
+    model = build_model(config, state, torch_dtype, fast=False)
+    del state
+    if weights is not None and weights.quantised:
+        codes = None
+        if source.kind == "gguf" and weights.blocks == "int4" and weights.group_size == 32:
+            codes = gguf_int4_layers(Path(source.path), config)
+        convert_model(model, weights, codes)
+    model.set_fast_path(fast)
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start)
 
 
@@ -568,6 +585,58 @@ def _load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:
 
 
 # ---------------------------------------------------------------- GGUF
+
+
+def gguf_int4_layers(path: Path, config: ModelConfig) -> dict[str, Int4Codes]:
+    """The blocks' linear layers of a GGUF file whose tensors are Q4_0 / Q4_1, as int4 codes
+    under our module names (Q/K rows un-interleaved, Q/K/V and gate/up stacked as our fused
+    weights); a layer with any other tensor type is left out (it is quantised from floats)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def codes_of(name: str, heads: int | None = None) -> Int4Codes | None:
+        t = tensors.get(name)
+        if t is None or t.tensor_type.name not in ("Q4_0", "Q4_1"):
+            return None
+        raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
+        codes = int4_codes_from_gguf(raw, t.tensor_type.name)
+        if heads is not None:  # the same row order change as the float weights get
+            rows = torch.arange(codes.codes.shape[0])
+            order = rows.reshape(heads, -1, 2).transpose(1, 2).reshape(-1)
+            codes = Int4Codes(
+                codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size
+            )
+        return codes
+
+    def stacked(parts: list[Int4Codes | None]) -> Int4Codes | None:
+        if any(part is None for part in parts):
+            return None
+        return Int4Codes(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            torch.cat([p.zeros for p in parts]),
+            32,
+        )
+
+    layers: dict[str, Int4Codes] = {}
+    for i in range(config.n_layers):
+        p, b = f"blk.{i}.", f"blocks.{i}."
+        found = {
+            b + "attn.qkv": stacked(
+                [
+                    codes_of(p + "attn_q.weight", config.n_heads),
+                    codes_of(p + "attn_k.weight", config.n_kv_heads),
+                    codes_of(p + "attn_v.weight"),
+                ]
+            ),
+            b + "attn.out": codes_of(p + "attn_output.weight"),
+            b + "mlp.up": stacked([codes_of(p + "ffn_gate.weight"), codes_of(p + "ffn_up.weight")]),
+            b + "mlp.down": codes_of(p + "ffn_down.weight"),
+        }
+        layers.update({name: codes for name, codes in found.items() if codes is not None})
+    return layers
 
 
 def _cache_root(cache_dir: Path | None) -> Path:

@@ -19,6 +19,7 @@ from torch import nn
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
+from quicksilver.models.formats import QuantLinear, WeightFormat
 
 
 @functools.cache
@@ -65,11 +66,32 @@ class Linear(nn.Module):
         self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dtype == self.weight.dtype:
+        if (
+            self.packed is not None
+            and x.dtype == self.weight.dtype
+            and not torch.compiler.is_compiling()  # a compiled graph packs its own weights
+        ):
             flat = x.reshape(-1, self.in_features)
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
+
+    def partial(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        """The product for output rows ``start:stop`` only (e.g. K/V without Q, or the
+        first rows of an LM head): the other rows' work is not done."""
+        rows = slice(start, stop)
+        bias = self.bias[rows] if self.bias is not None else None
+        return F.linear(x, self.weight[rows], bias)
+
+    def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight as a dense [out, in] tensor in the model's dtype."""
+        return self.weight[rows]
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes of weights (and bias) a full product reads."""
+        bias = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.weight.numel() * self.weight.element_size() + bias
 
 
 @dataclass
@@ -203,9 +225,7 @@ class Attention(nn.Module):
         """Keys and values only (the rows of the fused weight after the queries): what a
         token that no longer runs the layer still costs to stay visible to later tokens."""
         batch, seq, _ = x.shape
-        rows = slice(self.q_dim, None)
-        bias = self.qkv.bias[rows] if self.qkv.bias is not None else None
-        kv = F.linear(x, self.qkv.weight[rows], bias).view(batch, seq, -1, self.head_dim)
+        kv = self.qkv.partial(x, self.q_dim).view(batch, seq, -1, self.head_dim)
         k, v = kv.split((self.n_kv_heads, self.n_kv_heads), dim=2)
         if rope is not None:
             k = apply_rope(k, *rope)
@@ -298,13 +318,30 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
-    def linears(self) -> list[Linear]:
-        return [m for m in self.modules() if isinstance(m, Linear)]
+    @property
+    def weight_format(self) -> WeightFormat:
+        """How the linear weights are stored (set by ``formats.convert_model``)."""
+        fmt = getattr(self, "_weight_format", None)
+        return fmt or WeightFormat(blocks=str(self.dtype).removeprefix("torch."))
+
+    @weight_format.setter
+    def weight_format(self, fmt: WeightFormat) -> None:
+        self._weight_format = fmt
+
+    def linears(self) -> list[Linear | QuantLinear]:
+        return [m for m in self.modules() if isinstance(m, (Linear, QuantLinear))]
+
+    def layer_weight_bytes(self) -> int:
+        """Bytes of linear weights one block reads for a full pass, in their stored format."""
+        block = self.blocks[0]
+        parts = (block.attn.qkv, block.attn.out, block.mlp.up, block.mlp.down)
+        return sum(linear.storage_bytes for linear in parts)
 
     def set_fast_path(self, enabled: bool) -> None:
-        """Pre-pack every weight for oneDNN (enabled) or use plain ``F.linear``."""
+        """Pre-pack every float weight for oneDNN (enabled) or use plain ``F.linear``."""
         for linear in self.linears():
-            linear.pack() if enabled else linear.unpack()
+            if isinstance(linear, Linear):
+                linear.pack() if enabled else linear.unpack()
 
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         h = F.embedding(tokens, self.embed)

@@ -103,10 +103,9 @@ class LayerView:
         if vocab not in self._entropies:
             model = self.model
             rows = model.config.vocab_size if vocab is None else min(vocab, model.config.vocab_size)
-            head = model.lm_head.weight[:rows]
             parts = []
             for chunk in self.after.split(ENTROPY_CHUNK):
-                logits = torch.nn.functional.linear(model.final_hidden(chunk), head)
+                logits = model.lm_head.partial(model.final_hidden(chunk), 0, rows)
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 parts.append(-(logp.exp() * logp).sum(-1) / math.log(2))
             self._entropies[vocab] = torch.cat(parts) if parts else self.after.new_zeros(0)

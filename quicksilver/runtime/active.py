@@ -110,8 +110,9 @@ class ActiveTokens:
             cache.k[layer, rows, :, slots] = k[:, 0]
             cache.v[layer, rows, :, slots] = v[:, 0]
             self.counter.add_kv_projection(layer, len(frozen))
-            element = block.attn.qkv.weight.element_size()
-            self.counter.add_weight_read(0, kv_weight_bytes(self.model.config, element))
+            qkv = block.attn.qkv
+            per_weight = qkv.storage_bytes / (qkv.in_features * qkv.out_features)
+            self.counter.add_weight_read(0, kv_weight_bytes(self.model.config, per_weight))
 
     def after_layer(
         self,

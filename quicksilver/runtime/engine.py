@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quicksilver.accounting import FlopCounter, layer_weight_count
+from quicksilver.accounting import FlopCounter
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_linear
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
 from quicksilver.runtime.attention import attend
 from quicksilver.runtime.cache import KVCache, check_cache_fits
+from quicksilver.runtime.compiled import CompiledDecode
 from quicksilver.runtime.context import ForwardContext
 from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
 
@@ -38,6 +39,7 @@ class GenerationResult:
     finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
     flops: dict[str, int] = field(default_factory=dict)  # prefill and decode
     decode_flops: dict[str, int] = field(default_factory=dict)  # decode steps only
+    compile_seconds: float = 0.0  # compiling decode steps, left out of decode_seconds
 
     @property
     def new_tokens(self) -> int:
@@ -60,12 +62,20 @@ class Engine:
         model: Transformer,
         counter: FlopCounter | None = None,
         policy: Policy | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.config = model.config
         self.counter = counter if counter is not None else FlopCounter(model.config)
         self.policy: Policy | None = None
         self.set_policy(policy)
+        # The dense one-token step as one compiled graph (``runtime.compiled``), if asked.
+        self.compiled: CompiledDecode | None = CompiledDecode(model) if compile else None
+
+    @property
+    def compile_seconds(self) -> float:
+        """Time spent compiling decode steps so far (0 when nothing is compiled)."""
+        return self.compiled.compile_seconds if self.compiled is not None else 0.0
 
     def set_policy(self, policy: Policy | None) -> None:
         """Use ``policy`` from the next forward on (None or an off policy: the dense model).
@@ -89,6 +99,8 @@ class Engine:
             length=max_len,
             fix="use a shorter prompt, fewer new tokens or fewer rows",
         )
+        if self.compiled is not None:
+            max_len = self.compiled.capacity(max_len)
         return KVCache(self.config, batch_size, max_len, self.model.dtype)
 
     def context(self, cache: KVCache, n_new: int) -> ForwardContext:
@@ -111,16 +123,27 @@ class Engine:
         ``observe(layer, states)`` sees the [B, S, d] states after each layer (halted and
         merged tokens keep the state they stopped with)."""
         batch, n_new = tokens.shape
-        context = context or self.context(cache, n_new)
         policy = self.policy
+        dense = policy is None or policy.is_off
+        if (
+            self.compiled is not None
+            and dense
+            and n_new == 1
+            and context is None
+            and observe is None
+            and isinstance(logits_at, str)
+            and CompiledDecode.supports(cache)
+        ):
+            return self._compiled_step(tokens, cache)
+        context = context or self.context(cache, n_new)
         active = None
-        if policy is not None and not policy.is_off:
+        if not dense:
             active = ActiveTokens(policy, self.model, context, self.counter)
         counter = self.counter
         h = self.model.embed_tokens(tokens, context.positions)
         counter.add_embedding(batch * n_new)
         flat = h.reshape(batch * n_new, -1)
-        full_bytes = layer_weight_count(self.config) * h.element_size()
+        full_bytes = self.model.layer_weight_bytes()
         dense_pairs: int | None = None
         for i, block in enumerate(self.model.blocks):
             index = None if active is None else active.running(i)
@@ -157,6 +180,23 @@ class Engine:
             h = h[:, logits_at]
         counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
         return self.model.logits(h)
+
+    def _compiled_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row through the compiled graph; counted like the eager step, with
+        attention over the slots the graph actually read (its bucket, masked entries too)."""
+        slots, _ = cache.reserve(1)
+        slots = slots[:, 0]
+        logits = self.compiled(tokens, cache, slots)
+        batch = tokens.shape[0]
+        pairs = batch * self.compiled.read_len(cache, slots)
+        counter = self.counter
+        counter.add_embedding(batch)
+        layer_bytes = self.model.layer_weight_bytes()
+        for layer in range(self.config.n_layers):
+            counter.add_layer(layer, batch, pairs)
+            counter.add_weight_read(0, layer_bytes)
+        counter.add_head(batch)
+        return logits
 
     def _dense_layer(
         self,
@@ -284,6 +324,7 @@ class Generation:
         self.finish_reasons: list[str | None] = [None] * len(self.prompts)
         self.prefill_seconds = self.decode_seconds = 0.0
         self.decode_steps = 0
+        self.compile_seconds = 0.0
         self._flops_before: dict[str, int] = {}
         self._flops_after_prefill: dict[str, int] = {}
         self._ended = False
@@ -306,6 +347,7 @@ class Generation:
         logits, cache = engine.prefill(self.prompts, self.max_new_tokens)
         self.prefill_seconds = time.perf_counter() - start
         self._flops_after_prefill = counter.summary()
+        compiled_before = engine.compile_seconds
         start = time.perf_counter()
         try:
             while True:
@@ -328,7 +370,9 @@ class Generation:
                 logits = engine.forward(next_ids.view(-1, 1), cache)
                 self.decode_steps += 1
         finally:
-            self.decode_seconds = time.perf_counter() - start
+            # Compiling a step is a one-time cost, reported on its own, not as decoding.
+            self.compile_seconds = engine.compile_seconds - compiled_before
+            self.decode_seconds = time.perf_counter() - start - self.compile_seconds
             self._ended = True
 
     def result(self) -> GenerationResult:
@@ -344,4 +388,5 @@ class Generation:
             finish_reasons=[reason or "stop" for reason in self.finish_reasons],
             flops=counter.since(self._flops_before),
             decode_flops=counter.since(self._flops_after_prefill),
+            compile_seconds=self.compile_seconds,
         )

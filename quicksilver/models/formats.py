@@ -1,0 +1,399 @@
+"""Weight formats: how a linear layer's weights are stored and which kernel multiplies them.
+
+Every format is a module behind the same interface as ``transformer.Linear`` (``forward``,
+``partial`` for a band of output rows, ``dense_weight``, ``storage_bytes``), so the model,
+the runner and the policies never ask which one they hold. One copy of the weights is kept,
+in the chosen format:
+
+- ``int8``: symmetric per-output-channel codes, multiplied by torch's int8 weight-only kernel
+  (``aten._weight_int8pack_mm``).
+- ``int4``: 16-level codes in groups of 32, 64 or 128 inputs with a scale and a zero per group,
+  ``w = (q - 8) * scale + zero``, packed for ``aten._weight_int4pack_mm_for_cpu``. GGUF's Q4_0
+  and Q4_1 blocks are exactly this form (``convert_gguf``), so they load without re-quantising.
+
+Which kernel runs is chosen per call from the number of rows: the weight-only kernels re-read
+their weights for every four rows, so past ``dequant_rows`` rows (prefill, evaluation) the
+weight is expanded once into the activation dtype and multiplied densely. Measured on
+SmolLM2-135M's 3072x576 up-projection, 2 AVX-512 cores, bf16: the int8 kernel matches
+expand-then-multiply at 64 rows and is 2.5x slower at 256; the int4 kernel is 2.7x slower
+than a bf16 product at 256 rows, but expanding int4 costs ~6 ms a matrix, which pays from
+about 1,024 rows. Shapes a kernel refuses (N not a multiple of 16, K not a multiple of
+the group, a CUDA tensor where torch has no such kernel) fall back to the dense product on the
+dequantised weight. ``kernel_log`` counts which path ran, so results can say so.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quicksilver import quant
+from quicksilver.errors import QuicksilverError
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
+"""What ``qs.load(..., weights=)`` accepts: a float dtype keeps the model's dense weights."""
+INT4_GROUPS = (32, 64, 128)
+# The CPU int4 kernel blocks output rows by 64: a band of rows can be multiplied on its own
+# when it starts on a block boundary.
+_INT4_BLOCK_N = 64
+
+kernel_log: collections.Counter[str] = collections.Counter()
+"""How many products each kernel ran (e.g. ``int4``, ``int4-dequant``), since the last clear."""
+
+
+def _note(kernel: str) -> None:
+    if not torch.compiler.is_compiling():
+        kernel_log[kernel] += 1
+
+
+@functools.cache
+def int4_kernel_available() -> bool:
+    """Whether torch's CPU int4 kernel runs and is right here."""
+    pack = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    op = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+    if pack is None or op is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (16, 32), dtype=torch.int32, generator=gen)
+    scales = torch.rand(1, 16, generator=gen) + 0.5
+    zeros = torch.randn(1, 16, generator=gen)
+    x = torch.randn(2, 32, generator=gen)
+    try:
+        y = op(x, pack(codes, 1), 32, torch.stack([scales, zeros], -1))
+    except (RuntimeError, NotImplementedError):
+        return False
+    ref = x @ ((codes.float() - 8) * scales.T + zeros.T).T
+    return bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-4))
+
+
+# ---------------------------------------------------------------- int4 codes (pure functions)
+
+
+@dataclass
+class Int4Codes:
+    """Weights [out, in] as ``(codes - 8) * scales + zeros``, one scale and zero per group of
+    ``group_size`` inputs. codes: uint8 in 0..15 [out, in]; scales, zeros: float32 [out, in/g]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        grouped = (self.codes.float() - 8).view(out_features, -1, self.group_size)
+        weight = grouped * self.scales.unsqueeze(-1) + self.zeros.unsqueeze(-1)
+        return weight.view(out_features, in_features).to(dtype)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Int4Codes:
+    """Asymmetric min/max 4-bit codes per group (GGUF Q4_1's rule): scale = (max - min) / 15,
+    the group's minimum at code 0, codes rounded to nearest."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    w = weight.detach().float().view(out_features, -1, group_size)
+    low, high = w.amin(-1), w.amax(-1)
+    scales = (high - low) / 15
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((w - low.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15)
+    zeros = low + 8 * scales  # (q - 8) * scale + zero == low + q * scale
+    return Int4Codes(
+        codes.to(torch.uint8).view(out_features, in_features), scales, zeros, group_size
+    )
+
+
+def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:
+    """Shapes the CPU int4 kernel accepts."""
+    return (
+        out_features % 16 == 0
+        and group_size in (32, 64, 128, 256)
+        and in_features % group_size == 0
+        and in_features % 2 == 0
+    )
+
+
+# ---------------------------------------------------------------- modules
+
+
+class QuantLinear(nn.Module):
+    """What the int8 and int4 formats share: shape, bias, the dtype products come out in,
+    and the fallback of expanding the weight for many rows."""
+
+    kernel_name = ""
+    dequant_rows = 64  # above this many rows, expand the weight and multiply densely
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), False)
+        self.dtype = dtype
+        self.narrow: dict = {}  # the Matryoshka policy's products, as on ``Linear``
+
+    def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        raise NotImplementedError
+
+    def kernel_product(self, x: torch.Tensor, rows: slice) -> torch.Tensor | None:
+        """The weight-only kernel's product of x [M, in] with output rows ``rows``, or None
+        where the kernel cannot take this call."""
+        raise NotImplementedError
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers()) + (
+            0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        )
+
+    def partial(self, x: torch.Tensor, start: int, stop: int | None = None) -> torch.Tensor:
+        """The product for output rows ``start:stop`` only."""
+        stop = self.out_features if stop is None else stop
+        rows = slice(start, stop)
+        flat = x.reshape(-1, self.in_features).to(self.dtype)
+        y = None
+        if flat.shape[0] <= self.dequant_rows:
+            y = self.kernel_product(flat, rows)
+        if y is None:
+            _note(f"{self.kernel_name}-dequant")
+            y = F.linear(flat, self.dense_weight(rows))
+        else:
+            _note(self.kernel_name)
+        if self.bias is not None:
+            y = y + self.bias[rows]
+        return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.partial(x, 0, None)
+
+
+class Int8Linear(QuantLinear):
+    """Per-output-channel int8 codes and scales, torch's int8 weight-only kernel."""
+
+    kernel_name = "int8"
+
+    def __init__(
+        self,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+    ) -> None:
+        out_features, in_features = codes.shape
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.reshape(out_features).to(dtype).contiguous())
+        self.use_kernel = (
+            codes.device.type == "cpu"
+            and quant.int8_kernel_available()
+            and quant.int8_kernel_supports(dtype, in_features)
+        )
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> Int8Linear:
+        codes = quant.quantize(weight)
+        return cls(quant.sliced_int8(codes, 8), codes.scales[:, 0], bias, dtype)
+
+    def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        return self.codes[rows].to(self.dtype) * self.scales[rows].unsqueeze(1)
+
+    def kernel_product(self, x: torch.Tensor, rows: slice) -> torch.Tensor | None:
+        if not self.use_kernel:
+            return None
+        return quant.int8_linear(x, self.codes[rows], self.scales[rows])
+
+
+class Int4Linear(QuantLinear):
+    """Groups of 4-bit codes with a scale and zero each, torch's CPU int4 kernel."""
+
+    kernel_name = "int4"
+    dequant_rows = 1024
+
+    def __init__(self, codes: Int4Codes, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+        out_features, in_features = codes.codes.shape
+        super().__init__(in_features, out_features, bias, dtype)
+        self.group_size = codes.group_size
+        # [in / g, out, 2]: the kernel's layout of scales and zeros, in the activation dtype.
+        self.register_buffer(
+            "scales_zeros",
+            torch.stack([codes.scales, codes.zeros], -1).transpose(0, 1).to(dtype).contiguous(),
+        )
+        self.use_kernel = (
+            codes.codes.device.type == "cpu"
+            and int4_kernel_available()
+            and int4_kernel_fits(out_features, in_features, codes.group_size)
+        )
+        if self.use_kernel:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.codes.int(), 1)
+            self.register_buffer("packed", packed)
+            self.register_buffer("codes", None)
+        else:  # kept unpacked, two codes a byte, for the dense fallback
+            self.register_buffer("packed", None)
+            pairs = codes.codes.view(out_features, -1, 2)
+            self.register_buffer("codes", (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous())
+
+    @classmethod
+    def from_weight(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, group_size: int
+    ) -> Int4Linear:
+        return cls(quantize_int4(weight, group_size), bias, dtype)
+
+    def unpacked_codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """uint8 codes 0..15 [out, in] of the given output rows."""
+        if self.packed is None:
+            pairs = self.codes[rows]
+            return torch.stack([pairs & 15, pairs >> 4], -1).view(pairs.shape[0], -1)
+        # The kernel of an identity input reads every code back: (q - 8) * 1 + 8 = q.
+        n = self.out_features
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        ones = torch.stack(
+            [
+                torch.ones(self.in_features // self.group_size, n),
+                torch.full((self.in_features // self.group_size, n), 8.0),
+            ],
+            -1,
+        )
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, ones)
+        return codes.T[rows].round().to(torch.uint8)
+
+    def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        sz = self.scales_zeros[:, rows].float()
+        codes = Int4Codes(self.unpacked_codes(rows), sz[..., 0].T, sz[..., 1].T, self.group_size)
+        return codes.dequantize(self.dtype)
+
+    def kernel_product(self, x: torch.Tensor, rows: slice) -> torch.Tensor | None:
+        if not self.use_kernel:
+            return None
+        start, stop = rows.start, rows.stop
+        whole = start == 0 and stop == self.out_features
+        if not whole and (start % _INT4_BLOCK_N or (stop - start) % 16):
+            return None
+        packed, sz = self.packed, self.scales_zeros
+        if not whole:
+            packed, sz = packed[start:stop], sz[:, start:stop].contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
+
+
+# ---------------------------------------------------------------- converting a model
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """A load's choice: the blocks' format, the LM head's (None: same as the blocks', except
+    that an int4 head becomes int8: one 4-bit head broke greedy output in our measurements),
+    and the int4 group size."""
+
+    blocks: str = "bfloat16"
+    head: str | None = None
+    group_size: int = 32
+
+    def __post_init__(self) -> None:
+        for name in (self.blocks, self.head):
+            if name is not None and name not in WEIGHT_FORMATS:
+                raise QuicksilverError(
+                    f"unknown weight format {name!r}; choose one of {', '.join(WEIGHT_FORMATS)}"
+                )
+        if self.group_size not in INT4_GROUPS:
+            raise QuicksilverError(
+                f"int4 group size must be one of {INT4_GROUPS}, got {self.group_size}"
+            )
+
+    def describe(self) -> str:
+        """E.g. ``int4 (groups of 32), head int8`` or ``bfloat16``."""
+        text = self.blocks + (f" (groups of {self.group_size})" if self.blocks == "int4" else "")
+        return text if self.head_format == self.blocks else f"{text}, head {self.head_format}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"blocks": self.blocks, "head": self.head_format, "group_size": self.group_size}
+
+    @property
+    def quantised(self) -> bool:
+        return self.blocks in ("int8", "int4") or self.head_format in ("int8", "int4")
+
+    @property
+    def head_format(self) -> str:
+        if self.head is not None:
+            return self.head
+        return "int8" if self.blocks == "int4" else self.blocks
+
+
+def convert_linear(linear: nn.Module, kind: str, dtype: torch.dtype, group_size: int) -> nn.Module:
+    """``linear`` in format ``kind`` (a float format keeps it as it is)."""
+    if kind not in ("int8", "int4"):
+        return linear
+    weight = linear.dense_weight().float()
+    bias = linear.bias
+    if kind == "int8":
+        return Int8Linear.from_weight(weight, bias, dtype)
+    return Int4Linear.from_weight(weight, bias, dtype, int4_group(linear.in_features, group_size))
+
+
+def int4_group(in_features: int, group_size: int) -> int:
+    """The group size used for a matrix of this width: ``group_size`` if it divides the
+    width, else the largest smaller kernel group that does, else one group per row (which
+    the kernel refuses: that matrix then runs on the dense fallback)."""
+    for group in INT4_GROUPS[::-1]:
+        if group <= group_size and in_features % group == 0:
+            return group
+    return in_features
+
+
+def convert_model(
+    model: nn.Module, fmt: WeightFormat, codes: dict[str, Int4Codes] | None = None
+) -> None:
+    """Replace the blocks' linear layers and the LM head by their ``fmt`` form, in place.
+
+    ``codes`` gives ready int4 codes for some layers (by module name, e.g. from GGUF Q4
+    blocks); those are used as they are instead of re-quantising. Embeddings, norms and
+    OPT's input/output projections keep the model's dtype.
+    """
+    dtype = model.dtype
+    codes = codes or {}
+    for i, block in enumerate(model.blocks):
+        for owner, attr in (
+            (block.attn, "qkv"),
+            (block.attn, "out"),
+            (block.mlp, "up"),
+            (block.mlp, "down"),
+        ):
+            name = f"blocks.{i}.{owner is block.attn and 'attn' or 'mlp'}.{attr}"
+            linear = getattr(owner, attr)
+            if fmt.blocks == "int4" and name in codes:
+                new = Int4Linear(codes[name], linear.bias, dtype)
+            else:
+                new = convert_linear(linear, fmt.blocks, dtype, fmt.group_size)
+            setattr(owner, attr, new)
+    model.lm_head = convert_linear(model.lm_head, fmt.head_format, dtype, fmt.group_size)
+    model.weight_format = fmt
+
+
+# ---------------------------------------------------------------- GGUF blocks
+
+
+def int4_codes_from_gguf(raw: torch.Tensor, kind: str) -> Int4Codes:
+    """GGUF Q4_0 / Q4_1 blocks of a [rows, bytes] matrix as ``Int4Codes`` with groups of 32,
+    without re-quantising: a Q4_1 block (f16 d, f16 m, 16 bytes) is ``q * d + m``, which is
+    ``(q - 8) * d + (m + 8 d)``; a Q4_0 block (f16 d, 16 bytes) is ``(q - 8) * d``. Byte j of
+    a block holds element j in its low nibble and element j + 16 in its high nibble."""
+    head = {"Q4_0": 2, "Q4_1": 4}.get(kind)
+    if head is None:
+        raise QuicksilverError(f"GGUF tensor type {kind} has no int4 mapping")
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, head + 16)
+    scales = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
+    if kind == "Q4_1":
+        minimum = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
+        zeros = minimum + 8 * scales
+    else:
+        zeros = torch.zeros_like(scales)
+    packed = blocks[..., head:]
+    codes = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(rows, -1)
+    return Int4Codes(codes.contiguous(), scales, zeros, 32)

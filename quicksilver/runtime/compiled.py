@@ -1,0 +1,147 @@
+"""The decode step as one compiled graph: one token per row through every layer.
+
+An eager decode step of a small model is mostly fixed cost: thousands of tiny aten calls
+(norms, RoPE, casts, views, cache writes), each a few microseconds, around the few that
+matter (the weight products). ``torch.compile`` fuses those into a handful of kernels. The
+graph is the same code the eager runner runs (``Block.forward`` around the one-query
+attention of ``runtime.attention``), traced once per batch size and weight format:
+
+- the KV cache is static: the step writes each row's new K/V at its slot in place and reads
+  the first ``read_len`` slots, masked by the cache's rule (``start <= key <= slot``, the
+  sliding window); ``read_len`` is a dynamic dimension rounded up to ``READ_BUCKET`` slots,
+  so the graph is never re-traced as positions advance and attention costs what is filled,
+  not what is allocated;
+- weights are constants of the graph (inductor's freezing), so the dense formats get
+  pre-packed products and the int4/int8 formats call their kernels directly.
+
+Compilation is cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``); its time is
+measured and reported apart from decode time (``compile_seconds``). Only the plain dense step
+is compiled: a cache with hidden or fused entries, or a policy step, runs the eager path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import types
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quicksilver.models.transformer import Transformer
+from quicksilver.runtime.attention import grouped_one_query
+from quicksilver.runtime.cache import KVCache
+
+# Attention reads the filled slots rounded up to this many (a few masked slots of slack).
+READ_BUCKET = 64
+COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+
+
+class _DecodeGraph(nn.Module):
+    """tokens [B, 1] -> logits [B, V], writing K/V at ``slots`` and reading ``keys``."""
+
+    def __init__(self, model: Transformer) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # [B, 1] int64
+        slots: torch.Tensor,  # [B] int64: where each row's token goes
+        start: torch.Tensor,  # [B] int64: each row's first real slot
+        keys: torch.Tensor,  # [read_len] int64: 0..read_len-1 (its length is dynamic)
+        k_cache: torch.Tensor,  # [L, B, kv_heads, T, hd]
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        model = self.model
+        positions = (slots - start).unsqueeze(1)
+        h = model.embed_tokens(tokens, positions)
+        rope = model.rope_for(positions)
+        readable = (keys >= start.unsqueeze(1)) & (keys <= slots.unsqueeze(1))
+        window = model.config.sliding_window
+        if window:
+            readable &= keys > slots.unsqueeze(1) - window
+        mask = readable.view(len(slots), 1, 1, -1)
+        rows = torch.arange(len(slots), device=tokens.device)
+        read_len = keys.shape[0]
+        for layer, block in enumerate(model.blocks):
+
+            def attention(normed: torch.Tensor, layer: int = layer, block=block) -> torch.Tensor:
+                q, k, v = block.attn.project(normed, rope)
+                k_cache[layer, rows, :, slots] = k[:, 0]
+                v_cache[layer, rows, :, slots] = v[:, 0]
+                out = grouped_one_query(
+                    q, k_cache[layer, :, :, :read_len], v_cache[layer, :, :, :read_len], mask
+                )
+                return block.attn.out(out)
+
+            h = block(h, attention)
+        return model.logits(h[:, -1])
+
+
+class CompiledDecode:
+    """The model's dense decode step, compiled on first use for each batch size."""
+
+    def __init__(self, model: Transformer) -> None:
+        # Inductor's on-disk cache (compiled kernels, whole graphs) beside our converted
+        # models, so that it outlives /tmp; a user's own setting wins.
+        root = os.environ.get("QUICKSILVER_CACHE") or Path.home() / ".cache" / "quicksilver"
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(root) / "inductor"))
+        self.model = model
+        graph = _DecodeGraph(model)
+        # A code object of its own: dynamo keys compiled code by code object, so this
+        # model's graph (its weights are constants in it) can never serve another model's
+        # call, and the per-call guards can be skipped (see __call__).
+        forward = _DecodeGraph.forward
+        graph.forward = types.MethodType(
+            types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward"),
+            graph,
+        )
+        self.graph = torch.compile(graph, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+        self.compile_seconds = 0.0
+        self._traced: set[tuple[int, torch.dtype]] = set()
+
+    @staticmethod
+    def supports(cache: KVCache) -> bool:
+        """Whether the compiled step can serve this cache now: every row one token, every
+        entry readable by the plain rule (no hidden or fused entries)."""
+        return not cache.adapted
+
+    @staticmethod
+    def capacity(max_len: int) -> int:
+        """Slots to allocate for a cache of ``max_len``: whole buckets and one slot more, so
+        the read length (whole buckets) is never the allocated length; the two being equal
+        would be a second shape to trace."""
+        return -(-max_len // READ_BUCKET) * READ_BUCKET + 1
+
+    def read_len(self, cache: KVCache, slots: torch.Tensor) -> int:
+        """Slots attention reads: up to the furthest new token, rounded up to a bucket."""
+        needed = int(slots.max()) + 1
+        return min(cache.max_len, -(-needed // READ_BUCKET) * READ_BUCKET)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of one new token per row at ``slots`` ([B]), their K/V written."""
+        keys = torch.arange(self.read_len(cache, slots))
+        torch._dynamo.mark_dynamic(keys, 0)
+        for tensor in (cache.k, cache.v):  # caches of any length share the graph
+            torch._dynamo.mark_dynamic(tensor, 3)
+        args = (tokens, slots, cache.start, keys, cache.k, cache.v)
+        key = (tokens.shape[0], cache.k.dtype)
+        # No "equal sizes share a symbol": the read length may equal the cache length.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            if key in self._traced:
+                # Guards re-check ~1 ms of module state every call; once a batch size is
+                # traced only the guards that tell this graph's entries apart are run.
+                try:
+                    with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                        return self.graph(*args)
+                except RuntimeError as err:  # an input the traced graphs do not cover
+                    if "Recompilation" not in str(err):
+                        raise
+            begin = time.perf_counter()
+            logits = self.graph(*args)
+            self._traced.add(key)
+            self.compile_seconds += time.perf_counter() - begin
+            return logits
