@@ -77,7 +77,11 @@ CALIBRATE_HALTING += ["--set", "halting.relative_drift=0.2"]
         (["generate", "--prompt", "hi", "--top-p", "0"], "top_p"),
         (["generate"], "--prompt"),
         (["bench", "--batch-sizes", "0"], "--batch-sizes"),
-        (["bench", "--compare", "llama.cpp"], "cannot compare"),
+        (["bench", "--compare", "vllm"], "cannot compare"),
+        (["eval", "--compare", "llama.cpp"], "cannot compare"),
+        (["bench", "--weights", "int3"], "unknown weights"),
+        (["generate", "--prompt", "x", "--weights", "float32"], "differs from dtype"),
+        (["generate", "--prompt", "x", "--weights", "int4", "--group-size", "48"], "group size"),
         (["no-such-command"], "invalid choice"),
         (["eval", "--policy", "no-such-policy.yaml"], "neither a preset"),
         (["eval-gen", "--batch-sizes", "0"], "--batch-sizes"),
@@ -322,12 +326,14 @@ def test_bench_json(
     data = json.loads(out.read_text())
     assert data["dtype"] == "bfloat16" and data["threads"] == 1
     assert data["machine"]["memory_bandwidth_gb_s"] > 0 and data["machine"]["matmul_gflops"] > 0
-    row = data["results"]["quicksilver"]["1"]
-    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"):
+    (engine,) = data["engines"]  # no --compare: our engine only, in the dtype's format
+    assert engine["engine"] == "quicksilver" and engine["weights"]["blocks"] == "bfloat16"
+    assert engine["peak_rss_bytes"] > 0 and engine["weight_bytes"] > 0
+    row = engine["results"]["1"]
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
         assert row[key] > 0, key
-    assert row["prompt_tokens"] == 8 and row["new_tokens"] == 4
-    assert set(data["fraction_of_limit"]["quicksilver"]["1"]) >= {"prefill", "decode"}
-    assert data["speedup"] == {} and "transformers" not in data["results"]
+    assert row["prompt_tokens"] == 8 and row["new_tokens"] == 4 and row["compile_seconds"] == 0
+    assert set(row["fraction_of_limit"]) >= {"prefill", "decode"}
     assert "quicksilver" in capsys.readouterr().out
 
 

@@ -7,12 +7,13 @@ import argparse
 from typing import Any
 
 import quicksilver as qs
-from quicksilver.cli.checks import check_output, require_positive, set_threads
+from quicksilver.api import weight_format
+from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
-from quicksilver.cli.options import add_compare, add_dtype
+from quicksilver.cli.options import add_compare, add_format_options
 from quicksilver.eval import throughput
 from quicksilver.eval.report import format_table, write_json_atomic
-from quicksilver.models.loading import parse_dtype
+from quicksilver.models.loading import DTYPES, parse_dtype
 from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "bench"
@@ -27,7 +28,18 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "ignored), the best of --repeats runs after a warm-up, with the fraction of the "
         "machine's measured matmul throughput and memory bandwidth they reach.",
     )
-    add_dtype(parser, "bfloat16")
+    names = ", ".join(dict.fromkeys(str(d).removeprefix("torch.") for d in DTYPES.values()))
+    parser.add_argument(
+        "--dtype", default="bfloat16", help=f"activations: {names} (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=None,
+        metavar="FORMAT",
+        help="one engine per weight format: the dtype, int8, int4 (default: the dtype)",
+    )
+    add_format_options(parser)
     parser.add_argument(
         "--batch-sizes",
         type=int,
@@ -57,38 +69,57 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         metavar="N",
         help="timed runs; the best is kept (default: 3)",
     )
-    add_compare(parser, "also benchmark transformers in the same process")
+    add_compare(
+        parser,
+        "also benchmark transformers (bf16, its eager attention path) or llama.cpp "
+        "(llama-cpp-python, the same GGUF file) in the same run",
+        choices=throughput.COMPARABLE,
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress messages")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_compare(args.compare, throughput.COMPARABLE)
     require_positive(
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats
     )
     for size in args.batch_sizes:
         require_positive(batch_sizes=size)
+    dtype = parse_dtype(args.dtype)
+    formats = args.weights or [str(dtype).removeprefix("torch.")]
+    for fmt in formats:
+        weight_format(dtype, fmt, args.head_weights, args.group_size)
     settings = dict(
         batch_sizes=tuple(args.batch_sizes),
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         compare=tuple(args.compare or ()),
         repeats=args.repeats,
+        weights=tuple(formats),
     )
     throughput.check_bench_args(**settings)
-    parse_dtype(args.dtype)
     json_path = check_output(args.json, args)
     set_threads(args.threads)
 
-    llm = qs.load(args.model, dtype=args.dtype)
+    config = qs.load(args.model, dtype=args.dtype).config
     check_cache_fits(
-        llm.config,
-        llm.model.dtype,
+        config,
+        dtype,
         rows=max(args.batch_sizes),
         length=args.prompt_tokens + args.new_tokens - 1,
         fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
     )
-    report = throughput.run_bench(llm, progress=not args.no_progress, **settings)
+    report = throughput.run_bench(
+        args.model,
+        dtype=args.dtype,
+        compile=args.compile,
+        head_weights=args.head_weights,
+        group_size=args.group_size,
+        threads=args.threads,
+        progress=not args.no_progress,
+        **settings,
+    )
     show(summary(report))
     if json_path is not None:
         write_json_atomic(json_path, report)
@@ -104,12 +135,12 @@ def summary(report: dict[str, Any]) -> str:
     busy = f", load average {load:.1f} at start" if load is not None else ""
     return "\n".join(
         [
-            f"{report['model']} ({report['dtype']}), {report['threads']} threads, "
+            f"{report['model']} ({report['dtype']} activations), {report['threads']} threads, "
             f"prompt {settings['prompt_tokens']} tokens, {settings['new_tokens']} new tokens, "
-            f"{settings['statistic']}",
+            f"{settings['statistic']}, {settings['isolation']}",
             f"machine: {machine['memory_bandwidth_gb_s']:.1f} GB/s read bandwidth, "
             f"{machine['matmul_gflops']:.0f} GFLOP/s {report['dtype']} matmul{busy}",
             format_table(headers, rows),
-            "speedup = quicksilver tokens/s / transformers tokens/s",
+            "decode / X = quicksilver decode tokens/s divided by X's, same batch size",
         ]
     )

@@ -15,8 +15,10 @@ memory once per step, prefill by matmul throughput.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -24,16 +26,16 @@ from typing import Any
 
 import torch
 
-from quicksilver.accounting import Meter
-from quicksilver.api import LLM, load
+from quicksilver.api import load
 from quicksilver.errors import QuicksilverError
-from quicksilver.integrations.hf_reference import load_transformers_model, quiet_transformers
+from quicksilver.integrations.hf_reference import quiet_transformers
 from quicksilver.models import loading
 from quicksilver.runtime.engine import Engine
 
 ENGINE_NAME = "quicksilver"
 TRANSFORMERS_NAME = "transformers"
-COMPARABLE = (TRANSFORMERS_NAME,)
+LLAMA_CPP_NAME = "llama.cpp"
+COMPARABLE = (TRANSFORMERS_NAME, LLAMA_CPP_NAME)
 STATISTIC = "best"  # which repeat is reported: the fastest
 
 # Used when the WikiText-2 validation text is not available; any fixed English text will do.
@@ -77,14 +79,14 @@ def bench_prompts(tokenizer: Any, rows: int, prompt_tokens: int) -> tuple[list[l
 # ---------------------------------------------------------------- measuring
 
 
-def _summary(
+def summary_record(
     batch: int,
     prompt_tokens: int,
     new_tokens: int,
     prefill: list[float],
     decode: list[float],
-    meter: Meter,
 ) -> dict[str, Any]:
+    """One engine's measurement at one batch size: the best repeat and every repeat."""
     prefill_s, decode_s = min(prefill), min(decode)
     decoded = batch * (new_tokens - 1)
     return {
@@ -98,8 +100,6 @@ def _summary(
         "decode_step_seconds": decode_s / (new_tokens - 1),
         "prefill_seconds_all": prefill,
         "decode_seconds_all": decode,
-        "peak_rss_bytes": meter.peak_rss_bytes,
-        "peak_extra_bytes": meter.peak_extra_bytes,
     }
 
 
@@ -139,12 +139,11 @@ def bench_engine(
     prefill_flops = counter.total - before
     engine.generate(rows, new_tokens, stop_ids=[])  # warm-up for decode
     prefill, decode = [], []
-    with Meter() as meter:
-        for _ in range(repeats):
-            result = engine.generate(rows, new_tokens, stop_ids=[])
-            prefill.append(result.prefill_seconds)
-            decode.append(result.decode_seconds)
-    out = _summary(batch_size, len(rows[0]), new_tokens, prefill, decode, meter)
+    for _ in range(repeats):
+        result = engine.generate(rows, new_tokens, stop_ids=[])
+        prefill.append(result.prefill_seconds)
+        decode.append(result.decode_seconds)
+    out = summary_record(batch_size, len(rows[0]), new_tokens, prefill, decode)
     out["prefill_flops"] = prefill_flops
     return out
 
@@ -185,14 +184,13 @@ def bench_transformers(
         run(1)
         run(new_tokens)  # warm-ups
         prefill, full = [], []
-        with Meter() as meter:
-            for _ in range(repeats):
-                prefill.append(run(1))
-                full.append(run(new_tokens))
+        for _ in range(repeats):
+            prefill.append(run(1))
+            full.append(run(new_tokens))
     # Decode = full generation minus the prefill it contains (the fastest of each).
     best_prefill = min(prefill)
     decode = [max(f - best_prefill, 1e-9) for f in full]
-    return _summary(batch_size, len(rows[0]), new_tokens, prefill, decode, meter)
+    return summary_record(batch_size, len(rows[0]), new_tokens, prefill, decode)
 
 
 # ---------------------------------------------------------------- machine limits
@@ -237,11 +235,12 @@ def linear_weight_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for linear in model.linears():
-        weight = linear.weight
-        if weight.data_ptr() in seen:
+        first = next(iter(linear.buffers()), None) if not hasattr(linear, "weight") else None
+        key = linear.weight.data_ptr() if first is None else first.data_ptr()
+        if key in seen:
             continue
-        seen.add(weight.data_ptr())
-        total += weight.numel() * weight.element_size()
+        seen.add(key)
+        total += linear.storage_bytes
     return total
 
 
@@ -274,6 +273,7 @@ def check_bench_args(
     new_tokens: int,
     compare: Sequence[str],
     repeats: int,
+    weights: Sequence[str] = ("bfloat16",),
 ) -> None:
     """Reject settings `run_bench` cannot measure, before anything is loaded."""
     if not batch_sizes:
@@ -289,85 +289,117 @@ def check_bench_args(
         raise QuicksilverError(
             f"cannot compare with {unknown[0]!r}; choose from: {', '.join(COMPARABLE)}"
         )
+    if not weights:
+        raise QuicksilverError("give at least one weight format")
+
+
+def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One engine's measurement in a fresh process (``eval.bench_worker``)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "quicksilver.eval.bench_worker"],
+        input=json.dumps(spec),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        report = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        tail = " ".join(done.stderr.strip().splitlines()[-3:])[-300:]
+        raise QuicksilverError(
+            f"the {spec['engine']} measurement failed (exit {done.returncode}): {tail}"
+        ) from None
+    if "error" in report:
+        raise QuicksilverError(f"the {spec['engine']} measurement failed: {report['error']}")
+    return report
 
 
 def run_bench(
-    model: str | LLM = loading.DEFAULT_MODEL,
-    dtype: str | torch.dtype = "bfloat16",
+    model: str = loading.DEFAULT_MODEL,
+    dtype: str = "bfloat16",
+    weights: Sequence[str] = ("bfloat16",),
+    compile: bool = False,
     batch_sizes: Sequence[int] = (1, 8),
     prompt_tokens: int = 128,
     new_tokens: int = 64,
     compare: Sequence[str] = (TRANSFORMERS_NAME,),
     repeats: int = 3,
     progress: bool = True,
+    head_weights: str | None = None,
+    group_size: int = 32,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Benchmark our engine (and optionally transformers) and return a JSON-able report.
-
-    ``model`` is a loaded ``LLM`` (which keeps its own dtype) or a name loaded here in
-    ``dtype``. Timing goes through a dense engine of its own on the LLM's weights.
-    """
-    check_bench_args(batch_sizes, prompt_tokens, new_tokens, compare, repeats)
+    """Benchmark our engine in each weight format (and transformers, llama.cpp) and return a
+    JSON-able report. Every engine runs in a process of its own, one after the other, on the
+    same prompts, batch sizes and threads; ratios are taken within this one run."""
+    check_bench_args(batch_sizes, prompt_tokens, new_tokens, compare, repeats, weights)
     say: Callable[[str], None] = (
         (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
         if progress
         else (lambda msg: None)
     )
-
     load_at_start = _load_average()
-    if isinstance(model, LLM):
-        llm = model
-    else:
-        say(f"loading {model}")
-        llm = load(model, dtype=dtype)
-    torch_dtype = llm.model.dtype
-    engine = Engine(llm.model)
-    hf_model = None
-    if TRANSFORMERS_NAME in compare:
-        say("loading the transformers model")
-        hf_model = load_transformers_model(llm.source, torch_dtype)
+    source = loading.resolve(model)
+    say(f"reading the tokenizer of {model}")
+    llm = load(model, dtype=dtype)  # prompts need the tokenizer; checked loading, too
+    if llm.tokenizer is None:
+        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
+    if LLAMA_CPP_NAME in compare and source.kind != "gguf":
+        raise QuicksilverError("llama.cpp runs GGUF files only; bench a .gguf model to compare")
+    prompts, origin = bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
+    del llm
 
     say("measuring memory bandwidth and matmul throughput")
     bandwidth = measure_memory_bandwidth()
-    matmul = measure_matmul_flops(torch_dtype)
-    weight_bytes = linear_weight_bytes(llm.model)
-    if llm.tokenizer is None:
-        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
-    prompts, origin = bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
-
-    results: dict[str, dict[str, Any]] = {ENGINE_NAME: {}}
-    if hf_model is not None:
-        results[TRANSFORMERS_NAME] = {}
-    fractions: dict[str, dict[str, Any]] = {name: {} for name in results}
-    speedup: dict[str, dict[str, float]] = {}
-    for batch in batch_sizes:
-        say(f"{ENGINE_NAME}, batch {batch}")
-        ours = bench_engine(engine, prompts, batch, new_tokens, repeats)
-        results[ENGINE_NAME][str(batch)] = ours
-        # The transformers model runs the same matmuls, so our counted prefill FLOPs hold for it.
-        flops = ours["prefill_flops"]
-        fractions[ENGINE_NAME][str(batch)] = fractions_of_limit(
-            ours, weight_bytes, flops, bandwidth, matmul
-        )
-        if hf_model is None:
-            continue
-        say(f"{TRANSFORMERS_NAME}, batch {batch}")
-        theirs = bench_transformers(hf_model, prompts, batch, new_tokens, repeats)
-        results[TRANSFORMERS_NAME][str(batch)] = theirs
-        fractions[TRANSFORMERS_NAME][str(batch)] = fractions_of_limit(
-            theirs, weight_bytes, flops, bandwidth, matmul
-        )
-        speedup[str(batch)] = {
-            kind: _ratio(ours[f"{kind}_tokens_per_s"], theirs[f"{kind}_tokens_per_s"])
-            for kind in ("prefill", "decode")
+    matmul = measure_matmul_flops(loading.parse_dtype(dtype))
+    common = {
+        "model": model,
+        "dtype": dtype,
+        "prompts": prompts,
+        "batch_sizes": list(batch_sizes),
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "threads": threads,
+    }
+    specs = [
+        {
+            **common,
+            "engine": ENGINE_NAME,
+            "weights": fmt,
+            "head_weights": head_weights,
+            "group_size": group_size,
+            "compile": compile,
         }
+        for fmt in weights
+    ]
+    if TRANSFORMERS_NAME in compare:
+        specs.append({**common, "engine": TRANSFORMERS_NAME})
+    if LLAMA_CPP_NAME in compare:
+        specs.append({**common, "engine": LLAMA_CPP_NAME, "gguf": source.path})
+    engines = []
+    for spec in specs:
+        say(f"{spec['engine']} {spec.get('weights') or ''}".strip())
+        report = _run_worker(spec)
+        say(
+            f"  {report['label']}: "
+            + ", ".join(
+                f"batch {b} decode {r['decode_tokens_per_s']:.1f} tok/s"
+                for b, r in report["results"].items()
+            )
+        )
+        for result in report["results"].values():
+            result["fraction_of_limit"] = fractions_of_limit(
+                result, report["weight_bytes"], result.get("prefill_flops", 0), bandwidth, matmul
+            )
+        engines.append({"engine": spec["engine"], **report})
 
     import transformers
 
     return {
-        "model": llm.name,
-        "model_source": {"kind": llm.source.kind, "path": llm.source.path},
-        "dtype": llm.dtype,
-        "threads": torch.get_num_threads(),
+        "model": source.name,
+        "model_source": {"kind": source.kind, "path": source.path},
+        "dtype": dtype,
+        "threads": threads or torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -380,9 +412,12 @@ def run_bench(
             "prompt_tokens": prompt_tokens,
             "new_tokens": new_tokens,
             "repeats": repeats,
+            "weights": list(weights),
+            "compile": compile,
             "statistic": f"{STATISTIC} of {repeats} after one warm-up run",
             "prompts": origin,
             "decoding": "greedy, stop tokens ignored",
+            "isolation": "each engine in a fresh process, one after the other",
             "transformers_timing": "prefill = generate(max_new_tokens=1); decode = "
             "generate(max_new_tokens=min_new_tokens=new_tokens) - prefill",
         },
@@ -390,48 +425,47 @@ def run_bench(
             "memory_bandwidth_gb_s": bandwidth / 1e9,
             "matmul_gflops": matmul / 1e9,
         },
-        "weight_bytes": weight_bytes,
-        "results": results,
-        "speedup": speedup,
-        "speedup_definition": f"{ENGINE_NAME} tokens/s divided by {TRANSFORMERS_NAME} tokens/s",
-        "fraction_of_limit": fractions,
+        "engines": engines,
         "fraction_of_limit_definition": {
-            "decode": "Linear weight bytes per decode step / step time / memory bandwidth",
-            "prefill": "counted prefill FLOPs / prefill time / matmul FLOP/s",
+            "decode": "weight bytes per decode step / step time / memory bandwidth",
+            "prefill": "counted prefill FLOPs / prefill time / matmul FLOP/s (ours only)",
         },
     }
 
 
 def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """One row per (batch size, engine): throughput, memory and fractions of machine limits."""
+    """One row per (batch size, engine): throughput, compile time, memory, the share of the
+    machine's bandwidth, and decode speed relative to each comparison engine."""
+    others = [e for e in report["engines"] if e["engine"] != ENGINE_NAME]
     headers = [
         "engine",
         "batch",
         "prefill tok/s",
         "decode tok/s",
+        "compile s",
         "peak RSS MB",
-        "prefill % FLOP/s",
         "decode % bandwidth",
-        "speedup prefill",
-        "speedup decode",
-    ]
+    ] + [f"decode / {e['engine']}" for e in others]
     rows: list[list[Any]] = []
     for batch in (str(b) for b in report["settings"]["batch_sizes"]):
-        for engine, by_batch in report["results"].items():
-            r = by_batch[batch]
-            frac = report["fraction_of_limit"][engine][batch]
-            speed = report["speedup"].get(batch, {}) if engine == ENGINE_NAME else {}
+        for engine in report["engines"]:
+            r = engine["results"][batch]
+            ratios = [
+                _ratio(r["decode_tokens_per_s"], e["results"][batch]["decode_tokens_per_s"])
+                if engine["engine"] == ENGINE_NAME
+                else None
+                for e in others
+            ]
             rows.append(
                 [
-                    engine,
+                    engine["label"],
                     int(batch),
                     r["prefill_tokens_per_s"],
                     r["decode_tokens_per_s"],
-                    r["peak_rss_bytes"] / 1024**2,
-                    100 * frac["prefill"],
-                    100 * frac["decode"],
-                    speed.get("prefill"),
-                    speed.get("decode"),
+                    r.get("compile_seconds"),
+                    engine["peak_rss_bytes"] / 1024**2,
+                    100 * r["fraction_of_limit"]["decode"],
+                    *ratios,
                 ]
             )
     return headers, rows
