@@ -3,9 +3,20 @@
 Each weight is stored once, as an offset-binary byte u = q + 128 (q the symmetric int8 code).
 The top 4 bits of u are its int4 code and the top 2 bits its int2 code, so one copy of the
 weights serves three widths: a layer can be run at 8, 4 or 2 bits per weight without
-re-quantising or storing extra copies. A narrower slice is read back at the centre of its
-bucket, so dropping the low bits adds no systematic bias, and it is still an int8 value times
-the same scale, so every width can run through the same int8 x float matmul kernel.
+re-quantising. A narrower slice is read back at the centre of its bucket, so dropping the low
+bits adds no systematic bias.
+
+Bit planes make the narrow widths real on CPU: the byte is split into two 4-bit planes,
+hi = u >> 4 and lo = u & 15, each packed for torch's CPU int4 kernel, which computes
+x @ ((p - 8) * scale + zero)^T per group of inputs. With s the weight's scale,
+
+    s (u - 128) = 16 s (hi - 8) + 8 s  +  s (lo - 8)
+
+so width 8 is the hi-plane product (scale 16 s, zero 8 s) plus the lo-plane product (scale s,
+zero 0), and width 4 (the top nibble at its bucket centre, ``dequantize(codes, 4)``) is the
+hi-plane product alone: half the bytes read. No 2-bit kernel exists here, so width 2 is an
+extra int4 plane holding the top two bits (p = (u >> 6) + 6, scale 64 s, zero 32 s): the
+arithmetic of 2 bits at the cost of 4 (simulated; extra memory).
 
 Everything here is a pure tensor function; nothing touches a model.
 """
@@ -141,7 +152,10 @@ def int8_kernel_available() -> bool:
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """t itself if contiguous and 64-byte aligned, else an aligned contiguous copy."""
+    """t itself if contiguous and 64-byte aligned, else an aligned contiguous copy. (Inside a
+    compiled graph every buffer the graph allocates is aligned, and no pointer is known.)"""
+    if torch.compiler.is_compiling():
+        return t.contiguous()
     if t.is_contiguous() and t.data_ptr() % _KERNEL_ALIGN == 0:
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -193,3 +207,184 @@ def weight_bytes(out_features: int, in_features: int, bits: int, n_groups: int) 
     if bits <= 0 or n_groups < 0:
         raise ValueError(f"need bits > 0 and n_groups >= 0, got bits={bits}, n_groups={n_groups}")
     return (out_features * in_features * bits + 7) // 8 + 4 * out_features * n_groups
+
+
+# ---------------------------------------------------------------- bit planes for the int4 kernel
+
+PLANES: dict[int, tuple[str, ...]] = {8: ("hi", "lo"), 4: ("hi",), 2: ("two",)}
+"""The int4 planes whose products add up to each width."""
+SIMULATED_BITS = frozenset({2})
+"""Widths whose plane reads more bytes than the width says (2 bits stored as 4)."""
+# Plane p holds 4-bit values v; its weights are s * (mult * (v - 8) + zero): see the module doc.
+_PLANE_AFFINE: dict[str, tuple[float, float]] = {
+    "hi": (16.0, 8.0),
+    "lo": (1.0, 0.0),
+    "two": (64.0, 32.0),
+}
+PLANE_KERNEL_GROUPS = (256, 128, 64, 32)
+"""Input-group sizes the CPU int4 kernel takes, largest (fewest scales to read) first."""
+PLANE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_PLANE_N_MULTIPLE = 16
+
+
+def planes_for(widths: tuple[int, ...] | list[int]) -> tuple[str, ...]:
+    """The planes that products at ``widths`` read, each once (8 and 4 share ``hi``)."""
+    for bits in widths:
+        _check_bits(bits)
+    return tuple(p for p in ("hi", "lo", "two") if any(p in PLANES[b] for b in widths))
+
+
+def plane_values(codes: MatryoshkaCodes, plane: str) -> torch.Tensor:
+    """The 4-bit values 0..15 of one plane, uint8 [out, in]."""
+    u = codes.codes
+    if plane == "hi":
+        return u >> 4
+    if plane == "lo":
+        return u & 15
+    if plane == "two":
+        return (u >> 6) + 6
+    raise ValueError(f"unknown plane {plane!r}; planes are hi, lo, two")
+
+
+def kernel_group(in_features: int, group_size: int | None = None) -> int | None:
+    """The largest kernel group that divides both the input width and the scale group (one
+    scale per output channel: the input width), or None where none does. Scales of a larger
+    group are repeated over its kernel groups, which changes no number."""
+    size = in_features if group_size is None else group_size
+    for group in PLANE_KERNEL_GROUPS:
+        if in_features % group == 0 and size % group == 0:
+            return group
+    return None
+
+
+def plane_groups(in_features: int, group_size: int | None = None) -> int:
+    """Scale groups per output channel the planes layout keeps: one per kernel group, or
+    (where no kernel group fits) one per scale group."""
+    group = kernel_group(in_features, group_size)
+    if group is None:
+        group = in_features if group_size is None else group_size
+    return in_features // group
+
+
+def planes_unsupported(
+    out_features: int,
+    in_features: int,
+    group_size: int | None,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> str | None:
+    """Why the CPU int4 kernel cannot multiply this matrix by inputs of ``dtype`` (None: it
+    can). Whether this torch build has a working kernel at all is asked separately."""
+    if torch.device(device).type != "cpu":
+        return f"the int4 planes kernel is CPU-only, the weights are on {device}"
+    if dtype not in PLANE_DTYPES:
+        return f"the int4 planes kernel takes float32, bfloat16 or float16 input, not {dtype}"
+    if out_features % _PLANE_N_MULTIPLE:
+        return f"output width {out_features} is not a multiple of {_PLANE_N_MULTIPLE}"
+    if kernel_group(in_features, group_size) is None:
+        scale = "" if group_size is None else f" and scale group {group_size}"
+        return (
+            f"no kernel group {PLANE_KERNEL_GROUPS[::-1]} divides input width {in_features}{scale}"
+        )
+    return None
+
+
+@dataclass
+class BitPlanes:
+    """A weight matrix as int4 planes packed for ``aten._weight_int4pack_mm_for_cpu``.
+
+    packed: plane name -> the kernel's packed codes. scales_zeros: plane name -> [in / group,
+    out, 2] (scale, zero) in the activation dtype, the kernel's layout. group_size: the
+    kernel's group (a divisor of the quantisation group).
+    """
+
+    packed: dict[str, torch.Tensor]
+    scales_zeros: dict[str, torch.Tensor]
+    group_size: int
+    out_features: int
+    in_features: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.scales_zeros.values())).dtype
+
+    @property
+    def storage_bytes(self) -> int:
+        """Bytes held: every plane's packed codes and its scales and zeros."""
+        tensors = [*self.packed.values(), *self.scales_zeros.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def plane_scales_zeros(
+    codes: MatryoshkaCodes, plane: str, group: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """[in / group, out, 2] (scale, zero) of one plane: (mult * s, zero * s) with s repeated
+    over the kernel groups of its scale group. The multipliers are powers of two, so rounding
+    to a reduced dtype rounds s once, the same for every plane."""
+    mult, zero = _PLANE_AFFINE[plane]
+    if codes.group_size % group:
+        raise ValueError(f"kernel group {group} does not divide scale group {codes.group_size}")
+    s = codes.scales.to(torch.float32).repeat_interleave(codes.group_size // group, dim=1)
+    pair = torch.stack([s * mult, s * zero], dim=-1)  # [out, in / group, 2]
+    return pair.transpose(0, 1).to(dtype).contiguous()
+
+
+def pack_planes(codes: MatryoshkaCodes, planes: tuple[str, ...], dtype: torch.dtype) -> BitPlanes:
+    """The given planes of ``codes``, packed for the CPU int4 kernel with inputs of ``dtype``
+    (ValueError where the kernel cannot take the shape: see ``planes_unsupported``)."""
+    out_features, in_features = codes.codes.shape
+    why = planes_unsupported(out_features, in_features, codes.group_size, dtype, codes.codes.device)
+    if why is not None:
+        raise ValueError(why)
+    group = kernel_group(in_features, codes.group_size)
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    return BitPlanes(
+        packed={p: pack(plane_values(codes, p).to(torch.int32).contiguous(), 1) for p in planes},
+        scales_zeros={p: plane_scales_zeros(codes, p, group, dtype) for p in planes},
+        group_size=group,
+        out_features=out_features,
+        in_features=in_features,
+    )
+
+
+def planes_linear(
+    x: torch.Tensor, planes: BitPlanes, bits: int, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x @ dequantize(codes, bits).T + bias through the int4 kernel, one call per plane of
+    the width (two for 8 bits, one for 4 and 2). x: [..., in] in the planes' dtype."""
+    _check_bits(bits)
+    if x.shape[-1] != planes.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, weight expects {planes.in_features}")
+    if x.dtype != planes.dtype:
+        raise ValueError(f"x is {x.dtype}, the planes' scales are {planes.dtype}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, planes.in_features).contiguous()
+    mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    y = None
+    for plane in PLANES[bits]:
+        part = mm(x2, planes.packed[plane], planes.group_size, planes.scales_zeros[plane])
+        y = part if y is None else y.add_(part)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*lead, planes.out_features)
+
+
+def plane_bytes(
+    out_features: int, in_features: int, bits: int, n_groups: int, scale_bytes: int
+) -> int:
+    """Bytes one product at ``bits`` reads from the planes layout: half a byte per weight per
+    plane (width 2 reads a 4-bit plane: simulated) plus a (scale, zero) pair of
+    ``scale_bytes`` each per group per plane."""
+    _check_bits(bits)
+    if n_groups < 1 or scale_bytes < 1:
+        raise ValueError(f"need n_groups >= 1 and scale_bytes >= 1, got {n_groups}, {scale_bytes}")
+    per_plane = (out_features * in_features + 1) // 2 + out_features * n_groups * 2 * scale_bytes
+    return len(PLANES[bits]) * per_plane
+
+
+def plane_storage_bytes(
+    out_features: int, in_features: int, widths: tuple[int, ...], n_groups: int, scale_bytes: int
+) -> int:
+    """Bytes the planes for ``widths`` occupy, each plane counted once (8 and 4 share hi)."""
+    per_plane = plane_bytes(out_features, in_features, 4, n_groups, scale_bytes)
+    return len(planes_for(widths)) * per_plane

@@ -27,10 +27,9 @@ from quicksilver.accounting import (
     head_flops_per_token,
     kv_projection_flops_per_token,
     layer_matmul_flops_per_token,
-    weight_bytes_of_layer,
 )
-from quicksilver.models import loading
-from quicksilver.models.transformer import Transformer
+from quicksilver.models import formats, loading
+from quicksilver.models.transformer import Transformer, WidthGroups, run_linear
 from quicksilver.policies import (
     PRESETS,
     REGISTRY,
@@ -44,6 +43,7 @@ from quicksilver.policies import (
 from quicksilver.policies.files import read_policy_file, write_policy_file
 from quicksilver.policies.fusion import TokenFusion, distance_to_previous, fold_right
 from quicksilver.policies.kv_skip import KVSkip
+from quicksilver.policies.matryoshka import DequantisedProduct, PlaneProduct, prepared_bytes
 from quicksilver.runtime import attention
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
@@ -850,6 +850,15 @@ def test_distance_to_previous() -> None:
 # --- 7. Matryoshka -------------------------------------------------------------------------
 
 
+# qkv, out, gated up, down of CONFIG
+SHAPES = [
+    (CONFIG.q_dim + 2 * CONFIG.kv_dim, CONFIG.hidden_size),
+    (CONFIG.hidden_size, CONFIG.q_dim),
+    (2 * CONFIG.intermediate_size, CONFIG.hidden_size),
+    (CONFIG.hidden_size, CONFIG.intermediate_size),
+]
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -866,7 +875,9 @@ def test_matryoshka_widths_on_the_model(model: Transformer) -> None:
         logits = engine.forward(tokens, engine.new_cache(B, S), logits_at="all")
         assert not torch.equal(logits, dense)
         errors[bits] = relative_error(logits, dense)
-        expected_bytes = L * weight_bytes_of_layer(CONFIG, bits)
+        # What the planes layout reads (fp32 (scale, zero) pairs; no kernel group divides
+        # this model's widths, so one pair per output channel): width 2 costs a 4-bit plane.
+        expected_bytes = L * sum(quant.plane_bytes(o, i, bits, 1, 4) for o, i in SHAPES)
         assert engine.counter.weight_bytes == {bits: expected_bytes}
     assert errors[8] < 0.01 < errors[4] < errors[2] < 0.5, errors
     assert model.lm_head.narrow == {}  # the head stays at the model's precision
@@ -912,10 +923,173 @@ def test_matryoshka_entropy_picks_every_width(model: Transformer) -> None:
 
 def test_weight_bytes_count_group_scales(model: Transformer) -> None:
     _, engine, _ = run(model, MATRIX["int4_grouped"], tokens_for(11))
-    d, q, kv, f = CONFIG.hidden_size, CONFIG.q_dim, CONFIG.kv_dim, CONFIG.intermediate_size
-    shapes = [(q + 2 * kv, d), (d, q), (2 * f, d), (d, f)]  # qkv, out, gated up, down
-    per_layer = sum(quant.weight_bytes(o, i, 4, i // 16) for o, i in shapes)
+    per_layer = sum(quant.plane_bytes(o, i, 4, i // 16, 4) for o, i in SHAPES)
     assert engine.counter.weight_bytes == {4: L * per_layer}
+
+
+# Widths the CPU int4 kernel takes: every output a multiple of 16, every input of 64 or 128.
+PLANES_CONFIG = dataclasses.replace(
+    TINY, hidden_size=64, n_heads=4, n_kv_heads=2, intermediate_size=128, n_layers=3
+)
+PLANE_SHAPES = [(128, 64), (64, 64), (256, 64), (64, 128)]  # qkv, out, gated up, down
+needs_int4 = pytest.mark.skipif(
+    not formats.int4_kernel_available(), reason="no CPU int4 kernel in this torch build"
+)
+
+
+def block_linears(model: Transformer) -> list:
+    return [
+        linear
+        for block in model.blocks
+        for linear in (block.attn.qkv, block.attn.out, block.mlp.up, block.mlp.down)
+    ]
+
+
+def planes_model(dtype: torch.dtype = torch.float32) -> Transformer:
+    fp32 = random_model(PLANES_CONFIG, fast=True)
+    if dtype == torch.float32:
+        return fp32
+    state = {k: v.to(dtype) for k, v in fp32.state_dict().items() if k != "lm_head.weight"}
+    return loading.build_model(PLANES_CONFIG, state, dtype, fast=True)
+
+
+@needs_int4
+def test_matryoshka_planes_run_where_the_kernel_fits() -> None:
+    """kernel auto on a model whose shapes fit: every width is a bit-plane product (8 and 4
+    share one hi plane), equal to the dequantised reference, and the kernel really ran."""
+    model = planes_model()
+    adaptive = {"entropy_high": 5.0, "entropy_low": 1.0, "decision_layer": 0}
+    make_engine(model, {"matryoshka": adaptive})
+    x = random_states(6, seed=4, d=64)
+    for linear in block_linears(model):
+        assert all(isinstance(p, PlaneProduct) for p in linear.narrow.values())
+        assert linear.narrow[8].planes is linear.narrow[4].planes  # one stored copy
+        if linear.in_features != 64:
+            continue
+        codes = quant.quantize(linear.dense_weight())
+        for bits in (8, 4, 2):
+            ref = x @ quant.dequantize(codes, bits).T
+            # fp32: the planes' products are the int8 code's product up to float rounding.
+            torch.testing.assert_close(linear.narrow[bits](x), ref, atol=1e-5, rtol=1e-5)
+    expected = (
+        sum(3 * quant.plane_bytes(o, i, 4, 1, 4) for o, i in PLANE_SHAPES) * PLANES_CONFIG.n_layers
+    )  # hi, lo and the simulated 2-bit plane; fp32 (scale, zero)
+    assert prepared_bytes(model) == expected
+    formats.kernel_log.clear()
+    tokens = tokens_for(13, vocab=PLANES_CONFIG.vocab_size)
+    for bits in (8, 4, 2):
+        engine = make_engine(model, {"matryoshka": {"fixed_bits": bits}})
+        engine.forward(tokens, engine.new_cache(B, S), logits_at="all")
+        n_layers = PLANES_CONFIG.n_layers
+        per_layer = sum(quant.plane_bytes(o, i, bits, 1, 4) for o, i in PLANE_SHAPES)
+        assert engine.counter.weight_bytes == {bits: n_layers * per_layer}
+        assert formats.kernel_log[f"matryoshka-planes{bits}"] == 4 * n_layers
+    assert not any(k.startswith("matryoshka-simulated") for k in formats.kernel_log)
+
+
+@needs_int4
+def test_matryoshka_fixed_width_builds_only_its_planes() -> None:
+    model = planes_model()
+    make_engine(model, {"matryoshka": {"fixed_bits": 4}})
+    linear = model.blocks[0].mlp.down
+    assert set(linear.narrow[4].planes.packed) == {"hi"}
+    per_plane = sum(quant.plane_bytes(o, i, 4, 1, 4) for o, i in PLANE_SHAPES)
+    assert prepared_bytes(model) == PLANES_CONFIG.n_layers * per_plane
+
+
+@needs_int4
+def test_matryoshka_planes_logits_match_the_simulated_reference() -> None:
+    model = planes_model()
+    tokens = tokens_for(14, vocab=PLANES_CONFIG.vocab_size)
+    for bits in (8, 4, 2):
+        fixed = {"fixed_bits": bits}
+        simulated, _, _ = run(model, {"matryoshka": {**fixed, "kernel": "simulated"}}, tokens)
+        planes, engine, _ = run(model, {"matryoshka": {**fixed, "kernel": "planes"}}, tokens)
+        assert isinstance(model.blocks[0].mlp.up.narrow[bits], PlaneProduct)
+        # Same weights, other summation order: fp32 rounding only.
+        assert relative_error(planes, simulated) < 1e-5
+
+
+@needs_int4
+def test_matryoshka_planes_in_bfloat16() -> None:
+    model = planes_model(torch.bfloat16)
+    tokens = tokens_for(15, vocab=PLANES_CONFIG.vocab_size)
+    simulated, _, _ = run(model, {"matryoshka": {"fixed_bits": 8, "kernel": "simulated"}}, tokens)
+    planes, engine, _ = run(model, {"matryoshka": {"fixed_bits": 8}}, tokens)
+    assert isinstance(model.blocks[0].attn.qkv.narrow[8], PlaneProduct)
+    assert planes.dtype == torch.bfloat16
+    # bf16: each plane's product and the scales are rounded to bf16 (2**-9 relative each),
+    # three layers deep; the two paths must agree far better than width 8 vs width 4.
+    assert relative_error(planes.float(), simulated.float()) < 0.02
+    per_layer = sum(quant.plane_bytes(o, i, 8, 1, 2) for o, i in PLANE_SHAPES)
+    assert engine.counter.weight_bytes == {8: PLANES_CONFIG.n_layers * per_layer}
+
+
+@needs_int4
+def test_matryoshka_planes_follow_width_groups() -> None:
+    """Rows of one block at different widths (run_linear groups them): each row's output is
+    its own width's product."""
+    model = planes_model()
+    adaptive = {"entropy_high": 5.0, "entropy_low": 1.0, "decision_layer": 0}
+    make_engine(model, {"matryoshka": adaptive})
+    linear = model.blocks[1].attn.qkv
+    codes = quant.quantize(linear.dense_weight())
+    x = random_states(7, seed=5, d=64).view(1, 7, 64)
+    bits = torch.tensor([8, 4, 2, 0, 4, 8, 2])
+    groups = [(torch.nonzero(bits == b, as_tuple=True)[0], b) for b in (0, 2, 4, 8)]
+    for few_rows in (False, True):
+        out = run_linear(linear, x, WidthGroups(groups, few_rows=few_rows))
+        for row, b in enumerate(bits.tolist()):
+            weight = linear.dense_weight() if b == 0 else quant.dequantize(codes, b)
+            ref = x[0, row] @ weight.T
+            torch.testing.assert_close(out[0, row], ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_int4
+def test_matryoshka_planes_on_a_quantised_base_model() -> None:
+    """An int4-format model: the weights come from its dense_weight(), never .weight."""
+    model = planes_model(torch.bfloat16)
+    formats.convert_model(model, formats.WeightFormat(blocks="int4", group_size=32))
+    assert isinstance(model.blocks[0].mlp.up, formats.Int4Linear)
+    make_engine(model, {"matryoshka": {"fixed_bits": 4}})
+    linear = model.blocks[0].mlp.up
+    assert isinstance(linear.narrow[4], PlaneProduct)
+    x = random_states(3, seed=6, d=64).bfloat16()
+    ref = x.float() @ quant.dequantize(quant.quantize(linear.dense_weight()), 4).T
+    assert relative_error(linear.narrow[4](x).float(), ref) < 1e-2
+    logits, _, _ = run(model, {"matryoshka": {"fixed_bits": 4}}, tokens_for(16))
+    assert torch.isfinite(logits).all()
+
+
+def test_matryoshka_planes_refused_where_the_kernel_cannot_run(model: Transformer) -> None:
+    """CONFIG's widths (48, 80) fit no kernel group: 'planes' refuses, 'auto' falls back to
+    the dequantised products and says why."""
+    with pytest.raises(PolicyConfigError, match="'planes' cannot run.*divides input width"):
+        make_engine(model, {"matryoshka": {"fixed_bits": 4, "kernel": "planes"}})
+    make_engine(model, {"matryoshka": {"fixed_bits": 4}})
+    product = model.blocks[0].mlp.up.narrow[4]
+    assert isinstance(product, DequantisedProduct) and product.simulated
+    assert "divides input width" in product.reason
+
+
+def test_matryoshka_falls_back_without_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(formats, "int4_kernel_available", lambda: False)
+    model = planes_model()
+    with pytest.raises(PolicyConfigError, match="no working CPU int4 kernel"):
+        make_engine(model, {"matryoshka": {"fixed_bits": 8, "kernel": "planes"}})
+    tokens = tokens_for(17, vocab=PLANES_CONFIG.vocab_size)
+    logits, _, _ = run(model, {"matryoshka": {"fixed_bits": 8}}, tokens)
+    product = model.blocks[0].attn.out.narrow[8]
+    assert isinstance(product, DequantisedProduct) and "no working" in product.reason
+    reference, _, _ = run(model, {"matryoshka": {"fixed_bits": 8, "kernel": "simulated"}}, tokens)
+    assert torch.equal(logits, reference)
+
+
+def test_matryoshka_int8_kernel_is_a_deprecated_alias() -> None:
+    with pytest.warns(DeprecationWarning, match="planes"):
+        stack = Policy.from_config({"matryoshka": {"fixed_bits": 4, "kernel": "int8"}})
+    assert stack.get("matryoshka").kernel == "planes"
+    assert stack.to_config()["matryoshka"]["kernel"] == "planes"
 
 
 def test_propagated_kv_projections_count_their_weight_reads(model: Transformer) -> None:
@@ -1020,6 +1194,10 @@ INVALID = {
         "not both",
     ),
     "matryoshka kernel": ({"matryoshka": {"kernel": "cuda"}}, "kernel must be"),
+    "matryoshka planes group 16": (
+        {"matryoshka": {"kernel": "planes", "group_size": 16}},
+        "multiple of 32",
+    ),
     "fusion window 0": ({"fusion": {"window": 0}}, "window >= 1"),
     "fusion max_group 1": ({"fusion": {"max_group": 1}}, "max_group >= 2"),
     "fusion metric": ({"fusion": {"metric": "l1"}}, "fusion.metric must be one of"),

@@ -19,7 +19,18 @@ CONFIG = dataclasses.replace(TINY, n_layers=4, max_position_embeddings=64)
 # Mostly plausible values (so most drawn policies run), some hostile ones.
 PLAUSIBLE = st.sampled_from(
     [None, 0, 1, 2, 3, 4, 8, 16, 0.0, 0.05, 0.2, 0.5, 1.0, 3.99, 6.597, 7.0, True, False]
-    + ["propagate", "skip", "zero", "l2", "cosine", "relative_l2", "auto", "int8", "simulated"]
+    + [
+        "propagate",
+        "skip",
+        "zero",
+        "l2",
+        "cosine",
+        "relative_l2",
+        "auto",
+        "planes",
+        "int8",
+        "simulated",
+    ]
 )
 HOSTILE = st.one_of(
     st.integers(min_value=-(10**12), max_value=10**12),

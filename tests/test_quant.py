@@ -1,5 +1,6 @@
 """Matryoshka codes: the int4/int2 codes are the top bits of the int8 code, and each width
-reconstructs the weights within half a bucket; the int8 kernel computes the same product."""
+reconstructs the weights within half a bucket; the int8 kernel computes the same product, and
+so do the int4 bit planes (two products for 8 bits, one for 4, one simulated for 2)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from quicksilver import quant
+from quicksilver.models.formats import int4_kernel_available
 from quicksilver.quant import (
     MatryoshkaCodes,
     dequantize,
@@ -181,3 +183,132 @@ def test_weight_bytes() -> None:
     assert weight_bytes(960, 576, 4, 1) == 960 * 576 // 2 + 4 * 960
     assert weight_bytes(960, 576, 2, 18) == 960 * 576 // 4 + 4 * 960 * 18
     assert weight_bytes(960, 576, 16, 0) == 960 * 576 * 2
+
+
+# ---------------------------------------------------------------- bit planes
+
+needs_int4 = pytest.mark.skipif(not int4_kernel_available(), reason="no CPU int4 kernel here")
+
+
+def test_planes_split_the_code() -> None:
+    codes = quantize(_weight())
+    hi, lo, two = (quant.plane_values(codes, p) for p in ("hi", "lo", "two"))
+    assert torch.equal(hi.to(torch.int16) * 16 + lo, codes.codes.to(torch.int16))
+    assert torch.equal(two, (codes.codes >> 6) + 6)
+    for plane in (hi, lo, two):
+        assert plane.dtype == torch.uint8 and int(plane.max()) <= 15
+    assert quant.planes_for((8, 4, 2)) == ("hi", "lo", "two")
+    assert quant.planes_for((4,)) == ("hi",) and quant.planes_for((8,)) == ("hi", "lo")
+    with pytest.raises(ValueError, match="unknown plane"):
+        quant.plane_values(codes, "mid")
+
+
+@pytest.mark.parametrize(
+    ("in_features", "group_size", "group"),
+    [(576, None, 64), (1536, None, 256), (576, 32, 32), (512, 512, 256), (48, None, None)]
+    + [(512, 16, None), (96, 96, 32)],
+)
+def test_kernel_group(in_features: int, group_size: int | None, group: int | None) -> None:
+    assert quant.kernel_group(in_features, group_size) == group
+
+
+@needs_int4
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_width8_planes_are_the_int8_product(group_size: int | None) -> None:
+    """hi-plane (16 s, 8 s) plus lo-plane (s, 0) == x @ (s (u - 128))^T, to float rounding."""
+    gen = torch.Generator().manual_seed(2)
+    codes = quantize(_weight(), group_size=group_size)
+    planes = quant.pack_planes(codes, ("hi", "lo"), torch.float32)
+    x = torch.randn(7, 128, generator=gen)
+    q = codes.codes.float() - 128
+    ref = x @ (q * _expanded_scales(codes)).T
+    y = quant.planes_linear(x, planes, 8)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    if group_size is None and int8_kernel_available():  # the same product as the int8 kernel
+        y8 = int8_linear(x, sliced_int8(codes, 8), codes.scales, None)
+        assert torch.allclose(y, y8, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@needs_int4
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_planes_linear_matches_dequantized_matmul(dtype: torch.dtype, bits: int) -> None:
+    gen = torch.Generator().manual_seed(3)
+    codes = quantize(_weight(), group_size=64)
+    planes = quant.pack_planes(codes, quant.planes_for((8, 4, 2)), dtype)
+    x = torch.randn(2, 5, 128, generator=gen).to(dtype)
+    bias = torch.randn(48, generator=gen)
+    y = quant.planes_linear(x, planes, bits, bias)
+    assert y.shape == (2, 5, 48) and y.dtype == dtype
+    ref = x.float() @ dequantize(codes, bits).T + bias
+    # Reduced dtypes: scales and each plane's output rounded (2**-9 relative each in bf16).
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert float((y.float() - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+@needs_int4
+def test_width4_reads_only_the_hi_plane() -> None:
+    codes = quantize(_weight())
+    both = quant.pack_planes(codes, ("hi", "lo"), torch.bfloat16)
+    hi_only = quant.pack_planes(codes, ("hi",), torch.bfloat16)
+    assert set(hi_only.packed) == {"hi"}
+    assert hi_only.storage_bytes * 2 == both.storage_bytes
+    assert hi_only.packed["hi"].numel() * hi_only.packed["hi"].element_size() == 48 * 128 // 2
+    x = torch.randn(3, 128).bfloat16()
+    # The same hi plane gives the width-4 product, with or without the lo plane beside it.
+    assert torch.equal(quant.planes_linear(x, both, 4), quant.planes_linear(x, hi_only, 4))
+    with pytest.raises(KeyError):
+        quant.planes_linear(x, hi_only, 8)  # the lo plane was never built
+
+
+@needs_int4
+def test_planes_cope_with_misaligned_bf16_input() -> None:
+    codes = quantize(_weight())
+    planes = quant.pack_planes(codes, ("hi",), torch.bfloat16)
+    x = torch.randn(3 * 128 + 1).to(torch.bfloat16)[1:].view(3, 128)
+    ref = x.float() @ dequantize(codes, 4).T
+    y = quant.planes_linear(x, planes, 4)
+    assert float((y.float() - ref).abs().max()) <= 1e-2 * float(ref.abs().max())
+
+
+def test_planes_unsupported_says_why() -> None:
+    assert quant.planes_unsupported(48, 128, None, torch.bfloat16) is None
+    assert quant.planes_unsupported(48, 128, 64, torch.float32) is None
+    assert "multiple of 16" in quant.planes_unsupported(40, 128, None, torch.float32)
+    assert "divides input width 48" in quant.planes_unsupported(48, 48, None, torch.float32)
+    assert "scale group 16" in quant.planes_unsupported(48, 128, 16, torch.float32)
+    assert "float64" in quant.planes_unsupported(48, 128, None, torch.float64)
+    assert "CPU-only" in quant.planes_unsupported(48, 128, None, torch.float32, "meta")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quant.pack_planes(quantize(_weight(out_features=40)), ("hi",), torch.float32)
+    with pytest.raises(ValueError, match="divides input width"):
+        quant.pack_planes(quantize(_weight(in_features=48)), ("hi",), torch.float32)
+
+
+@needs_int4
+def test_planes_linear_rejects_mismatched_input() -> None:
+    planes = quant.pack_planes(quantize(_weight()), ("hi",), torch.float32)
+    with pytest.raises(ValueError, match="features"):
+        quant.planes_linear(torch.randn(2, 64), planes, 4)
+    with pytest.raises(ValueError, match="bfloat16"):
+        quant.planes_linear(torch.randn(2, 128).bfloat16(), planes, 4)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        quant.planes_linear(torch.randn(2, 128), planes, 3)
+
+
+def test_plane_bytes() -> None:
+    # Width 8: two 4-bit planes (a byte a weight) and two (scale, zero) pairs per group.
+    assert quant.plane_bytes(960, 576, 8, 9, 2) == 960 * 576 + 2 * 960 * 9 * 2 * 2
+    assert quant.plane_bytes(960, 576, 4, 9, 2) == 960 * 576 // 2 + 960 * 9 * 2 * 2
+    # Width 2 is simulated: it reads a 4-bit plane, the same bytes as width 4.
+    assert 2 in quant.SIMULATED_BITS and 4 not in quant.SIMULATED_BITS
+    assert quant.plane_bytes(960, 576, 2, 9, 2) == quant.plane_bytes(960, 576, 4, 9, 2)
+    # Stored: 8 and 4 share the hi plane, so all three widths hold three planes, not four.
+    per_plane = quant.plane_bytes(960, 576, 4, 9, 4)
+    assert quant.plane_storage_bytes(960, 576, (8, 4, 2), 9, 4) == 3 * per_plane
+    assert quant.plane_storage_bytes(960, 576, (8, 4), 9, 4) == 2 * per_plane
+    assert quant.plane_storage_bytes(960, 576, (4,), 9, 4) == per_plane
+    assert quant.plane_groups(576) == 9 and quant.plane_groups(48) == 1
+    assert quant.plane_groups(128, 16) == 8
+    with pytest.raises(ValueError):
+        quant.plane_bytes(960, 576, 4, 0, 2)

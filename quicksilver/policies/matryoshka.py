@@ -11,27 +11,32 @@ halting); layers up to ``decision_layer`` run at full precision.
 ``fixed_bits`` instead runs every token at one width in every layer (the int8/int4/int2
 dense baselines).
 
-Kernels (``kernel``): torch's int8 weight-only matmul is real and, for bf16 activations and
-a few rows at a time (decoding), faster than the bf16 product; for many rows (prefill,
-evaluation) or fp32 activations it is slower. ``auto`` therefore runs every narrow product of
-a forward through the int8 kernel when the forward has at most 16 tokens (the choice is per
-forward, never per group, so a token's numbers do not depend on how many other tokens share
-its width) (int4/int2 slices as int8 values with fixed low bits: real
-arithmetic, int8 bytes read) and larger ones, or fp32 models, on weights dequantised from
-the slice (simulated: the arithmetic of the narrow width, the speed of the dense product).
-``int8`` forces the kernel, ``simulated`` never uses it. Per-group scales are always
-simulated. The counter records layer-weight bytes at the nominal width, which is what a
-packed int4/int2 kernel would read.
+Kernels (``kernel``): ``planes`` stores each code as two 4-bit planes for torch's CPU int4
+kernel (``quant.pack_planes``). Width 8 is two int4 products (hi + lo planes), width 4 is one
+(the hi plane: half the bytes), both from the same stored planes. Width 2 is SIMULATED: no
+2-bit kernel exists here, so its top-two-bit values sit in an extra 4-bit plane (extra memory,
+4-bit bytes read, 2-bit arithmetic). ``auto`` uses the planes for every linear whose shape,
+dtype and device the kernel takes and, for the others, the dense product on weights
+dequantised from the code (simulated: the narrow width's arithmetic at the dense speed);
+``planes`` refuses to run where the kernel cannot (PolicyConfigError); ``simulated`` uses the
+dequantised weights everywhere (the reference path). ``int8`` is a deprecated alias of
+``planes``. A linear's path does not depend on how many rows it multiplies, so a token's
+numbers are the same in prefill, evaluation and decoding. The counter records the bytes
+the planes layout reads at each width (``quant.plane_bytes``: width 2 at 4-bit cost);
+``formats.kernel_log`` counts which path ran (``matryoshka-planes{bits}``,
+``matryoshka-simulated{bits}``).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from quicksilver import quant
-from quicksilver.accounting import weight_bytes_of_layer
+from quicksilver.models import formats
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Linear, Transformer
 from quicksilver.policies.base import (
@@ -45,73 +50,134 @@ from quicksilver.policies.base import (
 )
 
 WIDTHS = quant.SLICE_BITS
+KERNELS = ("auto", "planes", "simulated")
 
 
-def _width_linear(linear: Linear, weight: torch.Tensor) -> Linear:
-    """A Linear holding a dequantised weight, on the same fast path as the model's own."""
+def _note(kernel: str) -> None:
+    if not torch.compiler.is_compiling():
+        formats.kernel_log[kernel] += 1
+
+
+def _width_linear(linear: torch.nn.Module, weight: torch.Tensor) -> Linear:
+    """A Linear holding a dequantised weight, on the same fast path as the model's own (a
+    quantised base layer has no dense fast path of its own: its copy is pre-packed)."""
     narrow = Linear(linear.in_features, linear.out_features, linear.bias is not None)
     narrow.weight.data = weight
     if linear.bias is not None:
         narrow.bias.data = linear.bias.detach()
-    if linear.packed is not None:
+    if not isinstance(linear, Linear) or linear.packed is not None:
         narrow.pack()
     return narrow
 
 
 @dataclass
-class NarrowWeights:
-    """One linear layer at one width: dequantised weights for the dense kernels, and the int8
-    values and scales for torch's int8 weight-only kernel when it is used."""
+class PlaneProduct:
+    """One linear layer at one width through the int4 bit planes (shared between widths)."""
 
-    dense: Linear
-    weight_int8: torch.Tensor | None = None
-    scales: torch.Tensor | None = None
-    always_int8: bool = False
+    planes: quant.BitPlanes
+    bits: int
+    bias: torch.Tensor | None = None
+
+    simulated = False
 
     def __call__(self, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
-        if self.weight_int8 is not None and (self.always_int8 or few_rows):
-            return quant.int8_linear(x, self.weight_int8, self.scales, self.dense.bias)
+        _note(f"matryoshka-planes{self.bits}")
+        dtype = self.planes.dtype
+        y = quant.planes_linear(x.to(dtype), self.planes, self.bits, self.bias)
+        return y.to(x.dtype)
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.planes.storage_bytes
+
+
+@dataclass
+class DequantisedProduct:
+    """One linear layer at one width as a dense product on dequantised weights: the narrow
+    width's arithmetic at the dense speed (simulated). ``reason`` says why the planes were
+    not used."""
+
+    dense: Linear
+    bits: int
+    reason: str
+
+    simulated = True
+
+    def __call__(self, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+        _note(f"matryoshka-simulated{self.bits}")
         return self.dense(x)
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.dense.storage_bytes
 
 
 def narrow_products(
-    linear: Linear, group_size: int | None, kernel: str, widths: tuple[int, ...]
-) -> dict[int, NarrowWeights]:
-    """bits -> ``linear`` at that width, from one shared int8 code."""
-    dtype = linear.weight.dtype
-    codes = quant.quantize(linear.weight.detach(), group_size)
-    int8_ok = (
-        codes.n_groups == 1
-        and quant.int8_kernel_available()
-        and quant.int8_kernel_supports(dtype, linear.in_features)
-    )
-    if kernel == "int8" and not int8_ok:
-        raise PolicyConfigError(
-            "matryoshka.kernel = 'int8' needs a model dtype the int8 kernel supports and "
-            "input widths that are multiples of 16; use kernel 'auto' or 'simulated'"
+    linear: torch.nn.Module, group_size: int | None, kernel: str, widths: tuple[int, ...]
+) -> dict[int, PlaneProduct | DequantisedProduct]:
+    """bits -> ``linear`` at that width, from one shared code (its planes where the kernel
+    runs). ``linear`` may be any weight format: its weight is read through ``dense_weight``."""
+    weight = linear.dense_weight().detach()
+    dtype = weight.dtype
+    codes = quant.quantize(weight, group_size)
+    if kernel == "simulated":
+        why = "kernel 'simulated' chosen"
+    elif not formats.int4_kernel_available():
+        why = "this torch build has no working CPU int4 kernel"
+    else:
+        why = quant.planes_unsupported(
+            linear.out_features, linear.in_features, codes.group_size, dtype, weight.device
         )
-    # fp32 activations gain nothing from the int8 kernel (it is a scalar loop for them).
-    use_int8 = int8_ok and (kernel == "int8" or (kernel == "auto" and dtype != torch.float32))
-    products: dict[int, NarrowWeights] = {}
-    for bits in widths:
-        dense = _width_linear(linear, quant.dequantize(codes, bits, dtype=dtype))
-        if use_int8:
-            products[bits] = NarrowWeights(
-                dense,
-                quant.sliced_int8(codes, bits),
-                codes.scales[:, 0].to(dtype),
-                always_int8=kernel == "int8",
-            )
-        else:
-            products[bits] = NarrowWeights(dense)
-    return products
+    if why is not None and kernel == "planes":
+        raise PolicyConfigError(
+            f"matryoshka.kernel 'planes' cannot run on this layer ({why}); use kernel 'auto' "
+            "(planes where they fit, dequantised weights elsewhere) or 'simulated'"
+        )
+    bias = None if linear.bias is None else linear.bias.detach()
+    if why is None:
+        planes = quant.pack_planes(codes, quant.planes_for(widths), dtype)
+        return {bits: PlaneProduct(planes, bits, bias) for bits in widths}
+    return {
+        bits: DequantisedProduct(
+            _width_linear(linear, quant.dequantize(codes, bits, dtype=dtype)), bits, why
+        )
+        for bits in widths
+    }
+
+
+def prepared_bytes(model: Transformer) -> int:
+    """Bytes the Matryoshka products attached to ``model`` hold (shared planes counted once),
+    on top of the model's own weights."""
+    seen: set[int] = set()
+    total = 0
+    for linear in model.linears():
+        for product in linear.narrow.values():
+            owner = product.planes if isinstance(product, PlaneProduct) else product.dense
+            if id(owner) not in seen:
+                seen.add(id(owner))
+                total += product.storage_bytes
+    return total
+
+
+def layer_bytes(config: ModelConfig, bits: int, group_size: int | None, scale_bytes: int) -> int:
+    """Bytes one block's four linears read at ``bits`` from the planes layout."""
+    d, q, kv, inner = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
+    up = inner * (2 if config.gated_mlp else 1)
+    shapes = [(q + 2 * kv, d), (d, q), (up, d), (d, inner)]
+    return sum(
+        quant.plane_bytes(out, inp, bits, quant.plane_groups(inp, group_size), scale_bytes)
+        for out, inp in shapes
+    )
 
 
 @dataclass
 class Matryoshka(Mechanism):
     name = "matryoshka"
-    summary = "per-token weight width 8/4/2 bits from logit-lens entropy (Matryoshka quantisation)"
-    choices = {"fixed_bits": (None, *WIDTHS), "kernel": ("auto", "int8", "simulated")}
+    summary = (
+        "per-token weight width 8/4/2 bits from logit-lens entropy (Matryoshka quantisation; "
+        "8 and 4 bits as int4 bit planes, 2 bits simulated on a 4-bit plane)"
+    )
+    choices = {"fixed_bits": (None, *WIDTHS), "kernel": KERNELS}
     knobs = ("entropy_high", "entropy_low")
     savings = frozenset({"weight_bytes"})
 
@@ -122,6 +188,9 @@ class Matryoshka(Mechanism):
     fixed_bits: int | None = None
     group_size: int | None = None
     kernel: str = "auto"
+
+    # Bytes of each (scale, zero) value the kernel reads: the model's dtype, set by prepare.
+    _scale_bytes: ClassVar[int] = 4
 
     def validate(self) -> None:
         check_threshold(self.name, "entropy_high", self.entropy_high)
@@ -148,14 +217,26 @@ class Matryoshka(Mechanism):
             raise PolicyConfigError(f"matryoshka.lens_vocab must be >= 2, got {self.lens_vocab}")
         if self.group_size is not None and self.group_size < 1:
             raise PolicyConfigError(f"matryoshka.group_size must be >= 1, got {self.group_size}")
-        if self.kernel not in ("auto", "int8", "simulated"):
-            raise PolicyConfigError(
-                f"matryoshka.kernel must be auto, int8 or simulated, got {self.kernel!r}"
+        if self.kernel == "int8":
+            warnings.warn(
+                "matryoshka.kernel 'int8' is deprecated: it now means 'planes' (int4 bit planes)",
+                DeprecationWarning,
+                stacklevel=2,
             )
-        if self.kernel == "int8" and self.group_size is not None:
+            self.kernel = "planes"
+        if self.kernel not in KERNELS:
             raise PolicyConfigError(
-                "matryoshka.kernel 'int8' needs one scale per output channel: drop group_size "
-                "or use kernel 'auto' / 'simulated'"
+                f"matryoshka.kernel must be auto, planes or simulated, got {self.kernel!r}"
+            )
+        if (
+            self.kernel == "planes"
+            and self.group_size is not None
+            and quant.kernel_group(self.group_size, self.group_size) is None
+        ):
+            raise PolicyConfigError(
+                f"matryoshka.kernel 'planes' needs a group_size that is a multiple of 32 (the "
+                f"int4 kernel's groups are {quant.PLANE_KERNEL_GROUPS[::-1]}), got "
+                f"{self.group_size}; use kernel 'auto' or 'simulated'"
             )
 
     def check_model(self, config: ModelConfig) -> None:
@@ -179,7 +260,9 @@ class Matryoshka(Mechanism):
         return not self.is_off
 
     def layer_weight_bytes(self, config: ModelConfig, bits: int) -> int:
-        return weight_bytes_of_layer(config, bits, self.group_size)
+        """What the planes layout reads at ``bits`` (width 2: a 4-bit plane, simulated), with
+        (scale, zero) pairs in the activation dtype seen by ``prepare`` (float32 before)."""
+        return layer_bytes(config, bits, self.group_size, self._scale_bytes)
 
     def prepare_key(self) -> tuple | None:
         widths = (self.fixed_bits,) if self.fixed_bits is not None else WIDTHS
@@ -187,6 +270,7 @@ class Matryoshka(Mechanism):
 
     def prepare(self, model: Transformer) -> None:
         key = self.prepare_key()
+        self._scale_bytes = model.dtype.itemsize
         if getattr(model, "matryoshka_key", None) == key:
             return
         for block in model.blocks:
