@@ -179,10 +179,7 @@ def rolling_loglikelihood(
 ) -> float:
     """log P(document), summed over its tokens, in lm-evaluation-harness's rolling windows
     (``rolling_windows``); ``prefix_token`` (EOS or BOS) stands before the first token."""
-    stream = [prefix_token, *token_ids]
-    plan = rolling_windows(len(token_ids), max_length)
-    windows = [stream[begin:end] for begin, end, _ in plan]
-    firsts = [len(w) - n for w, (_, _, n) in zip(windows, plan, strict=True)]
+    windows, firsts = rolling_requests(token_ids, prefix_token, max_length)
     total = 0.0
     for start in range(0, len(windows), batch_size):
         scored = score_tokens(
@@ -190,3 +187,25 @@ def rolling_loglikelihood(
         )
         total += math.fsum(s.total for s in scored)
     return total
+
+
+def rolling_requests(
+    token_ids: Sequence[int], prefix_token: int, max_length: int
+) -> tuple[list[list[int]], list[int]]:
+    """The windows of ``rolling_windows`` as ``score_tokens`` takes them: each window's
+    tokens (the prefix token before the document's first) and the index of its first scored
+    token."""
+    stream = [prefix_token, *token_ids]
+    plan = rolling_windows(len(token_ids), max_length)
+    windows = [stream[begin:end] for begin, end, _ in plan]
+    firsts = [len(w) - n for w, (_, _, n) in zip(windows, plan, strict=True)]
+    return windows, firsts
+
+
+def prefix_token_id(tokenizer: Any, eos_token_ids: Sequence[int] = ()) -> int:
+    """What stands before a document (or an empty context) in lm-evaluation-harness's
+    scoring: BOS, else EOS, as the harness's ``hf`` model chooses."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, *eos_token_ids):
+        if token is not None:
+            return int(token)
+    raise QuicksilverError("the model has no BOS or EOS token to start a document with")

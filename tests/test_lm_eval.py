@@ -5,6 +5,7 @@ the harness's windows and equal ``perplexity`` where the windows coincide."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from tiny_models import byte_level_tokenizer, save_tiny, tiny_llama  # noqa: E402
 
 import quicksilver as qs  # noqa: E402
+from quicksilver.cli.main import build_parser, main, parse  # noqa: E402
 from quicksilver.integrations.lm_eval import QuicksilverLM  # noqa: E402
 from quicksilver.lm_eval_tasks import prepare_tasks, wikitext_documents  # noqa: E402
 from quicksilver.scoring import rolling_loglikelihood, rolling_windows  # noqa: E402
@@ -209,3 +211,68 @@ def test_backend_generate_until_and_policy(model_dir: Path, reference: qs.LLM) -
     (text,) = lm.generate_until([Request()], disable_tqdm=True)
     expected = reference.generate("Hello", max_new_tokens=6, stop="\n", policy=lm.policy).text
     assert text == expected
+
+
+def test_eval_documents_reproduces_the_harness_wikitext_figures(
+    model_dir: Path, tasks: TaskManager, tmp_path: Path
+) -> None:
+    """``quicksilver eval --windows documents`` scores the articles the qs_wikitext2_doc task
+    gives the harness, in the same windows, and normalises by the same words and bytes."""
+    harness = evaluate(
+        "quicksilver",
+        f"pretrained={model_dir},dtype=float32,max_length={WINDOW}",
+        "qs_wikitext2_doc",
+        tasks,
+    )["results"]["qs_wikitext2_doc"]
+    data = tmp_path / "data"
+    (data / "wikitext-2-raw").mkdir(parents=True)
+    (data / "wikitext-2-raw" / "wiki.test.raw").write_text("".join(RAW), encoding="utf-8")
+    common = ["eval", "--model", str(model_dir), "--dtype", "float32", "--data-dir", str(data)]
+    common += ["--context", str(WINDOW), "--no-progress"]
+    reports = {}
+    for windows, extra in (("documents", []), ("sliding", ["--stride", str(WINDOW // 2)])):
+        out = tmp_path / f"{windows}.json"
+        argv = [*common, "--windows", windows, *extra, "--batch-size", "3", "--json", str(out)]
+        assert main(argv) == 0
+        reports[windows] = json.loads(out.read_text())
+    ours = reports["documents"]
+    assert ours["windowing"] == "documents" and ours["n_documents"] == 2
+    assert ours["word_ppl"] == pytest.approx(harness["word_perplexity,none"], rel=1e-6)
+    assert ours["byte_ppl"] == pytest.approx(harness["byte_perplexity,none"], rel=1e-6)
+    assert ours["bits_per_byte"] == pytest.approx(harness["bits_per_byte,none"], rel=1e-6)
+    # Byte-level tokenizer: every byte of both articles is one scored token.
+    assert ours["tokens"] == ours["n_bytes"] == len("".join(RAW).encode())
+    assert ours["dense_flops_per_token"] > 0
+    # The default sliding window scores the text as one stream: a different number.
+    sliding = reports["sliding"]
+    assert sliding["windowing"] == "sliding" and sliding["stride"] == WINDOW // 2
+    assert sliding["word_ppl"] != pytest.approx(ours["word_ppl"], rel=1e-3)
+
+
+def test_eval_documents_refuses_sliding_window_options(capsys: pytest.CaptureFixture) -> None:
+    for option in (["--stride", "8"], ["--max-windows", "2"], ["--compare", "transformers"]):
+        assert main(["eval", "--windows", "documents", *option]) == 2
+        assert f"{option[0]} applies to --windows sliding" in capsys.readouterr().err
+    assert main(["eval", "--windows", "pages"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_lm_eval_command_passes_unknown_arguments_to_the_harness(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """No ``--`` needed: what the wrapper does not take goes to the harness, in order; ``--``
+    still works, and every other command still refuses options it does not know."""
+    argv = ["lm-eval", "--model", "quicksilver", "--model_args"]
+    argv += [f"pretrained={model_dir},dtype=float32", "--tasks", "qs_facts_mc", "--limit", "2"]
+    assert main(argv) == 0
+    assert "qs_facts_mc" in capsys.readouterr().out
+    parser = build_parser()
+    mixed = parse(parser, ["lm-eval", "--model", "x", "--wikitext-documents", "3", "--tasks", "t"])
+    assert mixed.wikitext_documents == 3
+    assert mixed.harness_args == ["--model", "x", "--tasks", "t"]
+    dashed = parse(parser, ["lm-eval", "--wikitext-documents", "3", "--", "--model", "x", "--"])
+    assert dashed.wikitext_documents == 3 and dashed.harness_args == ["--model", "x", "--"]
+    assert main(["lm-eval", "--model", "quicksilver", "--wikitext-documents", "0"]) == 2
+    assert "--wikitext-documents must be positive" in capsys.readouterr().err
+    assert main(["eval", "--tasks", "qs_facts_mc"]) == 2
+    assert "unrecognized arguments: --tasks" in capsys.readouterr().err

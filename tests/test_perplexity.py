@@ -7,17 +7,21 @@ import json
 import math
 
 import pytest
+from tiny_models import save_tiny, tiny_llama
 
+import quicksilver as qs
 from quicksilver.accounting import head_flops_per_token
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText, default_data_dir, load_eval_text
 from quicksilver.eval.perplexity import (
     PerplexityResult,
     evaluate_perplexity,
+    evaluate_rolling_perplexity,
     transformers_perplexity,
     window_plan,
 )
 from quicksilver.runtime.engine import Engine
+from quicksilver.scoring import rolling_loglikelihood
 from quicksilver.text import encode_stream
 
 WIKI_TEST = default_data_dir() / "wikitext-2-raw" / "wiki.test.raw"
@@ -193,3 +197,44 @@ def test_bad_input_raises(engine: Engine, kwargs: dict, n_tokens: int, message: 
     with pytest.raises(QuicksilverError, match=message):
         evaluate_perplexity(engine, list(range(n_tokens)), **kwargs)
     assert engine.config.max_position_embeddings == 8192
+
+
+# ---------------------------------------------------------------- document-level rolling windows
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory: pytest.TempPathFactory):
+    directory = save_tiny(tiny_llama(), tmp_path_factory.mktemp("rolling") / "tiny", True)
+    return qs.load(str(directory), dtype="float32")
+
+
+def test_rolling_perplexity_sums_the_documents_rolling_scores(tiny_llm) -> None:
+    """Each document scored on its own in the harness's windows, whatever the batching; words
+    and bytes counted per document (an empty one adds a word and no tokens); the counter sees
+    exactly the dense cost of the forwards that ran."""
+    texts = [" = A = \n Some words here . \n", "", "x", " Another , longer document " * 3]
+    ids = [encode_stream(tiny_llm.tokenizer, t) for t in texts]
+    bos = tiny_llm.tokenizer.bos_token_id
+    engine = tiny_llm.engine
+    expected = -math.fsum(
+        rolling_loglikelihood(engine, d, prefix_token=bos, max_length=7) for d in ids if d
+    )
+    results = [
+        evaluate_rolling_perplexity(
+            engine, ids, prefix_token=bos, max_length=7, texts=texts, batch_size=batch
+        )
+        for batch in (1, 4)
+    ]
+    for result in results:
+        assert result.nll_sum == pytest.approx(expected, rel=1e-6)
+        assert result.tokens == sum(map(len, ids))
+        assert result.windows == sum(-(-len(d) // 7) for d in ids)
+        assert result.n_words == 9 + 1 + 1 + 14  # re.split counts an edge space as a word
+        assert result.n_bytes == sum(len(t.encode()) for t in texts)
+        assert result.word_ppl == pytest.approx(math.exp(expected / result.n_words))
+        assert result.bits_per_byte == pytest.approx(expected / result.n_bytes / math.log(2))
+        assert result.flops_per_token == pytest.approx(result.dense_flops_per_token, rel=1e-12)
+    with pytest.raises(QuicksilverError, match="positions"):
+        evaluate_rolling_perplexity(engine, ids, prefix_token=bos, max_length=10**6)
+    with pytest.raises(QuicksilverError, match="no tokens"):
+        evaluate_rolling_perplexity(engine, [[]], prefix_token=bos, max_length=7)

@@ -3,9 +3,10 @@ the offline ``qs_*`` tasks on its include path (the ``lm-eval`` extra).
 
 The harness has no plugin entry point, so this command imports the backend (which registers
 ``--model quicksilver``), writes the offline tasks with their data paths filled in, and runs
-the harness's own command line with every argument after ``--`` passed through unchanged:
+the harness's own command line with every argument this command does not take itself passed
+through unchanged, in order (``parse``); after a ``--``, every argument goes to the harness:
 
-    quicksilver lm-eval -- --model quicksilver --model_args pretrained=smollm2-135m,policy=paper \\
+    quicksilver lm-eval --model quicksilver --model_args pretrained=smollm2-135m,policy=paper \\
         --tasks qs_wikitext2_doc,qs_facts_mc
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 
 from quicksilver.errors import QuicksilverError
 
@@ -24,9 +26,15 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser = sub.add_parser(
         NAME,
         help="run lm-evaluation-harness with --model quicksilver and the offline qs_* tasks",
-        description="Every argument after `--` goes to lm-evaluation-harness "
-        "(`lm_eval --help`). Offline tasks: qs_facts_mc (multiple choice) and "
-        "qs_wikitext2_doc (WikiText-2 test, document-level rolling log-likelihood).",
+        usage="quicksilver lm-eval [--wikitext-raw FILE] [--wikitext-documents N] [--] "
+        "HARNESS_ARGUMENTS ...",
+        description="Every argument other than the two below goes to lm-evaluation-harness "
+        "unchanged and in order (see `quicksilver lm-eval -- --help`), e.g. `quicksilver "
+        "lm-eval --model quicksilver --model_args pretrained=smollm2-135m --tasks "
+        "qs_facts_mc`; after `--`, every argument does. Offline tasks: qs_facts_mc (multiple "
+        "choice) and qs_wikitext2_doc (WikiText-2 test, document-level rolling "
+        "log-likelihood; `quicksilver eval --windows documents` scores the same windows).",
+        allow_abbrev=False,  # a harness option must never pass for an abbreviation of ours
     )
     parser.add_argument(
         "--wikitext-raw",
@@ -39,8 +47,19 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         metavar="N",
         help="score only the first N WikiText articles (default: all 62)",
     )
-    parser.add_argument("harness_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, harness_args=[])
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``argv`` (whose command is lm-eval) parsed by ``parser``: this command's own options
+    wherever they stand before a ``--``, every other argument kept in order for the harness,
+    and everything after the first ``--`` for the harness too."""
+    argv = list(argv)
+    start = argv.index(NAME)
+    split = argv.index("--", start) if "--" in argv[start:] else len(argv)
+    args, passed = parser.parse_known_args(argv[:split])
+    args.harness_args = [*passed, *argv[split + 1 :]]
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,10 +77,10 @@ def run(args: argparse.Namespace) -> int:
         raise QuicksilverError(
             f"--wikitext-documents must be positive, got {args.wikitext_documents}"
         )
-    passed = [a for a in args.harness_args if a != "--"]
+    passed = list(args.harness_args)
     if not passed:
         raise QuicksilverError(
-            "give the harness's arguments after --, e.g. -- --model quicksilver --tasks qs_facts_mc"
+            "give the harness's arguments, e.g. --model quicksilver --tasks qs_facts_mc"
         )
     with tempfile.TemporaryDirectory(prefix="qs-lm-eval-") as tasks_dir:
         prepare_tasks(

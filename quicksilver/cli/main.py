@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     parser = build_parser()
     try:
-        args = parser.parse_args(args_list)
+        args = parse(parser, args_list)
     except SystemExit as exit_:  # --help (0) or a usage error (2), already printed
         return exit_.code if isinstance(exit_.code, int) else 2
     if args.command is None:
@@ -74,6 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_error(f"give a command ({names}); see `{PROG} --help`")
         return 2
     return run_command(args.handler, args)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``: unknown options are errors, except for ``lm-eval``, which
+    hands what it does not know to lm-evaluation-harness (``lm_eval.parse``). The command is
+    the first argument that is not an option (the top-level options take no values)."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command == lm_eval_command.NAME:
+        return lm_eval_command.parse(parser, argv)
+    return parser.parse_args(argv)
 
 
 @contextlib.contextmanager

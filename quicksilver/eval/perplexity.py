@@ -9,14 +9,19 @@ stream has no history and is never scored.
 Alongside token perplexity we report the lm-evaluation-harness figures for its wikitext task:
 ``bits_per_byte = nll / (n_bytes * ln 2)``, ``byte_perplexity = exp(nll / n_bytes)`` and
 ``word_perplexity = exp(nll / n_words)``, with bytes and words counted on the evaluated text.
-They are comparable in definition, not byte-identical: the harness scores each document with
-rolling windows (its first token predicted from a prefix token) and runs a wikitext detokenizer
-first, whereas we score the raw stream as-is with a sliding window and leave the first token out.
+The sliding window is comparable with the harness in definition, not byte-identical: the
+harness scores each document with rolling windows (its first token predicted from a prefix
+token), whereas the sliding window scores the raw stream as one and leaves its first token out.
+``evaluate_rolling_perplexity`` scores documents the harness's way instead (its windows, its
+prefix token, its per-document word and byte counts), so that it reproduces the harness's
+``word_perplexity``, ``byte_perplexity`` and ``bits_per_byte`` for the same documents
+(``quicksilver eval --windows documents``; ``quicksilver lm-eval`` runs the harness itself).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +34,7 @@ from quicksilver.accounting import Meter, causal_pairs, dense_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.report import jsonable
+from quicksilver.scoring import dense_scoring_flops, rolling_requests, score_tokens
 
 # Rows of logits turned into log-probabilities at once: bounds the float32 temporaries of the
 # loss to LOSS_CHUNK * vocab floats instead of another copy of the whole logits tensor.
@@ -156,6 +162,86 @@ def evaluate_perplexity(
         flops=flops,
         flops_per_token=flops["total"] / scored,
         dense_flops_per_token=dense / scored,
+        seconds=meter.seconds,
+        peak_rss_bytes=meter.peak_rss_bytes,
+        peak_extra_bytes=meter.peak_extra_bytes,
+    )
+
+
+def evaluate_rolling_perplexity(
+    engine: Any,
+    documents: Sequence[Sequence[int]],
+    *,
+    prefix_token: int,
+    max_length: int,
+    texts: Sequence[str] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Score each document on its own in lm-evaluation-harness's rolling windows
+    (``scoring.rolling_windows``: ``prefix_token`` before the first token, windows reading at
+    most ``max_length`` tokens, every token scored once), ``batch_size`` windows per forward.
+
+    ``texts`` (the strings the documents came from) give the harness's units: words are
+    ``len(re.split(r"\\s+", text))`` and bytes ``len(text.encode())`` per document, summed, so
+    ``word_ppl = exp(nll / words)``, ``byte_ppl = exp(nll / bytes)`` and
+    ``bits_per_byte = nll / (bytes * ln 2)`` are the harness's wikitext figures. A document
+    with no tokens adds its words and bytes and a log-likelihood of 0, as in the harness.
+    In the result, ``context`` and ``stride`` are both ``max_length``.
+    """
+    if texts is not None and len(texts) != len(documents):
+        raise QuicksilverError(f"{len(texts)} texts for {len(documents)} documents")
+    if max_length < 1 or max_length > engine.config.max_position_embeddings:
+        raise QuicksilverError(
+            f"the window length must be between 1 and the model's "
+            f"{engine.config.max_position_embeddings} positions, got {max_length}"
+        )
+    if batch_size < 1:
+        raise QuicksilverError(f"batch_size must be at least 1, got {batch_size}")
+    windows: list[list[int]] = []
+    firsts: list[int] = []
+    for ids in documents:
+        if len(ids):
+            more, first = rolling_requests(list(ids), prefix_token, max_length)
+            windows += more
+            firsts += first
+    if not windows:
+        raise QuicksilverError("the documents hold no tokens: there is nothing to score")
+
+    counter = engine.counter
+    before = counter.summary()
+    logprob, dense = 0.0, 0
+    batches = range(0, len(windows), batch_size)
+    bar = tqdm(total=len(windows), disable=not progress, file=sys.stderr, unit="window")
+    with Meter() as meter, bar:
+        for start in batches:
+            batch = windows[start : start + batch_size]
+            scored = score_tokens(engine, batch, firsts[start : start + batch_size])
+            logprob += math.fsum(s.total for s in scored)
+            dense += dense_scoring_flops(engine.config, batch, firsts[start : start + batch_size])
+            bar.update(len(batch))
+    flops = counter.since(before)
+
+    nll_sum = -logprob
+    tokens = sum(len(w) - f for w, f in zip(windows, firsts, strict=True))
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts) if texts is not None else 0
+    n_words = sum(len(re.split(r"\s+", t)) for t in texts) if texts is not None else 0
+    nan = float("nan")
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / tokens),
+        nll_sum=nll_sum,
+        tokens=tokens,
+        bits_per_byte=nll_sum / (n_bytes * math.log(2)) if n_bytes else nan,
+        byte_ppl=math.exp(nll_sum / n_bytes) if n_bytes else nan,
+        word_ppl=math.exp(nll_sum / n_words) if n_words else nan,
+        n_bytes=n_bytes,
+        n_words=n_words,
+        context=max_length,
+        stride=max_length,
+        windows=len(windows),
+        flops=flops,
+        flops_per_token=flops["total"] / tokens,
+        dense_flops_per_token=dense / tokens,
         seconds=meter.seconds,
         peak_rss_bytes=meter.peak_rss_bytes,
         peak_extra_bytes=meter.peak_extra_bytes,

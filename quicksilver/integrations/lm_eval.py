@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
-from quicksilver.scoring import rolling_loglikelihood
+from quicksilver.scoring import prefix_token_id, rolling_loglikelihood
 from quicksilver.text import encode_stream
 
 # The harness fills its model registry with its own models only while the registry is
@@ -97,15 +97,7 @@ class QuicksilverLM(LM):
     def prefix_token_id(self) -> int:
         """What stands before a document (or an empty context): BOS, else EOS, as the
         harness's ``hf`` model does."""
-        tokenizer = self.llm.tokenizer
-        for token in (
-            tokenizer.bos_token_id,
-            tokenizer.eos_token_id,
-            *self.llm.config.eos_token_ids,
-        ):
-            if token is not None:
-                return int(token)
-        raise QuicksilverError("the model has no BOS or EOS token to start a document with")
+        return prefix_token_id(self.llm.tokenizer, self.llm.config.eos_token_ids)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt=True):
         return self.llm.tokenizer.apply_chat_template(
