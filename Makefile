@@ -40,7 +40,7 @@ lint: setup
 	$(BIN)/ruff format quicksilver tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/engine_vs_transformers.py
+	$(BIN)/python benchmarks/engine.py --no-llama-cpp
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -1,11 +1,12 @@
-"""Benchmark our engine against Hugging Face transformers and record the result in the docs.
+"""Throughput of our engine in each weight format, eager and compiled, against transformers and
+llama.cpp on the same model, in one run; writes docs/benchmarks/engine.md and engine.json.
 
-Writes docs/benchmarks/engine.md (tables, the exact command, date and machine facts) and
-docs/benchmarks/engine.json (everything `run_bench` measured). Both engines run in this one
-process with the same prompts, dtype, batch sizes and thread count.
+Each engine runs in a fresh process (its own peak RSS), one after the other, on the same
+prompts, batch sizes and threads. llama.cpp needs the optional extra (`pip install -e
+".[llama]"`, which compiles llama.cpp: about 10 minutes); without it, pass --no-llama-cpp.
 
-    .venv/bin/python benchmarks/engine_vs_transformers.py                      # bf16, batch 1 and 8
-    .venv/bin/python benchmarks/engine_vs_transformers.py --dtypes bfloat16 float32
+    .venv/bin/python benchmarks/engine.py
+    .venv/bin/python benchmarks/engine.py --weights bfloat16 int4 --compiled int4 --repeats 5
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import torch
 
 import quicksilver as qs
 from quicksilver.eval.report import format_table, write_json_atomic
@@ -30,19 +29,24 @@ DEFAULT_OUT = REPO / "docs" / "benchmarks"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=qs.DEFAULT_MODEL)
+    parser.add_argument("--dtype", default="bfloat16", help="activations (default: bfloat16)")
     parser.add_argument(
-        "--dtypes",
-        nargs="+",
-        default=["bfloat16"],
-        metavar="DTYPE",
-        help="one table per dtype (default: bfloat16; add float32 for both)",
+        "--weights", nargs="+", default=["bfloat16", "int8", "int4"], metavar="FORMAT"
+    )
+    parser.add_argument(
+        "--compiled",
+        nargs="*",
+        default=["bfloat16", "int4"],
+        metavar="FORMAT",
+        help="formats also run with the compiled decode step (default: bfloat16 int4)",
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], metavar="N")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-compare", action="store_true", help="skip transformers")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-llama-cpp", action="store_true")
     parser.add_argument(
         "--out-dir",
         type=Path,
@@ -52,12 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def render_markdown(command: str, date: str, runs: list[dict[str, Any]]) -> str:
+def render_markdown(command: str, date: str, run: dict[str, Any]) -> str:
     """The human-readable record: how it was produced, on what, and the numbers."""
-    first = runs[0]
-    settings = first["settings"]
+    settings, machine, load = run["settings"], run["machine"], run["load_average_1min"]
+    headers, rows = summary_rows(run)
     lines = [
-        "# Throughput: quicksilver engine vs Hugging Face transformers",
+        "# Throughput: quicksilver's weight formats vs transformers and llama.cpp",
         "",
         f"Generated {date} by:",
         "",
@@ -67,45 +71,41 @@ def render_markdown(command: str, date: str, runs: list[dict[str, Any]]) -> str:
         "",
         "## Machine",
         "",
-        f"- CPU: {first['cpu']}, {first['threads']} torch threads",
-        f"- torch {first['torch']}, transformers {first['transformers']}, Python {first['python']}",
-        f"- model: `{first['model']}` ({first['model_source']['kind']}), "
-        f"{first['weight_bytes'] / 1e6:.0f} MB of Linear weights in {first['dtype']}",
+        f"- CPU: {run['cpu']}, {run['threads']} threads",
+        f"- torch {run['torch']}, transformers {run['transformers']}, Python {run['python']}",
+        f"- model: `{run['model']}` ({run['model_source']['kind']}), activations {run['dtype']}",
+        f"- measured limits: {machine['memory_bandwidth_gb_s']:.1f} GB/s read bandwidth, "
+        f"{machine['matmul_gflops']:.0f} GFLOP/s {run['dtype']} matmul",
     ]
-    for run in runs:
-        load = run["load_average_1min"]
-        if load["start"] is not None:
-            lines.append(
-                f"- 1-minute load average during the {run['dtype']} run: {load['start']:.1f} at "
-                f"start, {load['end']:.1f} at end ({run['cpu_count']} CPUs; a load above the "
-                "thread count means other processes competed for the cores)"
-            )
-    for run in runs:
-        machine = run["machine"]
+    if load["start"] is not None:
         lines.append(
-            f"- measured limits ({run['dtype']} run): {machine['memory_bandwidth_gb_s']:.1f} GB/s "
-            f"read bandwidth, {machine['matmul_gflops']:.0f} GFLOP/s {run['dtype']} matmul"
+            f"- 1-minute load average: {load['start']:.1f} at start, {load['end']:.1f} at end "
+            f"({run['cpu_count']} CPUs; above the thread count, other processes competed)"
         )
     lines += [
         "",
         "## Method",
         "",
         f"- prompts: {settings['prompt_tokens']} tokens per row, different per row "
-        f"({settings['prompts']}); {settings['new_tokens']} new tokens, "
-        f"{settings['decoding']}",
-        f"- timing: {settings['statistic']}; prefill tok/s = prompt tokens / prefill time, "
-        "decode tok/s = batch x tokens after the first / decode time",
-        f"- transformers: {settings['transformers_timing']}",
-        "- prefill % FLOP/s: counted prefill FLOPs per second / measured matmul FLOP/s",
-        "- decode % bandwidth: Linear weight bytes per decode step / step time / measured "
-        "read bandwidth (a tied LM head counted once)",
-        "- speedup: quicksilver tokens/s / transformers tokens/s (> 1: quicksilver faster)",
-        "- peak RSS: whole process (both models are resident when comparing)",
+        f"({settings['prompts']}); {settings['new_tokens']} new tokens, {settings['decoding']}",
+        f"- timing: {settings['statistic']}; {settings['isolation']}; prefill tok/s = prompt "
+        "tokens / prefill time, decode tok/s = batch x tokens after the first / decode time",
+        "- compile s: time the compiled decode step took to compile for that batch size "
+        "(inductor's on-disk cache makes later runs faster); never counted as decode time",
+        "- peak RSS: the engine's own process, loading included",
+        "- decode % bandwidth: the engine's weight bytes per decode step (its format: int4 "
+        "codes with their scales, a GGUF file's tensors) / step time / measured bandwidth",
+        f"- transformers: {settings['transformers_timing']}; bf16 with its default (sdpa) "
+        "attention, its fastest CPU setting for this model in our runs (fp32 decodes slower)",
+        "- llama.cpp: llama-cpp-python's low-level API on the same GGUF file, one sequence "
+        "per row in one batch, greedy argmax of the returned logits each step",
+        "",
+        "## Results",
+        "",
+        format_table(headers, rows, markdown=True),
+        "",
     ]
-    for run in runs:
-        headers, rows = summary_rows(run)
-        lines += ["", f"## {run['dtype']}", "", format_table(headers, rows, markdown=True)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,26 +116,26 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot create {out_dir}: {err}", file=sys.stderr)
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     raw = sys.argv[1:] if argv is None else argv
-    command = shlex.join([".venv/bin/python", "benchmarks/engine_vs_transformers.py", *raw])
+    command = shlex.join([".venv/bin/python", "benchmarks/engine.py", *raw])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    compare = [] if args.no_transformers else ["transformers"]
+    compare += [] if args.no_llama_cpp else ["llama.cpp"]
     try:
-        runs = [
-            run_bench(
-                args.model,
-                dtype,
-                batch_sizes=tuple(args.batch_sizes),
-                prompt_tokens=args.prompt_tokens,
-                new_tokens=args.new_tokens,
-                compare=() if args.no_compare else ("transformers",),
-                repeats=args.repeats,
-            )
-            for dtype in args.dtypes
-        ]
-        write_json_atomic(out_dir / "engine.json", {"command": command, "date": date, "runs": runs})
-        markdown = render_markdown(command, date, runs)
+        run = run_bench(
+            args.model,
+            dtype=args.dtype,
+            weights=tuple(args.weights),
+            also_compiled=tuple(args.compiled),
+            batch_sizes=tuple(args.batch_sizes),
+            prompt_tokens=args.prompt_tokens,
+            new_tokens=args.new_tokens,
+            compare=tuple(compare),
+            repeats=args.repeats,
+            threads=args.threads,
+        )
+        write_json_atomic(out_dir / "engine.json", {"command": command, "date": date, "run": run})
+        markdown = render_markdown(command, date, run)
         tmp = out_dir / ".engine.md.tmp"
         tmp.write_text(markdown, encoding="utf-8")
         tmp.replace(out_dir / "engine.md")

@@ -191,8 +191,9 @@ def load(
     the blocks', except int8 for an int4 model: a 4-bit head broke greedy output). Only one
     copy of the weights is kept, in the chosen format.
 
-    ``compile=True`` runs each dense decode step as one compiled graph
-    (``runtime.compiled``): the first step of each batch size compiles (tens of seconds for
+    ``compile=True`` runs each dense decode step of a single row (where it pays: batched
+    steps stay eager, which is faster there) as one compiled graph (``runtime.compiled``):
+    the first such step compiles (tens of seconds for
     SmolLM2-135M, much less once inductor's on-disk cache has it), reported as
     ``compile_seconds``, never as decode time.
 

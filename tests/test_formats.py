@@ -253,7 +253,9 @@ def test_smollm_q4_layers_load_as_they_are(smollm_fp32: loading.LoadedModel) -> 
 @pytest.fixture(scope="module")
 def compiled_pair() -> tuple[Engine, Engine]:
     model = random_model(FITS, fast=True)
-    return Engine(model), Engine(model, compile=True)
+    compiled = Engine(model, compile=True)
+    compiled.compiled.max_rows = 2  # batched graphs too (by default only batch 1 pays)
+    return Engine(model), compiled
 
 
 def test_compiled_decode_equals_eager_without_retracing(
@@ -289,6 +291,14 @@ def test_compiled_logits_equal_eager_logits(compiled_pair: tuple[Engine, Engine]
     torch.testing.assert_close(
         caches[1].k[:, :, :, :14], caches[0].k[:, :, :, :14], atol=1e-5, rtol=0
     )
+
+
+def test_compiled_step_serves_only_the_rows_it_pays_for() -> None:
+    engine = Engine(random_model(FITS, fast=True), compile=True)
+    assert engine.compiled.supports(engine.new_cache(1, 8))
+    assert not engine.compiled.supports(engine.new_cache(2, 8))
+    result = engine.generate([[1, 2, 3], [4, 5, 6]], 3, stop_ids=[])
+    assert result.compile_seconds == 0 and engine.compile_seconds == 0  # ran eager
 
 
 def test_policies_and_adapted_caches_take_the_eager_path(

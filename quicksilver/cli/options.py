@@ -67,7 +67,8 @@ def add_format_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="compile the dense decode step (slow once, then faster; time reported apart)",
+        help="compile the dense decode step of a single row (slow once, then faster; the "
+        "time is reported apart; batches run eager, which is faster for them)",
     )
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -199,8 +200,14 @@ class Int8Linear(QuantLinear):
     def from_weight(
         cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
     ) -> Int8Linear:
-        codes = quant.quantize(weight)
-        return cls(quant.sliced_int8(codes, 8), codes.scales[:, 0], bias, dtype)
+        """Per-channel codes, computed a band of rows at a time: a large matrix (an LM head)
+        then needs little memory beyond its codes."""
+        codes, scales = [], []
+        for rows in weight.split(4096):
+            band = quant.quantize(rows)
+            codes.append(quant.sliced_int8(band, 8))
+            scales.append(band.scales[:, 0])
+        return cls(torch.cat(codes), torch.cat(scales), bias, dtype)
 
     def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         return self.codes[rows].to(self.dtype) * self.scales[rows].unsqueeze(1)
@@ -329,7 +336,7 @@ def convert_linear(linear: nn.Module, kind: str, dtype: torch.dtype, group_size:
     """``linear`` in format ``kind`` (a float format keeps it as it is)."""
     if kind not in ("int8", "int4"):
         return linear
-    weight = linear.dense_weight().float()
+    weight = linear.dense_weight()
     bias = linear.bias
     if kind == "int8":
         return Int8Linear.from_weight(weight, bias, dtype)
@@ -346,33 +353,46 @@ def int4_group(in_features: int, group_size: int) -> int:
     return in_features
 
 
-def convert_model(
-    model: nn.Module, fmt: WeightFormat, codes: dict[str, Int4Codes] | None = None
+def convert_block(
+    model: nn.Module, index: int, fmt: WeightFormat, codes: Mapping[str, Int4Codes] | None = None
 ) -> None:
-    """Replace the blocks' linear layers and the LM head by their ``fmt`` form, in place.
+    """Replace block ``index``'s linear layers by their ``fmt.blocks`` form, in place.
 
     ``codes`` gives ready int4 codes for some layers (by module name, e.g. from GGUF Q4
-    blocks); those are used as they are instead of re-quantising. Embeddings, norms and
-    OPT's input/output projections keep the model's dtype.
-    """
+    blocks); those are used as they are instead of re-quantising."""
     dtype = model.dtype
     codes = codes or {}
-    for i, block in enumerate(model.blocks):
-        for owner, attr in (
-            (block.attn, "qkv"),
-            (block.attn, "out"),
-            (block.mlp, "up"),
-            (block.mlp, "down"),
-        ):
-            name = f"blocks.{i}.{owner is block.attn and 'attn' or 'mlp'}.{attr}"
-            linear = getattr(owner, attr)
-            if fmt.blocks == "int4" and name in codes:
-                new = Int4Linear(codes[name], linear.bias, dtype)
-            else:
-                new = convert_linear(linear, fmt.blocks, dtype, fmt.group_size)
-            setattr(owner, attr, new)
-    model.lm_head = convert_linear(model.lm_head, fmt.head_format, dtype, fmt.group_size)
+    block = model.blocks[index]
+    for owner, part, attr in (
+        (block.attn, "attn", "qkv"),
+        (block.attn, "attn", "out"),
+        (block.mlp, "mlp", "up"),
+        (block.mlp, "mlp", "down"),
+    ):
+        name = f"blocks.{index}.{part}.{attr}"
+        linear = getattr(owner, attr)
+        if fmt.blocks == "int4" and name in codes:
+            new = Int4Linear(codes[name], linear.bias, dtype)
+        else:
+            new = convert_linear(linear, fmt.blocks, dtype, fmt.group_size)
+        setattr(owner, attr, new)
+
+
+def convert_head(model: nn.Module, fmt: WeightFormat) -> None:
+    """The LM head in ``fmt.head_format`` (a tied head gets its own copy in that format; the
+    embedding stays in the model's dtype for lookups). Records ``fmt`` on the model."""
+    model.lm_head = convert_linear(model.lm_head, fmt.head_format, model.dtype, fmt.group_size)
     model.weight_format = fmt
+
+
+def convert_model(
+    model: nn.Module, fmt: WeightFormat, codes: Mapping[str, Int4Codes] | None = None
+) -> None:
+    """Every block's linear layers and the LM head in their ``fmt`` form, in place.
+    Embeddings, norms and OPT's input/output projections keep the model's dtype."""
+    for index in range(len(model.blocks)):
+        convert_block(model, index, fmt, codes)
+    convert_head(model, fmt)
 
 
 # ---------------------------------------------------------------- GGUF blocks

@@ -12,14 +12,18 @@ and a hub id whose snapshot is in the local Hugging Face cache loads without the
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,8 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.formats import (
     Int4Codes,
     WeightFormat,
-    convert_model,
+    convert_block,
+    convert_head,
     int4_codes_from_gguf,
 )
 from quicksilver.models.transformer import Transformer, rope_inverse_frequencies
@@ -182,22 +187,41 @@ def load(
         directory = Path(source.path) if source.kind == "hf_dir" else _download(source.path)
         config, state = _load_hf_dir(directory)
         tokenizer = _load_hf_tokenizer(directory)
-    model = build_model(config, state, torch_dtype, fast=False)
-    del state
-    if weights is not None and weights.quantised:
-        codes = None
-        if source.kind == "gguf" and weights.blocks == "int4" and weights.group_size == 32:
-            codes = gguf_int4_layers(Path(source.path), config)
-        convert_model(model, weights, codes)
-    model.set_fast_path(fast)
+    codes = None
+    q4_as_is = weights is not None and weights.blocks == "int4" and weights.group_size == 32
+    if q4_as_is and source.kind == "gguf":  # its Q4 blocks load as they are
+        codes = gguf_int4_layers(Path(source.path), config)
+    model = build_model(config, state, torch_dtype, fast, weights, codes)
+    del state, codes
+    _return_freed_memory()
     return LoadedModel(model, tokenizer, source, time.perf_counter() - start)
 
 
+def _return_freed_memory() -> None:
+    """Hand the memory that loading freed back to the system (glibc keeps freed heap memory
+    in the process otherwise: a converted model would look ~100 MB larger than it is)."""
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def build_model(
-    config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype, fast: bool
+    config: ModelConfig,
+    state: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    fast: bool,
+    weights: WeightFormat | None = None,
+    codes: Mapping[str, Int4Codes] | None = None,
 ) -> Transformer:
-    """Our model around ``state`` (our key names). In fp32 the parameters share memory with
-    ``state``'s tensors rather than copying them, so do not modify ``state`` afterwards."""
+    """Our model around ``state`` (our key names), its linear weights in ``weights``' format
+    (``codes``: ready int4 codes for some layers, see ``formats.convert_block``).
+
+    Tensors are taken out of ``state`` one by one (a ``StreamedTensors`` reads each only
+    then) and each block is converted as soon as its weights are in, so a quantised model
+    never holds more than one float block beside its quantised ones. In fp32 the parameters
+    share memory with ``state``'s tensors rather than copying them, so do not modify
+    ``state`` afterwards."""
     check_memory(config, dtype)
     with torch.device("meta"):
         model = Transformer(config)
@@ -206,16 +230,106 @@ def build_model(
     model.inv_freq = rope_inverse_frequencies(config)  # buffers were created on meta
     if tied:
         model.lm_head.weight = model.embed
+    quantise = weights is not None and weights.quantised
+    take = state.pop if isinstance(state, StreamedTensors) else state.__getitem__
     with torch.no_grad():
-        for key, param in model.named_parameters():
+        done_block = -1
+        # Names first: iterating named_parameters() would keep every module it has visited
+        # (and so each converted block's float weights) alive until the loop ends.
+        for key in [name for name, _ in model.named_parameters()]:
+            param = model.get_parameter(key)
+            if key.startswith("blocks."):
+                block = int(key.split(".")[1])
+                if quantise and block != done_block and done_block >= 0:
+                    convert_block(model, done_block, weights, codes)
+                done_block = block
+            elif quantise and done_block >= 0:  # past the last block
+                convert_block(model, done_block, weights, codes)
+                done_block = -1
             # Adopt the loaded tensor instead of copying it: saves a pass over every weight.
-            param.data = state[key].to(dtype).contiguous()
+            param.data = take(key).to(dtype).contiguous()
+        if quantise:
+            if done_block >= 0:
+                convert_block(model, done_block, weights, codes)
+            convert_head(model, weights)
     model.eval()
     model.set_fast_path(fast)
     return model
 
 
-def check_state(model: Transformer, state: dict[str, torch.Tensor]) -> bool:
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+}
+
+
+class StreamedTensors(Mapping[str, torch.Tensor]):
+    """A safetensors file read one tensor at a time, with plain reads (no memory map), so
+    that a model can be built tensor by tensor without the whole file resident at once: a
+    4-bit model then never holds more than one float block. ``pop`` reads a tensor and
+    forgets it; ``shape_of`` reads only the header."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self._base = 8 + size
+        self._entries: dict[str, dict[str, Any]] = header
+        for name, entry in header.items():
+            if entry.get("dtype") not in _SAFETENSORS_DTYPES:
+                raise QuicksilverError(f"{path}: tensor {name} has dtype {entry.get('dtype')}")
+            start, end = entry["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            if end - start != math.prod(entry["shape"]) * dtype.itemsize:
+                raise QuicksilverError(f"{path}: tensor {name} has the wrong number of bytes")
+        if self._base + max((e["data_offsets"][1] for e in header.values()), default=0) > (
+            path.stat().st_size
+        ):
+            raise QuicksilverError(f"{path} is truncated")
+
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self._entries[key]["shape"])
+
+    def __contains__(self, key: object) -> bool:  # from the header, without reading
+        return key in self._entries
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        tensor = torch.empty(entry["shape"], dtype=dtype, device="cpu")
+        start, end = entry["data_offsets"]
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise QuicksilverError(f"{self.path} is truncated at tensor {key}")
+        return tensor
+
+    def pop(self, key: str, *default: Any) -> torch.Tensor:
+        if key not in self._entries and default:
+            return default[0]
+        tensor = self[key]
+        del self._entries[key]
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if isinstance(state, StreamedTensors):
+        return state.shape_of(key)
+    return tuple(state[key].shape)
+
+
+def check_state(model: Transformer, state: Mapping[str, torch.Tensor]) -> bool:
     """Raise unless ``state`` holds exactly the tensors, of the shapes, that ``model`` (built
     on the meta device: no memory) needs; return whether the LM head is tied to the embedding
     (tied in the config, or no head tensor in the checkpoint)."""
@@ -234,9 +348,9 @@ def check_state(model: Transformer, state: dict[str, torch.Tensor]) -> bool:
             f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
     for key, shape in shapes.items():
-        if tuple(state[key].shape) != shape:
+        if _shape(state, key) != shape:
             raise QuicksilverError(
-                f"tensor {key!r} has shape {tuple(state[key].shape)} but the config implies "
+                f"tensor {key!r} has shape {_shape(state, key)} but the config implies "
                 f"{shape}; config.json and the weights do not belong together"
             )
     return tied
@@ -587,32 +701,58 @@ def _load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:
 # ---------------------------------------------------------------- GGUF
 
 
-def gguf_int4_layers(path: Path, config: ModelConfig) -> dict[str, Int4Codes]:
+def gguf_int4_layers(path: Path, config: ModelConfig) -> GGUFInt4Layers:
     """The blocks' linear layers of a GGUF file whose tensors are Q4_0 / Q4_1, as int4 codes
-    under our module names (Q/K rows un-interleaved, Q/K/V and gate/up stacked as our fused
-    weights); a layer with any other tensor type is left out (it is quantised from floats)."""
-    import gguf
+    under our module names, read when asked for (see ``GGUFInt4Layers``)."""
+    return GGUFInt4Layers(path, config)
 
-    reader = gguf.GGUFReader(str(path))
-    tensors = {t.name: t for t in reader.tensors}
 
-    def codes_of(name: str, heads: int | None = None) -> Int4Codes | None:
-        t = tensors.get(name)
-        if t is None or t.tensor_type.name not in ("Q4_0", "Q4_1"):
-            return None
+class GGUFInt4Layers(Mapping[str, Int4Codes]):
+    """Q4 layers of a GGUF file by our module name: Q/K rows un-interleaved, Q/K/V and
+    gate/up stacked as our fused weights. A layer is read (from the memory-mapped file) only
+    when asked for, so loading holds one layer's codes at a time; a layer with any other
+    tensor type is absent (it is quantised from floats instead)."""
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        import gguf
+
+        self.config = config
+        self.tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+        parts = {
+            "attn.qkv": ("attn_q", "attn_k", "attn_v"),
+            "attn.out": ("attn_output",),
+            "mlp.up": ("ffn_gate", "ffn_up"),
+            "mlp.down": ("ffn_down",),
+        }
+        self.layers = {
+            f"blocks.{i}.{ours}": [f"blk.{i}.{name}.weight" for name in theirs]
+            for i in range(config.n_layers)
+            for ours, theirs in parts.items()
+            if all(self._is_q4(f"blk.{i}.{name}.weight") for name in theirs)
+        }
+
+    def _is_q4(self, name: str) -> bool:
+        t = self.tensors.get(name)
+        return t is not None and t.tensor_type.name in ("Q4_0", "Q4_1")
+
+    def _codes(self, name: str) -> Int4Codes:
+        t = self.tensors[name]
         raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
         codes = int4_codes_from_gguf(raw, t.tensor_type.name)
-        if heads is not None:  # the same row order change as the float weights get
+        heads = {"attn_q": self.config.n_heads, "attn_k": self.config.n_kv_heads}
+        kind = name.split(".")[2]
+        if kind in heads:  # the same row order change as the float weights get
             rows = torch.arange(codes.codes.shape[0])
-            order = rows.reshape(heads, -1, 2).transpose(1, 2).reshape(-1)
+            order = rows.reshape(heads[kind], -1, 2).transpose(1, 2).reshape(-1)
             codes = Int4Codes(
                 codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size
             )
         return codes
 
-    def stacked(parts: list[Int4Codes | None]) -> Int4Codes | None:
-        if any(part is None for part in parts):
-            return None
+    def __getitem__(self, key: str) -> Int4Codes:
+        parts = [self._codes(name) for name in self.layers[key]]
+        if len(parts) == 1:
+            return parts[0]
         return Int4Codes(
             torch.cat([p.codes for p in parts]),
             torch.cat([p.scales for p in parts]),
@@ -620,23 +760,11 @@ def gguf_int4_layers(path: Path, config: ModelConfig) -> dict[str, Int4Codes]:
             32,
         )
 
-    layers: dict[str, Int4Codes] = {}
-    for i in range(config.n_layers):
-        p, b = f"blk.{i}.", f"blocks.{i}."
-        found = {
-            b + "attn.qkv": stacked(
-                [
-                    codes_of(p + "attn_q.weight", config.n_heads),
-                    codes_of(p + "attn_k.weight", config.n_kv_heads),
-                    codes_of(p + "attn_v.weight"),
-                ]
-            ),
-            b + "attn.out": codes_of(p + "attn_output.weight"),
-            b + "mlp.up": stacked([codes_of(p + "ffn_gate.weight"), codes_of(p + "ffn_up.weight")]),
-            b + "mlp.down": codes_of(p + "ffn_down.weight"),
-        }
-        layers.update({name: codes for name, codes in found.items() if codes is not None})
-    return layers
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
@@ -684,7 +812,6 @@ def _load_gguf_cached(
 def _read_cache_entry(target: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
     """A cache entry, checked against its manifest (every file present with its size) and the
     tensors against the shapes its config implies; raises on any damage."""
-    from safetensors.torch import load_file
 
     manifest = json.loads((target / "complete").read_text())
     files = manifest.get("files") if isinstance(manifest, dict) else None
@@ -700,7 +827,7 @@ def _read_cache_entry(target: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
     if not isinstance(data, dict):
         raise QuicksilverError("config.json does not hold a JSON object")
     config = ModelConfig.from_dict(data)
-    state = load_file(str(target / "model.safetensors"))
+    state = StreamedTensors(target / "model.safetensors")
     with torch.device("meta"):
         check_state(Transformer(config), state)
     tokenizer = _load_hf_tokenizer(target / "tokenizer")

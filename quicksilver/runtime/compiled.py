@@ -35,6 +35,12 @@ from quicksilver.runtime.cache import KVCache
 
 # Attention reads the filled slots rounded up to this many (a few masked slots of slack).
 READ_BUCKET = 64
+# Rows up to which the compiled step pays. Measured on SmolLM2-135M, 2 AVX-512 cores
+# (docs/benchmarks/engine.md): at batch 1 int4 decodes 124 tok/s compiled vs 109 eager; at
+# batch 8 the compiled graph is 2x slower than eager in int4 and 3x in bf16 (inductor's
+# batched products lose to oneDNN's pre-packed linear and the eager int4 path), so larger
+# batches run eager.
+MAX_ROWS = 1
 COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 
 
@@ -100,13 +106,13 @@ class CompiledDecode:
         )
         self.graph = torch.compile(graph, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
         self.compile_seconds = 0.0
+        self.max_rows = MAX_ROWS
         self._traced: set[tuple[int, torch.dtype]] = set()
 
-    @staticmethod
-    def supports(cache: KVCache) -> bool:
-        """Whether the compiled step can serve this cache now: every row one token, every
-        entry readable by the plain rule (no hidden or fused entries)."""
-        return not cache.adapted
+    def supports(self, cache: KVCache) -> bool:
+        """Whether the compiled step serves this cache now: few enough rows for it to pay,
+        every entry readable by the plain rule (no hidden or fused entries)."""
+        return cache.batch_size <= self.max_rows and not cache.adapted
 
     @staticmethod
     def capacity(max_len: int) -> int:

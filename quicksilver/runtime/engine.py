@@ -132,7 +132,7 @@ class Engine:
             and context is None
             and observe is None
             and isinstance(logits_at, str)
-            and CompiledDecode.supports(cache)
+            and self.compiled.supports(cache)
         ):
             return self._compiled_step(tokens, cache)
         context = context or self.context(cache, n_new)

@@ -1,0 +1,156 @@
+"""What each weight format costs in quality: WikiText-2 test perplexity (context 1024, stride
+512, the whole split) beside the fp32 model, and greedy agreement with the fp32 model's
+continuations; writes docs/results/formats.md and formats.json.
+
+    .venv/bin/python benchmarks/formats_quality.py
+    .venv/bin/python benchmarks/formats_quality.py --max-windows 40   # a quick slice
+
+The fp32 reference is the GGUF file dequantised (its Q4_1 blocks and Q8_0 embedding in fp32):
+the int4 format holds exactly those blocks, so its gap measures the kernel's bf16 scales and
+activations and the int8 LM head, not a second quantisation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import quicksilver as qs
+from quicksilver.eval.datasets import load_eval_text
+from quicksilver.eval.generation import agreement, wikitext_prompts
+from quicksilver.eval.report import format_table, write_json_atomic
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "docs" / "results"
+# (label, dtype, weights, head_weights); the first is the reference.
+FORMATS = [
+    ("fp32 (reference)", "float32", None, None),
+    ("bf16", "bfloat16", None, None),
+    ("int8", "bfloat16", "int8", None),
+    ("int4, head int8", "bfloat16", "int4", None),
+    ("int4, head bf16", "bfloat16", "int4", "bfloat16"),
+    ("int4 g64 (re-quantised), head int8", "bfloat16", "int4", None),
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=qs.DEFAULT_MODEL)
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--stride", type=int, default=512)
+    parser.add_argument("--max-windows", type=int, help="only the first N windows")
+    parser.add_argument("--prompts", type=int, default=32, help="greedy continuations")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    return parser.parse_args(argv)
+
+
+def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    reference_tokens: list[list[int]] | None = None
+    for label, dtype, weights, head in FORMATS:
+        group = 64 if "g64" in label else 32
+        print(f"formats: {label}", file=sys.stderr, flush=True)
+        llm = qs.load(args.model, dtype=dtype, weights=weights, head_weights=head, group_size=group)
+        start = time.perf_counter()
+        result = llm.perplexity(
+            text,
+            context=args.context,
+            stride=args.stride,
+            batch_size=4,
+            max_windows=args.max_windows,
+            progress=True,
+        )
+        seconds = time.perf_counter() - start
+        out = llm.generate(prompts, max_new_tokens=args.new_tokens, stop_ids=[])
+        tokens = [c.token_ids for c in out.completions]
+        if reference_tokens is None:
+            reference_tokens = tokens
+        rows.append(
+            {
+                "label": label,
+                "dtype": dtype,
+                "weights": llm.weights.to_dict(),
+                "perplexity": result.ppl,
+                "bits_per_byte": result.bits_per_byte,
+                "scored_tokens": result.tokens,
+                "eval_seconds": seconds,
+                "greedy_agreement": sum(
+                    agreement(t, r) for t, r in zip(tokens, reference_tokens, strict=True)
+                )
+                / len(tokens),
+                "linear_weight_mb": sum(m.storage_bytes for m in llm.model.linears()) / 1e6,
+            }
+        )
+        del llm
+    return rows
+
+
+def render(command: str, date: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
+    reference = rows[0]["perplexity"]
+    headers = ["format", "perplexity", "vs fp32", "bits/byte", "greedy agreement", "linear MB"]
+    table = [
+        [
+            r["label"],
+            f"{r['perplexity']:.4f}",
+            f"{100 * (r['perplexity'] / reference - 1):+.2f}%",
+            f"{r['bits_per_byte']:.4f}",
+            f"{100 * r['greedy_agreement']:.1f}%",
+            f"{r['linear_weight_mb']:.1f}",
+        ]
+        for r in rows
+    ]
+    windows = "every window" if args.max_windows is None else f"the first {args.max_windows}"
+    return "\n".join(
+        [
+            "# Quality of each weight format",
+            "",
+            f"Generated {date} by:",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            f"- perplexity: WikiText-2 raw test, context {args.context}, stride {args.stride}, "
+            f"{windows} ({rows[0]['scored_tokens']:,} scored tokens), no BOS",
+            f"- greedy agreement: share of the fp32 model's greedy tokens matched position by "
+            f"position, {args.prompts} WikiText-2 test prompts (first sentences of paragraphs) "
+            f"x {args.new_tokens} new tokens, stop tokens ignored",
+            "- linear MB: bytes of every linear layer's stored weights (codes, scales, zeros), "
+            "LM head included; the bf16 embedding a tied head shares is not in it",
+            "",
+            format_table(headers, table, markdown=True),
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    raw = sys.argv[1:] if argv is None else argv
+    command = shlex.join([".venv/bin/python", "benchmarks/formats_quality.py", *raw])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        text = load_eval_text("wikitext-2", "test").text
+        prompts = wikitext_prompts(text, args.prompts)
+        rows = measure(args, text, prompts)
+    except qs.QuicksilverError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        args.out_dir / "formats.json", {"command": command, "date": date, "rows": rows}
+    )
+    markdown = render(command, date, args, rows)
+    (args.out_dir / "formats.md").write_text(markdown, encoding="utf-8")
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
