@@ -328,10 +328,13 @@ def run_bench(
     head_weights: str | None = None,
     group_size: int = 32,
     threads: int | None = None,
+    also_compiled: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Benchmark our engine in each weight format (and transformers, llama.cpp) and return a
     JSON-able report. Every engine runs in a process of its own, one after the other, on the
-    same prompts, batch sizes and threads; ratios are taken within this one run."""
+    same prompts, batch sizes and threads; ratios are taken within this one run.
+    ``compile`` compiles every format's decode step; ``also_compiled`` adds a compiled run of
+    the formats it names beside their eager ones."""
     check_bench_args(batch_sizes, prompt_tokens, new_tokens, compare, repeats, weights)
     say: Callable[[str], None] = (
         (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))
@@ -368,9 +371,10 @@ def run_bench(
             "weights": fmt,
             "head_weights": head_weights,
             "group_size": group_size,
-            "compile": compile,
+            "compile": step_compiled,
         }
         for fmt in weights
+        for step_compiled in sorted({compile, compile or fmt in also_compiled})
     ]
     if TRANSFORMERS_NAME in compare:
         specs.append({**common, "engine": TRANSFORMERS_NAME})
