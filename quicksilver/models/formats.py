@@ -258,18 +258,16 @@ class Int4Linear(QuantLinear):
         if self.packed is None:
             pairs = self.codes[rows]
             return torch.stack([pairs & 15, pairs >> 4], -1).view(pairs.shape[0], -1)
-        # The kernel of an identity input reads every code back: (q - 8) * 1 + 8 = q.
-        n = self.out_features
-        eye = torch.eye(self.in_features, dtype=torch.float32)
-        ones = torch.stack(
-            [
-                torch.ones(self.in_features // self.group_size, n),
-                torch.full((self.in_features // self.group_size, n), 8.0),
-            ],
-            -1,
+        # The kernel's layout is its own (and differs between CPUs), so the codes are read
+        # back through the kernel: an identity input with scale 1 and zero 8 gives q, exactly
+        # even in bf16 (0..15, one nonzero term per output), and bf16 runs the fast path.
+        groups = self.in_features // self.group_size
+        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(groups, self.out_features, 2)
+        eye = torch.eye(self.in_features, dtype=torch.bfloat16)
+        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            eye, self.packed, self.group_size, unit.contiguous()
         )
-        codes = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, ones)
-        return codes.T[rows].round().to(torch.uint8)
+        return codes.T[rows].to(torch.uint8)
 
     def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         sz = self.scales_zeros[:, rows].float()
