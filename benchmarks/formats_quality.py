@@ -93,18 +93,27 @@ def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dic
 
 def render(command: str, date: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
     reference = rows[0]["perplexity"]
+    # Bits per byte need the whole text scored; a --max-windows slice has none.
+    with_bpb = all(
+        isinstance(r["bits_per_byte"], float) and r["bits_per_byte"] == r["bits_per_byte"]
+        for r in rows
+    )
     headers = ["format", "perplexity", "vs fp32", "bits/byte", "greedy agreement", "linear MB"]
     table = [
         [
             r["label"],
             f"{r['perplexity']:.4f}",
             f"{100 * (r['perplexity'] / reference - 1):+.2f}%",
-            f"{r['bits_per_byte']:.4f}",
+            f"{r['bits_per_byte']:.4f}" if with_bpb else "",
             f"{100 * r['greedy_agreement']:.1f}%",
             f"{r['linear_weight_mb']:.1f}",
         ]
         for r in rows
     ]
+    if not with_bpb:
+        headers.pop(3)
+        for row in table:
+            row.pop(3)
     windows = "every window" if args.max_windows is None else f"the first {args.max_windows}"
     return "\n".join(
         [
@@ -123,6 +132,13 @@ def render(command: str, date: str, args: argparse.Namespace, rows: list[dict[st
             f"x {args.new_tokens} new tokens, stop tokens ignored",
             "- linear MB: bytes of every linear layer's stored weights (codes, scales, zeros), "
             "LM head included; the bf16 embedding a tied head shares is not in it",
+            "- reading it: greedy agreement compounds (after the first different token the "
+            "continuations part), so compare each format with bf16, which differs from fp32 by "
+            "rounding alone. `int4` with groups of 32 holds the file's own Q4_1 blocks (only "
+            "scales and zeros rounded to bf16), so its gap is the bf16 kernel and the int8 head; "
+            "`int8` and `int4 g64` re-quantise weights that are already 4-bit blocks, whose "
+            "values do not lie on a per-channel int8 grid or on 64-wide groups, so their errors "
+            "add to the file's",
             "",
             format_table(headers, table, markdown=True),
             "",
