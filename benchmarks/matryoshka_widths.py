@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
         "model": "smollm2-135m, bfloat16",
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
@@ -151,8 +154,9 @@ def report(meta: dict[str, Any], results: dict[str, dict[str, Any]], batches: li
     return f"""# Matryoshka widths: int4 bit planes on SmolLM2-135M (CPU)
 
 Command: `{meta["command"]}` ({meta["date"]}, torch {meta["torch"]}, {meta["threads"]} threads;
-the machine's 2 cores were shared with another benchmark, so absolute numbers are noisy; the
-settings were timed interleaved, best of {meta["repeats"]}).
+1-minute load average {meta["load_average_1min"]:.1f} at the end on {meta["cpu_count"]} CPUs
+(above the thread count, other processes competed); the settings were timed interleaved,
+best of {meta["repeats"]}).
 
 Decode: a {meta["prompt_tokens"]}-token WikiText-2 prompt per row, {meta["new_tokens"]} greedy
 tokens, decode tokens/s after the prompt's forward. Perplexity: {meta["perplexity"]}.
