@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 
 from quicksilver.models.config import ModelConfig
-from quicksilver.quant import weight_bytes
 
 
 def layer_matmul_flops_per_token(config: ModelConfig) -> int:
@@ -118,22 +117,6 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
-
-
-def layer_weight_count(config: ModelConfig) -> int:
-    """Weights of one layer's matrices (QKV, attention output, MLP)."""
-    return layer_matmul_flops_per_token(config) // 2
-
-
-def weight_bytes_of_layer(config: ModelConfig, bits: int, group_size: int | None = None) -> int:
-    """Bytes of one layer's four weight matrices at ``bits``, scales included (one per
-    output channel, or one per group of ``group_size`` inputs)."""
-    d, q, kv, inner = config.hidden_size, config.q_dim, config.kv_dim, config.intermediate_size
-    up = inner * (2 if config.gated_mlp else 1)
-    shapes = [(q + 2 * kv, d), (d, q), (up, d), (d, inner)]
-    return sum(
-        weight_bytes(out, inp, bits, inp // group_size if group_size else 1) for out, inp in shapes
-    )
 
 
 WIDTH_KEYS = {

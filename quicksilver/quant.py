@@ -202,13 +202,6 @@ def int8_linear(
     return y.reshape(*lead, out_features)
 
 
-def weight_bytes(out_features: int, in_features: int, bits: int, n_groups: int) -> int:
-    """Bytes read for one weight matrix at `bits` per weight: codes plus 4-byte scales."""
-    if bits <= 0 or n_groups < 0:
-        raise ValueError(f"need bits > 0 and n_groups >= 0, got bits={bits}, n_groups={n_groups}")
-    return (out_features * in_features * bits + 7) // 8 + 4 * out_features * n_groups
-
-
 # ---------------------------------------------------------------- bit planes for the int4 kernel
 
 PLANES: dict[int, tuple[str, ...]] = {8: ("hi", "lo"), 4: ("hi",), 2: ("two",)}

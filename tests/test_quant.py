@@ -17,7 +17,6 @@ from quicksilver.quant import (
     quantize,
     slice_codes,
     sliced_int8,
-    weight_bytes,
 )
 
 HALF_BUCKET = {8: 0, 4: 8, 2: 32}
@@ -176,13 +175,6 @@ def test_bad_bits(bits: int) -> None:
     for fn in (slice_codes, sliced_int8, dequantize):
         with pytest.raises(ValueError, match="bits must be one of"):
             fn(codes, bits)
-
-
-def test_weight_bytes() -> None:
-    assert weight_bytes(960, 576, 8, 1) == 960 * 576 + 4 * 960
-    assert weight_bytes(960, 576, 4, 1) == 960 * 576 // 2 + 4 * 960
-    assert weight_bytes(960, 576, 2, 18) == 960 * 576 // 4 + 4 * 960 * 18
-    assert weight_bytes(960, 576, 16, 0) == 960 * 576 * 2
 
 
 # ---------------------------------------------------------------- bit planes

@@ -52,7 +52,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
-        # Products at a reduced weight width (bits -> callable(x, few_rows)), attached by the
+        # Products at a reduced weight width (bits -> callable(x)), attached by the
         # Matryoshka policy; the full-precision weight above stays the reference.
         self.narrow: dict[int, Callable[..., torch.Tensor]] = {}
 
@@ -97,11 +97,9 @@ class Linear(nn.Module):
 @dataclass
 class WidthGroups:
     """Rows of a flattened token block that run their matmuls at each weight width
-    (0 = the model's own precision; 8/4/2 = Matryoshka integer widths). ``few_rows`` marks a
-    forward small enough (decoding) for the int8 weight-only kernel to pay off."""
+    (0 = the model's own precision; 8/4/2 = Matryoshka integer widths)."""
 
     groups: list[tuple[torch.Tensor, int]]  # (row indices, bits)
-    few_rows: bool = False
 
 
 def run_linear(linear: Linear, x: torch.Tensor, widths: WidthGroups | None) -> torch.Tensor:
@@ -110,7 +108,7 @@ def run_linear(linear: Linear, x: torch.Tensor, widths: WidthGroups | None) -> t
         return linear(x)
 
     def product(rows: torch.Tensor, bits: int) -> torch.Tensor:
-        return linear(rows) if bits == 0 else linear.narrow[bits](rows, widths.few_rows)
+        return linear(rows) if bits == 0 else linear.narrow[bits](rows)
 
     if len(widths.groups) == 1:
         return product(x, widths.groups[0][1])

@@ -80,7 +80,7 @@ class PlaneProduct:
 
     simulated = False
 
-    def __call__(self, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         _note(f"matryoshka-planes{self.bits}")
         dtype = self.planes.dtype
         y = quant.planes_linear(x.to(dtype), self.planes, self.bits, self.bias)
@@ -103,7 +103,7 @@ class DequantisedProduct:
 
     simulated = True
 
-    def __call__(self, x: torch.Tensor, few_rows: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         _note(f"matryoshka-simulated{self.bits}")
         return self.dense(x)
 

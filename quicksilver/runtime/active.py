@@ -17,9 +17,6 @@ from quicksilver.policies.base import Decision, LayerView, Mechanism, TokenState
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.context import ForwardContext
 
-# Forwards of at most this many tokens (decoding) run narrow widths through the int8 kernel.
-INT8_KERNEL_MAX_TOKENS = 16
-
 
 class ActiveTokens:
     def __init__(
@@ -58,8 +55,7 @@ class ActiveTokens:
         return torch.nonzero(running, as_tuple=True)[0]
 
     def widths(self, index: torch.Tensor | None) -> WidthGroups | None:
-        """Rows per weight width; None when every row runs at the model's precision. The
-        kernel choice depends on the forward's size only, so it is the same for every token."""
+        """Rows per weight width; None when every row runs at the model's precision."""
         if self.narrowing is None:
             return None
         bits = self.state.bits if index is None else self.state.bits[index]
@@ -67,7 +63,7 @@ class ActiveTokens:
         if values == [0]:
             return None
         groups = [(torch.nonzero(bits == b, as_tuple=True)[0], b) for b in values]
-        return WidthGroups(groups, few_rows=self.n_tokens <= INT8_KERNEL_MAX_TOKENS)
+        return WidthGroups(groups)
 
     def count_weights(self, widths: WidthGroups | None, full_bytes: int) -> None:
         """Each width present in a layer reads that layer's weights once at that width."""
