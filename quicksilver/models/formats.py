@@ -16,10 +16,12 @@ their weights for every four rows, so past ``dequant_rows`` rows (prefill, evalu
 weight is expanded once into the activation dtype and multiplied densely. Measured on
 SmolLM2-135M's 3072x576 up-projection, 2 AVX-512 cores, bf16: the int8 kernel matches
 expand-then-multiply at 64 rows and is 2.5x slower at 256; the int4 kernel is 2.7x slower
-than a bf16 product at 256 rows, but expanding int4 costs ~6 ms a matrix, which pays from
-about 1,024 rows. Shapes a kernel refuses (N not a multiple of 16, K not a multiple of
-the group, a CUDA tensor where torch has no such kernel) fall back to the dense product on the
-dequantised weight. ``kernel_log`` counts which path ran, so results can say so.
+than a bf16 product at 256 rows, but expanding int4 costs ~7 ms a matrix, which pays from
+about 1,024 rows. With float32 activations both kernels are scalar loops (40-120x slower than
+in bf16), so they run only up to ``FLOAT32_KERNEL_ROWS`` rows. Shapes a kernel refuses (N not
+a multiple of 16, K not a multiple of the group, a CUDA tensor where torch has no such kernel)
+fall back to the dense product on the dequantised weight. ``kernel_log`` counts which path
+ran, so results can say so.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from quicksilver.errors import QuicksilverError
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 """What ``qs.load(..., weights=)`` accepts: a float dtype keeps the model's dense weights."""
 INT4_GROUPS = (32, 64, 128)
+FLOAT32_KERNEL_ROWS = 4
 # The CPU int4 kernel blocks output rows by 64: a band of rows can be multiplied on its own
 # when it starts on a block boundary.
 _INT4_BLOCK_N = 64
@@ -159,7 +162,10 @@ class QuantLinear(nn.Module):
         rows = slice(start, stop)
         flat = x.reshape(-1, self.in_features).to(self.dtype)
         y = None
-        if flat.shape[0] <= self.dequant_rows:
+        # torch's float32 weight-only kernels are scalar loops (40-120x slower than their
+        # bf16 paths here): in float32 they only pay for a handful of rows.
+        limit = FLOAT32_KERNEL_ROWS if self.dtype == torch.float32 else self.dequant_rows
+        if flat.shape[0] <= limit:
             y = self.kernel_product(flat, rows)
         if y is None:
             _note(f"{self.kernel_name}-dequant")
