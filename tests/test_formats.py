@@ -43,6 +43,12 @@ needs_int4 = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    """The same inputs on every run, whatever ran before (tolerances are stated for them)."""
+    torch.manual_seed(0)
+
+
 def converted(fmt: WeightFormat, config=FITS) -> torch.nn.Module:
     model = random_model(config, fast=False)
     convert_model(model, fmt)
@@ -145,9 +151,11 @@ def test_int4_shapes_the_kernel_refuses_fall_back(
     codes = quantize_int4(weight, group)
     linear = Int4Linear(codes, None, torch.bfloat16)
     assert not linear.use_kernel and linear.packed is None
-    x = torch.randn(2, in_features, dtype=torch.bfloat16)
+    x = torch.randn(2, in_features, generator=torch.Generator().manual_seed(7)).bfloat16()
     expected = x.float() @ codes.dequantize().T
-    torch.testing.assert_close(linear(x).float(), expected, rtol=0.02, atol=0.05)
+    # bf16 weights and output: within 2% of the largest output.
+    error = float((linear(x).float() - expected).abs().max())
+    assert error <= 0.02 * float(expected.abs().max()), error
 
 
 def test_int8_linear_guard_and_kernel() -> None:
