@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import quicksilver as qs
 from quicksilver.api import weight_format
 from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
@@ -14,7 +13,6 @@ from quicksilver.cli.options import add_compare, add_format_options
 from quicksilver.eval import throughput
 from quicksilver.eval.report import format_table, write_json_atomic
 from quicksilver.models.loading import DTYPES, parse_dtype
-from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "bench"
 
@@ -102,14 +100,6 @@ def run(args: argparse.Namespace) -> int:
     json_path = check_output(args.json, args)
     set_threads(args.threads)
 
-    config = qs.load(args.model, dtype=args.dtype).config
-    check_cache_fits(
-        config,
-        dtype,
-        rows=max(args.batch_sizes),
-        length=args.prompt_tokens + args.new_tokens - 1,
-        fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
-    )
     report = throughput.run_bench(
         args.model,
         dtype=args.dtype,

@@ -146,25 +146,8 @@ def evaluate_perplexity(
     )
     n_bytes = text.n_bytes if text is not None and complete else 0
     n_words = text.n_words if text is not None and complete else 0
-    nan = float("nan")
-    return PerplexityResult(
-        ppl=math.exp(nll_sum / scored),
-        nll_sum=nll_sum,
-        tokens=scored,
-        bits_per_byte=nll_sum / (n_bytes * math.log(2)) if n_bytes else nan,
-        byte_ppl=math.exp(nll_sum / n_bytes) if n_bytes else nan,
-        word_ppl=math.exp(nll_sum / n_words) if n_words else nan,
-        n_bytes=n_bytes,
-        n_words=n_words,
-        context=context,
-        stride=stride,
-        windows=len(plan),
-        flops=flops,
-        flops_per_token=flops["total"] / scored,
-        dense_flops_per_token=dense / scored,
-        seconds=meter.seconds,
-        peak_rss_bytes=meter.peak_rss_bytes,
-        peak_extra_bytes=meter.peak_extra_bytes,
+    return _result(
+        nll_sum, scored, n_bytes, n_words, context, stride, len(plan), flops, dense, meter
     )
 
 
@@ -226,25 +209,17 @@ def evaluate_rolling_perplexity(
     tokens = sum(len(w) - f for w, f in zip(windows, firsts, strict=True))
     n_bytes = sum(len(t.encode("utf-8")) for t in texts) if texts is not None else 0
     n_words = sum(len(re.split(r"\s+", t)) for t in texts) if texts is not None else 0
-    nan = float("nan")
-    return PerplexityResult(
-        ppl=math.exp(nll_sum / tokens),
-        nll_sum=nll_sum,
-        tokens=tokens,
-        bits_per_byte=nll_sum / (n_bytes * math.log(2)) if n_bytes else nan,
-        byte_ppl=math.exp(nll_sum / n_bytes) if n_bytes else nan,
-        word_ppl=math.exp(nll_sum / n_words) if n_words else nan,
-        n_bytes=n_bytes,
-        n_words=n_words,
-        context=max_length,
-        stride=max_length,
-        windows=len(windows),
-        flops=flops,
-        flops_per_token=flops["total"] / tokens,
-        dense_flops_per_token=dense / tokens,
-        seconds=meter.seconds,
-        peak_rss_bytes=meter.peak_rss_bytes,
-        peak_extra_bytes=meter.peak_extra_bytes,
+    return _result(
+        nll_sum,
+        tokens,
+        n_bytes,
+        n_words,
+        max_length,
+        max_length,
+        len(windows),
+        flops,
+        dense,
+        meter,
     )
 
 
@@ -373,3 +348,39 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
         picked = rows.gather(1, targets[start : start + LOSS_CHUNK, None]).squeeze(1)
         total += float((torch.logsumexp(rows, dim=1) - picked).double().sum())
     return total
+
+
+def _result(
+    nll_sum: float,
+    tokens: int,
+    n_bytes: int,
+    n_words: int,
+    context: int,
+    stride: int,
+    windows: int,
+    flops: dict[str, int],
+    dense: float,
+    meter: Meter,
+) -> PerplexityResult:
+    """The record both windowings report: perplexity per token, byte and word (lm-eval's
+    definitions; NaN where the counts are unknown) and what the run cost."""
+    nan = float("nan")
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / tokens),
+        nll_sum=nll_sum,
+        tokens=tokens,
+        bits_per_byte=nll_sum / (n_bytes * math.log(2)) if n_bytes else nan,
+        byte_ppl=math.exp(nll_sum / n_bytes) if n_bytes else nan,
+        word_ppl=math.exp(nll_sum / n_words) if n_words else nan,
+        n_bytes=n_bytes,
+        n_words=n_words,
+        context=context,
+        stride=stride,
+        windows=windows,
+        flops=flops,
+        flops_per_token=flops["total"] / tokens,
+        dense_flops_per_token=dense / tokens,
+        seconds=meter.seconds,
+        peak_rss_bytes=meter.peak_rss_bytes,
+        peak_extra_bytes=meter.peak_extra_bytes,
+    )

@@ -30,6 +30,7 @@ from quicksilver.api import load
 from quicksilver.errors import QuicksilverError
 from quicksilver.integrations.hf_reference import quiet_transformers
 from quicksilver.models import loading
+from quicksilver.runtime.cache import check_cache_fits
 from quicksilver.runtime.engine import Engine
 
 ENGINE_NAME = "quicksilver"
@@ -345,6 +346,13 @@ def run_bench(
     source = loading.resolve(model)
     say(f"reading the tokenizer of {model}")
     llm = load(model, dtype=dtype)  # prompts need the tokenizer; checked loading, too
+    check_cache_fits(
+        llm.config,
+        llm.model.dtype,
+        rows=max(batch_sizes),
+        length=prompt_tokens + new_tokens - 1,
+        fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
+    )
     if llm.tokenizer is None:
         raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
     if LLAMA_CPP_NAME in compare and source.kind != "gguf":
