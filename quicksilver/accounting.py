@@ -145,6 +145,9 @@ class FlopCounter:
     head_tokens: int = 0
     kv_only_tokens: int = 0  # halted tokens whose K/V were still projected, summed over layers
     weight_bytes: dict[int, int] = field(default_factory=dict)  # width (0 = full) -> bytes
+    # What the dense model would have spent on the same forwards (same tokens, same logits):
+    # counted by the runner beside the real work, so no caller re-simulates a run to compare.
+    dense: int = 0
 
     def __post_init__(self) -> None:
         if not self.per_layer:
@@ -177,6 +180,11 @@ class FlopCounter:
         self.head += n_tokens * head_flops_per_token(self.config)
         self.head_tokens += n_tokens
 
+    def add_dense_equivalent(self, n_tokens: int, attended_pairs: int, head_tokens: int) -> None:
+        """The dense cost of a forward of ``n_tokens`` whose queries may read
+        ``attended_pairs`` (query, key) pairs in every layer, with ``head_tokens`` logits."""
+        self.dense += dense_flops(self.config, n_tokens, attended_pairs, head_tokens)
+
     @property
     def total(self) -> int:
         return self.matmul + self.attention + self.head + self.checks
@@ -184,6 +192,7 @@ class FlopCounter:
     def reset(self) -> None:
         self.matmul = self.attention = self.head = self.checks = 0
         self.layer_tokens = self.head_tokens = self.kv_only_tokens = 0
+        self.dense = 0
         self.per_layer = [0] * self.config.n_layers
         self.weight_bytes = {}
 
@@ -197,6 +206,7 @@ class FlopCounter:
             "layer_tokens": self.layer_tokens,
             "head_tokens": self.head_tokens,
             "kv_only_tokens": self.kv_only_tokens,
+            "dense": self.dense,
         }
         for bits, key in WIDTH_KEYS.items():
             out[key] = self.weight_bytes.get(bits, 0)

@@ -76,10 +76,57 @@ class KVCache:
         self.prompt_end: torch.Tensor | None = None
         # Per-layer, per-slot policy state, allocated on first use: may the entry be read,
         # and the log of the number of tokens a (fused) entry stands for.
-        self.visible: torch.Tensor | None = None  # bool [L, B, T]
-        self.log_size: torch.Tensor | None = None  # float32 [L, B, T]
+        self._visible: torch.Tensor | None = None  # bool [L, B, T]
+        self._log_size: torch.Tensor | None = None  # float32 [L, B, T]
         self._adapted = False
         self._padded = False
+        # A view (``rows``) shares its root's storage; lazily allocated state lives there.
+        self._root: KVCache = self
+        self._first_row = 0
+
+    def rows(self, first: int, last: int) -> KVCache:
+        """Rows ``first..last-1`` as a cache of their own that shares this one's storage
+        (writes, rollbacks and policy state go through to it), so a forward can run a
+        contiguous part of a larger cache without copying it. The whole range is ``self``."""
+        if self._root is not self:
+            raise QuicksilverError("a view of a KV cache cannot be viewed again")
+        if not 0 <= first < last <= self.batch_size:
+            raise QuicksilverError(f"rows {first}..{last - 1} are not rows of this cache")
+        if first == 0 and last == self.batch_size:
+            self._refresh_shape_flags()
+            return self
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.k, view.v = self.k[:, first:last], self.v[:, first:last]
+        view.start, view.lengths = self.start[first:last], self.lengths[first:last]
+        view.prompt_end = None if self.prompt_end is None else self.prompt_end[first:last]
+        view._root, view._first_row = self, first
+        view._refresh_shape_flags()
+        return view
+
+    def _refresh_shape_flags(self) -> None:
+        """Derive the shared length and the padding flag from the per-row tensors (after rows
+        were written through a view, moved or reset)."""
+        lengths = self.lengths
+        same = bool((lengths == lengths[0]).all())
+        self._shared_length = int(lengths[0]) if same else None
+        self._padded = bool((self.start > 0).any())
+
+    @property
+    def visible(self) -> torch.Tensor | None:
+        """bool [L, B, T]: may the entry be read (None: every entry may)."""
+        root = self._root
+        if root._visible is None or root is self:
+            return root._visible
+        return root._visible[:, self._first_row : self._first_row + self.batch_size]
+
+    @property
+    def log_size(self) -> torch.Tensor | None:
+        """float32 [L, B, T]: log of the tokens each entry stands for (None: one each)."""
+        root = self._root
+        if root._log_size is None or root is self:
+            return root._log_size
+        return root._log_size[:, self._first_row : self._first_row + self.batch_size]
 
     # ------------------------------------------------------------------ shape and placement
 
@@ -100,26 +147,27 @@ class KVCache:
     @property
     def adapted(self) -> bool:
         """True while some entry is hidden or stands for several tokens: such a cache cannot
-        be read by the plain dense attention."""
-        return self._adapted
+        be read by the plain dense attention (kept for the whole cache, views included)."""
+        return self._root._adapted
 
     def left_pad(self, lengths: Sequence[int]) -> int:
         """Place rows of these prompt lengths right-aligned in a fresh cache; returns the
         block width (the longest prompt)."""
         longest = max(lengths)
-        self.start = torch.tensor([longest - n for n in lengths], dtype=torch.long)
+        self.start.copy_(torch.tensor([longest - n for n in lengths], dtype=torch.long))
         self._padded = any(n != longest for n in lengths)
         return longest
 
     def set_prompt_end(self, ends: int | Sequence[int] | None = None) -> None:
         """Where each row's prompt ends (one slot for all rows or one per row; None: what is
         written so far is prompt). Slots from there on hold generated tokens."""
-        if ends is None:
-            self.prompt_end = self.lengths.clone()
+        value = self.lengths if ends is None else torch.as_tensor(ends, dtype=torch.long)
+        if self.prompt_end is not None:  # in place: a view shares it with its whole cache
+            self.prompt_end.copy_(value.expand(self.batch_size))
+        elif self._root is not self:
+            raise QuicksilverError("set the prompt boundary on the whole cache before its views")
         else:
-            self.prompt_end = (
-                torch.as_tensor(ends, dtype=torch.long).expand(self.batch_size).clone()
-            )
+            self.prompt_end = value.expand(self.batch_size).clone()
 
     def reserve(self, n: int) -> tuple[torch.Tensor, int | None]:
         """Claim each row's next ``n`` slots: ([B, n] slots, the first slot if shared by
@@ -164,23 +212,26 @@ class KVCache:
 
     def hide(self, layer: int, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Entries that later queries must not read (skipped or merged-away tokens)."""
-        if self.visible is None:
-            self.visible = torch.ones(
-                self.k.shape[:2] + (self.max_len,), dtype=torch.bool, device=self.k.device
+        root = self._root
+        if root._visible is None:
+            root._visible = torch.ones(
+                root.k.shape[:2] + (root.max_len,), dtype=torch.bool, device=root.k.device
             )
         self.visible[layer, rows, slots] = False
-        self._adapted = True
+        root._adapted = True
 
     def set_log_sizes(
         self, layer: int, rows: torch.Tensor, slots: torch.Tensor, log_sizes: torch.Tensor
     ) -> torch.Tensor:
         """Record how many tokens each entry stands for; returns the layer's [B, T] table."""
-        if self.log_size is None:
-            self.log_size = torch.zeros(self.k.shape[:2] + (self.max_len,), device=self.k.device)
-        self.log_size[layer, rows, slots] = log_sizes
+        root = self._root
+        if root._log_size is None:
+            root._log_size = torch.zeros(root.k.shape[:2] + (root.max_len,), device=root.k.device)
+        table = self.log_size
+        table[layer, rows, slots] = log_sizes
         if bool((log_sizes != 0).any()):
-            self._adapted = True
-        return self.log_size[layer]
+            root._adapted = True
+        return table[layer]
 
     # ------------------------------------------------------------------ rollback
 
@@ -219,9 +270,50 @@ class KVCache:
                 self.log_size[:, row, begin:end] = 0
             self.lengths[row] = begin
         if self.prompt_end is not None:
-            self.prompt_end = torch.minimum(self.prompt_end, self.lengths)
-        same = bool((self.lengths == self.lengths[0]).all())
-        self._shared_length = int(self.lengths[0]) if same else None
-        self._adapted = (self.visible is not None and not bool(self.visible.all())) or (
-            self.log_size is not None and bool((self.log_size != 0).any())
+            torch.minimum(self.prompt_end, self.lengths, out=self.prompt_end)
+        self._refresh_shape_flags()
+        self._root._recheck_adapted()
+
+    def _recheck_adapted(self) -> None:
+        visible, log_size = self._visible, self._log_size
+        self._adapted = (visible is not None and not bool(visible.all())) or (
+            log_size is not None and bool((log_size != 0).any())
         )
+
+    # ------------------------------------------------------------------ rows that come and go
+
+    @torch.inference_mode()
+    def move_row(self, source: int, target: int) -> None:
+        """Copy row ``source``'s entries and state into row ``target`` (of the whole cache),
+        so the rows in use stay contiguous when one leaves; ``source`` is reset."""
+        if self._root is not self:
+            raise QuicksilverError("rows are moved in the whole cache, not in a view")
+        end = int(self.lengths[source])
+        self.k[:, target, :, :end] = self.k[:, source, :, :end]
+        self.v[:, target, :, :end] = self.v[:, source, :, :end]
+        for table in (self._visible, self._log_size):
+            if table is not None:
+                table[:, target] = table[:, source]
+        self.start[target] = self.start[source]
+        self.lengths[target] = self.lengths[source]
+        if self.prompt_end is not None:
+            self.prompt_end[target] = self.prompt_end[source]
+        self.reset_row(source)
+
+    @torch.inference_mode()
+    def reset_row(self, row: int) -> None:
+        """Empty row ``row`` (of the whole cache) for a new sequence: as if never written."""
+        if self._root is not self:
+            raise QuicksilverError("rows are reset in the whole cache, not in a view")
+        end = int(self.lengths[row])
+        self.k[:, row, :, :end] = 0
+        self.v[:, row, :, :end] = 0
+        if self._visible is not None:
+            self._visible[:, row] = True
+        if self._log_size is not None:
+            self._log_size[:, row] = 0
+        self.start[row] = 0
+        self.lengths[row] = 0
+        if self.prompt_end is not None:
+            self.prompt_end[row] = 0
+        self._recheck_adapted()

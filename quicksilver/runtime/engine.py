@@ -136,6 +136,12 @@ class Engine:
         ):
             return self._compiled_step(tokens, cache)
         context = context or self.context(cache, n_new)
+        if isinstance(logits_at, str):
+            head_rows = batch if logits_at == "last" else batch * n_new
+        else:
+            head_rows = batch * len(logits_at)
+        dense_pairs = context.attended_pairs()
+        self.counter.add_dense_equivalent(batch * n_new, dense_pairs, head_rows)
         active = None
         if not dense:
             active = ActiveTokens(policy, self.model, context, self.counter)
@@ -144,7 +150,6 @@ class Engine:
         counter.add_embedding(batch * n_new)
         flat = h.reshape(batch * n_new, -1)
         full_bytes = self.model.layer_weight_bytes()
-        dense_pairs: int | None = None
         for i, block in enumerate(self.model.blocks):
             index = None if active is None else active.running(i)
             widths = None if active is None else active.widths(index)
@@ -152,7 +157,6 @@ class Engine:
                 before = flat
                 flat = self._dense_layer(block, i, flat.view(batch, n_new, -1), context, widths)
                 flat = flat.reshape(batch * n_new, -1)
-                dense_pairs = context.attended_pairs() if dense_pairs is None else dense_pairs
                 counter.add_layer(i, batch * n_new, dense_pairs)
                 after = flat
             else:
@@ -190,6 +194,7 @@ class Engine:
         batch = tokens.shape[0]
         pairs = batch * self.compiled.read_len(cache, slots)
         counter = self.counter
+        counter.add_dense_equivalent(batch, pairs, batch)
         counter.add_embedding(batch)
         layer_bytes = self.model.layer_weight_bytes()
         for layer in range(self.config.n_layers):

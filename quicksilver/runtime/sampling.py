@@ -146,16 +146,35 @@ def sample_next(
     Non-finite logits mean the model is broken (overflow in half precision, damaged
     weights); they raise a QuicksilverError instead of yielding an arbitrary token.
     """
+    check_logits(logits)
+    if config.greedy:
+        return logits.argmax(dim=-1)
+    probs = probabilities(logits, config)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+class NonFiniteLogits(QuicksilverError):
+    """The model's logits hold NaN or inf: no token can be chosen."""
+
+
+def check_logits(logits: torch.Tensor) -> None:
+    """[B, V] finite logits, or a NonFiniteLogits naming the likely causes."""
     if logits.dim() != 2 or logits.shape[-1] == 0:
         raise ValueError(f"expected logits of shape [batch, vocab], got {tuple(logits.shape)}")
     if not bool(torch.isfinite(logits).all()):
-        raise QuicksilverError(
+        raise NonFiniteLogits(
             "the model produced NaN/inf logits, so no token can be chosen; its weights may "
             "be damaged or overflow in this dtype (try --dtype float32 or another checkpoint)"
         )
-    if config.greedy:
-        return logits.argmax(dim=-1)
 
+
+def probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution plain sampling draws from: [B, V] float64 after temperature, top-k
+    and top-p (greedy: all mass on the argmax). Verified decoding accepts and resamples
+    drafted tokens against exactly this distribution, so it stays lossless."""
+    if config.greedy:
+        probs = torch.zeros(logits.shape, dtype=torch.float64)
+        return probs.scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
     # Shift so the best token scores 0: dividing by a tiny temperature then sends the others
     # to -inf (probability 0) instead of sending the best to +inf (NaN after softmax). float64
     # keeps temperatures and top_p values below float32's range from rounding to 0.
@@ -176,5 +195,4 @@ def sample_next(
         drop[:, 0] = False
         sorted_scores = sorted_scores.masked_fill(drop, -math.inf)
         scores = torch.empty_like(scores).scatter_(-1, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return torch.softmax(scores, dim=-1)

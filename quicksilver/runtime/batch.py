@@ -1,0 +1,475 @@
+"""Rows that come and go: the step core every generation runs through.
+
+A ``StepBatch`` owns one KV cache of ``max_rows`` rows and a table of rows (each with its
+prompt, its own sampling settings and seeded generator, stop ids, token budget and finish
+state). Rows are *admitted* at any time and wait until a cache row is free; ``step()`` then
+
+1. prefills waiting rows, left-padded together as a group and fed in chunks of at most
+   ``prefill_tokens`` prompt tokens per step, so rows already running keep streaming while a
+   long prompt goes in (vLLM's ``max_num_batched_tokens`` idea), and
+2. runs one forward for the running rows, in which each row feeds its last token plus any
+   drafted tokens (``speculative``): the drafts the model agrees with are accepted, the rest
+   rolled back with ``KVCache.truncate`` (policy state included), so the output is exactly the
+   plain decoder's. Without drafts this is ordinary one-token-per-step decoding.
+
+It returns per-row events (new tokens, their log-probs when asked, a finish reason). A row
+that finishes or is cancelled leaves at once: the last row in use moves into its cache row,
+so the rows in use stay contiguous and every forward runs on a slice of the cache (no
+gathers, no rows riding along). Single-threaded: the caller (``LLM``) serialises access.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from quicksilver.errors import QuicksilverError
+from quicksilver.runtime.drafting import SpeculativeConfig, draft_tokens
+from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.sampling import (
+    SamplingConfig,
+    check_logits,
+    make_generator,
+    probabilities,
+    sample_next,
+)
+
+# Prompt tokens fed per step while rows are running; a prompt longer than this goes in chunks.
+DEFAULT_PREFILL_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What one row asks for. ``logprobs``: None for none, k >= 0 for the chosen token's
+    log-prob and the k most likely alternatives at each generated position."""
+
+    prompt: tuple[int, ...]
+    max_new_tokens: int
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None
+    speculative: SpeculativeConfig | None = None
+
+
+@dataclass
+class RowEvent:
+    """What one step produced for one row."""
+
+    row: int
+    tokens: list[int]
+    logprobs: list[float] | None = None
+    top: list[list[tuple[int, float]]] | None = None
+    finish_reason: str | None = None  # "stop", "length"; None while the row runs
+
+
+@dataclass
+class StepStats:
+    """Time and work of a StepBatch so far (compilation kept apart from decoding)."""
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    decode_steps: int = 0  # forwards over the running rows
+    decode_row_steps: int = 0  # rows x decode forwards
+    drafts: int = 0  # rows that fed drafted tokens in a step
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_at: list[int] = field(default_factory=list)  # accepted count per draft position
+
+
+class Row:
+    """A row's state in the table (read-only for callers)."""
+
+    def __init__(self, row_id: int, spec: RowSpec, pad: int) -> None:
+        self.id = row_id
+        self.spec = spec
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.generator = make_generator(spec.sampling)
+        self.flops = 0.0  # this row's share of the counted FLOPs of the forwards it was in
+        self.dense_flops = 0.0  # and of what the dense model would have spent on them
+        self.padded: torch.Tensor | None = None  # the left-padded prompt while prefilling
+        self._pad = pad
+
+    @property
+    def running(self) -> bool:
+        return self.finish_reason is None
+
+    @property
+    def remaining(self) -> int:
+        return self.spec.max_new_tokens - len(self.tokens)
+
+
+class StepBatch:
+    """Continuous batching over one KV cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_rows: int,
+        max_len: int,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+        lookahead: int = 0,
+    ) -> None:
+        if max_rows < 1 or max_len < 1 or prefill_tokens < 1 or lookahead < 0:
+            raise QuicksilverError(
+                "a step batch needs max_rows, max_len and prefill_tokens >= 1, lookahead >= 0"
+            )
+        self.engine = engine
+        self.max_rows = max_rows
+        self.max_len = max_len
+        self.lookahead = lookahead
+        self.prefill_tokens = prefill_tokens
+        self.cache = engine.new_cache(max_rows, max_len + lookahead)
+        self.cache.set_prompt_end(0)
+        self.pad_id = pad_token_id(engine.config)
+        self.stats = StepStats()
+        self._ids = itertools.count()
+        self._rows: dict[int, Row] = {}
+        self._waiting: deque[Row] = deque()
+        self._running: list[Row] = []  # cache rows 0..R-1, in this order
+        self._group: list[Row] = []  # cache rows R..R+P-1, their prompts going in
+        self._group_width = 0
+        self._group_cursor = 0
+
+    # ------------------------------------------------------------ the row table
+
+    def fit_error(self, spec: RowSpec) -> str | None:
+        """Why a row cannot run in this batch (None if it can): the one fit rule. The
+        prompt and every generated token but the last go through the cache."""
+        if not spec.prompt:
+            return "the prompt has no tokens"
+        if spec.max_new_tokens < 1:
+            return f"max_new_tokens must be at least 1, got {spec.max_new_tokens}"
+        need = len(spec.prompt) + spec.max_new_tokens - 1
+        if need > self.max_len:
+            return (
+                f"the prompt ({len(spec.prompt)} tokens) and {spec.max_new_tokens} new tokens "
+                f"need {need} positions, more than the {self.max_len} this batch holds"
+            )
+        if spec.speculative is not None and spec.speculative.num_tokens > self.lookahead:
+            return (
+                f"{spec.speculative.num_tokens} drafted tokens need lookahead room; this batch "
+                f"has {self.lookahead}"
+            )
+        return None
+
+    def admit(self, spec: RowSpec) -> int:
+        """Queue a row; it starts when a cache row is free. Returns its id."""
+        error = self.fit_error(spec)
+        if error is not None:
+            raise QuicksilverError(error)
+        row = Row(next(self._ids), spec, self.pad_id)
+        self._rows[row.id] = row
+        self._waiting.append(row)
+        return row.id
+
+    def row(self, row_id: int) -> Row:
+        return self._rows[row_id]
+
+    def finish(self, row_id: int, reason: str = "stop") -> None:
+        """End a row now (a stop string, a client gone); its cache row is free at once."""
+        row = self._rows.pop(row_id, None)
+        if row is None:
+            return
+        if row.finish_reason is None:
+            row.finish_reason = reason
+        self._free(row)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._group or self._running)
+
+    @property
+    def active_rows(self) -> int:
+        """Rows holding a cache row (running or having their prompt fed)."""
+        return len(self._running) + len(self._group)
+
+    @property
+    def waiting_rows(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def step(self) -> list[RowEvent]:
+        """Prefill what waits (a chunk), decode what runs; events in row order of the table."""
+        events: dict[int, RowEvent] = {}
+        if not self._group:
+            self._start_group()
+        decoding = len(self._running)
+        if self._group:
+            self._prefill_chunk(events)
+        if decoding:
+            self._decode(decoding, events)
+        for event in events.values():
+            if event.finish_reason is not None:
+                row = self._rows.pop(event.row, None)
+                if row is not None:
+                    self._free(row)
+        return list(events.values())
+
+    def _start_group(self) -> None:
+        """Give the oldest waiting rows cache rows, as many as fit the prefill budget (the
+        first always goes, in chunks if it is long)."""
+        free = self.max_rows - len(self._running)
+        group: list[Row] = []
+        width = 0
+        while self._waiting and len(group) < free:
+            candidate = max(width, len(self._waiting[0].spec.prompt))
+            if group and (len(group) + 1) * candidate > self.prefill_tokens:
+                break
+            group.append(self._waiting.popleft())
+            width = candidate
+        if not group:
+            return
+        first = len(self._running)
+        view = self.cache.rows(first, first + len(group))
+        view.left_pad([len(r.spec.prompt) for r in group])
+        view.set_prompt_end(width)
+        for row in group:
+            padded = torch.full((width,), self.pad_id, dtype=torch.long)
+            padded[width - len(row.spec.prompt) :] = torch.tensor(row.spec.prompt)
+            row.padded = padded
+        self._group, self._group_width, self._group_cursor = group, width, 0
+
+    def _prefill_chunk(self, events: dict[int, RowEvent]) -> None:
+        group, first = self._group, len(self._running)
+        cursor, width = self._group_cursor, self._group_width
+        columns = min(width - cursor, max(1, self.prefill_tokens // len(group)))
+        if splits_change_output(self.engine.policy):
+            columns = width - cursor  # one forward: how tokens are split would change them
+        block = torch.stack([r.padded[cursor : cursor + columns] for r in group])
+        last = cursor + columns == width
+        view = self.cache.rows(first, first + len(group))
+        engine = self.engine
+        before = engine.counter.summary()
+        start = time.perf_counter()
+        logits = engine.forward(block, view, logits_at="last" if last else torch.arange(0))
+        self.stats.prefill_seconds += time.perf_counter() - start
+        self._attribute(group, [columns] * len(group), before)
+        self._group_cursor = cursor + columns
+        if not last:
+            return
+        chosen = self._choose(group, logits)
+        self._running.extend(group)
+        self._group, self._group_width, self._group_cursor = [], 0, 0
+        for row, token in zip(group, chosen, strict=True):
+            row.padded = None
+            self._emit(row, [token], logits[group.index(row)].unsqueeze(0), events)
+
+    def _decode(self, n: int, events: dict[int, RowEvent]) -> None:
+        rows = self._running[:n]
+        drafts = [self._drafts(row) for row in rows]
+        k = max(map(len, drafts))
+        fed = torch.empty((n, k + 1), dtype=torch.long)
+        for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
+            # Rows with fewer drafts repeat their last token: computed, then rolled back.
+            fed[i] = torch.tensor([row.tokens[-1], *draft] + [row.tokens[-1]] * (k - len(draft)))
+        engine, stats = self.engine, self.stats
+        view = self.cache.rows(0, n)
+        before = engine.counter.summary()
+        compiled_before = engine.compile_seconds
+        start = time.perf_counter()
+        logits = engine.forward(fed, view, logits_at="last" if k == 0 else "all")
+        if k == 0:
+            chosen = self._choose(rows, logits)
+            for row, token, row_logits in zip(rows, chosen, logits, strict=True):
+                self._emit(row, [token], row_logits.unsqueeze(0), events)
+        else:
+            self._verify(rows, drafts, fed, logits, view, events)
+        compiled = engine.compile_seconds - compiled_before
+        stats.compile_seconds += compiled
+        stats.decode_seconds += time.perf_counter() - start - compiled
+        stats.decode_steps += 1
+        stats.decode_row_steps += n
+        self._attribute(rows, [k + 1] * n, before)
+
+    # ------------------------------------------------------------ choosing tokens
+
+    def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
+        """One token per row ([N, V] logits), each with its own settings and generator: a
+        seeded row draws from its own generator alone, so its text does not depend on which
+        rows share the batch."""
+        check_logits(logits)
+        best = logits.argmax(dim=-1).tolist()
+        chosen = []
+        for i, row in enumerate(rows):
+            sampling = row.spec.sampling
+            if sampling.greedy:
+                chosen.append(best[i])
+            else:
+                chosen.append(int(sample_next(logits[i : i + 1], sampling, row.generator)[0]))
+        return chosen
+
+    def _drafts(self, row: Row) -> list[int]:
+        config = row.spec.speculative
+        if config is None or row.remaining <= 1:
+            return []
+        if splits_change_output(self.engine.policy):
+            raise QuicksilverError(
+                "verified decoding is exact only when tokens do not interact inside a forward; "
+                "fusion merges them, so turn fusion off or speculative off"
+            )
+        limit = min(config.num_tokens, row.remaining - 1)
+        return draft_tokens(config, row.spec.prompt, row.tokens, limit)
+
+    def _verify(
+        self,
+        rows: list[Row],
+        drafts: list[list[int]],
+        fed: torch.Tensor,
+        logits: torch.Tensor,
+        view,
+        events: dict[int, RowEvent],
+    ) -> None:
+        """Accept each row's drafted tokens as far as the full model agrees (greedy: the
+        argmax; sampling: the lossless rejection rule), emit them and the model's own next
+        token, and roll back the slots of the rest."""
+        k = fed.shape[1] - 1
+        check_logits(logits.reshape(-1, logits.shape[-1]))
+        rollback = []
+        stats = self.stats
+        for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
+            accepted, token = accept_drafts(logits[i], draft, row.spec.sampling, row.generator)
+            emitted = draft[:accepted] + [token]
+            rollback.append(k - accepted)
+            if draft:
+                stats.drafts += 1
+                stats.draft_tokens += len(draft)
+                stats.accepted_tokens += accepted
+                while len(stats.accepted_at) < len(draft):
+                    stats.accepted_at.append(0)
+                for position in range(accepted):
+                    stats.accepted_at[position] += 1
+            self._emit(row, emitted, logits[i, : accepted + 1], events)
+        view.truncate(torch.tensor(rollback), list(range(len(rows))))
+
+    def _emit(
+        self, row: Row, tokens: list[int], logits: torch.Tensor, events: dict[int, RowEvent]
+    ) -> None:
+        """Append tokens to a row up to a stop id or its budget; record the event."""
+        event = events.get(row.id)
+        if event is None:
+            event = events[row.id] = RowEvent(row.id, [])
+            if row.spec.logprobs is not None:
+                event.logprobs, event.top = [], []
+        kept = []
+        for token in tokens:
+            kept.append(token)
+            row.tokens.append(token)
+            if token in row.spec.stop_ids:
+                row.finish_reason = "stop"
+            elif row.remaining <= 0:
+                row.finish_reason = "length"
+            if row.finish_reason is not None:
+                break
+        event.tokens.extend(kept)
+        event.finish_reason = row.finish_reason
+        if row.spec.logprobs is not None:
+            logprobs = torch.log_softmax(logits[: len(kept)].float(), dim=-1)
+            picked = logprobs.gather(1, torch.tensor(kept)[:, None])[:, 0]
+            event.logprobs.extend(picked.tolist())
+            top = row.spec.logprobs
+            if top:
+                values, indices = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+                event.top.extend(
+                    list(zip(i, v, strict=True))
+                    for i, v in zip(indices.tolist(), values.tolist(), strict=True)
+                )
+            else:
+                event.top.extend([] for _ in kept)
+
+    # ------------------------------------------------------------ cost and cache rows
+
+    def _attribute(self, rows: list[Row], fed: list[int], before: dict[str, int]) -> None:
+        """Split a forward's counted and dense-equivalent FLOPs among its rows by the tokens
+        each fed (the engine counted both while it ran)."""
+        spent = self.engine.counter.since(before)
+        total = sum(fed) or 1
+        for row, n in zip(rows, fed, strict=True):
+            row.flops += spent["total"] * n / total
+            row.dense_flops += spent["dense"] * n / total
+
+    def _free(self, row: Row) -> None:
+        """Take a finished or cancelled row out; keep the rows in use contiguous."""
+        cache = self.cache
+        if row in self._waiting:
+            self._waiting.remove(row)
+            return
+        running, group = self._running, self._group
+        if row in running:
+            hole, last = running.index(row), len(running) - 1
+            if hole != last:
+                cache.move_row(last, hole)
+                running[hole] = running[last]
+            else:
+                cache.reset_row(last)
+            running.pop()
+            if group:  # the group's last row moves down into the freed cache row
+                cache.move_row(last + len(group), last)
+                group.insert(0, group.pop())
+        elif row in group:
+            first = len(running)
+            hole, last = group.index(row), len(group) - 1
+            if hole != last:
+                cache.move_row(first + last, first + hole)
+                group[hole] = group[last]
+            else:
+                cache.reset_row(first + last)
+            group.pop()
+            if not group:
+                self._group_width = self._group_cursor = 0
+
+
+def accept_drafts(
+    logits: torch.Tensor,
+    draft: list[int],
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Verify one row's drafted tokens against the model's logits at the fed positions
+    ([len(draft) + 1 or more, V]: position j predicts the token after the j-th fed one).
+
+    Returns (drafted tokens accepted, the token the model adds after them). Greedy accepts
+    while the draft equals the argmax. Sampling uses the lossless rule for a drafter that
+    proposes one token with certainty: accept it with probability p(token) (= min(1, p/q) for
+    q = 1), else draw from p with that token removed and renormalised (= max(0, p - q)); the
+    emitted tokens are then distributed exactly as plain sampling's.
+    """
+    if sampling.greedy:
+        best = logits[: len(draft) + 1].argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == best[accepted]:
+            accepted += 1
+        return accepted, best[accepted]
+    probs = probabilities(logits[: len(draft) + 1], sampling)
+    for position, token in enumerate(draft):
+        p = probs[position]
+        if float(torch.rand((), generator=generator, dtype=torch.float64)) < float(p[token]):
+            continue
+        residual = p.clone()
+        residual[token] = 0.0
+        total = float(residual.sum())
+        if total <= 0.0:  # p was all on the drafted token: it cannot be rejected
+            continue
+        return position, int(torch.multinomial(residual / total, 1, generator=generator))
+    bonus = torch.multinomial(probs[len(draft)], 1, generator=generator)
+    return len(draft), int(bonus)
+
+
+def splits_change_output(policy) -> bool:
+    """Whether feeding tokens in one forward or in several gives different results under
+    ``policy``: fusion merges a token into the next one of the same forward, so a prompt
+    fed in chunks, or drafts verified together, would not be what plain decoding computes."""
+    return policy is not None and any(m.name == "fusion" for m in policy.active)
+
+
+def pad_token_id(config) -> int:
+    """The one filler id for positions nobody reads (left padding, rolled-back drafts)."""
+    return config.eos_token_ids[0] if config.eos_token_ids else 0
