@@ -14,6 +14,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from quicksilver.api import (
     LLM,
+    Batch,
+    BatchEvent,
     Completion,
     GenerationOutput,
     InvalidArgument,
@@ -35,6 +37,8 @@ except PackageNotFoundError:  # a source tree that was never installed
 __all__ = [
     "DEFAULT_MODEL",
     "LLM",
+    "Batch",
+    "BatchEvent",
     "Completion",
     "GenerationOutput",
     "InvalidArgument",

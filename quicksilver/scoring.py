@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from quicksilver.accounting import causal_pairs, dense_flops
 from quicksilver.errors import QuicksilverError
+from quicksilver.runtime.batch import pad_token_id
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.sampling import check_logits
 
 # Logits of one forward are [rows, columns, vocab] floats; keep a forward's share below this.
 MAX_LOGIT_ELEMENTS = 2**26
@@ -84,40 +85,38 @@ def forward_chunks(lengths: Sequence[int], vocab: int) -> list[list[int]]:
     return chunks
 
 
-def dense_scoring_flops(
-    config: Any, sequences: Sequence[Sequence[int]], firsts: Sequence[int]
-) -> int:
-    """What ``score_tokens`` costs the dense model, forward by forward (right padding and
-    the LM head's columns included), so that a policy's counted FLOPs can be set against
-    the dense cost of exactly the same forwards."""
-    total = 0
-    for chunk in forward_chunks([len(s) for s in sequences], config.vocab_size):
-        width = max(len(sequences[i]) - 1 for i in chunk)
-        columns = width - min(firsts[i] - 1 for i in chunk)
-        pairs = len(chunk) * causal_pairs(width, config.sliding_window)
-        total += dense_flops(config, len(chunk) * width, pairs, len(chunk) * columns)
-    return total
-
-
 @torch.inference_mode()
+def forced_logits(
+    engine: Engine,
+    sequences: Sequence[Sequence[int]],
+    first_column: int,
+    prompt_ends: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """The one teacher-forced forward: every sequence but its last token, right-padded into
+    one block (attention is causal, so a real token never sees the padding after it), with
+    logits only at columns ``first_column``.. (column c predicts token c + 1): [B, C, V].
+    ``prompt_ends`` sets where each prompt ends (SkipDecode counts generated positions from
+    there); by default every token is prompt."""
+    inputs = [list(ids[:-1]) for ids in sequences]
+    width = max(map(len, inputs))
+    block = torch.full((len(inputs), width), pad_token_id(engine.config), dtype=torch.long)
+    for r, ids in enumerate(inputs):
+        block[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    cache = engine.new_cache(len(inputs), width)
+    if prompt_ends is not None:
+        cache.set_prompt_end(list(prompt_ends))
+    return engine.forward(block, cache, logits_at=torch.arange(first_column, width))
+
+
 def _forward(
     sequences: list[Sequence[int]], firsts: list[int], engine: Engine, top: int
 ) -> list[TokenScores]:
-    inputs = [list(ids[:-1]) for ids in sequences]
-    width = max(map(len, inputs))
-    pad = engine.config.eos_token_ids[0] if engine.config.eos_token_ids else 0
-    block = torch.full((len(inputs), width), pad, dtype=torch.long)
-    for r, ids in enumerate(inputs):
-        block[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    # Column c predicts token c + 1: the earliest column any row needs is its first - 1.
     low = min(first - 1 for first in firsts)
-    cache = engine.new_cache(len(inputs), width)
-    logits = engine.forward(block, cache, logits_at=torch.arange(low, width))
+    logits = forced_logits(engine, sequences, low)
     results = []
     for r, (ids, first) in enumerate(zip(sequences, firsts, strict=True)):
         row = logits[r, first - 1 - low : len(ids) - 1 - low].float()
-        if not torch.isfinite(row).all():
-            raise QuicksilverError("the model produced non-finite logits; try dtype float32")
+        check_logits(row)
         logprobs = torch.log_softmax(row, dim=-1)
         targets = torch.tensor(ids[first:], dtype=torch.long)
         chosen = logprobs.gather(1, targets[:, None])[:, 0]
@@ -202,10 +201,18 @@ def rolling_requests(
     return windows, firsts
 
 
-def prefix_token_id(tokenizer: Any, eos_token_ids: Sequence[int] = ()) -> int:
-    """What stands before a document (or an empty context) in lm-evaluation-harness's
-    scoring: BOS, else EOS, as the harness's ``hf`` model chooses."""
-    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id, *eos_token_ids):
+def prefix_token_id(
+    tokenizer: Any, eos_token_ids: Sequence[int] = (), bos_token_id: int | None = None
+) -> int:
+    """What stands before a document or for an empty context in lm-evaluation-harness's
+    scoring: BOS (the tokenizer's, else the model's), else EOS — the one rule."""
+    candidates = (
+        getattr(tokenizer, "bos_token_id", None),
+        bos_token_id,
+        getattr(tokenizer, "eos_token_id", None),
+        *eos_token_ids,
+    )
+    for token in candidates:
         if token is not None:
             return int(token)
     raise QuicksilverError("the model has no BOS or EOS token to start a document with")

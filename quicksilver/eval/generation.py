@@ -21,7 +21,9 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies.stack import Policy
-from quicksilver.runtime.engine import Engine, GenerationResult
+from quicksilver.runtime.batch import GenerationResult
+from quicksilver.runtime.engine import Engine
+from quicksilver.scoring import forced_logits
 
 
 def wikitext_prompts(text: str, n: int, min_words: int = 6) -> list[str]:
@@ -80,13 +82,11 @@ def dense_nll(engine: Engine, prompt: Sequence[int], continuation: Sequence[int]
 def teacher_forced_logits(
     engine: Engine, prompt: Sequence[int], continuation: Sequence[int]
 ) -> torch.Tensor:
-    """Logits predicting each token of ``continuation`` [T, V] from one forward over prompt +
-    continuation, with the prompt boundary set (what generation's step count starts from)."""
-    tokens = torch.tensor([list(prompt) + list(continuation)])
-    cache = engine.new_cache(1, tokens.shape[1])
-    cache.set_prompt_end(len(prompt))
-    columns = torch.arange(len(prompt) - 1, tokens.shape[1] - 1)
-    return engine.forward(tokens, cache, logits_at=columns)[0]
+    """Logits predicting each token of ``continuation`` [T, V] from the one teacher-forced
+    forward over prompt + continuation, with the prompt boundary set (what generation's step
+    count starts from)."""
+    sequence = [*prompt, *continuation]
+    return forced_logits(engine, [sequence], len(prompt) - 1, prompt_ends=[len(prompt)])[0]
 
 
 def summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from quicksilver.accounting import Meter, causal_pairs, dense_flops
+from quicksilver.accounting import Meter
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.report import jsonable
-from quicksilver.scoring import dense_scoring_flops, rolling_requests, score_tokens
+from quicksilver.scoring import forced_logits, rolling_requests, score_tokens
 
 # Rows of logits turned into log-probabilities at once: bounds the float32 temporaries of the
 # loss to LOSS_CHUNK * vocab floats instead of another copy of the whole logits tensor.
@@ -136,14 +136,7 @@ def evaluate_perplexity(
     flops = counter.since(before)
 
     scored = sum(n for _, _, n in plan)
-    dense = dense_flops(
-        engine.config,
-        n_tokens=sum(end - begin for begin, end, _ in plan),
-        attended_pairs=sum(
-            causal_pairs(end - begin, engine.config.sliding_window) for begin, end, _ in plan
-        ),
-        head_tokens=scored,
-    )
+    dense = flops["dense"]  # the runner counted the dense model's cost of the same forwards
     n_bytes = text.n_bytes if text is not None and complete else 0
     n_words = text.n_words if text is not None and complete else 0
     return _result(
@@ -193,7 +186,7 @@ def evaluate_rolling_perplexity(
 
     counter = engine.counter
     before = counter.summary()
-    logprob, dense = 0.0, 0
+    logprob = 0.0
     batches = range(0, len(windows), batch_size)
     bar = tqdm(total=len(windows), disable=not progress, file=sys.stderr, unit="window")
     with Meter() as meter, bar:
@@ -201,9 +194,9 @@ def evaluate_rolling_perplexity(
             batch = windows[start : start + batch_size]
             scored = score_tokens(engine, batch, firsts[start : start + batch_size])
             logprob += math.fsum(s.total for s in scored)
-            dense += dense_scoring_flops(engine.config, batch, firsts[start : start + batch_size])
             bar.update(len(batch))
     flops = counter.since(before)
+    dense = flops["dense"]
 
     nll_sum = -logprob
     tokens = sum(len(w) - f for w, f in zip(windows, firsts, strict=True))
@@ -316,17 +309,14 @@ def _batches(plan: list[tuple[int, int, int]], batch_size: int) -> list[list[tup
 
 
 def _score_windows(engine: Any, tokens: torch.Tensor, group: list[tuple[int, int, int]]) -> float:
-    """Summed negative log-likelihood of the scored tokens of equally shaped windows."""
+    """Summed negative log-likelihood of the scored tokens of equally shaped windows: the
+    last ``n_scored`` tokens of each, through the one teacher-forced forward."""
     length = group[0][1] - group[0][0]
     n_scored = group[0][2]
-    block = torch.stack([tokens[begin:end] for begin, end, _ in group])
-    cache = engine.new_cache(len(group), length)
-    # Column c predicts token c + 1; the scored tokens are the last n_scored of the window.
-    columns = torch.arange(length - n_scored - 1, length - 1)
-    logits = engine.forward(block, cache, logits_at=columns)  # [B, n_scored, V]
+    windows = [tokens[begin:end].tolist() for begin, end, _ in group]
+    logits = forced_logits(engine, windows, length - n_scored - 1)  # [B, n_scored, V]
     check_finite_logits(logits)
-    targets = block[:, length - n_scored :]
-    del cache
+    targets = torch.tensor([w[length - n_scored :] for w in windows])
     return _nll(logits.flatten(0, 1), targets.flatten())
 
 

@@ -23,13 +23,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.drafting import SpeculativeConfig, draft_tokens
-from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import (
     SamplingConfig,
     check_logits,
@@ -37,6 +38,9 @@ from quicksilver.runtime.sampling import (
     probabilities,
     sample_next,
 )
+
+if TYPE_CHECKING:  # the runner drives generation through this module, never the reverse
+    from quicksilver.runtime.engine import Engine
 
 # Prompt tokens fed per step while rows are running; a prompt longer than this goes in chunks.
 DEFAULT_PREFILL_TOKENS = 512
@@ -74,7 +78,10 @@ class StepStats:
     decode_seconds: float = 0.0
     compile_seconds: float = 0.0
     decode_steps: int = 0  # forwards over the running rows
-    decode_row_steps: int = 0  # rows x decode forwards
+    decode_tokens: int = 0  # tokens those forwards produced
+    fed_tokens: int = 0  # token positions that went through the model, padding included
+    flops: dict[str, int] = field(default_factory=dict)  # counted in every forward
+    decode_flops: dict[str, int] = field(default_factory=dict)  # counted in decode forwards
     drafts: int = 0  # rows that fed drafted tokens in a step
     draft_tokens: int = 0
     accepted_tokens: int = 0
@@ -252,6 +259,7 @@ class StepBatch:
         start = time.perf_counter()
         logits = engine.forward(block, view, logits_at="last" if last else torch.arange(0))
         self.stats.prefill_seconds += time.perf_counter() - start
+        self.stats.fed_tokens += block.numel()
         self._attribute(group, [columns] * len(group), before)
         self._group_cursor = cursor + columns
         if not last:
@@ -287,8 +295,11 @@ class StepBatch:
         stats.compile_seconds += compiled
         stats.decode_seconds += time.perf_counter() - start - compiled
         stats.decode_steps += 1
-        stats.decode_row_steps += n
-        self._attribute(rows, [k + 1] * n, before)
+        stats.decode_tokens += sum(len(events[row.id].tokens) for row in rows)
+        stats.fed_tokens += fed.numel()
+        spent = self._attribute(rows, [k + 1] * n, before)
+        for key, value in spent.items():
+            stats.decode_flops[key] = stats.decode_flops.get(key, 0) + value
 
     # ------------------------------------------------------------ choosing tokens
 
@@ -387,14 +398,17 @@ class StepBatch:
 
     # ------------------------------------------------------------ cost and cache rows
 
-    def _attribute(self, rows: list[Row], fed: list[int], before: dict[str, int]) -> None:
+    def _attribute(self, rows: list[Row], fed: list[int], before: dict[str, int]) -> dict[str, int]:
         """Split a forward's counted and dense-equivalent FLOPs among its rows by the tokens
-        each fed (the engine counted both while it ran)."""
+        each fed (the engine counted both while it ran); returns what the forward spent."""
         spent = self.engine.counter.since(before)
+        for key, value in spent.items():
+            self.stats.flops[key] = self.stats.flops.get(key, 0) + value
         total = sum(fed) or 1
         for row, n in zip(rows, fed, strict=True):
             row.flops += spent["total"] * n / total
             row.dense_flops += spent["dense"] * n / total
+        return spent
 
     def _free(self, row: Row) -> None:
         """Take a finished or cancelled row out; keep the rows in use contiguous."""
@@ -473,3 +487,89 @@ def splits_change_output(policy) -> bool:
 def pad_token_id(config) -> int:
     """The one filler id for positions nobody reads (left padding, rolled-back drafts)."""
     return config.eos_token_ids[0] if config.eos_token_ids else 0
+
+
+# ---------------------------------------------------------------- a whole generation
+
+TokenCallback = Callable[[int, int], None]  # (prompt index, token id)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, without the prompt
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_steps: int
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
+    flops: dict[str, int] = field(default_factory=dict)  # prefill and decode
+    decode_flops: dict[str, int] = field(default_factory=dict)  # decode forwards only
+    compile_seconds: float = 0.0  # compiling decode steps, left out of decode_seconds
+    decode_tokens: int = 0  # tokens produced by decode forwards (not the prompts' forward)
+    fed_tokens: int = 0  # token positions through the model, left padding included
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def generate(
+    engine: Engine,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    stop_ids: Sequence[int] | None = None,
+    on_token: TokenCallback | None = None,
+    speculative: SpeculativeConfig | None = None,
+) -> GenerationResult:
+    """Every prompt to its end in one StepBatch (all prompts prefilled together, as one
+    left-padded block); each row stops at a stop id (default: the model's EOS ids) or after
+    ``max_new_tokens`` and leaves the batch at once."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise QuicksilverError("every prompt must contain at least one token")
+    if max_new_tokens < 1:
+        raise QuicksilverError("max_new_tokens must be at least 1")
+    lookahead = speculative.num_tokens if speculative is not None else 0
+    longest = max(len(p) for p in prompts)
+    batch = StepBatch(
+        engine,
+        max_rows=len(prompts),
+        max_len=longest + max_new_tokens - 1,
+        prefill_tokens=len(prompts) * longest,
+        lookahead=lookahead,
+    )
+    stops = frozenset(engine.config.eos_token_ids if stop_ids is None else stop_ids)
+    sampling = sampling or SamplingConfig()
+    ids = [
+        batch.admit(RowSpec(tuple(p), max_new_tokens, sampling, stops, speculative=speculative))
+        for p in prompts
+    ]
+    if sampling.seed is not None:  # one seed for the whole call: one generator, as before
+        shared = make_generator(sampling)
+        for row_id in ids:
+            batch.row(row_id).generator = shared
+    index = {row_id: i for i, row_id in enumerate(ids)}
+    rows = [batch.row(row_id) for row_id in ids]
+    while batch.has_work:
+        for event in batch.step():
+            if on_token is not None:
+                for token in event.tokens:
+                    on_token(index[event.row], token)
+    stats = batch.stats
+    return GenerationResult(
+        tokens=[row.tokens for row in rows],
+        prompt_tokens=sum(len(p) for p in prompts),
+        prefill_seconds=stats.prefill_seconds,
+        decode_seconds=stats.decode_seconds,
+        decode_steps=stats.decode_steps,
+        finish_reasons=[row.finish_reason or "stop" for row in rows],
+        flops=dict(stats.flops),
+        decode_flops=dict(stats.decode_flops),
+        compile_seconds=stats.compile_seconds,
+        decode_tokens=stats.decode_tokens,
+        fed_tokens=stats.fed_tokens,
+    )

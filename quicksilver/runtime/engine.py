@@ -9,9 +9,7 @@ out (never masked), so the counter and the clock see only what ran.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -21,35 +19,17 @@ from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
 from quicksilver.runtime.attention import attend
+from quicksilver.runtime.batch import (
+    GenerationResult,
+    TokenCallback,
+    generate,
+    pad_token_id,
+)
 from quicksilver.runtime.cache import KVCache, check_cache_fits
 from quicksilver.runtime.compiled import CompiledDecode
 from quicksilver.runtime.context import ForwardContext
-from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
-
-TokenCallback = Callable[[int, int], None]  # (row, token id)
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # generated ids per row, without the prompt
-    prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    decode_steps: int
-    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
-    flops: dict[str, int] = field(default_factory=dict)  # prefill and decode
-    decode_flops: dict[str, int] = field(default_factory=dict)  # decode steps only
-    compile_seconds: float = 0.0  # compiling decode steps, left out of decode_seconds
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        rows = len(self.tokens)
-        return rows * self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
-
+from quicksilver.runtime.drafting import SpeculativeConfig
+from quicksilver.runtime.sampling import SamplingConfig
 
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
 
@@ -267,8 +247,7 @@ class Engine:
         cache = self.new_cache(len(prompts), longest + max_new_tokens - 1)
         cache.left_pad([len(p) for p in prompts])
         cache.set_prompt_end(longest)
-        pad = self.config.eos_token_ids[0] if self.config.eos_token_ids else 0
-        block = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        block = torch.full((len(prompts), longest), pad_token_id(self.config), dtype=torch.long)
         for row, prompt in enumerate(prompts):
             block[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         return self.forward(block, cache), cache
@@ -280,118 +259,7 @@ class Engine:
         sampling: SamplingConfig | None = None,
         stop_ids: Sequence[int] | None = None,
         on_token: TokenCallback | None = None,
+        speculative: SpeculativeConfig | None = None,
     ) -> GenerationResult:
-        """Batched generation; each row stops at a stop id or after ``max_new_tokens``.
-
-        Finished rows keep riding along in the batch (uniform shapes), their tokens ignored;
-        their work is counted because it ran.
-        """
-        generation = self.start(prompts, max_new_tokens, sampling, stop_ids)
-        for new in generation:
-            if on_token is not None:
-                for row, token in new:
-                    on_token(row, token)
-        return generation.result()
-
-    def start(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_ids: Sequence[int] | None = None,
-    ) -> Generation:
-        """A batched generation to drive one step at a time (streaming, stop strings)."""
-        return Generation(self, prompts, max_new_tokens, sampling, stop_ids)
-
-
-class Generation:
-    """Batched generation, one step at a time: iterating yields, per step, the (row, token)
-    pairs produced (the first step's come from the prompts' forward). ``finish(row)`` ends a
-    row early (e.g. its text reached a stop string); ``result()`` sums up once iteration ends.
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None,
-        stop_ids: Sequence[int] | None,
-    ) -> None:
-        if max_new_tokens < 1:
-            raise QuicksilverError("max_new_tokens must be at least 1")
-        self.engine = engine
-        self.prompts = [list(p) for p in prompts]
-        self.max_new_tokens = max_new_tokens
-        self.sampling = sampling or SamplingConfig()
-        self.stops = set(engine.config.eos_token_ids if stop_ids is None else stop_ids)
-        self.tokens: list[list[int]] = [[] for _ in self.prompts]
-        self.finish_reasons: list[str | None] = [None] * len(self.prompts)
-        self.prefill_seconds = self.decode_seconds = 0.0
-        self.decode_steps = 0
-        self.compile_seconds = 0.0
-        self._flops_before: dict[str, int] = {}
-        self._flops_after_prefill: dict[str, int] = {}
-        self._ended = False
-
-    @property
-    def done(self) -> bool:
-        return all(reason is not None for reason in self.finish_reasons)
-
-    def finish(self, row: int, reason: str = "stop") -> None:
-        """End ``row`` now (its later tokens are not produced)."""
-        if self.finish_reasons[row] is None:
-            self.finish_reasons[row] = reason
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        engine = self.engine
-        generator = make_generator(self.sampling)
-        counter = engine.counter
-        self._flops_before = counter.summary()
-        start = time.perf_counter()
-        logits, cache = engine.prefill(self.prompts, self.max_new_tokens)
-        self.prefill_seconds = time.perf_counter() - start
-        self._flops_after_prefill = counter.summary()
-        compiled_before = engine.compile_seconds
-        start = time.perf_counter()
-        try:
-            while True:
-                next_ids = sample_next(logits, self.sampling, generator)
-                new = []
-                for row, token in enumerate(next_ids.tolist()):
-                    if self.finish_reasons[row] is not None:
-                        continue
-                    self.tokens[row].append(token)
-                    new.append((row, token))
-                    if token in self.stops:
-                        self.finish_reasons[row] = "stop"
-                    elif len(self.tokens[row]) >= self.max_new_tokens:
-                        self.finish_reasons[row] = "length"
-                paused = time.perf_counter()
-                yield new
-                start += time.perf_counter() - paused  # the consumer's time is not decoding
-                if self.done:
-                    break
-                logits = engine.forward(next_ids.view(-1, 1), cache)
-                self.decode_steps += 1
-        finally:
-            # Compiling a step is a one-time cost, reported on its own, not as decoding.
-            self.compile_seconds = engine.compile_seconds - compiled_before
-            self.decode_seconds = time.perf_counter() - start - self.compile_seconds
-            self._ended = True
-
-    def result(self) -> GenerationResult:
-        if not self._ended:
-            raise QuicksilverError("the generation has not run yet: iterate over it first")
-        counter = self.engine.counter
-        return GenerationResult(
-            tokens=self.tokens,
-            prompt_tokens=sum(len(p) for p in self.prompts),
-            prefill_seconds=self.prefill_seconds,
-            decode_seconds=self.decode_seconds,
-            decode_steps=self.decode_steps,
-            finish_reasons=[reason or "stop" for reason in self.finish_reasons],
-            flops=counter.since(self._flops_before),
-            decode_flops=counter.since(self._flops_after_prefill),
-            compile_seconds=self.compile_seconds,
-        )
+        """Batched generation through the step core (``runtime.batch.generate``)."""
+        return generate(self, prompts, max_new_tokens, sampling, stop_ids, on_token, speculative)
