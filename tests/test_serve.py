@@ -26,7 +26,7 @@ from tiny_models import MAX_POSITIONS, byte_level_tokenizer, save_tiny, tiny_lla
 import quicksilver as qs  # noqa: E402
 from quicksilver.serve.app import Settings  # noqa: E402
 from quicksilver.serve.metrics import Metrics  # noqa: E402
-from quicksilver.serve.runner import BatchRunner  # noqa: E402
+from quicksilver.serve.runner import StepRunner  # noqa: E402
 from quicksilver.serve.scheduler import Scheduler  # noqa: E402
 from quicksilver.serve.server import BackgroundServer  # noqa: E402
 
@@ -376,29 +376,46 @@ def test_api_key(model_dir: Path) -> None:
         assert httpx.get(server.url + "/health").status_code == 200
 
 
-# ---------------------------------------------------------------- batching and the queue
+# ---------------------------------------------------------------- continuous batching
 
 
-class HeldRunner(BatchRunner):
-    """Runs batches only once released, and records their sizes."""
+class HeldRunner(StepRunner):
+    """Holds its first step until released; records how many requests each step served."""
 
-    def __init__(self, llm: qs.LLM) -> None:
-        super().__init__(llm, Metrics())
+    def __init__(self, llm: qs.LLM, **kwargs) -> None:
+        super().__init__(llm, Metrics(), **kwargs)
         self.release = threading.Event()
-        self.batches: list[int] = []
 
-    def __call__(self, jobs) -> None:
+    def step(self) -> None:
         self.release.wait(30)
-        self.batches.append(len(jobs))
-        super().__call__(jobs)
+        super().step()
 
 
-def test_requests_arriving_during_a_batch_join_the_next_one_and_a_full_queue_is_503(
+class SlowRunner(StepRunner):
+    """Each step takes at least ``delay`` seconds, so clients can act mid-generation."""
+
+    delay = 0.02
+
+    def __init__(self, llm: qs.LLM, **kwargs) -> None:
+        super().__init__(llm, Metrics(), **kwargs)
+
+    def step(self) -> None:
+        time.sleep(self.delay)
+        super().step()
+
+
+def _started(llm: qs.LLM, runner: StepRunner, max_queue: int = 64):
+    return BackgroundServer(
+        llm, Settings(model_name="tiny"), Scheduler(runner, max_queue=max_queue)
+    )
+
+
+def test_requests_join_the_running_batch_and_a_full_queue_is_503(
     model_dir: Path, reference: qs.LLM
 ) -> None:
     llm = load(model_dir)
-    runner = HeldRunner(llm)
-    scheduler = Scheduler(runner, max_rows=8, max_queue=4, positions=MAX_POSITIONS)
+    runner = HeldRunner(llm, max_rows=8)
+    scheduler = Scheduler(runner, max_queue=4)
     prompts = ["one", "two two", "three three three", "four", "five"]
     with BackgroundServer(llm, Settings(model_name="tiny"), scheduler) as server:
         results: dict[int, httpx.Response] = {}
@@ -421,27 +438,120 @@ def test_requests_arriving_during_a_batch_join_the_next_one_and_a_full_queue_is_
         runner.release.set()
         for t in threads:
             t.join(30)
-    assert runner.batches == [1, 4]
     expected = reference.generate(prompts, max_new_tokens=5).completions
     for i, response in results.items():
         body = response.json()
+        assert response.status_code == 200, body
         assert body["choices"][0]["text"] == expected[i].text
-        assert body["quicksilver"]["batch_requests"] == (1 if i == 0 else 4)
+    # the four late requests joined the first one while it was still generating
+    assert results[0].json()["quicksilver"]["batch_requests"] == 5
 
 
-class SlowRunner(BatchRunner):
-    """Sends each streamed piece slowly, so that a client can leave mid-generation."""
+def test_a_short_request_finishes_while_a_long_one_streams(model_dir: Path) -> None:
+    llm = load(model_dir)
+    runner = SlowRunner(llm, max_rows=4)
+    with _started(llm, runner) as server:
+        long_done, short_done = [], []
 
-    def _send(self, row, piece: str) -> None:
-        time.sleep(0.02)
-        super()._send(row, piece)
+        def long() -> None:
+            body = {"prompt": "Hi", "max_tokens": 60, "temperature": 0, "stream": True}
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+                for _ in r.iter_lines():
+                    pass
+            long_done.append(time.monotonic())
+
+        thread = threading.Thread(target=long)
+        thread.start()
+        while runner.metrics.counters["generation_tokens"] == 0 and not runner.has_work:
+            time.sleep(0.01)
+        time.sleep(0.1)  # the long one is streaming
+        start = time.monotonic()
+        out = _post(server, "/v1/completions", json={"prompt": "Yo", "max_tokens": 3})
+        short_done.append(time.monotonic())
+        thread.join(60)
+    assert out.status_code == 200
+    assert short_done[0] < long_done[0]
+    # it took a few steps, not what the long one still needed
+    assert short_done[0] - start < 0.5 * (long_done[0] - start)
+
+
+def test_seeded_requests_share_batches_and_reproduce(model_dir: Path) -> None:
+    llm = load(model_dir)
+    body = {"prompt": "seed", "max_tokens": 8, "temperature": 1.0, "seed": 99}
+    with _started(llm, SlowRunner(llm, max_rows=8)) as server:
+        alone = _post(server, "/v1/completions", json=body).json()
+        answers: dict[int, dict] = {}
+
+        def ask(i: int) -> None:
+            other = {"prompt": f"other {i}", "max_tokens": 8, "temperature": 0.8, "seed": i}
+            answers[i] = _post(server, "/v1/completions", json=body if i == 0 else other).json()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert answers[0]["choices"][0]["text"] == alone["choices"][0]["text"]
+    assert answers[0]["quicksilver"]["batch_requests"] > 1  # it did share its steps
+
+
+def test_rows_under_different_policies_take_turns(model_dir: Path) -> None:
+    """A request under another policy is answered while a long dense one still runs."""
+    llm = load(model_dir)
+    runner = SlowRunner(llm, max_rows=4, quantum_s=0.05)
+    with _started(llm, runner) as server:
+        done: dict[str, float] = {}
+
+        def long() -> None:
+            body = {"prompt": "Hi", "max_tokens": 60, "temperature": 0}
+            _post(server, "/v1/completions", json=body)
+            done["dense"] = time.monotonic()
+
+        thread = threading.Thread(target=long)
+        thread.start()
+        time.sleep(0.2)
+        body = {"prompt": "Hi", "max_tokens": 3, "quicksilver": {"policy": HALTING}}
+        out = _post(server, "/v1/completions", json=body)
+        done["halting"] = time.monotonic()
+        thread.join(60)
+    assert out.status_code == 200 and out.json()["quicksilver"]["policy"]
+    assert done["halting"] < done["dense"]
+
+
+def test_cancelled_and_finished_rows_free_their_cache_rows(model_dir: Path) -> None:
+    """Three times more requests than cache rows pass through, a third of them abandoned
+    mid-stream: every completed one is answered and the batch ends empty."""
+    llm = load(model_dir)
+    runner = SlowRunner(llm, max_rows=2)
+    with _started(llm, runner) as server:
+        statuses = []
+
+        def ask(i: int) -> None:
+            body = {"prompt": f"q{i}", "max_tokens": 6, "temperature": 0, "stream": True}
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+                for n, _ in enumerate(r.iter_lines()):
+                    if i % 3 == 0 and n == 1:
+                        break  # the client goes away
+                statuses.append(r.status_code)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 10
+        while runner.has_work:
+            assert time.monotonic() < deadline, "rows were not freed"
+            time.sleep(0.02)
+        after = _post(server, "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert statuses == [200] * 6 and after.status_code == 200
 
 
 def test_a_client_leaving_mid_stream_frees_its_slot(model_dir: Path) -> None:
     llm = load(model_dir)
-    metrics = Metrics()
-    runner = SlowRunner(llm, metrics)
-    scheduler = Scheduler(runner, max_rows=8, max_queue=4, positions=MAX_POSITIONS)
+    runner = SlowRunner(llm, max_rows=8)
+    metrics = runner.metrics
+    scheduler = Scheduler(runner, max_queue=4)
     with BackgroundServer(llm, Settings(model_name="tiny"), scheduler) as server:
         body = {"prompt": "Hi", "max_tokens": 100, "temperature": 0, "stream": True}
         with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:

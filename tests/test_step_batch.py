@@ -54,7 +54,7 @@ def run_all(batch: StepBatch, max_steps: int = 500) -> dict[int, list[int]]:
 
 
 def alone(model, policy, prompt, new, **spec) -> list[int]:
-    batch = StepBatch(make_engine(model, policy), max_rows=1, max_len=64, lookahead=8)
+    batch = StepBatch(make_engine(model, policy), max_rows=1, max_len=64)
     row = batch.admit(RowSpec(tuple(prompt), new, **spec))
     return run_all(batch)[row]
 
@@ -161,8 +161,6 @@ def test_rows_that_do_not_fit_are_refused(model) -> None:
         batch.admit(RowSpec((3,) * 8, 4))
     with pytest.raises(QuicksilverError, match="no tokens"):
         batch.admit(RowSpec((), 4))
-    with pytest.raises(QuicksilverError, match="lookahead"):
-        batch.admit(RowSpec((3, 4), 2, speculative=SpeculativeConfig(num_tokens=4)))
 
 
 def test_counted_dense_equivalent_equals_counted_for_the_dense_model(model) -> None:
@@ -194,7 +192,7 @@ def test_ngram_verified_greedy_equals_plain_greedy(model, name) -> None:
     texts = [b * 3 for b in base]
     config = SpeculativeConfig(num_tokens=4)
     engine = make_engine(model, policy)
-    batch = StepBatch(engine, max_rows=3, max_len=60, lookahead=4)
+    batch = StepBatch(engine, max_rows=3, max_len=60)
     ids = [batch.admit(RowSpec(tuple(t), 12, speculative=config)) for t in texts]
     got = run_all(batch)
     for row_id, text in zip(ids, texts, strict=True):
@@ -203,9 +201,7 @@ def test_ngram_verified_greedy_equals_plain_greedy(model, name) -> None:
 
 
 def test_speculative_is_refused_where_tokens_interact(model) -> None:
-    batch = StepBatch(
-        make_engine(model, MATRIX["fusion_relative_w1"]), max_rows=1, max_len=40, lookahead=4
-    )
+    batch = StepBatch(make_engine(model, MATRIX["fusion_relative_w1"]), max_rows=1, max_len=40)
     batch.admit(RowSpec((5, 6, 5, 6, 5), 6, speculative=SpeculativeConfig(num_tokens=4)))
     with pytest.raises(QuicksilverError, match="fusion"):
         run_all(batch)

@@ -32,11 +32,11 @@ from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models import loading
 from quicksilver.policies import Policy, load_policy
-from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS
+from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS, room_for
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import SamplingConfig
-from quicksilver.scoring import prefix_token_id
+from quicksilver.scoring import TokenScores, prefix_token_id, score_tokens
 from quicksilver.text import decode, encode_prompt
 
 # Alternatives per generated token a request may ask for (OpenAI's limit).
@@ -242,7 +242,6 @@ class LLM:
         max_len: int = 2048,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         policy: PolicySpec = None,
-        speculative: Any = None,
     ) -> Batch:
         """A continuous batch: ``submit`` requests at any time, ``step()`` to advance every
         running one, ``cancel`` to free one. ``max_rows`` rows of up to ``max_len`` positions
@@ -254,7 +253,6 @@ class LLM:
             max_len=max_len,
             prefill_tokens=prefill_tokens,
             policy=policy,
-            speculative=speculative,
         )
 
     def _request(
@@ -318,14 +316,14 @@ class LLM:
         policy = request.policy if request.policy is not None else self._scoped_policy()
         prompts = request.prompts
         longest = max(map(len, prompts))
-        lookahead = request.speculative.num_tokens if request.speculative else 0
         batch = Batch(
             self,
             max_rows=len(prompts),
-            max_len=longest + request.max_new_tokens - 1,
+            max_len=room_for(
+                self.config, longest + request.max_new_tokens - 1, request.speculative
+            ),
             prefill_tokens=len(prompts) * longest,
             policy=policy,
-            lookahead=lookahead,
         )
         ids = batch.add(request)
         index = {request_id: i for i, request_id in enumerate(ids)}
@@ -415,6 +413,31 @@ class LLM:
         BOS token (EOS without one). Too long a context loses its oldest tokens.
         """
         return evaluation.loglikelihoods(self, pairs, policy, batch_size)
+
+    def token_scores(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        firsts: Sequence[int] | None = None,
+        top: int = 0,
+        policy: PolicySpec = None,
+    ) -> list[TokenScores]:
+        """Log-probs of ``sequence[first:]`` given the tokens before (``firsts`` default: 1),
+        with the ``top`` best alternatives at each position: what ``echo`` with ``logprobs``
+        and lm-evaluation-harness's rolling windows need. One teacher-forced forward."""
+        checked = [self._ids(s, f"sequence {i}") for i, s in enumerate(sequences)]
+        top = integer("top", top)
+        try:
+            with self._working(policy):
+                return score_tokens(self.engine, checked, firsts, top=top)
+        except QuicksilverError as err:
+            raise InvalidArgument(str(err)) from None
+
+    def counted_flops(self) -> dict[str, int]:
+        """Everything the runner has counted so far (``total``, ``dense`` and their parts):
+        take it before and after work to see what the work cost."""
+        with self._lock:
+            return self.engine.counter.summary()
 
     # ------------------------------------------------------------ argument checks
 

@@ -28,9 +28,6 @@ from quicksilver.text import TextStream
 if TYPE_CHECKING:
     from quicksilver.api.llm import LLM
 
-# Drafted tokens a row of an open batch may verify per step (cache slots kept free for them).
-MAX_LOOKAHEAD = 16
-
 
 @dataclass(frozen=True)
 class Request:
@@ -69,7 +66,6 @@ class Batch:
         max_len: int,
         prefill_tokens: int,
         policy: Policy | None,
-        lookahead: int,
     ) -> None:
         self._llm = llm
         self.policy = policy
@@ -78,7 +74,6 @@ class Batch:
             max_rows=max_rows,
             max_len=max_len,
             prefill_tokens=prefill_tokens,
-            lookahead=lookahead,
         )
         self._live: dict[int, _Live] = {}
 
@@ -236,10 +231,8 @@ def open_batch(
     max_len: int,
     prefill_tokens: int,
     policy: PolicySpec,
-    speculative: Any,
 ) -> Batch:
-    """``LLM.open_batch``'s checks and construction. The cache keeps room for up to
-    ``MAX_LOOKAHEAD`` drafted tokens a row, so requests may ask for verified decoding."""
+    """``LLM.open_batch``'s checks and construction."""
     max_rows, max_len = count("max_rows", max_rows), count("max_len", max_len)
     prefill_tokens = count("prefill_tokens", prefill_tokens)
     positions = llm.config.max_position_embeddings
@@ -247,8 +240,6 @@ def open_batch(
         raise InvalidArgument(
             f"max_len {max_len} is more than the model's {positions} positions; lower it"
         )
-    config = llm._speculative(speculative)
-    lookahead = max(MAX_LOOKAHEAD, config.num_tokens if config is not None else 0)
     chosen = None if policy is None else llm._policy(policy)
     return Batch(
         llm,
@@ -256,5 +247,4 @@ def open_batch(
         max_len=max_len,
         prefill_tokens=prefill_tokens,
         policy=chosen if chosen is not None else llm._scoped_policy(),
-        lookahead=lookahead,
     )

@@ -121,18 +121,14 @@ class StepBatch:
         max_rows: int,
         max_len: int,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
-        lookahead: int = 0,
     ) -> None:
-        if max_rows < 1 or max_len < 1 or prefill_tokens < 1 or lookahead < 0:
-            raise QuicksilverError(
-                "a step batch needs max_rows, max_len and prefill_tokens >= 1, lookahead >= 0"
-            )
+        if max_rows < 1 or max_len < 1 or prefill_tokens < 1:
+            raise QuicksilverError("a step batch needs max_rows, max_len and prefill_tokens >= 1")
         self.engine = engine
         self.max_rows = max_rows
         self.max_len = max_len
-        self.lookahead = lookahead
         self.prefill_tokens = prefill_tokens
-        self.cache = engine.new_cache(max_rows, max_len + lookahead)
+        self.cache = engine.new_cache(max_rows, max_len)
         self.cache.set_prompt_end(0)
         self.pad_id = pad_token_id(engine.config)
         self.stats = StepStats()
@@ -158,11 +154,6 @@ class StepBatch:
             return (
                 f"the prompt ({len(spec.prompt)} tokens) and {spec.max_new_tokens} new tokens "
                 f"need {need} positions, more than the {self.max_len} this batch holds"
-            )
-        if spec.speculative is not None and spec.speculative.num_tokens > self.lookahead:
-            return (
-                f"{spec.speculative.num_tokens} drafted tokens need lookahead room; this batch "
-                f"has {self.lookahead}"
             )
         return None
 
@@ -274,6 +265,11 @@ class StepBatch:
     def _decode(self, n: int, events: dict[int, RowEvent]) -> None:
         rows = self._running[:n]
         drafts = [self._drafts(row) for row in rows]
+        if any(drafts):
+            # Every row feeds k + 1 tokens (short drafts padded, then rolled back): keep the
+            # furthest slot inside the cache, whose slots are all valid positions.
+            room = self.max_len - 1 - int(self.cache.lengths[:n].max())
+            drafts = [d[: max(0, room)] for d in drafts]
         k = max(map(len, drafts))
         fed = torch.empty((n, k + 1), dtype=torch.long)
         for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
@@ -477,6 +473,13 @@ def accept_drafts(
     return len(draft), int(bonus)
 
 
+def room_for(config, needed: int, speculative: SpeculativeConfig | None) -> int:
+    """Cache slots for rows that need ``needed`` positions: with drafts, room for a full
+    draft past the end (rows feed the batch's longest draft), within the model's positions."""
+    extra = speculative.num_tokens if speculative is not None else 0
+    return max(needed, min(needed + extra, config.max_position_embeddings))
+
+
 def splits_change_output(policy) -> bool:
     """Whether feeding tokens in one forward or in several gives different results under
     ``policy``: fusion merges a token into the next one of the same forward, so a prompt
@@ -533,14 +536,12 @@ def generate(
         raise QuicksilverError("every prompt must contain at least one token")
     if max_new_tokens < 1:
         raise QuicksilverError("max_new_tokens must be at least 1")
-    lookahead = speculative.num_tokens if speculative is not None else 0
     longest = max(len(p) for p in prompts)
     batch = StepBatch(
         engine,
         max_rows=len(prompts),
-        max_len=longest + max_new_tokens - 1,
+        max_len=room_for(engine.config, longest + max_new_tokens - 1, speculative),
         prefill_tokens=len(prompts) * longest,
-        lookahead=lookahead,
     )
     stops = frozenset(engine.config.eos_token_ids if stop_ids is None else stop_ids)
     sampling = sampling or SamplingConfig()

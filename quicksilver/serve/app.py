@@ -26,7 +26,7 @@ from quicksilver.serve import protocol
 from quicksilver.serve.errors import APIError
 from quicksilver.serve.metrics import Metrics
 from quicksilver.serve.responses import ChunkMaker, chat_body, completion_body, new_id
-from quicksilver.serve.runner import BatchRunner
+from quicksilver.serve.runner import StepRunner
 from quicksilver.serve.scheduler import Job, JobResult, Scheduler
 from quicksilver.text import encode_prompt
 
@@ -38,7 +38,9 @@ DISCONNECT_POLL_S = 0.5
 class Settings:
     model_name: str
     api_key: str | None = None
-    max_batch_size: int = 16  # rows (prompts x n) per batch
+    max_batch_size: int = 16  # rows (prompts x n) running at once, per policy
+    max_context: int | None = None  # positions per row (None: the model's, at most 2048)
+    prefill_tokens: int = 512  # prompt tokens read per step while other rows run
     max_queue: int = 64  # requests waiting for a batch
     max_body_bytes: int = 1 << 20
     default_policy: qs.Policy | None = None
@@ -50,18 +52,19 @@ class ClientGone(Exception):
 
 def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = None) -> FastAPI:
     """The app for one loaded model. ``scheduler`` replaces the default one (tests hold the
-    worker with it); otherwise a worker running ``BatchRunner`` starts with the app."""
+    worker with it); otherwise a worker running ``StepRunner`` starts with the app."""
     if llm.tokenizer is None:
         raise qs.QuicksilverError("serving needs a model that ships a tokenizer")
     metrics = Metrics()
-    runner = BatchRunner(llm, metrics)
     if scheduler is None:
-        scheduler = Scheduler(
-            runner,
+        runner = StepRunner(
+            llm,
+            metrics,
             max_rows=settings.max_batch_size,
-            max_queue=settings.max_queue,
-            positions=llm.config.max_position_embeddings,
+            max_len=settings.max_context,
+            prefill_tokens=settings.prefill_tokens,
         )
+        scheduler = Scheduler(runner, max_queue=settings.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -70,7 +73,6 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             yield
         finally:
             scheduler.stop()
-            runner.close()
 
     app = FastAPI(title="quicksilver", version=qs.__version__, lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.llm = scheduler, metrics, llm

@@ -1,250 +1,357 @@
-"""One batch on the worker thread: generate every row of its jobs together, score the rows
-that asked for log-probs, and split what the batch cost among its jobs.
+"""The worker's side of continuous batching: requests join running batches at the next step.
 
-Generation drives ``Engine.start`` step by step (as ``LLM.stream`` does) so that each row
-can have its own token limit and stop strings, streamed text reaches its client as soon as
-it is final, and a row whose client went away stops at the next step. Log-probs come from one
-teacher-forced forward over prompt + generated tokens under the same policy
-(``quicksilver.scoring``): prompt tokens need it anyway for ``echo``, and the generation loop
-does not keep the distributions it sampled from.
+Each policy in use has its own ``qs.Batch`` (the public step handle): a request's rows (its
+prompts times ``n``) are submitted to the batch of its policy as soon as the worker sees the
+request, start at the next step that has a free row, stream their text as it becomes final,
+and leave — freeing their rows — when they finish, stop or their client goes away. Seeded
+sampled requests share batches: each request has its own generator. When several policies
+have work, the worker gives each a turn of ``quantum_s`` seconds in rotation, so no request
+waits for another policy's requests to drain. Everything goes through the public API.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from typing import Any
+from dataclasses import dataclass, field
 
 import quicksilver as qs
-from quicksilver.accounting import causal_pairs, dense_flops
 from quicksilver.errors import QuicksilverError
-from quicksilver.scoring import dense_scoring_flops, score_tokens
+from quicksilver.scoring import TokenScores
 from quicksilver.serve.errors import APIError
 from quicksilver.serve.metrics import Metrics
 from quicksilver.serve.scheduler import ChoiceResult, Job, JobResult
-from quicksilver.text import TextStream
+
+# Seconds a policy's batch runs before another policy with work gets its turn.
+DEFAULT_QUANTUM_S = 0.25
 
 
-class _Row:
-    """One choice of one job inside the batch."""
+@dataclass
+class _Choice:
+    """One row of a job: a prompt's n-th continuation."""
 
-    def __init__(self, job: Job, prompt_index: int, choice: int, prompt: list[int]) -> None:
-        self.job, self.prompt_index, self.choice, self.prompt = job, prompt_index, choice, prompt
-        self.tokens: list[int] = []
-        self.text = ""
-        self.finish_reason = "length"
-        self.first_piece_at: float | None = None
+    index: int
+    prompt_index: int
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    flops: float = 0.0
+    dense_flops: float = 0.0
 
 
-class BatchRunner:
-    """``run_batch`` for the scheduler, bound to the model and the server's metrics."""
+@dataclass
+class _Running:
+    """A job inside a group's batch."""
 
-    def __init__(self, llm: qs.LLM, metrics: Metrics) -> None:
+    job: Job
+    choices: dict[int, _Choice]  # request id in the batch -> choice
+    batch_rows: int = 0  # the most rows its batch held while it ran
+    batch_requests: int = 0  # the most requests its batch held while it ran
+    first_text_at: float | None = None
+    last_text_at: float | None = None
+    flops: float = 0.0  # scoring forwards (echo), on top of its rows' shares
+    dense_flops: float = 0.0
+
+
+class _Group:
+    """The batch of one policy and the jobs in it."""
+
+    def __init__(self, key: str, batch: qs.Batch) -> None:
+        self.key = key
+        self.batch = batch
+        self.jobs: dict[int, _Running] = {}  # job id -> job
+        self.owner: dict[int, _Running] = {}  # request id -> job
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.jobs)
+
+
+class StepRunner:
+    """Admits jobs, steps batches, dispatches events; used by the scheduler's worker only."""
+
+    def __init__(
+        self,
+        llm: qs.LLM,
+        metrics: Metrics,
+        *,
+        max_rows: int = 16,
+        max_len: int | None = None,
+        prefill_tokens: int = 512,
+        quantum_s: float = DEFAULT_QUANTUM_S,
+    ) -> None:
         self.llm = llm
         self.metrics = metrics
-        # The policy stays set between batches: preparing one (e.g. quantising weights for
-        # Matryoshka) costs more than a batch, so it changes only when a batch needs another.
-        self._policy_key: str | None = None
-        self._policy_scope = contextlib.ExitStack()
+        self.max_rows = max_rows
+        self.max_len = max_len or min(llm.config.max_position_embeddings, 2048)
+        self.prefill_tokens = prefill_tokens
+        self.quantum_s = quantum_s
+        self._groups: dict[str, _Group] = {}
+        self._order: list[str] = []  # rotation of the groups
+        self._turn: str | None = None
+        self._turn_started = 0.0
 
-    def _use(self, policy: qs.Policy | None) -> None:
+    # ------------------------------------------------------------ admission
+
+    @property
+    def has_work(self) -> bool:
+        return any(g.has_work for g in self._groups.values())
+
+    @property
+    def waiting_rows(self) -> int:
+        """Rows admitted that wait for a cache row to free up (a row that will start at the
+        next step because one is free does not count)."""
+        return sum(
+            max(0, g.batch.waiting_rows - (self.max_rows - g.batch.active_rows))
+            for g in self._groups.values()
+        )
+
+    def admit(self, job: Job) -> None:
+        """Put a job's rows into its policy's batch, or answer it at once (echo scoring only,
+        or an error)."""
+        spec = job.spec
+        try:
+            group = self._group(job.policy)
+            if spec.max_tokens == 0:  # echo + logprobs: score the prompts, generate nothing
+                self._score_only(job, group)
+                return
+            running = _Running(job, {})
+            for p, prompt in enumerate(spec.prompts):
+                ids = group.batch.submit(
+                    prompt,
+                    max_new_tokens=spec.max_tokens,
+                    temperature=spec.sampling.temperature,
+                    top_k=spec.sampling.top_k,
+                    top_p=spec.sampling.top_p,
+                    seed=spec.sampling.seed,
+                    stop=list(spec.stop),
+                    logprobs=spec.logprobs,
+                    n=spec.n,
+                )
+                for j, request_id in enumerate(ids):
+                    running.choices[request_id] = _Choice(p * spec.n + j, p, list(prompt))
+                    group.owner[request_id] = running
+            group.jobs[job.id] = running
+        except QuicksilverError as err:
+            self._fail(job, APIError(str(err), 400))
+
+    def _group(self, policy: qs.Policy | None) -> _Group:
         key = json.dumps(policy.to_config() if policy is not None else {}, sort_keys=True)
-        if key != self._policy_key:
-            self._policy_scope.close()
-            self._policy_key = None
-            self._policy_scope.enter_context(self.llm.use(policy))
-            self._policy_key = key
+        group = self._groups.get(key)
+        if group is None:
+            batch = self.llm.open_batch(
+                max_rows=self.max_rows,
+                max_len=self.max_len,
+                prefill_tokens=self.prefill_tokens,
+                policy=policy,
+            )
+            group = self._groups[key] = _Group(key, batch)
+            self._order.append(key)
+        return group
+
+    # ------------------------------------------------------------ stepping
+
+    def step(self) -> None:
+        """Cancel what was cancelled, then one step of the group whose turn it is."""
+        for group in self._groups.values():
+            for running in [r for r in group.jobs.values() if r.job.cancelled.is_set()]:
+                self._drop(group, running)
+        group = self._next_group()
+        if group is None:
+            return
+        batch = group.batch
+        before = dict(batch.stats.flops)
+        fed_before = batch.stats.fed_tokens
+        events = batch.step()
+        spent = {k: v - before.get(k, 0) for k, v in batch.stats.flops.items()}
+        self._count(spent, batch.stats.fed_tokens - fed_before)
+        rows, requests = batch.active_rows, len(group.jobs)
+        for running in group.jobs.values():
+            running.batch_rows = max(running.batch_rows, rows)
+            running.batch_requests = max(running.batch_requests, requests)
+        now = time.perf_counter()
+        for event in events:
+            running = group.owner.get(event.request)
+            if running is not None:
+                self._dispatch(group, running, event, now)
+        if rows:
+            self.metrics.batch(rows)
+        self._drop_idle()
+
+    def _next_group(self) -> _Group | None:
+        """Round robin over the groups with work, a turn lasting ``quantum_s``."""
+        busy = [k for k in self._order if self._groups[k].has_work]
+        if not busy:
+            return None
+        now = time.perf_counter()
+        if self._turn in busy and now - self._turn_started < self.quantum_s:
+            return self._groups[self._turn]
+        later = []
+        if self._turn in self._order:
+            mine = self._order.index(self._turn)
+            later = [k for k in busy if self._order.index(k) > mine]
+        self._turn = (later or busy)[0]
+        self._turn_started = now
+        return self._groups[self._turn]
+
+    def _drop_idle(self) -> None:
+        """A policy's batch (and its KV cache) goes once it has no work; the default stays."""
+        for key in [k for k, g in self._groups.items() if not g.has_work and k != "{}"]:
+            del self._groups[key]
+            self._order.remove(key)
+
+    # ------------------------------------------------------------ events
+
+    def _dispatch(self, group: _Group, running: _Running, event: qs.BatchEvent, now: float) -> None:
+        choice = running.choices[event.request]
+        choice.tokens += event.token_ids
+        if event.logprobs is not None:
+            choice.logprobs += event.logprobs
+            choice.top += event.top_logprobs or []
+        job = running.job
+        if event.text and job.spec.stream and not job.cancelled.is_set():
+            if running.first_text_at is None:
+                running.first_text_at = now
+                self.metrics.time_to_first_token(now - job.created)
+            elif hasattr(self.metrics, "observe_inter_token") and running.last_text_at:
+                self.metrics.observe_inter_token(now - running.last_text_at)
+            running.last_text_at = now
+            job.emit(("text", choice.index, event.text))
+        if event.completion is None:
+            return
+        choice.text = event.completion.text
+        choice.finish_reason = event.completion.finish_reason
+        choice.flops, choice.dense_flops = event.flops, event.dense_flops
+        del group.owner[event.request]
+        if all(c.finish_reason is not None for c in running.choices.values()):
+            del group.jobs[job.id]
+            self._finish(group, running)
+
+    def _drop(self, group: _Group, running: _Running) -> None:
+        """A client went away: its rows leave the batch now."""
+        for request_id, choice in running.choices.items():
+            if choice.finish_reason is None:
+                group.batch.cancel(request_id)
+                group.owner.pop(request_id, None)
+        group.jobs.pop(running.job.id, None)
+        running.job.done = True
+
+    def _fail(self, job: Job, error: APIError) -> None:
+        job.done = True
+        job.emit(("error", error))
+
+    # ------------------------------------------------------------ results
+
+    def _score_only(self, job: Job, group: _Group) -> None:
+        running = _Running(job, {})
+        spec = job.spec
+        for p, prompt in enumerate(spec.prompts):
+            for j in range(spec.n):
+                running.choices[p * spec.n + j] = _Choice(
+                    p * spec.n + j, p, list(prompt), finish_reason="length"
+                )
+        running.batch_rows, running.batch_requests = len(running.choices), 1
+        self._finish(group, running)
+
+    def _finish(self, group: _Group, running: _Running) -> None:
+        job, spec = running.job, running.job.spec
+        scores = self._logprobs(group, running)
+        choices = sorted(running.choices.values(), key=lambda c: c.index)
+        flops = running.flops + sum(c.flops for c in choices)
+        dense = running.dense_flops + sum(c.dense_flops for c in choices)
+        completion_tokens = sum(len(c.tokens) for c in choices)
+        prompt_tokens = sum(map(len, spec.prompts))
+        self.metrics.add(prompt_tokens=prompt_tokens, generation_tokens=completion_tokens)
+        now = time.perf_counter()
+        policy = group.batch.policy
+        result = JobResult(
+            choices=[
+                ChoiceResult(
+                    index=c.index,
+                    prompt_index=c.prompt_index,
+                    text=c.text,
+                    token_ids=c.tokens,
+                    finish_reason=c.finish_reason or "stop",
+                    scores=scores.get(c.index),
+                    scored_ids=c.prompt + c.tokens,
+                )
+                for c in choices
+            ],
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            quicksilver={
+                "policy": policy.to_config() if policy is not None else {},
+                "flops": round(flops),
+                "dense_flops": round(dense),
+                "flop_fraction": flops / dense if dense else 1.0,
+                "batch_rows": running.batch_rows,
+                "batch_requests": running.batch_requests,
+                "timings": {
+                    "queue_s": (job.started or now) - job.created,
+                    "first_token_s": (running.first_text_at or now) - job.created,
+                    "total_s": now - job.created,
+                },
+            },
+        )
+        job.done = True
+        job.emit(("end", result))
+
+    def _logprobs(self, group: _Group, running: _Running) -> dict[int, TokenScores]:
+        """Per choice: the sampler's log-probs of the generated tokens, after the prompt's
+        from one teacher-forced forward when ``echo`` asks for them."""
+        spec = running.job.spec
+        if spec.logprobs is None:
+            return {}
+        prompt_scores: dict[int, TokenScores] = {}
+        if spec.echo:
+            wanted = [(p, prompt) for p, prompt in enumerate(spec.prompts) if len(prompt) > 1]
+            if wanted:
+                before = self.llm.counted_flops()
+                scored = self.llm.token_scores(
+                    [prompt for _, prompt in wanted], top=spec.logprobs, policy=group.batch.policy
+                )
+                after = self.llm.counted_flops()
+                running.flops += after["total"] - before["total"]
+                running.dense_flops += after["dense"] - before["dense"]
+                self._count({k: after[k] - before[k] for k in after}, 0)
+                prompt_scores = {p: s for (p, _), s in zip(wanted, scored, strict=True)}
+        out = {}
+        for choice in running.choices.values():
+            head = prompt_scores.get(choice.prompt_index)
+            first = len(choice.prompt) if not spec.echo else 1
+            logprobs = (head.logprobs if head else []) + choice.logprobs
+            top = (head.top if head else []) + choice.top
+            greedy = (head.greedy if head else []) + [
+                bool(alternatives) and alternatives[0][0] == token
+                for token, alternatives in zip(choice.tokens, choice.top, strict=False)
+            ]
+            if spec.echo and head is None:
+                first = len(choice.prompt)
+            out[choice.index] = TokenScores(first=first, logprobs=logprobs, greedy=greedy, top=top)
+        return out
+
+    def _count(self, spent: dict[str, int], fed: int) -> None:
+        if not spent:
+            return
+        layers = self.llm.config.n_layers
+        self.metrics.add(
+            counted_flops=spent.get("total", 0),
+            dense_flops=spent.get("dense", 0),
+            processed_tokens=fed,
+            layer_token_rows=spent.get("layer_tokens", 0),
+            dense_layer_token_rows=layers * fed,
+            halted_kv_token_rows=spent.get("kv_only_tokens", 0),
+        )
 
     def close(self) -> None:
-        """Release the policy in use (the model goes back to dense)."""
-        self._policy_scope.close()
-        self._policy_key = None
+        """Drop every batch (their KV caches) when the server stops."""
+        self._groups.clear()
+        self._order.clear()
+        self._turn = None
 
-    def __call__(self, jobs: list[Job]) -> None:
-        counter = self.llm.engine.counter
-        rows = [
-            _Row(job, p, p * job.spec.n + j, prompt)
-            for job in jobs
-            for p, prompt in enumerate(job.spec.prompts)
-            for j in range(job.spec.n)
-        ]
-        before = counter.summary()
-        self._batch_dense = 0
-        timings = {"prefill_s": 0.0, "decode_s": 0.0, "scoring_s": 0.0}
-        try:
-            self._use(jobs[0].policy)
-            generating = [r for r in rows if r.job.spec.max_tokens > 0]
-            if generating:
-                self._generate(generating, timings)
-            start = time.perf_counter()
-            scores = self._score([r for r in rows if r.job.spec.logprobs is not None])
-            timings["scoring_s"] = time.perf_counter() - start
-        except QuicksilverError as err:
-            for job in jobs:
-                job.done = True
-                job.emit(("error", APIError(str(err), 400)))
-            return
-        spent = counter.since(before)
-        self._finish(jobs, rows, scores, spent, timings)
-
-    # ------------------------------------------------------------ generation
-
-    def _generate(self, rows: list[_Row], timings: dict[str, float]) -> None:
-        llm = self.llm
-        spec = rows[0].job.spec
-        generation = llm.engine.start(
-            [r.prompt for r in rows], max(r.job.spec.max_tokens for r in rows), spec.sampling
-        )
-        streams = [TextStream(llm.tokenizer, r.job.spec.stop) for r in rows]
-        for new in generation:
-            for i, token in new:
-                row, stream = rows[i], streams[i]
-                piece = stream.add(token)
-                if stream.stopped:
-                    generation.finish(i)
-                elif len(generation.tokens[i]) >= row.job.spec.max_tokens:
-                    generation.finish(i, "length")
-                self._send(row, piece)
-            for i, row in enumerate(rows):
-                if row.job.cancelled.is_set():
-                    generation.finish(i, "cancelled")
-        for i, (row, stream) in enumerate(zip(rows, streams, strict=True)):
-            self._send(row, stream.finish())
-            row.tokens = list(generation.tokens[i])
-            row.text = stream.text
-            reason = generation.finish_reasons[i] or "stop"
-            row.finish_reason = "stop" if stream.stopped else reason
-        result = generation.result()
-        timings["prefill_s"] = result.prefill_seconds
-        timings["decode_s"] = result.decode_seconds
-        self._batch_dense += _dense_generation(
-            [len(r.prompt) for r in rows], result.decode_steps, llm.config
-        )
-
-    def _send(self, row: _Row, piece: str) -> None:
-        if not piece or not row.job.spec.stream or row.job.cancelled.is_set():
-            return
-        if row.first_piece_at is None:
-            row.first_piece_at = time.perf_counter()
-            self.metrics.time_to_first_token(row.first_piece_at - row.job.created)
-        row.job.emit(("text", row.choice, piece))
-
-    # ------------------------------------------------------------ log-probs
-
-    def _score(self, rows: list[_Row]) -> dict[int, Any]:
-        """TokenScores per row (by id) for the rows that asked for log-probs."""
-        wanted = []
-        for row in rows:
-            sequence = row.prompt + row.tokens
-            first = 1 if row.job.spec.echo else len(row.prompt)
-            if first < len(sequence):
-                wanted.append((row, sequence, first))
-        if not wanted:
-            return {}
-        top = max(row.job.spec.logprobs or 0 for row, _, _ in wanted)
-        sequences, firsts = [s for _, s, _ in wanted], [f for _, _, f in wanted]
-        scored = score_tokens(self.llm.engine, sequences, firsts, top=top)
-        self._batch_dense += dense_scoring_flops(self.llm.config, sequences, firsts)
-        return {id(row): s for (row, _, _), s in zip(wanted, scored, strict=True)}
-
-    # ------------------------------------------------------------ results and cost
-
-    def _dense_cost(self, row: _Row) -> tuple[int, int]:
-        """(dense FLOPs, tokens fed) of this row alone, without padding: its prompt and every
-        generated token but the last go through the model once; one head per new token; plus
-        the scoring forward when log-probs were asked. Only used to split the batch's cost."""
-        config = self.llm.config
-        window = config.sliding_window
-        flops = fed = 0
-        if row.job.spec.max_tokens > 0:
-            n = len(row.prompt) + max(len(row.tokens), 1) - 1
-            flops += dense_flops(config, n, causal_pairs(n, window), max(len(row.tokens), 1))
-            fed += n
-        if row.job.spec.logprobs is not None:
-            n = len(row.prompt) + len(row.tokens) - 1
-            first = 1 if row.job.spec.echo else len(row.prompt)
-            if n > 0 and first <= n:
-                flops += dense_flops(config, n, causal_pairs(n, window), n - first + 1)
-                fed += n
-        return flops, fed
-
-    def _finish(
-        self,
-        jobs: list[Job],
-        rows: list[_Row],
-        scores: dict[int, Any],
-        spent: dict[str, int],
-        timings: dict[str, float],
-    ) -> None:
-        """The batch's counted FLOPs and the dense FLOPs of the same forwards (padding and
-        finished rows that rode along included: that work ran, and a dense run would do it
-        too) are split among its jobs in proportion to the dense cost of their own rows, so
-        every job of a batch reports the batch's FLOP fraction of dense."""
-        costs = {id(row): self._dense_cost(row) for row in rows}
-        own_total = sum(c for c, _ in costs.values()) or 1
-        batch_dense = self._batch_dense or own_total
-        fed = sum(f for _, f in costs.values())
-        layers = self.llm.config.n_layers
-        self.metrics.batch(len(rows))
-        self.metrics.add(
-            counted_flops=spent["total"],
-            dense_flops=batch_dense,
-            processed_tokens=fed,
-            layer_token_rows=spent["layer_tokens"],
-            dense_layer_token_rows=layers * fed,
-            halted_kv_token_rows=spent["kv_only_tokens"],
-        )
-        config = self.llm.engine.policy.to_config() if self.llm.engine.policy else {}
-        for job in jobs:
-            mine = [r for r in rows if r.job is job]
-            weight = sum(costs[id(r)][0] for r in mine) / own_total
-            share, dense = spent["total"] * weight, batch_dense * weight
-            completion_tokens = sum(len(r.tokens) for r in mine)
-            self.metrics.add(
-                prompt_tokens=sum(map(len, job.spec.prompts)), generation_tokens=completion_tokens
-            )
-            now = time.perf_counter()
-            result = JobResult(
-                choices=[
-                    ChoiceResult(
-                        index=r.choice,
-                        prompt_index=r.prompt_index,
-                        text=r.text,
-                        token_ids=r.tokens,
-                        finish_reason=r.finish_reason,
-                        scores=scores.get(id(r)),
-                        scored_ids=r.prompt + r.tokens,
-                    )
-                    for r in sorted(mine, key=lambda r: r.choice)
-                ],
-                prompt_tokens=sum(map(len, job.spec.prompts)),
-                completion_tokens=completion_tokens,
-                quicksilver={
-                    "policy": config,
-                    "flops": round(share),
-                    "dense_flops": round(dense),
-                    "flop_fraction": share / dense if dense else 1.0,
-                    "batch_rows": len(rows),
-                    "batch_requests": len(jobs),
-                    "timings": {
-                        "queue_s": (job.started or now) - job.created,
-                        **timings,
-                        "total_s": now - job.created,
-                    },
-                },
-            )
-            job.done = True
-            job.emit(("end", result))
-
-
-def _dense_generation(prompts: list[int], decode_steps: int, config: Any) -> int:
-    """What the dense engine counts for a generation batch of these prompt lengths: the
-    left-padded prompt block (a padding query reads only its own slot), then every row feeds
-    one token per decode step, reading its real tokens so far."""
-    rows, longest = len(prompts), max(prompts)
-    window = config.sliding_window
-    pairs = sum(causal_pairs(p, window) + longest - p for p in prompts)
-    pairs += sum(min(p + s, window or p + s) for p in prompts for s in range(1, decode_steps + 1))
-    n_tokens = rows * (longest + decode_steps)
-    return dense_flops(config, n_tokens, pairs, rows * (1 + decode_steps))
+    def reset(self) -> None:
+        """After a failure inside a step: start again from empty batches."""
+        self.close()

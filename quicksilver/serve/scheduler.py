@@ -1,12 +1,10 @@
-"""The bounded queue and the one worker thread that owns the model.
+"""The bounded queue and the one worker thread that drives the model.
 
-An ``LLM`` is not thread-safe (its policy is the engine's state), so exactly one thread runs
-it: HTTP handlers only queue ``Job``s and wait for their events. While a batch runs, new
-requests wait in the queue; the next batch takes the oldest waiting request and every later
-one that is compatible with it (same policy and sampling, rows and context within limits),
-so a burst of requests costs a few batched forwards instead of one generation each. The
-queue is bounded: a full queue refuses at once (503 with Retry-After) instead of building a
-backlog nobody will wait for.
+HTTP handlers only queue ``Job``s and wait for their events. The worker takes every request
+that arrived since its last step into the running batches (continuous batching: a new
+request starts at the next step, a finished or abandoned one leaves at once) and runs one
+step. The queue is bounded: a full queue refuses at once (503 with Retry-After) instead of
+building a backlog nobody will wait for.
 """
 
 from __future__ import annotations
@@ -14,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,28 +67,10 @@ class Job:
         self.created = time.perf_counter()
         self.started: float | None = None
         self.done = False
-        self.key = self._key()
 
     @property
     def rows(self) -> int:
         return self.spec.rows
-
-    def _key(self) -> str:
-        """Jobs with equal keys can share a batch: the engine runs one policy and one
-        sampling configuration (one random generator) per batch. A seeded sampled request
-        batches only with itself, so its seed reproduces its text whatever else is queued."""
-        spec = self.spec
-        policy = json.dumps(self.policy.to_config() if self.policy else {}, sort_keys=True)
-        sampling = spec.sampling
-        if spec.max_tokens == 0:
-            how = "score"
-        elif sampling.temperature == 0:
-            how = "greedy"
-        elif sampling.seed is not None:
-            how = f"seeded-{self.id}"
-        else:
-            how = f"{sampling.temperature}/{sampling.top_k}/{sampling.top_p}"
-        return f"{policy}|{how}"
 
     def emit(self, event: tuple[Any, ...]) -> None:
         # A closed loop (the server shutting down) has nobody left to tell.
@@ -104,25 +82,23 @@ class Job:
 
 
 class Scheduler:
-    """Queue jobs; a worker thread runs them in batches through ``run_batch``.
+    """Queue jobs; one worker thread admits them into the running batches at the next step
+    and steps the batches (``StepRunner``), so a request never waits for another to end.
 
-    ``run_batch(jobs)`` must emit each job's final event; an exception it raises becomes a
-    500 for every job of that batch, and the worker goes on with the next batch.
+    ``runner`` needs ``admit(job)``, ``step()``, ``has_work``, ``waiting_rows`` and
+    ``close()``; a job's rows that wait for a free cache row count against ``max_queue``
+    like jobs not yet admitted, so a full server refuses at once (503 with Retry-After).
     """
 
     def __init__(
         self,
-        run_batch: Callable[[list[Job]], None],
+        runner: Any,
         *,
-        max_rows: int,
         max_queue: int,
-        positions: int,
         retry_after: int = 1,
     ) -> None:
-        self.run_batch = run_batch
-        self.max_rows = max_rows
+        self.runner = runner
         self.max_queue = max_queue
-        self.positions = positions
         self.retry_after = retry_after
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
@@ -137,9 +113,9 @@ class Scheduler:
             if self._stopping:
                 raise APIError("the server is shutting down", 503)
             self._purge()
-            if len(self._pending) >= self.max_queue:
+            if self.queued >= self.max_queue:
                 raise APIError(
-                    f"the server is busy ({len(self._pending)} requests waiting); retry shortly",
+                    f"the server is busy ({self.queued} requests waiting); retry shortly",
                     503,
                     headers={"Retry-After": str(self.retry_after)},
                 )
@@ -148,7 +124,8 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Requests not yet admitted plus admitted rows still waiting for a cache row."""
+        return len(self._pending) + self.runner.waiting_rows
 
     @property
     def running(self) -> int:
@@ -171,55 +148,35 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.runner.close()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self.runner.has_work and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                batch = self._take()
-                self._running = batch
-            if batch:
+                self._purge()
+                arrived = list(self._pending)
+                self._pending.clear()
+                self._running = [j for j in self._running if not j.done] + arrived
+            try:
                 now = time.perf_counter()
-                for job in batch:
+                for job in arrived:
                     job.started = now
-                try:
-                    self.run_batch(batch)
-                except Exception as err:  # a bug: fail this batch, keep serving
-                    failure = APIError(f"internal error: {type(err).__name__}: {err}", 500)
-                    for job in batch:
-                        if not job.done:
-                            job.done = True
-                            job.emit(("error", failure))
-            with self._cond:
-                self._running = []
+                    self.runner.admit(job)
+                self.runner.step()
+            except Exception as err:  # a bug: fail the running jobs, keep serving
+                failure = APIError(f"internal error: {type(err).__name__}: {err}", 500)
+                for job in self._running:
+                    if not job.done:
+                        job.done = True
+                        job.emit(("error", failure))
+                self.runner.reset()
 
     def _purge(self) -> None:
         """Drop waiting jobs whose clients went away: they free their place at once."""
         for job in [j for j in self._pending if j.cancelled.is_set()]:
             self._pending.remove(job)
             job.done = True
-
-    def _take(self) -> list[Job]:
-        """The oldest live job and the later compatible ones that fit beside it."""
-        self._purge()
-        if not self._pending:
-            return []
-        first = self._pending[0]
-        batch, rows = [first], first.rows
-        longest = max(map(len, first.spec.prompts))
-        new = first.spec.max_tokens
-        for job in list(self._pending)[1:]:
-            if job.cancelled.is_set() or job.key != first.key:
-                continue
-            job_longest = max(longest, *map(len, job.spec.prompts))
-            job_new = max(new, job.spec.max_tokens)
-            if rows + job.rows > self.max_rows or job_longest + job_new - 1 > self.positions:
-                continue
-            batch.append(job)
-            rows, longest, new = rows + job.rows, job_longest, job_new
-        for job in batch:
-            self._pending.remove(job)
-        return batch
