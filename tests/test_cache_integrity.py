@@ -202,7 +202,32 @@ def test_models_verify_names_damaged_entries_and_repair_removes_them(
     assert entry.exists()  # verifying alone changes nothing
 
     assert main(["models", "--verify", "--repair"]) == 0
-    assert f"removed: tensor {DAMAGED_TENSOR} hash mismatch" in capsys.readouterr().out
+    assert f"removed, damaged: tensor {DAMAGED_TENSOR} hash mismatch" in capsys.readouterr().out
     assert not entry.exists()
     loading.load(str(gguf_path))
     assert main(["models", "--verify"]) == 0
+
+
+def test_models_verify_lists_outdated_entries_and_repair_frees_them(
+    gguf_path: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An entry an earlier version wrote (no hashes, another key) is never read again: it is
+    listed as outdated, is not an error, and --repair removes it."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QUICKSILVER_CACHE", str(cache))
+    loading.load(str(gguf_path))
+    current = _entry(cache)
+    old = cache / "converted" / "0123456789abcdef"
+    old.mkdir()
+    (old / "complete").write_text(json.dumps({"source": "old.gguf", "files": {}}))
+    capsys.readouterr()
+    assert main(["models", "--verify"]) == 0
+    captured = capsys.readouterr()
+    assert "outdated" in captured.out and "old.gguf" in captured.out
+    assert "1 cached conversion(s)" in captured.out and "--repair" in captured.err
+    assert main(["models", "--verify", "--repair"]) == 0
+    assert "removed 0 damaged and 1 outdated" in capsys.readouterr().out
+    assert not old.exists() and current.is_dir()

@@ -46,31 +46,40 @@ def run(args: argparse.Namespace) -> int:
 
 
 def verify(repair: bool) -> int:
-    """Report each cache entry as whole or damaged (removing the damaged ones with
-    ``repair``); exit 1 when damaged entries are left in place."""
+    """Report each cache entry as whole, damaged or outdated (written by an earlier version,
+    never read again); ``repair`` removes the damaged and outdated ones. Exit 1 when damaged
+    entries are left in place."""
     root = convert_cache.cache_root(None)
-    rows, damaged = [], 0
-    for target, source, reason in convert_cache.iter_report(None):
-        status = "ok"
-        if reason is not None:
-            damaged += 1
+    rows, damaged, outdated = [], 0, 0
+    for target, source, state, reason in convert_cache.report(None):
+        status = state
+        if state != "ok":
+            damaged += state == "damaged"
+            outdated += state == "outdated"
             if repair:
                 convert_cache.remove_entry(target)
-            status = f"{'removed' if repair else 'damaged'}: {reason}"
+            status = ("removed, " if repair else "") + state
+            if reason is not None:
+                status += f": {reason}"
         rows.append([target.name, source or "?", status])
     if not rows:
         show(f"no converted models are cached under {root}")
         return 0
     show(format_table(["entry", "converted from", "status"], rows))
-    if not damaged:
-        show(f"all {len(rows)} cached conversion(s) under {root} are whole")
+    if repair and damaged + outdated:
+        show(
+            f"removed {damaged} damaged and {outdated} outdated cache entries under {root}; "
+            "the next load of each model rebuilds its entry"
+        )
         return 0
-    entries_word = "entry" if damaged == 1 else "entries"
-    if repair:
-        show(f"removed {damaged} damaged cache {entries_word}; the next load rebuilds each")
+    if outdated:
+        say(f"{outdated} outdated entries: `quicksilver models --repair` frees their space")
+    if not damaged:
+        whole = len(rows) - outdated
+        show(f"{whole} cached conversion(s) under {root} are whole")
         return 0
     say(
-        f"{damaged} damaged cache {entries_word} under {root}: run "
-        "`quicksilver models --verify --repair` to remove them; the next load rebuilds each"
+        f"{damaged} damaged cache entries under {root}: run `quicksilver models --verify "
+        "--repair` to remove them; the next load of each model rebuilds its entry"
     )
     return 1

@@ -71,14 +71,25 @@ def remove_entry(target: Path) -> None:
             target.unlink()
 
 
-def source_of(target: Path) -> str | None:
-    """The GGUF file an entry was converted from, as its manifest says (None if unreadable)."""
+def _manifest_of(target: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((target / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    source = manifest.get("source") if isinstance(manifest, dict) else None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def source_of(target: Path) -> str | None:
+    """The GGUF file an entry was converted from, as its manifest says (None if unreadable)."""
+    source = (_manifest_of(target) or {}).get("source")
     return source if isinstance(source, str) else None
+
+
+def is_outdated(target: Path) -> bool:
+    """Whether a finished entry was written by an earlier conversion version: its key differs
+    from any this version computes, so it is never read again, only taking space."""
+    manifest = _manifest_of(target)
+    return manifest is not None and manifest.get("version") != CONVERSION_VERSION
 
 
 def _sha256_of_file(path: Path) -> str:
@@ -223,7 +234,12 @@ def write_entry(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def iter_report(cache_dir: Path | None) -> Iterator[tuple[Path, str | None, str | None]]:
-    """Each entry with its source and why it is damaged (None when whole): for listing."""
+def report(cache_dir: Path | None) -> Iterator[tuple[Path, str | None, str, str | None]]:
+    """Each entry with its source, its state ("ok", "damaged" or "outdated") and, when
+    damaged, why: for listing."""
     for target in entries(cache_dir):
-        yield target, source_of(target), verify_entry(target)
+        if is_outdated(target):
+            yield target, source_of(target), "outdated", None
+            continue
+        reason = verify_entry(target)
+        yield target, source_of(target), "ok" if reason is None else "damaged", reason
