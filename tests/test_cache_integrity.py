@@ -231,3 +231,16 @@ def test_models_verify_lists_outdated_entries_and_repair_frees_them(
     assert main(["models", "--verify", "--repair"]) == 0
     assert "removed 0 damaged and 1 outdated" in capsys.readouterr().out
     assert not old.exists() and current.is_dir()
+
+
+def test_real_model_entry_verifies(smollm_fp32: loading.LoadedModel) -> None:
+    """The shipped SmolLM2 conversion (tokenizer files included) proves itself whole."""
+    entry = smollm_fp32.cache_entry
+    assert entry is not None and (entry / "tokenizer" / "tokenizer.json").is_file()
+    manifest = json.loads((entry / "complete").read_text())
+    assert "tokenizer/tokenizer.json" in manifest["sha256"]
+    hashed = manifest["weights"]["tensors"]
+    # Tied head: the embedding, the final norm and six tensors per block.
+    assert len(hashed) == 2 + 6 * smollm_fp32.model.config.n_layers and "embed" in hashed
+    assert smollm_fp32.verify_cache() is None
+    assert entry.is_dir()
