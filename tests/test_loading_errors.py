@@ -623,3 +623,126 @@ def test_config_values_that_cannot_build_a_model(
     config.update(changes)
     error = _load_error(_write_config(tmp_path / "bad", config), tmp_path)
     assert message is None or message in error, error
+
+
+# ----------------------------------------------------------------------------- GGUF types, shapes
+
+HIDDEN, HEADS, FFN, VOCAB = 8, 2, 16, 10
+
+
+def _tiny_gguf_tensors() -> dict[str, tuple[int, ...]]:
+    """Every tensor of a one-layer Llama GGUF, in torch's [out, in] order."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (VOCAB, HIDDEN),
+        "output_norm.weight": (HIDDEN,),
+    }
+    for name, shape in {
+        "attn_norm": (HIDDEN,),
+        "ffn_norm": (HIDDEN,),
+        "attn_q": (HIDDEN, HIDDEN),
+        "attn_k": (HIDDEN, HIDDEN),
+        "attn_v": (HIDDEN, HIDDEN),
+        "attn_output": (HIDDEN, HIDDEN),
+        "ffn_gate": (FFN, HIDDEN),
+        "ffn_up": (FFN, HIDDEN),
+        "ffn_down": (HIDDEN, FFN),
+    }.items():
+        shapes[f"blk.0.{name}.weight"] = shape
+    return shapes
+
+
+def _write_gguf(
+    path: Path,
+    metadata: dict[str, object] | None = None,
+    shapes: dict[str, tuple[int, ...]] | None = None,
+) -> Path:
+    """A small Llama GGUF whose metadata values (a value, or (value, GGUF type) to force a
+    type) and tensor shapes the test chooses; the defaults make a loadable model."""
+    import gguf
+    import numpy as np
+
+    values: dict[str, object] = {
+        "llama.block_count": 1,
+        "llama.embedding_length": HIDDEN,
+        "llama.feed_forward_length": FFN,
+        "llama.attention.head_count": HEADS,
+        "llama.context_length": 32,
+    }
+    values.update(metadata or {})
+    writer = gguf.GGUFWriter(str(path), "llama")
+    uint32 = gguf.GGUFValueType.UINT32
+    for key, value in values.items():
+        if isinstance(value, tuple):
+            writer.add_key_value(key, value[0], value[1])
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, uint32)
+    rng = np.random.default_rng(0)
+    for name, shape in (shapes or _tiny_gguf_tensors()).items():
+        writer.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_hand_written_gguf_loads(tmp_path: Path) -> None:
+    """The cases below change one thing each in a file that otherwise loads."""
+    lm = loading.load(str(_write_gguf(tmp_path / "ok.gguf")), cache_dir=tmp_path / "cache")
+    assert lm.model.config.hidden_size == HIDDEN and lm.model.config.n_layers == 1
+
+
+@pytest.mark.parametrize(
+    "key, value, expected, found",
+    [
+        ("llama.block_count", "three", "an integer", "STRING 'three'"),
+        ("llama.embedding_length", [8, 8], "an integer", "ARRAY/INT32 [8, 8]"),
+        ("llama.attention.head_count", True, "an integer", "BOOL True"),
+        ("llama.context_length", 32.0, "an integer", "FLOAT32 32.0"),
+        ("llama.rope.freq_base", "fast", "a number", "STRING 'fast'"),
+        ("llama.attention.layer_norm_rms_epsilon", [1e-5], "a number", "ARRAY/FLOAT32"),
+        ("tokenizer.ggml.eos_token_id", "</s>", "an integer", "STRING '</s>'"),
+        ("general.name", 7, "a string", "UINT32 7"),
+        ("llama.rope.scaling.type", 1, "a string", "UINT32 1"),
+    ],
+)
+def test_gguf_metadata_of_the_wrong_type(
+    tmp_path: Path, key: str, value: object, expected: str, found: str
+) -> None:
+    import gguf
+
+    types = {str: "STRING", bool: "BOOL", float: "FLOAT32", int: "UINT32"}
+    forced = value if isinstance(value, list) else (value, gguf.GGUFValueType[types[type(value)]])
+    path = _write_gguf(tmp_path / "typed.gguf", {key: forced})
+    message = _load_error(path, tmp_path)
+    assert message.startswith(f"{path}: GGUF metadata field {key!r} should be {expected}"), message
+    assert found in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "tensor, shape, implied",
+    [
+        ("blk.0.attn_k.weight", (6, HIDDEN), (HIDDEN, HIDDEN)),
+        ("blk.0.ffn_down.weight", (FFN, HIDDEN), (HIDDEN, FFN)),
+        ("blk.0.ffn_norm.weight", (HIDDEN + 1,), (HIDDEN,)),
+        ("token_embd.weight", (VOCAB, HIDDEN + 2), (VOCAB, HIDDEN)),
+    ],
+)
+def test_gguf_tensor_of_an_unexpected_shape(
+    tmp_path: Path, tensor: str, shape: tuple[int, ...], implied: tuple[int, ...]
+) -> None:
+    shapes = _tiny_gguf_tensors() | {tensor: shape}
+    path = _write_gguf(tmp_path / "shapes.gguf", shapes=shapes)
+    message = _load_error(path, tmp_path)
+    assert message.startswith(f"{path}: GGUF tensor {tensor!r} has shape {shape}"), message
+    assert f"implies {implied}" in message and "embedding_length=8" in message, message
+
+
+def test_gguf_missing_a_block_tensor(tmp_path: Path) -> None:
+    shapes = _tiny_gguf_tensors()
+    del shapes["blk.0.ffn_up.weight"]
+    path = _write_gguf(tmp_path / "no_up.gguf", shapes=shapes)
+    assert f"{path} is missing tensor 'blk.0.ffn_up.weight'" in _load_error(path, tmp_path)

@@ -1,9 +1,9 @@
 """Load checkpoints into our transformer: local HF directories, hub ids and GGUF files.
 
-GGUF weights are dequantised once with the ``gguf`` package and cached on disk as fp32
-safetensors (plus the tokenizer), so later loads take a fraction of a second instead of the
-conversion time. A cache entry is written whole or not at all (temporary directory, rename)
-and checked against its manifest when read; a damaged one is reported and rebuilt.
+This module is the entry point; the formats live beside it: ``hf`` (Hugging Face directories
+and hub snapshots), ``gguf_file`` (GGUF metadata, tensors and Q4 blocks), ``convert_cache``
+(GGUF files converted once to fp32 safetensors, checked by content hash) and ``state``
+(streamed tensors, and the check that they fit the config).
 
 Sizes from a config are checked against this machine's memory before anything is allocated,
 and a hub id whose snapshot is in the local Hugging Face cache loads without the network.
@@ -13,37 +13,58 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import importlib.util
-import json
-import math
 import os
-import shutil
-import struct
 import sys
-import tempfile
+import tempfile  # noqa: F401  (re-exported: where the cache's temporary directories come from)
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from quicksilver.errors import QuicksilverError
+from quicksilver.models import convert_cache, hf
 from quicksilver.models.config import ModelConfig
-from quicksilver.models.formats import (
-    Int4Codes,
-    WeightFormat,
-    convert_block,
-    convert_head,
-    int4_codes_from_gguf,
+from quicksilver.models.convert_cache import CONVERSION_VERSION
+from quicksilver.models.formats import Int4Codes, WeightFormat, convert_block, convert_head
+from quicksilver.models.gguf_file import (
+    GGUFInt4Layers,
+    dequantised_state,
+    gguf_int4_layers,
+    open_gguf,
 )
+from quicksilver.models.hf import TOKENIZER_FILES
+from quicksilver.models.state import StreamedTensors, check_state
 from quicksilver.models.transformer import Transformer, rope_inverse_frequencies
 
+__all__ = [
+    "CONVERSION_VERSION",
+    "DEFAULT_MODEL",
+    "DTYPES",
+    "GGUFInt4Layers",
+    "MEMORY_FRACTION",
+    "MODEL_ALIASES",
+    "TOKENIZER_FILES",
+    "LoadedModel",
+    "ModelConfig",
+    "ModelSource",
+    "PackagedModel",
+    "StreamedTensors",
+    "build_model",
+    "check_memory",
+    "check_state",
+    "gguf_int4_layers",
+    "load",
+    "parse_dtype",
+    "resolve",
+    "total_memory_bytes",
+    "verify_entry_for",
+]
+
 DEFAULT_MODEL = "smollm2-135m"
-CONVERSION_VERSION = "3"  # bump when the converted cache layout or its config changes
 # Accepted dtype spellings. float16 runs everywhere the model does, but overflows more easily
 # than bfloat16 (sample_next then reports NaN/inf logits).
 DTYPES = {
@@ -90,6 +111,7 @@ class LoadedModel:
     tokenizer: Any  # None when the checkpoint ships no vocabulary
     source: ModelSource
     load_seconds: float
+    cache_entry: Path | None = None  # the converted-model cache entry the weights came from
 
     def text_tokenizer(self) -> Any:
         """The tokenizer, or a clear error for work that starts from text."""
@@ -99,6 +121,15 @@ class LoadedModel:
                 "directory to work with text"
             )
         return self.tokenizer
+
+    def verify_cache(self) -> str | None:
+        """Hash every byte of the cache entry these weights came from; if it is damaged,
+        remove it and return a one-line message naming it, else None (also when the model
+        did not come from the cache). Worth calling when the model computes NaN or inf:
+        bytes flipped inside a cached tensor change no size, so a load cannot notice them."""
+        if self.cache_entry is None:
+            return None
+        return _verify_and_remove(self.cache_entry)
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -181,12 +212,16 @@ def load(
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
     source = resolve(name)
+    entry = None
     if source.kind == "gguf":
-        config, state, tokenizer = _load_gguf_cached(Path(source.path), cache_dir)
+        entry = convert_cache.entry_path(Path(source.path), cache_dir)
+        config, state, tokenizer = _load_gguf_cached(Path(source.path), entry)
     else:
-        directory = Path(source.path) if source.kind == "hf_dir" else _download(source.path)
-        config, state = _load_hf_dir(directory)
-        tokenizer = _load_hf_tokenizer(directory)
+        directory = Path(source.path) if source.kind == "hf_dir" else hf.download(source.path)
+        hf_config, config = hf.read_config(directory)
+        check_memory(config, torch.float32)  # the checkpoint is read into fp32 first
+        state = hf.read_state(directory, hf_config, config)
+        tokenizer = hf.load_hf_tokenizer(directory)
     codes = None
     q4_as_is = weights is not None and weights.blocks == "int4" and weights.group_size == 32
     if q4_as_is and source.kind == "gguf":  # its Q4 blocks load as they are
@@ -194,7 +229,8 @@ def load(
     model = build_model(config, state, torch_dtype, fast, weights, codes)
     del state, codes
     _return_freed_memory()
-    return LoadedModel(model, tokenizer, source, time.perf_counter() - start)
+    cached = entry if entry is not None and entry.is_dir() else None  # None: cache not writable
+    return LoadedModel(model, tokenizer, source, time.perf_counter() - start, cached)
 
 
 def _return_freed_memory() -> None:
@@ -257,105 +293,6 @@ def build_model(
     return model
 
 
-_SAFETENSORS_DTYPES = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-}
-
-
-class StreamedTensors(Mapping[str, torch.Tensor]):
-    """A safetensors file read one tensor at a time, with plain reads (no memory map), so
-    that a model can be built tensor by tensor without the whole file resident at once: a
-    4-bit model then never holds more than one float block. ``pop`` reads a tensor and
-    forgets it; ``shape_of`` reads only the header."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self._base = 8 + size
-        self._entries: dict[str, dict[str, Any]] = header
-        for name, entry in header.items():
-            if entry.get("dtype") not in _SAFETENSORS_DTYPES:
-                raise QuicksilverError(f"{path}: tensor {name} has dtype {entry.get('dtype')}")
-            start, end = entry["data_offsets"]
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            if end - start != math.prod(entry["shape"]) * dtype.itemsize:
-                raise QuicksilverError(f"{path}: tensor {name} has the wrong number of bytes")
-        if self._base + max((e["data_offsets"][1] for e in header.values()), default=0) > (
-            path.stat().st_size
-        ):
-            raise QuicksilverError(f"{path} is truncated")
-
-    def shape_of(self, key: str) -> tuple[int, ...]:
-        return tuple(self._entries[key]["shape"])
-
-    def __contains__(self, key: object) -> bool:  # from the header, without reading
-        return key in self._entries
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        entry = self._entries[key]
-        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-        tensor = torch.empty(entry["shape"], dtype=dtype, device="cpu")
-        start, end = entry["data_offsets"]
-        with open(self.path, "rb") as f:
-            f.seek(self._base + start)
-            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
-                raise QuicksilverError(f"{self.path} is truncated at tensor {key}")
-        return tensor
-
-    def pop(self, key: str, *default: Any) -> torch.Tensor:
-        if key not in self._entries and default:
-            return default[0]
-        tensor = self[key]
-        del self._entries[key]
-        return tensor
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if isinstance(state, StreamedTensors):
-        return state.shape_of(key)
-    return tuple(state[key].shape)
-
-
-def check_state(model: Transformer, state: Mapping[str, torch.Tensor]) -> bool:
-    """Raise unless ``state`` holds exactly the tensors, of the shapes, that ``model`` (built
-    on the meta device: no memory) needs; return whether the LM head is tied to the embedding
-    (tied in the config, or no head tensor in the checkpoint)."""
-    config = model.config
-    tied = config.tie_word_embeddings or "lm_head.weight" not in state
-    shapes = {
-        key: tuple(param.shape)
-        for key, param in model.named_parameters()
-        if not (tied and key == "lm_head.weight")
-    }
-    missing = shapes.keys() - state.keys()
-    unexpected = state.keys() - shapes.keys()
-    if missing or unexpected:
-        raise QuicksilverError(
-            f"checkpoint does not match the {config.family} layout: missing "
-            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
-    for key, shape in shapes.items():
-        if _shape(state, key) != shape:
-            raise QuicksilverError(
-                f"tensor {key!r} has shape {_shape(state, key)} but the config implies "
-                f"{shape}; config.json and the weights do not belong together"
-            )
-    return tied
-
-
 def total_memory_bytes() -> int | None:
     """This machine's memory as a process here can use it: the smaller of the physical RAM
     (/proc/meminfo, else sysconf) and a cgroup limit (containers); None when unknown."""
@@ -412,384 +349,21 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:,.1f} GiB"
 
 
-# ---------------------------------------------------------------- Hugging Face checkpoints
-
-
-def _download(repo_id: str) -> Path:
-    """A local snapshot of ``repo_id``: from the Hugging Face cache when it holds the config
-    and weights (no network at all), else downloaded from the hub."""
-    from huggingface_hub import constants
-
-    cache_dir = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
-    cached = _cached_snapshot(repo_id, cache_dir)
-    if cached is not None:
-        return cached
-    try:
-        from huggingface_hub import list_repo_files, snapshot_download
-
-        # Fetch one weight format only: many repos carry the same weights as both
-        # safetensors and pickles (and Mistral-style repos an extra consolidated copy).
-        files = list_repo_files(repo_id)
-        if any(f.startswith("model") and f.endswith(".safetensors") for f in files):
-            weights = ["model*.safetensors"]
-        elif any(f.endswith(".safetensors") for f in files):
-            weights = ["*.safetensors"]
-        else:
-            weights = ["pytorch_model*.bin"]
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=["*.json", "*.model", "*.txt", *weights],
-                cache_dir=cache_dir,
-            )
-        )
-    except Exception as err:  # hub errors come in many types; all mean the same to the user
-        detail = " ".join(str(err).split())[:200]
-        raise QuicksilverError(
-            f"{repo_id!r} is not in the local Hugging Face cache ({cache_dir}) and could not be "
-            f"fetched from the hub ({type(err).__name__}: {detail}); download it once with "
-            "network access, or pass a local model directory or a .gguf file instead"
-        ) from err
-
-
-def _cached_snapshot(repo_id: str, cache_dir: str) -> Path | None:
-    """The cached snapshot of the repo's main revision, if it has config.json and weights.
-
-    A snapshot can be partial (an interrupted download, or only config.json fetched by
-    another tool); then None, and the download completes it.
-    """
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        config = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
-    except ValueError as err:  # HFValidationError: not a valid repo id
-        raise QuicksilverError(f"{repo_id!r} is not a valid Hugging Face hub id: {err}") from err
-    if not isinstance(config, str):
-        return None
-    directory = Path(config).parent
-    try:
-        has_weights = bool(
-            _weight_files(
-                directory, "model.safetensors", "model.safetensors.index.json", "*.safetensors"
-            )
-            or _weight_files(
-                directory, "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"
-            )
-        )
-    except QuicksilverError:  # an index whose shards are not all there yet
-        return None
-    return directory if has_weights else None
-
-
-def _weight_files(directory: Path, single: str, index: str, pattern: str) -> list[Path]:
-    """The checkpoint's own weight files: the index's shards, the single file, or a glob.
-
-    Going by the index first ignores stray copies such as Mistral's ``consolidated.*``.
-    """
-    index_path = directory / index
-    if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-            raise QuicksilverError(f"cannot read the shard index {index_path}: {err}") from err
-        shards = [directory / name for name in sorted(set(weight_map.values()))]
-        absent = [p.name for p in shards if not p.is_file()]
-        if absent:
-            raise QuicksilverError(f"{directory} is missing weight shards {absent[:3]}")
-        return shards
-    if (directory / single).is_file():
-        return [directory / single]
-    return sorted(directory.glob(pattern))
-
-
-def _read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    files = _weight_files(
-        directory, "model.safetensors", "model.safetensors.index.json", "*.safetensors"
-    )
-    if files:
-        for file in files:
-            try:
-                tensors.update(load_file(str(file)))
-            except Exception as err:  # SafetensorError, OSError, ...: all mean a bad file
-                raise QuicksilverError(f"cannot read weights from {file}: {err}") from err
-        return tensors
-    bins = _weight_files(
-        directory, "pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model*.bin"
-    )
-    if not bins:
-        raise QuicksilverError(f"{directory} has no *.safetensors or pytorch_model*.bin weights")
-    for file in bins:
-        try:
-            # weights_only: a pickle from the internet must not be able to run code.
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
-            raise QuicksilverError(
-                f"cannot read weights from {file} (a plain tensor state dict is expected): {err}"
-            ) from err
-        if not isinstance(loaded, dict):
-            raise QuicksilverError(f"{file} does not hold a state dict")
-        tensors.update(loaded)
-    return tensors
-
-
-def _load_hf_dir(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    try:
-        hf_config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise QuicksilverError(f"cannot read {directory / 'config.json'}: {err}") from err
-    if not isinstance(hf_config, dict):
-        raise QuicksilverError(f"{directory / 'config.json'} does not hold a JSON object")
-    config = ModelConfig.from_hf(hf_config)
-    check_memory(config, torch.float32)  # the checkpoint is read into fp32 first
-    if config.family == "gpt2" and (
-        hf_config.get("scale_attn_by_inverse_layer_idx")
-        or hf_config.get("reorder_and_upcast_attn")
-        or not hf_config.get("scale_attn_weights", True)
-    ):
-        raise QuicksilverError(
-            "GPT-2 variants with non-standard attention scaling (scale_attn_weights=false, "
-            "scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn) are not supported"
-        )
-    tensors = _read_hf_tensors(directory)
-    convert = {"llama": _from_hf_llama, "gpt2": _from_hf_gpt2, "opt": _from_hf_opt}[config.family]
-    tensors = _strip_prefixes(tensors)
-    if config.family == "opt" and not hf_config.get("layer_norm_elementwise_affine", True):
-        _add_identity_norms(config, tensors)
-    return config, convert(config, tensors)
-
-
-def _add_identity_norms(config: ModelConfig, tensors: dict[str, torch.Tensor]) -> None:
-    """OPT without norm weights (layer_norm_elementwise_affine=false) means weight 1, bias 0."""
-    d = config.hidden_size
-    names = [
-        f"layers.{i}.{n}"
-        for i in range(config.n_layers)
-        for n in ("self_attn_layer_norm", "final_layer_norm")
-    ]
-    if config.final_norm:
-        names.append("final_layer_norm")
-    for name in names:
-        tensors.setdefault(name + ".weight", torch.ones(d))
-        tensors.setdefault(name + ".bias", torch.zeros(d))
-
-
-def _strip_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in tensors.items():
-        for prefix in ("model.decoder.", "transformer.", "model.", "decoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix) :]
-                break
-        out[key] = value
-    return out
-
-
-def _take(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    if key not in tensors:
-        raise QuicksilverError(f"checkpoint is missing tensor {key!r}")
-    return tensors[key].float()
-
-
-def _from_hf_llama(config: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = {"embed": _take(t, "embed_tokens.weight"), "final_norm.weight": _take(t, "norm.weight")}
-    if "lm_head.weight" in t and not config.tie_word_embeddings:
-        state["lm_head.weight"] = _take(t, "lm_head.weight")
-    for i in range(config.n_layers):
-        p, b = f"layers.{i}.", f"blocks.{i}."
-        state[b + "attn_norm.weight"] = _take(t, p + "input_layernorm.weight")
-        state[b + "mlp_norm.weight"] = _take(t, p + "post_attention_layernorm.weight")
-        qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
-        state[b + "attn.qkv.weight"] = torch.cat([_take(t, k + "weight") for k in qkv])
-        if config.qkv_bias:
-            state[b + "attn.qkv.bias"] = torch.cat([_take(t, k + "bias") for k in qkv])
-        state[b + "attn.out.weight"] = _take(t, p + "self_attn.o_proj.weight")
-        if config.out_bias:
-            state[b + "attn.out.bias"] = _take(t, p + "self_attn.o_proj.bias")
-        state[b + "mlp.up.weight"] = torch.cat(
-            [_take(t, p + "mlp.gate_proj.weight"), _take(t, p + "mlp.up_proj.weight")]
-        )
-        state[b + "mlp.down.weight"] = _take(t, p + "mlp.down_proj.weight")
-        if config.mlp_bias:
-            state[b + "mlp.up.bias"] = torch.cat(
-                [_take(t, p + "mlp.gate_proj.bias"), _take(t, p + "mlp.up_proj.bias")]
-            )
-            state[b + "mlp.down.bias"] = _take(t, p + "mlp.down_proj.bias")
-    return state
-
-
-def _from_hf_gpt2(config: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # GPT-2 stores its projections as Conv1D, i.e. [in, out]: transpose to [out, in].
-    state = {
-        "embed": _take(t, "wte.weight"),
-        "position_embed": _take(t, "wpe.weight"),
-        "final_norm.weight": _take(t, "ln_f.weight"),
-        "final_norm.bias": _take(t, "ln_f.bias"),
-    }
-    pairs = {
-        "attn_norm": "ln_1",
-        "mlp_norm": "ln_2",
-        "attn.qkv": "attn.c_attn",
-        "attn.out": "attn.c_proj",
-        "mlp.up": "mlp.c_fc",
-        "mlp.down": "mlp.c_proj",
-    }
-    for i in range(config.n_layers):
-        for ours, theirs in pairs.items():
-            weight = _take(t, f"h.{i}.{theirs}.weight")
-            is_norm = ours.endswith("norm")
-            state[f"blocks.{i}.{ours}.weight"] = weight if is_norm else weight.t().contiguous()
-            state[f"blocks.{i}.{ours}.bias"] = _take(t, f"h.{i}.{theirs}.bias")
-    return state
-
-
-def _from_hf_opt(config: ModelConfig, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    state = {
-        "embed": _take(t, "embed_tokens.weight"),
-        "position_embed": _take(t, "embed_positions.weight"),
-    }
-    if config.final_norm:
-        state["final_norm.weight"] = _take(t, "final_layer_norm.weight")
-        state["final_norm.bias"] = _take(t, "final_layer_norm.bias")
-    if config.word_embed_proj_dim:
-        state["project_in.weight"] = _take(t, "project_in.weight")
-        state["project_out.weight"] = _take(t, "project_out.weight")
-    if not config.tie_word_embeddings and "lm_head.weight" in t:
-        state["lm_head.weight"] = _take(t, "lm_head.weight")
-    for i in range(config.n_layers):
-        p, b = f"layers.{i}.", f"blocks.{i}."
-        qkv = [p + f"self_attn.{n}_proj." for n in "qkv"]
-        state[b + "attn.qkv.weight"] = torch.cat([_take(t, k + "weight") for k in qkv])
-        for ours, theirs in (
-            ("attn_norm", "self_attn_layer_norm"),
-            ("mlp_norm", "final_layer_norm"),
-            ("attn.out", "self_attn.out_proj"),
-            ("mlp.up", "fc1"),
-            ("mlp.down", "fc2"),
-        ):
-            state[f"{b}{ours}.weight"] = _take(t, f"{p}{theirs}.weight")
-            if ours.endswith("norm") or config.mlp_bias:
-                state[f"{b}{ours}.bias"] = _take(t, f"{p}{theirs}.bias")
-        if config.qkv_bias:
-            state[b + "attn.qkv.bias"] = torch.cat([_take(t, k + "bias") for k in qkv])
-    return state
-
-
-# Files that carry a vocabulary. Without one, AutoTokenizer can still "succeed" and return an
-# empty tokenizer built from config.json's model_type, which would silently encode to nothing.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
-
-
-def _load_hf_tokenizer(directory: Path) -> Any:
-    """The directory's tokenizer, or None when it ships no vocabulary."""
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        return None
-    return _load_tokenizer(directory)
-
-
-def _load_tokenizer(directory: Path, gguf_file: str | None = None) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file)
-    except Exception as err:  # transformers raises many types for a broken tokenizer
-        raise QuicksilverError(f"cannot load a tokenizer from {directory}: {err}") from err
-
-
-# ---------------------------------------------------------------- GGUF
-
-
-def gguf_int4_layers(path: Path, config: ModelConfig) -> GGUFInt4Layers:
-    """The blocks' linear layers of a GGUF file whose tensors are Q4_0 / Q4_1, as int4 codes
-    under our module names, read when asked for (see ``GGUFInt4Layers``)."""
-    return GGUFInt4Layers(path, config)
-
-
-class GGUFInt4Layers(Mapping[str, Int4Codes]):
-    """Q4 layers of a GGUF file by our module name: Q/K rows un-interleaved, Q/K/V and
-    gate/up stacked as our fused weights. A layer is read (from the memory-mapped file) only
-    when asked for, so loading holds one layer's codes at a time; a layer with any other
-    tensor type is absent (it is quantised from floats instead)."""
-
-    def __init__(self, path: Path, config: ModelConfig) -> None:
-        import gguf
-
-        self.config = config
-        self.tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
-        parts = {
-            "attn.qkv": ("attn_q", "attn_k", "attn_v"),
-            "attn.out": ("attn_output",),
-            "mlp.up": ("ffn_gate", "ffn_up"),
-            "mlp.down": ("ffn_down",),
-        }
-        self.layers = {
-            f"blocks.{i}.{ours}": [f"blk.{i}.{name}.weight" for name in theirs]
-            for i in range(config.n_layers)
-            for ours, theirs in parts.items()
-            if all(self._is_q4(f"blk.{i}.{name}.weight") for name in theirs)
-        }
-
-    def _is_q4(self, name: str) -> bool:
-        t = self.tensors.get(name)
-        return t is not None and t.tensor_type.name in ("Q4_0", "Q4_1")
-
-    def _codes(self, name: str) -> Int4Codes:
-        t = self.tensors[name]
-        raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
-        codes = int4_codes_from_gguf(raw, t.tensor_type.name)
-        heads = {"attn_q": self.config.n_heads, "attn_k": self.config.n_kv_heads}
-        kind = name.split(".")[2]
-        if kind in heads:  # the same row order change as the float weights get
-            rows = torch.arange(codes.codes.shape[0])
-            order = rows.reshape(heads[kind], -1, 2).transpose(1, 2).reshape(-1)
-            codes = Int4Codes(
-                codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size
-            )
-        return codes
-
-    def __getitem__(self, key: str) -> Int4Codes:
-        parts = [self._codes(name) for name in self.layers[key]]
-        if len(parts) == 1:
-            return parts[0]
-        return Int4Codes(
-            torch.cat([p.codes for p in parts]),
-            torch.cat([p.scales for p in parts]),
-            torch.cat([p.zeros for p in parts]),
-            32,
-        )
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-
-def _cache_root(cache_dir: Path | None) -> Path:
-    if cache_dir is not None:
-        return cache_dir
-    env = os.environ.get("QUICKSILVER_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "quicksilver"
+# ---------------------------------------------------------------- GGUF through the cache
 
 
 def _load_gguf_cached(
-    path: Path, cache_dir: Path | None
-) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
-    """Read the converted copy of a GGUF file, converting (and caching) it when there is none.
+    path: Path, target: Path
+) -> tuple[ModelConfig, Mapping[str, torch.Tensor], Any]:
+    """Read the converted copy of a GGUF file at ``target``, converting (and caching) it
+    when there is none.
 
-    A damaged entry (truncated or garbled files, files missing, bad JSON) is named in a
+    A damaged entry (truncated or edited files, files missing, bad JSON) is named in a
     warning on stderr, removed and rebuilt: the cache must never be a permanent failure.
     """
-    stat = path.stat()
-    key = hashlib.sha1(
-        f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CONVERSION_VERSION}".encode()
-    ).hexdigest()[:16]
-    target = _cache_root(cache_dir) / "converted" / key
     if target.exists():
         try:
-            return _read_cache_entry(target)
+            return convert_cache.read_entry(target)
         except Exception as err:  # anything unreadable in our own cache means damage
             reason = " ".join(str(err).split())[:200] or type(err).__name__
             print(
@@ -798,176 +372,40 @@ def _load_gguf_cached(
                 file=sys.stderr,
                 flush=True,
             )
-            if target.is_dir():
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    target.unlink()
+            convert_cache.remove_entry(target)
     config, state, has_tokenizer = _read_gguf(path)
-    tokenizer = _load_tokenizer(path.parent, gguf_file=path.name) if has_tokenizer else None
-    _write_cache_entry(target, path, config, state, tokenizer)
+    tokenizer = hf.load_tokenizer(path.parent, gguf_file=path.name) if has_tokenizer else None
+    convert_cache.write_entry(target, path, config, state, tokenizer)
     return config, state, tokenizer
-
-
-def _read_cache_entry(target: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Any]:
-    """A cache entry, checked against its manifest (every file present with its size) and the
-    tensors against the shapes its config implies; raises on any damage."""
-
-    manifest = json.loads((target / "complete").read_text())
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or "model.safetensors" not in files:
-        raise QuicksilverError("its manifest lists no files")
-    for name, size in files.items():
-        file = target / name
-        if not file.is_file():
-            raise QuicksilverError(f"{name} is missing")
-        if file.stat().st_size != size:
-            raise QuicksilverError(f"{name} has {file.stat().st_size} bytes, expected {size}")
-    data = json.loads((target / "config.json").read_text())
-    if not isinstance(data, dict):
-        raise QuicksilverError("config.json does not hold a JSON object")
-    config = ModelConfig.from_dict(data)
-    state = StreamedTensors(target / "model.safetensors")
-    with torch.device("meta"):
-        check_state(Transformer(config), state)
-    tokenizer = _load_hf_tokenizer(target / "tokenizer")
-    if tokenizer is None and any(name.startswith("tokenizer/") for name in files):
-        raise QuicksilverError("the tokenizer files are missing")
-    return config, state, tokenizer
-
-
-def _write_cache_entry(
-    target: Path, source: Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Any
-) -> None:
-    """Write an entry into a temporary sibling and rename it into place, so an interrupted
-    run leaves no half entry. The ``complete`` manifest, written last, lists every file with
-    its size. A read-only or full cache only costs speed: the entry is then not kept."""
-    from safetensors.torch import save_file
-
-    tmp: Path | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        files = {
-            file.relative_to(tmp).as_posix(): file.stat().st_size
-            for file in sorted(tmp.rglob("*"))
-            if file.is_file()
-        }
-        manifest = {"source": str(source), "files": files}
-        (tmp / "complete").write_text(json.dumps(manifest, indent=1))
-        tmp.rename(target)  # fails if another process renamed its entry first: keep that one
-    except OSError:
-        pass
-    finally:
-        if tmp is not None and tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
     """Dequantise a Llama-architecture GGUF file into our fp32 state dict; also say whether
     the file carries a tokenizer vocabulary."""
-    import gguf
+    contents = open_gguf(path)
+    check_memory(contents.config, torch.float32)  # before dequantising: GGUF expands 4-8x
+    return contents.config, dequantised_state(contents), contents.has_tokenizer
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-        # Field values are decoded lazily: touch them here so that damage shows up now.
-        fields = {name: field.contents() for name, field in reader.fields.items()}
-    except Exception as err:  # the reader raises ValueError, struct.error, IndexError, ...
-        raise QuicksilverError(
-            f"{path} is not a readable GGUF file; it may be truncated or corrupt ({err})"
-        ) from err
-    arch = fields.get("general.architecture")
-    if arch != "llama":
-        raise QuicksilverError(
-            f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')"
-        )
-    a = arch + "."
-    tensors = {t.name: t for t in reader.tensors}
-    if "token_embd.weight" not in tensors:
-        raise QuicksilverError(f"{path} is missing tensor 'token_embd.weight'")
 
-    def required(key: str) -> int:
-        value = fields.get(key)
-        if value is None:
-            raise QuicksilverError(f"{path} is missing the GGUF metadata field {key!r}")
-        return int(value)
+def verify_entry_for(
+    source: ModelSource | str | os.PathLike[str], cache_dir: Path | None = None
+) -> str | None:
+    """Fully verify the converted-model cache entry that ``source`` (a GGUF file, its short
+    name or its ``ModelSource``) loads from; if it is damaged, remove it so that the next load
+    rebuilds it, and return a one-line message naming it. None when the entry is whole, or
+    when there is none (nothing converted yet, or a source that is not converted)."""
+    if not isinstance(source, ModelSource):
+        source = resolve(source)
+    if source.kind != "gguf":
+        return None
+    return _verify_and_remove(convert_cache.entry_path(Path(source.path), cache_dir))
 
-    def get(name: str) -> torch.Tensor:
-        if name not in tensors:
-            raise QuicksilverError(f"{path} is missing tensor {name!r}")
-        t = tensors[name]
-        try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as err:
-            raise QuicksilverError(f"cannot dequantise {name} in {path}: {err}") from err
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        if not values.flags.writeable:  # F32 tensors come back as views of the memory map
-            values = values.copy()
-        return torch.from_numpy(values.reshape(shape))
 
-    n_heads = required(a + "attention.head_count")
-    scaling_type = fields.get(a + "rope.scaling.type")
-    rope_scaling = None
-    if scaling_type and scaling_type != "none":
-        rope_scaling = {
-            "rope_type": scaling_type,
-            "factor": float(fields.get(a + "rope.scaling.factor", 1.0)),
-        }
-    eos = fields.get("tokenizer.ggml.eos_token_id")
-    key_length = fields.get(a + "attention.key_length")  # head size, when not hidden / heads
-    # Llama-3.1-style GGUFs store the RoPE scaling as per-frequency divisors, not parameters.
-    freq_factors = None
-    if "rope_freqs.weight" in tensors:
-        freq_factors = get("rope_freqs.weight").flatten().tolist()
-    config = ModelConfig(
-        family="llama",
-        vocab_size=int(tensors["token_embd.weight"].shape[-1]),
-        hidden_size=required(a + "embedding_length"),
-        n_layers=required(a + "block_count"),
-        n_heads=n_heads,
-        n_kv_heads=int(fields.get(a + "attention.head_count_kv", n_heads)),
-        head_dim_override=int(key_length) if key_length is not None else None,
-        intermediate_size=required(a + "feed_forward_length"),
-        max_position_embeddings=int(fields.get(a + "context_length", 4096)),
-        norm="rms",
-        norm_eps=float(fields.get(a + "attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(fields.get(a + "rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        rope_freq_factors=freq_factors,
-        tie_word_embeddings="output.weight" not in tensors,
-        bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=[int(eos)] if eos is not None else [],
-        name=str(fields.get("general.name", path.stem)),
-    )
-    check_memory(config, torch.float32)  # before dequantising: GGUF expands 4-8x in fp32
-
-    def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-        # GGUF stores Q/K rows interleaved per rotary pair; transformers' half-split layout
-        # groups each head's first halves and second halves.
-        return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
-
-    state = {"embed": get("token_embd.weight"), "final_norm.weight": get("output_norm.weight")}
-    if "output.weight" in tensors:
-        state["lm_head.weight"] = get("output.weight")
-    for i in range(config.n_layers):
-        p, b = f"blk.{i}.", f"blocks.{i}."
-        state[b + "attn_norm.weight"] = get(p + "attn_norm.weight")
-        state[b + "mlp_norm.weight"] = get(p + "ffn_norm.weight")
-        state[b + "attn.qkv.weight"] = torch.cat(
-            [
-                unpermute(get(p + "attn_q.weight"), config.n_heads),
-                unpermute(get(p + "attn_k.weight"), config.n_kv_heads),
-                get(p + "attn_v.weight"),
-            ]
-        )
-        state[b + "attn.out.weight"] = get(p + "attn_output.weight")
-        state[b + "mlp.up.weight"] = torch.cat(
-            [get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")]
-        )
-        state[b + "mlp.down.weight"] = get(p + "ffn_down.weight")
-    return config, state, "tokenizer.ggml.tokens" in fields
+def _verify_and_remove(target: Path) -> str | None:
+    if not target.exists():
+        return None
+    reason = convert_cache.verify_entry(target)
+    if reason is None:
+        return None
+    convert_cache.remove_entry(target)
+    return convert_cache.damaged_message(target, reason)
