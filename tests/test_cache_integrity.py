@@ -244,3 +244,23 @@ def test_real_model_entry_verifies(smollm_fp32: loading.LoadedModel) -> None:
     assert len(hashed) == 2 + 6 * smollm_fp32.model.config.n_layers and "embed" in hashed
     assert smollm_fp32.verify_cache() is None
     assert entry.is_dir()
+
+
+def test_nan_from_a_damaged_entry_names_it_and_removes_it(gguf_path: Path, tmp_path: Path):
+    """NaN written inside a cached tensor (no size changes, so a load cannot see it): the
+    API's NaN error names the damaged entry and removes it, and the next load rebuilds it."""
+    import quicksilver as qs
+
+    cache = tmp_path / "cache"
+    loading.load(str(gguf_path), cache_dir=cache)
+    entry = _entry(cache)
+    start, end = _tensor_range(entry / "model.safetensors", DAMAGED_TENSOR)
+    with (entry / "model.safetensors").open("r+b") as f:
+        f.seek(start)
+        f.write(struct.pack("<f", float("nan")) * ((end - start) // 4))
+    llm = qs.LLM(loading.load(str(gguf_path), dtype=torch.float32, cache_dir=cache))
+    with pytest.raises(qs.QuicksilverError, match="damaged") as caught:
+        llm.generate([5, 6, 7], max_new_tokens=2)
+    assert str(entry) in str(caught.value) and not entry.exists()
+    rebuilt = qs.LLM(loading.load(str(gguf_path), dtype=torch.float32, cache_dir=cache))
+    assert len(rebuilt.generate([5, 6, 7], max_new_tokens=2).completions[0].token_ids) == 2

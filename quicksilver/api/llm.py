@@ -35,7 +35,7 @@ from quicksilver.policies import Policy, load_policy
 from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS, room_for
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.engine import Engine
-from quicksilver.runtime.sampling import SamplingConfig
+from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
 from quicksilver.scoring import TokenScores, prefix_token_id, score_tokens
 from quicksilver.text import decode, encode_prompt
 
@@ -157,12 +157,26 @@ class LLM:
     def _working(self, spec: PolicySpec) -> Iterator[None]:
         """Hold the model for one piece of work under the call's policy."""
         policy = self._scoped_policy() if spec is None else self._policy(spec)
-        with self._lock:
+        with self._lock, self._checked_weights():
             self._activate(policy)
             try:
                 yield
             finally:  # a policy for one call is released after it
                 self._activate(self._scoped_policy())
+
+    @contextlib.contextmanager
+    def _checked_weights(self) -> Iterator[None]:
+        """NaN or inf logits may come from a damaged converted-model cache (bytes flipped
+        inside a tensor change no size, so a load cannot see them): verify the entry these
+        weights came from, and if it is damaged, say so — it is removed and the next load
+        rebuilds it — instead of blaming the checkpoint."""
+        try:
+            yield
+        except NonFiniteLogits as err:
+            damaged = self._loaded.verify_cache()
+            if damaged is not None:
+                raise QuicksilverError(f"{damaged}; load the model again") from err
+            raise
 
     def _speculative(self, value: Any) -> SpeculativeConfig | None:
         return self.speculative if value is None else speculative_option(value)

@@ -176,7 +176,7 @@ class Batch:
     def step(self) -> list[BatchEvent]:
         """One step (a prefill chunk and/or one decode forward); what each request got."""
         llm = self._llm
-        with llm._lock:
+        with llm._lock, llm._checked_weights():
             llm._activate(self.policy)
             events = self._core.step()
             now = time.perf_counter()

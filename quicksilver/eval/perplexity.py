@@ -34,6 +34,7 @@ from quicksilver.accounting import Meter
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.report import jsonable
+from quicksilver.runtime.sampling import NonFiniteLogits
 from quicksilver.scoring import forced_logits, rolling_requests, score_tokens
 
 # Rows of logits turned into log-probabilities at once: bounds the float32 temporaries of the
@@ -324,7 +325,7 @@ def check_finite_logits(logits: torch.Tensor) -> None:
     """A model whose forward overflowed (or whose weights hold NaN) must fail, not report a
     perplexity of NaN or a log-likelihood that compares as nothing."""
     if not bool(torch.isfinite(logits).all()):
-        raise QuicksilverError(
+        raise NonFiniteLogits(
             "the model produced NaN or infinite logits: its weights or this dtype overflow "
             "(try dtype float32, or check the checkpoint)"
         )
