@@ -1,12 +1,23 @@
-"""A bounded load test of ``quicksilver serve``: N concurrent streaming clients on 127.0.0.1.
+"""Serving as users compare servers: ``quicksilver serve`` beside llama-cpp-python's server.
 
-Starts the server as a subprocess (so its memory is measured alone), twice: batching on
-(``--max-batch-size`` = clients) and one request at a time (``--max-batch-size 1``), and
-sends the same fixed set of streaming completion requests to each. Reports throughput,
-p50/p99 time to first token and per-token latency, errors, and the server's RSS after a
-warm-up and after the run.
+Both servers run as their own processes on 127.0.0.1 with the same GGUF file and the same
+thread count, and get the same bounded scenarios, one server after the other:
 
-    .venv/bin/python benchmarks/serve_load.py --clients 16 --requests 32 --max-tokens 24
+1. ``concurrent``: C streaming clients send R requests of T tokens (closed loop).
+2. ``poisson-X``: requests arrive at random (Poisson, X per second), mixed short and long
+   prompts and 16-96 new tokens each, all streamed.
+3. ``short-behind-long``: a 400-token stream starts; a second later an 8-token request is sent.
+   Reported: the short one's time over the time the long one still needed (1.0 means it
+   waited for the long one; a server that batches continuously answers in a few steps).
+
+Per scenario: completion tokens per second of wall time, time to first token (TTFT) and the
+time between streamed pieces (inter-token latency, ITL) at p50 / p99, errors. Our server runs
+the ``concurrent`` scenario twice; its resident memory after each run shows whether it grows.
+llama-cpp-python's server runs one request at a time; it is started with
+``--interrupt_requests False`` (its default cuts a running stream when another arrives).
+
+    .venv/bin/python benchmarks/serve_load.py                      # writes docs/benchmarks/serve.md
+    .venv/bin/python benchmarks/serve_load.py --no-llama-cpp --quick
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -24,42 +36,33 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = [
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (
+    "the history of the city begins with a small market by the river where traders from the "
+    "north met farmers from the valley and over the centuries the market became a town"
+)
+WORDS = TEXT.split(" ")
+SHORT_PROMPTS = [
     "The history of the city begins",
     "A short guide to growing tomatoes:",
     "In computer science, a cache is",
     "The best way to learn a language is",
     "Once upon a time, in a small village,",
     "The three laws of motion state that",
-    "Photosynthesis is the process by which",
-    "The main causes of the First World War were",
 ]
 
 
 @dataclass
-class Run:
-    label: str
+class Result:
+    server: str
+    scenario: str
     ttft: list[float] = field(default_factory=list)
-    per_token: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
     tokens: int = 0
+    requests: int = 0
     errors: int = 0
     seconds: float = 0.0
-    rss_before: int = 0
-    rss_after: int = 0
-    batch_rows_mean: float = 0.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    note: str = ""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,23 +72,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def one_request(client: httpx.AsyncClient, run: Run, prompt: str, max_tokens: int) -> None:
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def long_prompt(n_words: int, seed: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+# ---------------------------------------------------------------- one streamed request
+
+
+async def stream_one(
+    client: httpx.AsyncClient, result: Result, prompt: str, max_tokens: int
+) -> tuple[float, float] | None:
+    """Send one streamed completion; record TTFT, gaps and tokens. Returns (start, end)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
     first = last = None
+    pieces = 0
+    result.requests += 1
     try:
         async with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
-                run.errors += 1
                 await response.aread()
-                return
-            done, usage = False, None
+                result.errors += 1
+                return None
+            done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -95,123 +118,257 @@ async def one_request(client: httpx.AsyncClient, run: Run, prompt: str, max_toke
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    run.errors += 1
-                    return
-                if chunk["choices"] and chunk["choices"][0]["text"]:
-                    last = time.perf_counter()
-                    first = first or last
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
-            if not done or usage is None or first is None:
-                run.errors += 1
-                return
+                    result.errors += 1
+                    return None
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("text"):
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        result.gaps.append(now - last)
+                    last = now
+                    pieces += 1
+            if not done or first is None:
+                result.errors += 1
+                return None
     except httpx.HTTPError:
-        run.errors += 1
-        return
-    n = usage["completion_tokens"]
-    run.tokens += n
-    run.ttft.append(first - start)
-    if n > 1:
-        run.per_token.append((last - first) / (n - 1))
+        result.errors += 1
+        return None
+    result.ttft.append(first - start)
+    result.tokens += pieces  # one piece per token (ours may hold a piece back: a lower bound)
+    return start, last
 
 
-async def load(url: str, run: Run, clients: int, requests: int, max_tokens: int) -> None:
+# ---------------------------------------------------------------- scenarios
+
+
+async def concurrent(url: str, result: Result, clients: int, requests: int, tokens: int) -> None:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(requests):
-        queue.put_nowait(f"{PROMPTS[i % len(PROMPTS)]} (request {i})")
+        queue.put_nowait(f"{SHORT_PROMPTS[i % len(SHORT_PROMPTS)]} (request {i})")
     limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
 
         async def worker() -> None:
             while not queue.empty():
-                await one_request(client, run, queue.get_nowait(), max_tokens)
+                await stream_one(client, result, queue.get_nowait(), tokens)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
-        run.seconds = time.perf_counter() - start
+        result.seconds = time.perf_counter() - start
 
 
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return 0.0
+async def poisson(url: str, result: Result, rate: float, requests: int, seed: int) -> None:
+    rng = random.Random(seed)
+    plan = []
+    at = 0.0
+    for i in range(requests):
+        at += rng.expovariate(rate)
+        prompt = SHORT_PROMPTS[i % len(SHORT_PROMPTS)] if i % 3 else long_prompt(150, i)
+        plan.append((at, prompt, rng.choice([16, 32, 64, 96])))
+    limits = httpx.Limits(max_connections=requests)
+    async with httpx.AsyncClient(base_url=url, timeout=900, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def arrive(delay: float, prompt: str, tokens: int) -> None:
+            await asyncio.sleep(delay)
+            await stream_one(client, result, prompt, tokens)
+
+        await asyncio.gather(*(arrive(*item) for item in plan))
+        result.seconds = time.perf_counter() - start
 
 
-def serve_and_load(args: argparse.Namespace, batch: int, label: str) -> Run:
-    port = free_port()
-    command = [
-        sys.executable, "-m", "quicksilver", "serve", "--model", args.model, "--dtype",
-        args.dtype, "--port", str(port), "--max-batch-size", str(batch),
-        "--max-queue", str(max(64, args.clients)),
-    ]  # fmt: skip
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    run = Run(label)
-    try:
-        deadline = time.monotonic() + 300
+async def short_behind_long(url: str, result: Result) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        long_task = asyncio.create_task(stream_one(client, result, "Tell me a long story.", 400))
+        await asyncio.sleep(1.0)
+        short = await stream_one(client, result, "Say hi:", 8)
+        long = await long_task
+    if short is None or long is None:
+        result.note = "a request failed"
+        return
+    short_start, short_end = short
+    still_needed = long[1] - short_start
+    result.seconds = max(long[1], short_end) - long[0]
+    result.note = (
+        f"short took {short_end - short_start:.2f} s; the long one still needed "
+        f"{still_needed:.2f} s: ratio {(short_end - short_start) / still_needed:.2f}"
+    )
+
+
+# ---------------------------------------------------------------- servers
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], port: int, env: dict[str, str]) -> None:
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        )
+
+    def wait_ready(self, path: str) -> None:
+        deadline = time.monotonic() + 600
         while True:
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
+                if httpx.get(self.url + path, timeout=2).status_code == 200:
+                    return
             except httpx.HTTPError:
                 pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start: {server.stderr.read().decode()}")
-            time.sleep(0.2)
-        warm = Run("warm-up")
-        asyncio.run(load(url, warm, min(args.clients, 4), 4, 4))
-        run.rss_before = rss_bytes(server.pid)
-        asyncio.run(load(url, run, args.clients, args.requests, args.max_tokens))
-        run.rss_after = rss_bytes(server.pid)
-        text = httpx.get(url + "/metrics").text
-        batches = metric(text, "quicksilver_batch_rows_count")
-        run.batch_rows_mean = metric(text, "quicksilver_batch_rows_sum") / max(batches, 1)
-    finally:
-        server.terminate()
-        server.wait(30)
-    return run
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
+                raise RuntimeError(f"{self.name} did not start: {(error or ['?'])[-1]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
 
 
-def report(runs: list[Run]) -> str:
-    header = (
-        "| server | tokens/s | p50 TTFT (s) | p99 TTFT (s) | p50 s/token | p99 s/token | "
-        "mean batch rows | errors | RSS before → after (MiB) |"
-    )
-    lines = [header, "|" + "---|" * 9]
-    for r in runs:
+def ours(args: argparse.Namespace, gguf: str, env: dict[str, str]) -> Server:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "quicksilver", "serve", "--model", gguf, "--weights", args.weights,
+        "--port", str(port), "--threads", str(args.threads), "--max-batch-size", "16",
+        "--max-queue", "256",
+    ]  # fmt: skip
+    server = Server("quicksilver", command, port, env)
+    server.wait_ready("/health")
+    return server
+
+
+def llama_cpp(args: argparse.Namespace, gguf: str, env: dict[str, str]) -> Server:
+    port = free_port()
+    command = [
+        sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--n_threads",
+        str(args.threads), "--n_ctx", "2048", "--port", str(port), "--host", "127.0.0.1",
+        "--interrupt_requests", "False", "--verbose", "False",
+    ]  # fmt: skip
+    server = Server("llama-cpp-python", command, port, env)
+    server.wait_ready("/v1/models")
+    return server
+
+
+def run_scenarios(server: Server, args: argparse.Namespace, repeat_concurrent: int) -> list:
+    out, rss = [], []
+    warm = Result(server.name, "warm-up")
+    asyncio.run(concurrent(server.url, warm, 4, 4, 4))
+    for run in range(repeat_concurrent):
+        result = Result(server.name, f"concurrent {args.clients}x{args.requests}x{args.tokens}")
+        asyncio.run(concurrent(server.url, result, args.clients, args.requests, args.tokens))
+        rss.append(rss_mib(server.process.pid))
+        result.note = f"run {run + 1}, RSS {rss[-1]:.0f} MiB"
+        out.append(result)
+    for rate in args.rates:
+        result = Result(server.name, f"poisson {rate:g}/s x{args.poisson_requests}")
+        asyncio.run(poisson(server.url, result, rate, args.poisson_requests, seed=7))
+        out.append(result)
+    result = Result(server.name, "short-behind-long")
+    asyncio.run(short_behind_long(server.url, result))
+    out.append(result)
+    return out
+
+
+def table(results: list[Result]) -> str:
+    lines = [
+        "| server | scenario | requests | errors | tokens/s | TTFT p50 / p99 (s) | "
+        "ITL p50 / p99 (s) | note |",
+        "|---|---|---:|---:|---:|---|---|---|",
+    ]
+    for r in results:
+        rate = r.tokens / r.seconds if r.seconds else float("nan")
         lines.append(
-            f"| {r.label} | {r.tokens / r.seconds:.1f} | {percentile(r.ttft, 0.5):.2f} | "
-            f"{percentile(r.ttft, 0.99):.2f} | {percentile(r.per_token, 0.5):.3f} | "
-            f"{percentile(r.per_token, 0.99):.3f} | {r.batch_rows_mean:.1f} | {r.errors} | "
-            f"{r.rss_before / 2**20:.0f} → {r.rss_after / 2**20:.0f} |"
+            f"| {r.server} | {r.scenario} | {r.requests} | {r.errors} | {rate:.1f} | "
+            f"{percentile(r.ttft, 0.5):.2f} / {percentile(r.ttft, 0.99):.2f} | "
+            f"{percentile(r.gaps, 0.5):.3f} / {percentile(r.gaps, 0.99):.3f} | {r.note} |"
         )
     return "\n".join(lines)
 
 
+def find_gguf(model: str) -> str:
+    if model.endswith(".gguf"):
+        return model
+    from quicksilver.models import loading
+
+    return str(loading.resolve(model).path)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--model", default="smollm2-135m", help="short name or .gguf file")
+    parser.add_argument("--weights", default="int4", help="our weight format (default: int4)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON")
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 4.0])
+    parser.add_argument("--poisson-requests", type=int, default=24)
+    parser.add_argument("--no-llama-cpp", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--markdown", default=str(ROOT / "docs" / "benchmarks" / "serve.md"))
     args = parser.parse_args()
-    runs = [
-        serve_and_load(args, args.clients, f"batched (max {args.clients} rows)"),
-        serve_and_load(args, 1, "one at a time"),
-    ]
-    print(
-        f"{args.clients} streaming clients, {args.requests} requests, {args.max_tokens} tokens "
-        f"each, {args.model} {args.dtype}, {os.cpu_count()} CPUs"
-    )
-    print(report(runs))
-    speedup = (runs[0].tokens / runs[0].seconds) / (runs[1].tokens / runs[1].seconds)
-    print(f"batching: {speedup:.2f}x the throughput of one at a time")
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.__dict__ for r in runs], indent=2))
-    return 0 if all(r.errors == 0 for r in runs) else 1
+    if args.quick:
+        args.clients, args.requests, args.tokens = 4, 8, 16
+        args.rates, args.poisson_requests = [2.0], 6
+    gguf = find_gguf(args.model)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    results: list[Result] = []
+    server = ours(args, gguf, env)
+    try:
+        results += run_scenarios(server, args, repeat_concurrent=2)
+    finally:
+        server.stop()
+    if not args.no_llama_cpp:
+        try:
+            server = llama_cpp(args, gguf, env)
+        except (RuntimeError, OSError) as err:
+            results.append(Result("llama-cpp-python", "all", note=f"not run: {err}"))
+        else:
+            try:
+                results += run_scenarios(server, args, repeat_concurrent=1)
+            finally:
+                server.stop()
+    text = table(results)
+    print(text)
+    if not args.quick:
+        write_markdown(Path(args.markdown), args, text, results)
+    return 0 if all(r.errors == 0 for r in results) else 1
+
+
+def write_markdown(path: Path, args: argparse.Namespace, text: str, results: list[Result]):
+    command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    concurrent_runs = {
+        r.server: r for r in results if r.scenario.startswith("concurrent") and r.tokens
+    }
+    summary = []
+    if {"quicksilver", "llama-cpp-python"} <= concurrent_runs.keys():
+        a, b = concurrent_runs["quicksilver"], concurrent_runs["llama-cpp-python"]
+        ratio = (a.tokens / a.seconds) / (b.tokens / b.seconds)
+        summary.append(f"- concurrent throughput: {ratio:.2f}x llama-cpp-python's server.")
+    body = f"""# `quicksilver serve` under load, beside llama-cpp-python's server
+
+Reproduce (one run; both servers on this machine, one after the other, {args.threads} threads,
+the same GGUF; ours with `--weights {args.weights}`):
+
+```bash
+.venv/bin/{command.removeprefix("python ")}
+```
+
+{text}
+
+{chr(10).join(summary)}
+
+Columns: tokens/s is streamed completion tokens over the scenario's wall time; TTFT is from
+sending a request to its first text; ITL is the time between consecutive streamed pieces of a
+request. Our `concurrent` scenario runs twice against the same server; the note gives its RSS
+after each run (the second run's growth is what a leak would show).
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(body)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,13 @@ from test_policies import CONFIG, MATRIX, make_engine
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime import batch as batch_module
-from quicksilver.runtime.batch import RowSpec, StepBatch, accept_drafts
-from quicksilver.runtime.drafting import SpeculativeConfig, ngram_draft, speculative_config
+from quicksilver.runtime.batch import RowSpec, StepBatch
+from quicksilver.runtime.drafting import (
+    SpeculativeConfig,
+    accept_drafts,
+    ngram_draft,
+    speculative_config,
+)
 from quicksilver.runtime.sampling import SamplingConfig, probabilities
 
 

@@ -21,8 +21,8 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies.stack import Policy
-from quicksilver.runtime.batch import GenerationResult
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import GenerationResult
 from quicksilver.scoring import forced_logits
 
 

@@ -23,21 +23,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.drafting import SpeculativeConfig, draft_tokens
-from quicksilver.runtime.sampling import (
-    SamplingConfig,
-    check_logits,
-    make_generator,
-    probabilities,
-    sample_next,
-)
+from quicksilver.runtime.drafting import SpeculativeConfig, accept_drafts, draft_tokens
+from quicksilver.runtime.sampling import SamplingConfig, check_logits, make_generator, sample_next
 
 if TYPE_CHECKING:  # the runner drives generation through this module, never the reverse
     from quicksilver.runtime.engine import Engine
@@ -437,42 +430,6 @@ class StepBatch:
                 self._group_width = self._group_cursor = 0
 
 
-def accept_drafts(
-    logits: torch.Tensor,
-    draft: list[int],
-    sampling: SamplingConfig,
-    generator: torch.Generator | None,
-) -> tuple[int, int]:
-    """Verify one row's drafted tokens against the model's logits at the fed positions
-    ([len(draft) + 1 or more, V]: position j predicts the token after the j-th fed one).
-
-    Returns (drafted tokens accepted, the token the model adds after them). Greedy accepts
-    while the draft equals the argmax. Sampling uses the lossless rule for a drafter that
-    proposes one token with certainty: accept it with probability p(token) (= min(1, p/q) for
-    q = 1), else draw from p with that token removed and renormalised (= max(0, p - q)); the
-    emitted tokens are then distributed exactly as plain sampling's.
-    """
-    if sampling.greedy:
-        best = logits[: len(draft) + 1].argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < len(draft) and draft[accepted] == best[accepted]:
-            accepted += 1
-        return accepted, best[accepted]
-    probs = probabilities(logits[: len(draft) + 1], sampling)
-    for position, token in enumerate(draft):
-        p = probs[position]
-        if float(torch.rand((), generator=generator, dtype=torch.float64)) < float(p[token]):
-            continue
-        residual = p.clone()
-        residual[token] = 0.0
-        total = float(residual.sum())
-        if total <= 0.0:  # p was all on the drafted token: it cannot be rejected
-            continue
-        return position, int(torch.multinomial(residual / total, 1, generator=generator))
-    bonus = torch.multinomial(probs[len(draft)], 1, generator=generator)
-    return len(draft), int(bonus)
-
-
 def room_for(config, needed: int, speculative: SpeculativeConfig | None) -> int:
     """Cache slots for rows that need ``needed`` positions: with drafts, room for a full
     draft past the end (rows feed the batch's longest draft), within the model's positions."""
@@ -490,87 +447,3 @@ def splits_change_output(policy) -> bool:
 def pad_token_id(config) -> int:
     """The one filler id for positions nobody reads (left padding, rolled-back drafts)."""
     return config.eos_token_ids[0] if config.eos_token_ids else 0
-
-
-# ---------------------------------------------------------------- a whole generation
-
-TokenCallback = Callable[[int, int], None]  # (prompt index, token id)
-
-
-@dataclass
-class GenerationResult:
-    tokens: list[list[int]]  # generated ids per prompt, without the prompt
-    prompt_tokens: int
-    prefill_seconds: float
-    decode_seconds: float
-    decode_steps: int
-    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
-    flops: dict[str, int] = field(default_factory=dict)  # prefill and decode
-    decode_flops: dict[str, int] = field(default_factory=dict)  # decode forwards only
-    compile_seconds: float = 0.0  # compiling decode steps, left out of decode_seconds
-    decode_tokens: int = 0  # tokens produced by decode forwards (not the prompts' forward)
-    fed_tokens: int = 0  # token positions through the model, left padding included
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-
-def generate(
-    engine: Engine,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: SamplingConfig | None = None,
-    stop_ids: Sequence[int] | None = None,
-    on_token: TokenCallback | None = None,
-    speculative: SpeculativeConfig | None = None,
-) -> GenerationResult:
-    """Every prompt to its end in one StepBatch (all prompts prefilled together, as one
-    left-padded block); each row stops at a stop id (default: the model's EOS ids) or after
-    ``max_new_tokens`` and leaves the batch at once."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise QuicksilverError("every prompt must contain at least one token")
-    if max_new_tokens < 1:
-        raise QuicksilverError("max_new_tokens must be at least 1")
-    longest = max(len(p) for p in prompts)
-    batch = StepBatch(
-        engine,
-        max_rows=len(prompts),
-        max_len=room_for(engine.config, longest + max_new_tokens - 1, speculative),
-        prefill_tokens=len(prompts) * longest,
-    )
-    stops = frozenset(engine.config.eos_token_ids if stop_ids is None else stop_ids)
-    sampling = sampling or SamplingConfig()
-    ids = [
-        batch.admit(RowSpec(tuple(p), max_new_tokens, sampling, stops, speculative=speculative))
-        for p in prompts
-    ]
-    if sampling.seed is not None:  # one seed for the whole call: one generator, as before
-        shared = make_generator(sampling)
-        for row_id in ids:
-            batch.row(row_id).generator = shared
-    index = {row_id: i for i, row_id in enumerate(ids)}
-    rows = [batch.row(row_id) for row_id in ids]
-    while batch.has_work:
-        for event in batch.step():
-            if on_token is not None:
-                for token in event.tokens:
-                    on_token(index[event.row], token)
-    stats = batch.stats
-    return GenerationResult(
-        tokens=[row.tokens for row in rows],
-        prompt_tokens=sum(len(p) for p in prompts),
-        prefill_seconds=stats.prefill_seconds,
-        decode_seconds=stats.decode_seconds,
-        decode_steps=stats.decode_steps,
-        finish_reasons=[row.finish_reason or "stop" for row in rows],
-        flops=dict(stats.flops),
-        decode_flops=dict(stats.decode_flops),
-        compile_seconds=stats.compile_seconds,
-        decode_tokens=stats.decode_tokens,
-        fed_tokens=stats.fed_tokens,
-    )

@@ -19,16 +19,12 @@ from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
 from quicksilver.runtime.attention import attend
-from quicksilver.runtime.batch import (
-    GenerationResult,
-    TokenCallback,
-    generate,
-    pad_token_id,
-)
+from quicksilver.runtime.batch import pad_token_id
 from quicksilver.runtime.cache import KVCache, check_cache_fits
 from quicksilver.runtime.compiled import CompiledDecode
 from quicksilver.runtime.context import ForwardContext
 from quicksilver.runtime.drafting import SpeculativeConfig
+from quicksilver.runtime.generate import GenerationResult, TokenCallback, generate
 from quicksilver.runtime.sampling import SamplingConfig
 
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
@@ -261,5 +257,5 @@ class Engine:
         on_token: TokenCallback | None = None,
         speculative: SpeculativeConfig | None = None,
     ) -> GenerationResult:
-        """Batched generation through the step core (``runtime.batch.generate``)."""
+        """Batched generation through the step core (``runtime.generate``)."""
         return generate(self, prompts, max_new_tokens, sampling, stop_ids, on_token, speculative)
