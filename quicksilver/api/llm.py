@@ -33,6 +33,7 @@ from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models import loading
 from quicksilver.policies import Policy, load_policy
 from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS, room_for
+from quicksilver.runtime.cache import sequence_fit_error
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
@@ -289,13 +290,11 @@ class LLM:
         prompt_ids = self._prompts(prompts, chat)
         max_new_tokens = count("max_new_tokens", max_new_tokens)
         positions = self.config.max_position_embeddings
-        needed = max(len(p) for p in prompt_ids) + max_new_tokens - 1
-        if needed > positions:
-            raise InvalidArgument(
-                f"the longest prompt ({max(map(len, prompt_ids))} tokens) plus max_new_tokens "
-                f"({max_new_tokens}) need {needed} positions, more than the model's {positions}; "
-                "shorten the prompt or lower max_new_tokens"
-            )
+        error = sequence_fit_error(
+            max(map(len, prompt_ids)), max_new_tokens, positions, f"the model's {positions}"
+        )
+        if error is not None:
+            raise InvalidArgument(f"{error}; shorten the prompt or lower max_new_tokens")
         try:
             sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         except QuicksilverError as err:

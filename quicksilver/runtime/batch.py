@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from quicksilver.errors import QuicksilverError
+from quicksilver.runtime.cache import sequence_fit_error
 from quicksilver.runtime.drafting import SpeculativeConfig, accept_drafts, draft_tokens
 from quicksilver.runtime.sampling import SamplingConfig, check_logits, make_generator, sample_next
 
@@ -142,13 +143,12 @@ class StepBatch:
             return "the prompt has no tokens"
         if spec.max_new_tokens < 1:
             return f"max_new_tokens must be at least 1, got {spec.max_new_tokens}"
-        need = len(spec.prompt) + spec.max_new_tokens - 1
-        if need > self.max_len:
-            return (
-                f"the prompt ({len(spec.prompt)} tokens) and {spec.max_new_tokens} new tokens "
-                f"need {need} positions, more than the {self.max_len} this batch holds"
-            )
-        return None
+        return sequence_fit_error(
+            len(spec.prompt),
+            spec.max_new_tokens,
+            self.max_len,
+            f"the {self.max_len} this batch holds",
+        )
 
     def admit(self, spec: RowSpec) -> int:
         """Queue a row; it starts when a cache row is free. Returns its id."""

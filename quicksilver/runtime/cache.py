@@ -54,6 +54,32 @@ def check_cache_fits(
         )
 
 
+def sequence_fit_error(prompt_tokens: int, new_tokens: int, room: int, what: str) -> str | None:
+    """The one fit rule for a sequence: its prompt and every generated token but the last go
+    through the cache, so they need ``prompt + new - 1`` positions out of ``room`` (``what``
+    names the room: "the model's 2048", "the 512 this batch holds"). None if it fits."""
+    need = prompt_tokens + new_tokens - 1
+    if need <= room:
+        return None
+    return (
+        f"the prompt ({prompt_tokens} tokens) and {new_tokens} new tokens need {need} "
+        f"positions, more than {what}"
+    )
+
+
+def causal_reads(
+    start: torch.Tensor, q_slots: torch.Tensor, keys: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """The visibility rule without policy state, as pure tensor code (the compiled step
+    traces it): a query of a row starting at ``start`` at slot ``q_slots`` may read key slots
+    ``start <= key <= slot`` that are inside the sliding window. [N, K] bool."""
+    q = q_slots.unsqueeze(-1)
+    allowed = (keys <= q) & (keys >= start.unsqueeze(-1))
+    if sliding_window:
+        allowed &= keys > q - sliding_window
+    return allowed
+
+
 class KVCache:
     def __init__(
         self,
@@ -199,10 +225,7 @@ class KVCache:
         """May the query of row ``rows[i]`` at slot ``q_slots[i]`` read slot ``keys[..]``?
         [N, K] bool. Yes iff start <= key <= query slot, the key is inside the sliding window
         and, when ``layer`` is given, the entry is visible in that layer."""
-        q = q_slots.unsqueeze(-1)
-        allowed = (keys <= q) & (keys >= self.start[rows].unsqueeze(-1))
-        if self.sliding_window:
-            allowed &= keys > q - self.sliding_window
+        allowed = causal_reads(self.start[rows], q_slots, keys, self.sliding_window)
         if layer is not None and self.visible is not None:
             key_index = keys if keys.dim() == 2 else keys.expand(len(rows), -1)
             allowed &= self.visible[layer, rows.unsqueeze(-1), key_index]

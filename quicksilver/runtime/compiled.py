@@ -31,7 +31,7 @@ from torch import nn
 
 from quicksilver.models.transformer import Transformer
 from quicksilver.runtime.attention import grouped_one_query
-from quicksilver.runtime.cache import KVCache
+from quicksilver.runtime.cache import KVCache, causal_reads
 
 # Attention reads the filled slots rounded up to this many (a few masked slots of slack).
 READ_BUCKET = 64
@@ -64,10 +64,7 @@ class _DecodeGraph(nn.Module):
         positions = (slots - start).unsqueeze(1)
         h = model.embed_tokens(tokens, positions)
         rope = model.rope_for(positions)
-        readable = (keys >= start.unsqueeze(1)) & (keys <= slots.unsqueeze(1))
-        window = model.config.sliding_window
-        if window:
-            readable &= keys > slots.unsqueeze(1) - window
+        readable = causal_reads(start, slots, keys, model.config.sliding_window)
         mask = readable.view(len(slots), 1, 1, -1)
         rows = torch.arange(len(slots), device=tokens.device)
         read_len = keys.shape[0]
