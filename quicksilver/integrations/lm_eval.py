@@ -16,6 +16,8 @@ the harness's ``hf`` numbers for the same model, and a policy's effect is the di
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import warnings
 from collections import defaultdict
@@ -52,6 +54,21 @@ def _positive(name: str, value: Any) -> int:
     return number
 
 
+def _refuse_unknown(given: dict[str, Any], accepted: list[str]) -> None:
+    """A misspelt key (``polcy=paper``) must not run the dense model as if nothing was asked:
+    name what was not understood and what is."""
+    if not given:
+        return
+    hints = []
+    for key in sorted(given):
+        close = difflib.get_close_matches(key, accepted, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise QuicksilverError(
+        f"unknown model_args {', '.join(hints)} for --model quicksilver; accepted: "
+        f"{', '.join(accepted)}"
+    )
+
+
 @register_model("quicksilver")
 class QuicksilverLM(LM):
     """An lm-evaluation-harness ``LM`` backed by ``qs.load(pretrained)`` under a policy."""
@@ -66,8 +83,12 @@ class QuicksilverLM(LM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         device: str | None = None,
-        **unused: Any,
+        max_batch_size: int | None = None,
+        **unknown: Any,
     ) -> None:
+        # ``device`` and ``max_batch_size`` come from the harness's own options (--device,
+        # --max_batch_size); batches here have a fixed size, so the latter changes nothing.
+        _refuse_unknown(unknown, self.model_args())
         super().__init__()
         if device not in (None, "cpu"):  # the harness's command line defaults to cuda:0
             warnings.warn(f"device {device!r} ignored: quicksilver runs on the CPU", stacklevel=2)
@@ -86,6 +107,12 @@ class QuicksilverLM(LM):
             )
         if self.llm.tokenizer is None:
             raise QuicksilverError("lm-eval needs a model that ships a tokenizer")
+
+    @classmethod
+    def model_args(cls) -> list[str]:
+        """The ``model_args`` keys this backend takes (its constructor's parameters)."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD][1:]
 
     # ------------------------------------------------------------ what the harness reads
 
