@@ -40,6 +40,7 @@ from tiny_models import TINY_MODELS, VOCAB, save_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from quicksilver import quant
+from quicksilver.accounting import lens_check_flops
 from quicksilver.models import loading
 from quicksilver.policies import Policy, PolicyConfigError
 from quicksilver.policies import fusion as fusion_module
@@ -268,3 +269,36 @@ def test_counted_flops_equal_executed_flops(
     assert counter.attention == executed.attention, config
     assert counter.total == executed.matmul + executed.elementwise + executed.attention
     assert math.isfinite(counter.total)
+
+
+def test_a_fusion_window_wider_than_the_text_costs_what_the_text_has(
+    engines: dict[str, Engine],
+) -> None:
+    """20 tokens have at most 19 candidates each, however wide the configured window: a
+    window of 1000 costs what a window of 19 costs (it was counted as 1000 candidates)."""
+    engine = engines["llama_gqa"]  # 3 layers: fusion decides after layers 0 and 1
+    hidden = engine.config.hidden_size
+    costs = {}
+    for window in (19, 1000):
+        config = {"fusion": {"threshold": 0.0, "window": window, "start_layer": 0}}
+        engine.set_policy(Policy.from_config(config))  # threshold 0: nothing folds
+        engine.counter.reset()
+        engine.forward(torch.arange(3, 23).view(1, -1), engine.new_cache(1, 20), "all")
+        costs[window] = engine.counter.checks
+    assert costs[1000] == costs[19] == 2 * 3 * hidden * 19 * 20
+
+
+def test_one_logit_lens_for_two_mechanisms_reading_the_same_rows(
+    engines: dict[str, Engine],
+) -> None:
+    """A shortlist at least as long as the vocabulary is the full check: halting and
+    Matryoshka asking at the same layer share one head product, run and counted once."""
+    engine = engines["gpt2"]  # 2 layers: both decide after layer 0 only
+    config = {
+        "halting": {"entropy_bits": 0.0, "lens_vocab": 10 * VOCAB, "min_layer": 0},
+        "matryoshka": {"entropy_low": 0.0, "entropy_high": 0.0, "decision_layer": 0},
+    }
+    engine.set_policy(Policy.from_config(config))
+    engine.counter.reset()
+    engine.forward(torch.arange(3, 15).view(1, -1), engine.new_cache(1, 12), "all")
+    assert engine.counter.checks == lens_check_flops(engine.config, 12, VOCAB)
