@@ -72,6 +72,31 @@ def test_what_the_harness_adds_is_accepted(model_dir: Path) -> None:
     assert not lm.policy.is_off
 
 
+@pytest.mark.parametrize("make", ["string", "mapping"])
+def test_a_key_the_harness_also_passes_is_refused_with_the_option_to_use(make: str) -> None:
+    """The harness's command line always passes --batch_size (default 1) and --device: the
+    same key in model_args reached the constructor twice (a TypeError, reported as a bug)."""
+    given = {"pretrained": "/no/such/model", "batch_size": 8}
+    extras = {**HARNESS_EXTRAS, "device": "cpu"}
+    with pytest.raises(QuicksilverError) as err:
+        if make == "string":
+            QuicksilverLM.create_from_arg_string("pretrained=/no/such/model,batch_size=8", extras)
+        else:
+            QuicksilverLM.create_from_arg_obj(given, extras)
+    message = str(err.value)
+    assert message.startswith("batch_size in model_args would also come from the harness's")
+    assert message.endswith("set it with --batch_size only")
+
+
+def test_a_key_the_harness_leaves_unset_may_come_from_model_args(model_dir: Path) -> None:
+    """simple_evaluate passes None for what it was not given: model_args may then set it."""
+    lm = QuicksilverLM.create_from_arg_string(
+        f"pretrained={model_dir},dtype=float32,batch_size=3",
+        {"batch_size": None, "max_batch_size": None, "device": None},
+    )
+    assert lm.batch_size == 3
+
+
 def test_missing_tasks_reads_only_the_harness_not_found_error() -> None:
     assert lm_eval_command.missing_tasks(ValueError("Tasks not found: a, b_c")) == "a, b_c"
     assert lm_eval_command.missing_tasks(ValueError("batch_size must be an int")) is None

@@ -26,6 +26,7 @@ from typing import Any
 import lm_eval.models  # noqa: F401  (the harness's own models: see below)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 import quicksilver as qs
@@ -107,6 +108,32 @@ class QuicksilverLM(LM):
             )
         if self.llm.tokenizer is None:
             raise QuicksilverError("lm-eval needs a model that ships a tokenizer")
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> QuicksilverLM:
+        """``--model_args`` as the harness parses it, then ``create_from_arg_obj``."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> QuicksilverLM:
+        """The harness adds its own --batch_size (always: it defaults to 1), --max_batch_size
+        and --device to ``model_args``; a key given both ways would reach the constructor
+        twice (a TypeError), so it is refused, saying which option to use."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        twice = sorted(set(arg_dict) & set(extra))
+        if twice:
+            options = ", ".join(f"--{key}" for key in twice)
+            always = " (it passes --batch_size even when not given: 1)" * ("batch_size" in twice)
+            raise QuicksilverError(
+                f"{', '.join(twice)} in model_args would also come from the harness's "
+                f"{options}{always}; set {'it' if len(twice) == 1 else 'them'} with {options} "
+                "only"
+            )
+        return cls(**arg_dict, **extra)
 
     @classmethod
     def model_args(cls) -> list[str]:
