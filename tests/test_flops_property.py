@@ -208,7 +208,7 @@ def policies(draw, n_layers: int) -> dict[str, Any]:
             "decision_layer": draw(layer),
             "lens_vocab": draw(LENS),
             "group_size": draw(st.sampled_from([None, 32])),
-            "kernel": draw(st.sampled_from(["auto", "simulated"])),
+            "kernel": draw(st.sampled_from(["auto", "planes", "simulated"])),
         }
     if draw(st.booleans()):
         warmup = draw(st.integers(0, 1))
@@ -218,6 +218,7 @@ def policies(draw, n_layers: int) -> dict[str, Any]:
             "min_layers": draw(st.integers(warmup + 1, top)),
             "warmup_layers": warmup,
             "decay_length": draw(st.integers(1, 4)),
+            "power": draw(st.sampled_from([0.5, 1.0, 2.0])),
         }
     return config
 
@@ -233,7 +234,7 @@ def workloads(draw) -> tuple[str, dict[str, Any], list[int], int, bool, bool]:
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(workload=workloads())
 def test_counted_flops_equal_executed_flops(
