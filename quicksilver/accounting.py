@@ -84,9 +84,13 @@ def drift_check_flops(hidden: int, n_tokens: int, relative: bool) -> int:
 
 
 def fusion_check_flops(hidden: int, window: int, n_tokens: int) -> int:
-    """One distance (difference, square, sum) per token and each of its ``window``
-    candidates."""
-    return 3 * hidden * window * n_tokens
+    """Fusion distances over one row's ``n_tokens`` active tokens: one distance (difference,
+    square, sum) per token and each of its candidates. A token has at most ``n_tokens - 1``
+    tokens before it, so a configured ``window`` wider than the row is capped to what is
+    there (the first tokens' missing candidates are computed and masked: they count); a row
+    of one token has no candidate and computes nothing."""
+    candidates = min(window, n_tokens - 1) if n_tokens > 1 else 0
+    return 3 * hidden * candidates * n_tokens
 
 
 def decode_flops_per_token(config: ModelConfig, layers: float) -> float:

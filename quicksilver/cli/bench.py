@@ -9,6 +9,7 @@ from typing import Any
 from quicksilver.api import weight_format
 from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
+from quicksilver.cli.generate import check_group_size, mark_group_size_default
 from quicksilver.cli.options import add_compare, add_format_options
 from quicksilver.eval import throughput
 from quicksilver.eval.report import format_table, write_json_atomic
@@ -74,10 +75,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         choices=throughput.COMPARABLE,
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress messages")
+    mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_group_size(args, args.weights or [])
     check_compare(args.compare, throughput.COMPARABLE)
     require_positive(
         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats

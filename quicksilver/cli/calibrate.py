@@ -19,6 +19,7 @@ from quicksilver.cli.checks import (
 )
 from quicksilver.cli.console import say, show
 from quicksilver.cli.eval_gen import GENERATION_LENGTH_WHY
+from quicksilver.cli.generate import check_group_size, mark_group_size_default
 from quicksilver.cli.inputs import (
     check_model_args,
     generation_prompts,
@@ -108,6 +109,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help=f"bisection steps after bracketing, at most {MAX_STEPS} (default: 6)",
     )
     add_policy_args(parser)
+    mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
@@ -156,6 +158,7 @@ def parse_budget(args: argparse.Namespace) -> tuple[float | None, float | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_group_size(args, [args.weights])
     resolve_measure_options(args)
     generation = args.measure == "generation"
     if generation:

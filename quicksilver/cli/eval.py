@@ -21,6 +21,7 @@ from quicksilver.cli.checks import (
     set_threads,
 )
 from quicksilver.cli.console import say, show
+from quicksilver.cli.generate import check_group_size, mark_group_size_default
 from quicksilver.cli.inputs import (
     check_model_args,
     load_eval_text,
@@ -84,6 +85,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     add_compare(parser, "also compute transformers' perplexity on the same tokens")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_policy_args(parser)
+    mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
@@ -115,6 +117,7 @@ def _resolve_windows(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_group_size(args, [args.weights])
     _resolve_windows(args)
     check_windows(args)
     check_text_args(args)

@@ -14,6 +14,7 @@ from quicksilver.cli.checks import (
     set_threads,
 )
 from quicksilver.cli.console import say, show
+from quicksilver.cli.generate import check_group_size, mark_group_size_default
 from quicksilver.cli.inputs import (
     check_model_args,
     generation_prompts,
@@ -69,10 +70,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="tokens per continuation, at least 2 (default: %(default)s)",
     )
     add_policy_args(parser, target_speedup=True)
+    mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_group_size(args, [args.weights])
     require_positive(prompts=args.prompts, max_new_tokens=args.max_new_tokens)
     for size in args.batch_sizes:
         require_positive(batch_sizes=size)

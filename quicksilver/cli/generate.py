@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Iterable
 
 import quicksilver as qs
 from quicksilver.accounting import Meter
@@ -23,10 +24,33 @@ from quicksilver.cli.inputs import (
     with_target_speedup,
 )
 from quicksilver.cli.options import add_dtype, add_policy_args
+from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import write_json_atomic
 from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "generate"
+
+
+class DefaultGroupSize(int):
+    """--group-size's default, told apart from the same number given on the command line:
+    argparse turns a given value into a plain ``int`` and keeps a default as it is."""
+
+
+def mark_group_size_default(parser: argparse.ArgumentParser) -> None:
+    """Make ``check_group_size`` able to tell whether --group-size was given."""
+    parser.set_defaults(group_size=DefaultGroupSize(parser.get_default("group_size")))
+
+
+def check_group_size(args: argparse.Namespace, formats: Iterable[str | None]) -> None:
+    """--group-size shapes int4 weights only; given without them it would change nothing, so
+    it is refused rather than ignored. Leaves ``args.group_size`` a plain int."""
+    given = not isinstance(args.group_size, DefaultGroupSize)
+    args.group_size = int(args.group_size)
+    if given and "int4" not in {*formats, args.head_weights}:
+        raise QuicksilverError(
+            f"--group-size {args.group_size} applies to int4 weights only; add --weights int4 "
+            "(or --head-weights int4), or leave --group-size out"
+        )
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -57,10 +81,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
     )
     add_policy_args(parser, target_speedup=True)
+    mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_group_size(args, [args.weights])
     require_positive(max_new_tokens=args.max_new_tokens)
     sampling = qs.SamplingConfig(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed

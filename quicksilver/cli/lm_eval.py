@@ -20,6 +20,15 @@ from collections.abc import Sequence
 from quicksilver.errors import QuicksilverError
 
 NAME = "lm-eval"
+OFFLINE_TASKS = ("qs_facts_mc", "qs_wikitext2_doc")
+# How the harness says that task names matched nothing (a ValueError, like its other errors).
+MISSING_TASKS = "Tasks not found:"
+
+
+def missing_tasks(err: ValueError) -> str | None:
+    """The task names the harness could not find, if ``err`` is its "not found" error."""
+    text = str(err)
+    return text[len(MISSING_TASKS) :].strip() if text.startswith(MISSING_TASKS) else None
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -33,7 +42,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "lm-eval --model quicksilver --model_args pretrained=smollm2-135m --tasks "
         "qs_facts_mc`; after `--`, every argument does. Offline tasks: qs_facts_mc (multiple "
         "choice) and qs_wikitext2_doc (WikiText-2 test, document-level rolling "
-        "log-likelihood; `quicksilver eval --windows documents` scores the same windows).",
+        "log-likelihood; `quicksilver eval --windows documents` scores the same windows). "
+        "`quicksilver lm-eval ls tasks` lists every task.",
         allow_abbrev=False,  # a harness option must never pass for an abbreviation of ours
     )
     parser.add_argument(
@@ -93,6 +103,14 @@ def run(args: argparse.Namespace) -> int:
         sys.argv = ["lm_eval", *passed, *include]
         try:
             cli_evaluate()
+        except ValueError as err:
+            missing = missing_tasks(err)
+            if missing is None:
+                raise
+            raise QuicksilverError(
+                f"unknown lm-eval task(s): {missing}; list the tasks with `quicksilver lm-eval "
+                f"ls tasks` (offline ones here: {', '.join(OFFLINE_TASKS)})"
+            ) from None
         except SystemExit as exit_:
             return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
         finally:

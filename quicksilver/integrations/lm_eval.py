@@ -16,6 +16,8 @@ the harness's ``hf`` numbers for the same model, and a policy's effect is the di
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import os
 import warnings
 from collections import defaultdict
@@ -24,6 +26,7 @@ from typing import Any
 import lm_eval.models  # noqa: F401  (the harness's own models: see below)
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import simple_parse_args_string
 from tqdm import tqdm
 
 import quicksilver as qs
@@ -52,6 +55,21 @@ def _positive(name: str, value: Any) -> int:
     return number
 
 
+def _refuse_unknown(given: dict[str, Any], accepted: list[str]) -> None:
+    """A misspelt key (``polcy=paper``) must not run the dense model as if nothing was asked:
+    name what was not understood and what is."""
+    if not given:
+        return
+    hints = []
+    for key in sorted(given):
+        close = difflib.get_close_matches(key, accepted, n=1)
+        hints.append(f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key))
+    raise QuicksilverError(
+        f"unknown model_args {', '.join(hints)} for --model quicksilver; accepted: "
+        f"{', '.join(accepted)}"
+    )
+
+
 @register_model("quicksilver")
 class QuicksilverLM(LM):
     """An lm-evaluation-harness ``LM`` backed by ``qs.load(pretrained)`` under a policy."""
@@ -66,8 +84,12 @@ class QuicksilverLM(LM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         device: str | None = None,
-        **unused: Any,
+        max_batch_size: int | None = None,
+        **unknown: Any,
     ) -> None:
+        # ``device`` and ``max_batch_size`` come from the harness's own options (--device,
+        # --max_batch_size); batches here have a fixed size, so the latter changes nothing.
+        _refuse_unknown(unknown, self.model_args())
         super().__init__()
         if device not in (None, "cpu"):  # the harness's command line defaults to cuda:0
             warnings.warn(f"device {device!r} ignored: quicksilver runs on the CPU", stacklevel=2)
@@ -86,6 +108,38 @@ class QuicksilverLM(LM):
             )
         if self.llm.tokenizer is None:
             raise QuicksilverError("lm-eval needs a model that ships a tokenizer")
+
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict[str, Any] | None = None
+    ) -> QuicksilverLM:
+        """``--model_args`` as the harness parses it, then ``create_from_arg_obj``."""
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(
+        cls, arg_dict: dict[str, Any], additional_config: dict[str, Any] | None = None
+    ) -> QuicksilverLM:
+        """The harness adds its own --batch_size (always: it defaults to 1), --max_batch_size
+        and --device to ``model_args``; a key given both ways would reach the constructor
+        twice (a TypeError), so it is refused, saying which option to use."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        twice = sorted(set(arg_dict) & set(extra))
+        if twice:
+            options = ", ".join(f"--{key}" for key in twice)
+            always = " (it passes --batch_size even when not given: 1)" * ("batch_size" in twice)
+            raise QuicksilverError(
+                f"{', '.join(twice)} in model_args would also come from the harness's "
+                f"{options}{always}; set {'it' if len(twice) == 1 else 'them'} with {options} "
+                "only"
+            )
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def model_args(cls) -> list[str]:
+        """The ``model_args`` keys this backend takes (its constructor's parameters)."""
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD][1:]
 
     # ------------------------------------------------------------ what the harness reads
 

@@ -85,7 +85,7 @@ class LayerView:
     before: torch.Tensor  # [N, d]
     after: torch.Tensor  # [N, d]
     check_flops: int = 0  # cost of the signals computed so far (the engine counts it)
-    _entropies: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    _entropies: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)  # by vocab rows
 
     @property
     def rows(self) -> torch.Tensor:
@@ -97,20 +97,21 @@ class LayerView:
 
         The shortlist is our cheap variant: BPE vocabularies are numbered in merge order, so
         the first ids are the most frequent pieces, and a head product over K of them costs
-        K / V of the full one. Computed once per layer and vocabulary even if several
-        policies ask; its cost, the head product for every token here, is counted.
+        K / V of the full one. Computed once per layer and number of rows even if several
+        policies ask (a shortlist as long as the vocabulary is the full check); its cost, the
+        head product for every token here, is counted.
         """
-        if vocab not in self._entropies:
-            model = self.model
-            rows = model.config.vocab_size if vocab is None else min(vocab, model.config.vocab_size)
+        model = self.model
+        rows = model.config.vocab_size if vocab is None else min(vocab, model.config.vocab_size)
+        if rows not in self._entropies:
             parts = []
             for chunk in self.after.split(ENTROPY_CHUNK):
                 logits = model.lm_head.partial(model.final_hidden(chunk), 0, rows)
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 parts.append(-(logp.exp() * logp).sum(-1) / math.log(2))
-            self._entropies[vocab] = torch.cat(parts) if parts else self.after.new_zeros(0)
+            self._entropies[rows] = torch.cat(parts) if parts else self.after.new_zeros(0)
             self.check_flops += lens_check_flops(model.config, len(self.after), rows)
-        return self._entropies[vocab]
+        return self._entropies[rows]
 
     def count(self, flops: int) -> None:
         """Add the cost of a signal a policy computed itself."""

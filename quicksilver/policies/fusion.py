@@ -48,8 +48,10 @@ def distance_to_previous(states: torch.Tensor, window: int, metric: str) -> torc
     """For each of n tokens (in order), its smallest distance to any of the ``window``
     tokens before it ([n]; inf for the first token)."""
     n = states.shape[0]
+    if n < 2:  # nothing before any token: no candidate to compare with
+        return states.new_full((n,), float("inf"), dtype=torch.float32)
     x = states.float()
-    window = max(1, min(window, n - 1))  # no token has more than n - 1 tokens before it
+    window = min(window, n - 1)  # no token has more than n - 1 tokens before it
     offsets = torch.arange(1, window + 1)
     earlier = torch.arange(n).unsqueeze(1) - offsets  # [n, window]
     valid = earlier >= 0
@@ -61,7 +63,7 @@ def distance_to_previous(states: torch.Tensor, window: int, metric: str) -> torc
         dist = (here - other).norm(dim=-1)
         if metric == "relative_l2":
             dist = dist / here.norm(dim=-1).clamp(min=1e-12)
-    return dist.masked_fill(~valid, float("inf")).min(dim=1).values if n else x.new_zeros(0)
+    return dist.masked_fill(~valid, float("inf")).min(dim=1).values
 
 
 def fold_right(
@@ -136,6 +138,7 @@ class TokenFusion(Mechanism):
         sources, targets = [], []
         _, counts = torch.unique_consecutive(view.rows, return_counts=True)
         offset = 0
+        hidden = view.after.shape[-1]
         for count in counts.tolist():
             part = slice(offset, offset + count)
             src, dst = fold_right(
@@ -149,6 +152,7 @@ class TokenFusion(Mechanism):
             )
             sources.append(src + offset)
             targets.append(torch.where(dst >= 0, dst + offset, -1))
+            # per row: the window is capped by the tokens the row has here, not the setting
+            view.count(fusion_check_flops(hidden, self.window, count))
             offset += count
-        view.count(fusion_check_flops(view.after.shape[-1], self.window, len(view.index)))
         return Decision(merge_from=torch.cat(sources), merge_into=torch.cat(targets))
