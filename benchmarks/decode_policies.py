@@ -31,8 +31,9 @@ from quicksilver.eval.generation import (
     evaluate_generation,
     wikitext_prompts,
 )
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
 from quicksilver.models.config import ModelConfig
+from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import Policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
 

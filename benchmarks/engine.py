@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import quicksilver as qs
-from quicksilver.eval.report import format_table, write_json_atomic
-from quicksilver.eval.throughput import run_bench, summary_rows
+from quicksilver.bench.throughput import run_bench, summary_rows
+from quicksilver.eval.report import format_table
+from quicksilver.outputs import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "benchmarks"

@@ -24,8 +24,9 @@ import torch
 import quicksilver as qs
 from quicksilver.eval.datasets import load_eval_text
 from quicksilver.eval.generation import DenseReference, forced_vs_decoded, wikitext_prompts
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
 from quicksilver.models.config import ModelConfig
+from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import Policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
 

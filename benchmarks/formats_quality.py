@@ -23,7 +23,8 @@ from typing import Any
 import quicksilver as qs
 from quicksilver.eval.datasets import load_eval_text
 from quicksilver.eval.generation import agreement, wikitext_prompts
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
+from quicksilver.outputs import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"

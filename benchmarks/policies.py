@@ -29,7 +29,8 @@ import torch
 import quicksilver as qs
 from quicksilver.eval.calibrate import calibrate, perplexity_measure
 from quicksilver.eval.datasets import load_eval_text
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
+from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import PRESETS
 from quicksilver.runtime.engine import Engine
 from quicksilver.text import encode_stream

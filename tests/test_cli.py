@@ -20,7 +20,7 @@ from quicksilver.cli.checks import set_threads
 from quicksilver.cli.console import MAX_ERROR_CHARS
 from quicksilver.cli.main import BUG_HINT
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval.report import write_json_atomic
+from quicksilver.outputs import write_json_atomic
 
 TEXT = (
     "The town grew up around a ford on the river, where the old road from the coast crossed "

@@ -23,10 +23,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tiny_models import save_tiny, tiny_llama
 
+from quicksilver.bench import throughput
 from quicksilver.cli import main
 from quicksilver.cli.console import MAX_ERROR_CHARS
 from quicksilver.cli.main import BUG_HINT
-from quicksilver.eval import throughput
 from quicksilver.policies import PRESETS, REGISTRY
 
 SETTINGS = settings(

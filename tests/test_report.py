@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from quicksilver import outputs as report
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval import report
-from quicksilver.eval.report import (
+from quicksilver.outputs import (
     check_output_path,
     current_umask,
     write_json_atomic,

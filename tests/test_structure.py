@@ -135,3 +135,57 @@ def test_command_line_files_stay_small() -> None:
     files = sorted(cli.glob("*.py")) if cli.is_dir() else [PACKAGE / "cli.py"]
     sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in files}
     assert max(sizes.values()) <= 500, sizes
+
+
+# Packages from the bottom up: each may import only those before it (and itself). The
+# package root (``quicksilver/__init__``, the public API's names) sits with ``api``.
+LAYERS = [
+    "errors",
+    "outputs",
+    "quant",
+    "models",
+    "accounting",
+    "policies",
+    "runtime",
+    "text",
+    "scoring",
+    "eval",
+    "lm_eval_tasks",
+    "api",
+    "integrations",
+    "bench",
+    "serve",
+    "cli",
+]
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return LAYERS.index("api")
+    if parts[1] == "__main__":
+        return LAYERS.index("cli")
+    return LAYERS.index(parts[1])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps if _layer(b) > _layer(a))
+
+
+def test_packages_import_only_downwards() -> None:
+    known = modules()
+    graph = {name: imports_of(path, known) - {name} for name, path in known.items()}
+    assert upward_imports(graph) == []
+
+
+def test_the_layer_check_finds_upward_imports() -> None:
+    graph = {"quicksilver.runtime.engine": {"quicksilver.api.llm", "quicksilver.models.config"}}
+    assert upward_imports(graph) == ["quicksilver.runtime.engine -> quicksilver.api.llm"]
+
+
+def test_no_source_file_is_over_500_lines() -> None:
+    sizes = {
+        str(p.relative_to(PACKAGE)): len(p.read_text(encoding="utf-8").splitlines())
+        for p in PACKAGE.rglob("*.py")
+    }
+    assert {name: n for name, n in sizes.items() if n > 500} == {}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval.report import jsonable
+from quicksilver.outputs import jsonable
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ import argparse
 from typing import Any
 
 from quicksilver.api import weight_format
+from quicksilver.bench import throughput
 from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
 from quicksilver.cli.generate import check_group_size, mark_group_size_default
 from quicksilver.cli.options import add_compare, add_format_options
-from quicksilver.eval import throughput
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
 from quicksilver.models.loading import DTYPES, parse_dtype
+from quicksilver.outputs import write_json_atomic
 
 NAME = "bench"
 

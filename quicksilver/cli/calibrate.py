@@ -31,7 +31,7 @@ from quicksilver.cli.inputs import (
 from quicksilver.cli.options import add_dtype, add_policy_args, add_text_args, add_window_args
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval import calibrate as calibration
-from quicksilver.eval.report import write_json_atomic
+from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import Policy
 from quicksilver.policies.files import write_policy_file
 from quicksilver.runtime.cache import check_cache_fits

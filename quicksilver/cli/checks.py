@@ -16,8 +16,8 @@ import torch
 from quicksilver.api import LLM
 from quicksilver.cli.console import say
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval.report import check_output_path
 from quicksilver.models.loading import MODEL_ALIASES
+from quicksilver.outputs import check_output_path
 from quicksilver.policies import PRESETS
 from quicksilver.runtime.cache import check_cache_fits
 

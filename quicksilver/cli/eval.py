@@ -40,10 +40,11 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.eval import datasets
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.perplexity import PerplexityResult, evaluate_rolling_perplexity
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
 from quicksilver.integrations.hf_reference import load_transformers_model, transformers_perplexity
 from quicksilver.lm_eval_tasks import wikitext_documents
 from quicksilver.models.loading import parse_dtype
+from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import Policy
 from quicksilver.scoring import prefix_token_id
 

@@ -24,7 +24,8 @@ from quicksilver.cli.inputs import (
 )
 from quicksilver.cli.options import add_dtype, add_policy_args, add_text_args
 from quicksilver.eval.generation import evaluate_generation
-from quicksilver.eval.report import format_table, write_json_atomic
+from quicksilver.eval.report import format_table
+from quicksilver.outputs import write_json_atomic
 from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "eval-gen"

@@ -25,7 +25,7 @@ from quicksilver.cli.inputs import (
 )
 from quicksilver.cli.options import add_dtype, add_policy_args
 from quicksilver.errors import QuicksilverError
-from quicksilver.eval.report import write_json_atomic
+from quicksilver.outputs import write_json_atomic
 from quicksilver.runtime.cache import check_cache_fits
 
 NAME = "generate"

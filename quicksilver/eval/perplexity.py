@@ -33,7 +33,7 @@ from tqdm import tqdm
 from quicksilver.accounting import Meter
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.datasets import EvalText
-from quicksilver.eval.report import jsonable
+from quicksilver.outputs import jsonable
 from quicksilver.runtime.sampling import NonFiniteLogits
 from quicksilver.scoring import forced_logits, rolling_requests, score_tokens
 

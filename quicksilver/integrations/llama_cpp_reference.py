@@ -102,7 +102,7 @@ class LlamaCppRunner:
     ) -> dict[str, Any]:
         """Best-of-``repeats`` prefill and decode throughput after a warm-up, in the same
         record form as ``throughput.bench_engine``."""
-        from quicksilver.eval.throughput import summary_record
+        from quicksilver.eval.report import summary_record
 
         rows = [list(p) for p in prompts[:batch]]
         self.generate(rows, new_tokens)  # warm-up

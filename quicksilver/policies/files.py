@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from quicksilver.eval.report import write_text_atomic
+from quicksilver.outputs import write_text_atomic
 from quicksilver.policies.base import PolicyConfigError
 from quicksilver.policies.stack import PRESETS, Policy
 

@@ -42,7 +42,7 @@ def peak_rss_bytes() -> int:
 
 def _quicksilver(spec: dict[str, Any]) -> dict[str, Any]:
     import quicksilver as qs
-    from quicksilver.eval.throughput import bench_engine, linear_weight_bytes
+    from quicksilver.bench.throughput import bench_engine, linear_weight_bytes
 
     llm = qs.load(
         spec["model"],
@@ -71,7 +71,7 @@ def _quicksilver(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _transformers(spec: dict[str, Any]) -> dict[str, Any]:
-    from quicksilver.eval.throughput import bench_transformers
+    from quicksilver.bench.throughput import bench_transformers
     from quicksilver.integrations.hf_reference import load_transformers_model
     from quicksilver.models import loading
 

@@ -28,6 +28,7 @@ import torch
 
 from quicksilver.api import load
 from quicksilver.errors import QuicksilverError
+from quicksilver.eval.report import summary_record
 from quicksilver.integrations.hf_reference import quiet_transformers
 from quicksilver.models import loading
 from quicksilver.runtime.cache import check_cache_fits
@@ -78,30 +79,6 @@ def bench_prompts(tokenizer: Any, rows: int, prompt_tokens: int) -> tuple[list[l
 
 
 # ---------------------------------------------------------------- measuring
-
-
-def summary_record(
-    batch: int,
-    prompt_tokens: int,
-    new_tokens: int,
-    prefill: list[float],
-    decode: list[float],
-) -> dict[str, Any]:
-    """One engine's measurement at one batch size: the best repeat and every repeat."""
-    prefill_s, decode_s = min(prefill), min(decode)
-    decoded = batch * (new_tokens - 1)
-    return {
-        "batch_size": batch,
-        "prompt_tokens": prompt_tokens,
-        "new_tokens": new_tokens,
-        "prefill_seconds": prefill_s,
-        "decode_seconds": decode_s,
-        "prefill_tokens_per_s": batch * prompt_tokens / prefill_s if prefill_s > 0 else 0.0,
-        "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
-        "decode_step_seconds": decode_s / (new_tokens - 1),
-        "prefill_seconds_all": prefill,
-        "decode_seconds_all": decode,
-    }
 
 
 def _rows(prompts_token_ids: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
@@ -295,9 +272,9 @@ def check_bench_args(
 
 
 def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One engine's measurement in a fresh process (``eval.bench_worker``)."""
+    """One engine's measurement in a fresh process (``bench.worker``)."""
     done = subprocess.run(
-        [sys.executable, "-m", "quicksilver.eval.bench_worker"],
+        [sys.executable, "-m", "quicksilver.bench.worker"],
         input=json.dumps(spec),
         capture_output=True,
         text=True,
