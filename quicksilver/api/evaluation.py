@@ -12,7 +12,7 @@ from quicksilver.api.records import LogLikelihood
 from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.perplexity import PerplexityResult, check_windows, evaluate_perplexity
-from quicksilver.scoring import score_tokens
+from quicksilver.scoring import TokenScores, rolling_loglikelihood, score_tokens
 from quicksilver.text import encode_prompt, encode_stream
 
 if TYPE_CHECKING:
@@ -130,3 +130,36 @@ def _scoring_request(llm: LLM, index: int, pair: Any) -> tuple[list[int], int]:
         )
     # The model sees all but the last token: keep at most positions + 1.
     return (context_ids + continuation_ids)[-(positions + 1) :], len(continuation_ids)
+
+
+def token_scores(
+    llm: LLM,
+    sequences: Sequence[Sequence[int]],
+    firsts: Sequence[int] | None,
+    top: Any,
+    policy: PolicySpec,
+) -> list[TokenScores]:
+    """``LLM.token_scores``: ids checked, then the one teacher-forced forward."""
+    checked = [llm._ids(s, f"sequence {i}") for i, s in enumerate(sequences)]
+    top = integer("top", top)
+    try:
+        with llm._working(policy):
+            return score_tokens(llm.engine, checked, firsts, top=top)
+    except QuicksilverError as err:
+        raise InvalidArgument(str(err)) from None
+
+
+def rolling(
+    llm: LLM, ids: Sequence[int], max_length: Any, batch_size: Any, policy: PolicySpec
+) -> float:
+    """``LLM.rolling_loglikelihood``: ids and sizes checked, then the harness's windows."""
+    checked = llm._ids(ids, "ids")
+    max_length, batch_size = count("max_length", max_length), count("batch_size", batch_size)
+    with llm._working(policy):
+        return rolling_loglikelihood(
+            llm.engine,
+            checked,
+            prefix_token=llm.prefix_token_id,
+            max_length=max_length,
+            batch_size=batch_size,
+        )

@@ -37,7 +37,7 @@ from quicksilver.runtime.cache import sequence_fit_error
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
-from quicksilver.scoring import TokenScores, prefix_token_id, score_tokens
+from quicksilver.scoring import TokenScores, prefix_token_id
 from quicksilver.text import decode, encode_prompt
 
 # Alternatives per generated token a request may ask for (OpenAI's limit).
@@ -438,13 +438,14 @@ class LLM:
         """Log-probs of ``sequence[first:]`` given the tokens before (``firsts`` default: 1),
         with the ``top`` best alternatives at each position: what ``echo`` with ``logprobs``
         and lm-evaluation-harness's rolling windows need. One teacher-forced forward."""
-        checked = [self._ids(s, f"sequence {i}") for i, s in enumerate(sequences)]
-        top = integer("top", top)
-        try:
-            with self._working(policy):
-                return score_tokens(self.engine, checked, firsts, top=top)
-        except QuicksilverError as err:
-            raise InvalidArgument(str(err)) from None
+        return evaluation.token_scores(self, sequences, firsts, top, policy)
+
+    def rolling_loglikelihood(
+        self, ids: Sequence[int], *, max_length: int, batch_size: int = 8, policy: PolicySpec = None
+    ) -> float:
+        """log P(document) of token ids in lm-evaluation-harness's rolling windows of at most
+        ``max_length`` tokens, the prefix token (``prefix_token_id``) before the first."""
+        return evaluation.rolling(self, ids, max_length, batch_size, policy)
 
     def counted_flops(self) -> dict[str, int]:
         """Everything the runner has counted so far (``total``, ``dense`` and their parts):

@@ -46,7 +46,6 @@ from quicksilver.lm_eval_tasks import wikitext_documents
 from quicksilver.models.loading import parse_dtype
 from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import Policy
-from quicksilver.scoring import prefix_token_id
 
 NAME = "eval"
 MB = 1024**2
@@ -224,7 +223,7 @@ def _score_documents(
         return evaluate_rolling_perplexity(
             llm.engine,
             ids,
-            prefix_token=prefix_token_id(llm.tokenizer, llm.config.eos_token_ids),
+            prefix_token=llm.prefix_token_id,
             max_length=args.context,
             texts=documents,
             batch_size=args.batch_size,

@@ -27,6 +27,7 @@ from quicksilver.cli.options import add_dtype, add_policy_args
 from quicksilver.errors import QuicksilverError
 from quicksilver.outputs import write_json_atomic
 from quicksilver.runtime.cache import check_cache_fits
+from quicksilver.runtime.drafting import speculative_config
 
 NAME = "generate"
 
@@ -80,9 +81,35 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument(
         "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
     )
+    parser.add_argument(
+        "--speculative",
+        metavar="METHOD",
+        help="verified decoding: draft tokens by METHOD (ngram) and keep those the full model "
+        "agrees with; the same tokens in fewer forwards (default: off)",
+    )
+    parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        metavar="N",
+        help="tokens drafted per step, 1..64 (default: 6)",
+    )
     add_policy_args(parser, target_speedup=True)
     mark_group_size_default(parser)
     parser.set_defaults(handler=run)
+
+
+def speculative_setting(args: argparse.Namespace) -> dict | None:
+    """--speculative / --speculative-tokens as the API's ``speculative=`` value (checked by
+    it), or a one-line error for tokens without a method."""
+    if args.speculative is None:
+        if args.speculative_tokens is not None:
+            raise QuicksilverError("--speculative-tokens needs --speculative METHOD (e.g. ngram)")
+        return None
+    setting = {"method": args.speculative}
+    if args.speculative_tokens is not None:
+        setting["num_tokens"] = args.speculative_tokens
+    speculative_config(setting)  # refused here, before the model loads
+    return setting
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     )
     check_target_speedup(args.target_speedup)
     check_model_args(args)
+    speculative = speculative_setting(args)
     prompts = read_prompts(args)
     policy = load_policy_args(args)
     json_path = check_output(args.json, args)
@@ -111,7 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if not policy.is_off:
         say(f"policy: {policy.describe()}")
     options = dict(
-        max_new_tokens=args.max_new_tokens, policy=policy, **dataclasses.asdict(sampling)
+        max_new_tokens=args.max_new_tokens,
+        policy=policy,
+        speculative=speculative,
+        **dataclasses.asdict(sampling),
     )
     with Meter() as meter:
         if len(token_ids) == 1:
@@ -132,6 +163,13 @@ def run(args: argparse.Namespace) -> int:
         f"decode {output.decode_tokens_per_s:.1f} tok/s{compiled}, "
         f"{output.flops_per_token / 1e9:.2f} GFLOP/token, weights {llm.weights.describe()}]"
     )
+    if output.speculative is not None:
+        drafted = output.speculative
+        say(
+            f"[speculative {drafted['method']}: {drafted['draft_tokens']} tokens drafted in "
+            f"{drafted['drafts']} steps, {drafted['accepted_tokens']} accepted, mean accepted "
+            f"length {drafted['mean_accepted_length']:.2f}, {output.decode_steps} decode forwards]"
+        )
     if json_path is not None:
         record = {
             "model": args.model,

@@ -31,7 +31,6 @@ from tqdm import tqdm
 
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
-from quicksilver.scoring import prefix_token_id, rolling_loglikelihood
 from quicksilver.text import encode_stream
 
 # The harness fills its model registry with its own models only while the registry is
@@ -151,7 +150,7 @@ class QuicksilverLM(LM):
     def prefix_token_id(self) -> int:
         """What stands before a document (or an empty context): BOS, else EOS, as the
         harness's ``hf`` model does."""
-        return prefix_token_id(self.llm.tokenizer, self.llm.config.eos_token_ids)
+        return self.llm.prefix_token_id
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt=True):
         return self.llm.tokenizer.apply_chat_template(
@@ -184,12 +183,8 @@ class QuicksilverLM(LM):
                 (text,) = request.args
                 ids = encode_stream(tokenizer, text)
                 total = (
-                    rolling_loglikelihood(
-                        self.llm.engine,
-                        ids,
-                        prefix_token=self.prefix_token_id,
-                        max_length=self.max_length,
-                        batch_size=self.batch_size,
+                    self.llm.rolling_loglikelihood(
+                        ids, max_length=self.max_length, batch_size=self.batch_size
                     )
                     if ids
                     else 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
@@ -82,8 +83,10 @@ class StepRunner:
         max_len: int | None = None,
         prefill_tokens: int = 512,
         quantum_s: float = DEFAULT_QUANTUM_S,
+        speculative: Any = None,
     ) -> None:
         self.llm = llm
+        self.speculative = speculative  # the server's default for requests that name none
         self.metrics = metrics
         self.max_rows = max_rows
         self.max_len = max_len or min(llm.config.max_position_embeddings, 2048)
@@ -129,6 +132,7 @@ class StepRunner:
                     seed=spec.sampling.seed,
                     stop=list(spec.stop),
                     logprobs=spec.logprobs,
+                    speculative=spec.speculative or self.speculative,
                     n=spec.n,
                 )
                 for j, request_id in enumerate(ids):
@@ -163,11 +167,17 @@ class StepRunner:
         if group is None:
             return
         batch = group.batch
-        before = dict(batch.stats.flops)
-        fed_before = batch.stats.fed_tokens
+        stats = batch.stats
+        before = dict(stats.flops)
+        fed_before = stats.fed_tokens
+        drafts_before = (stats.drafts, stats.draft_tokens, stats.accepted_tokens)
         events = batch.step()
-        spent = {k: v - before.get(k, 0) for k, v in batch.stats.flops.items()}
-        self._count(spent, batch.stats.fed_tokens - fed_before)
+        spent = {k: v - before.get(k, 0) for k, v in stats.flops.items()}
+        self._count(spent, stats.fed_tokens - fed_before)
+        drafts_after = (stats.drafts, stats.draft_tokens, stats.accepted_tokens)
+        drafted = [after - ahead for after, ahead in zip(drafts_after, drafts_before, strict=True)]
+        if drafted[0]:
+            self.metrics.spec_decode(*drafted)
         rows, requests = batch.active_rows, len(group.jobs)
         for running in group.jobs.values():
             running.batch_rows = max(running.batch_rows, rows)
