@@ -20,18 +20,24 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import quicksilver as qs
+from quicksilver.policies.files import check_json_nesting
 from quicksilver.serve import protocol
 from quicksilver.serve.errors import APIError
-from quicksilver.serve.metrics import Metrics
+from quicksilver.serve.metrics import CONTENT_TYPE, Metrics
 from quicksilver.serve.responses import ChunkMaker, chat_body, completion_body, new_id
 from quicksilver.serve.runner import BatchRunner
 from quicksilver.serve.scheduler import Job, JobResult, Scheduler
-from quicksilver.text import encode_prompt
+from quicksilver.text import encode_prompt, encode_stream
 
 OPEN_PATHS = {"/health", "/metrics"}  # answered without the API key (probes, scrapers)
 DISCONNECT_POLL_S = 0.5
+# Request bodies nest about five levels (messages -> parts, quicksilver -> policy -> section);
+# refusing deeper ones before parsing keeps json.loads' recursion and any walk short.
+MAX_BODY_NESTING = 32
+UNMATCHED = "unmatched"  # the metrics label of every path no route serves
 
 
 @dataclass
@@ -42,6 +48,13 @@ class Settings:
     max_queue: int = 64  # requests waiting for a batch
     max_body_bytes: int = 1 << 20
     default_policy: qs.Policy | None = None
+    # Other names a request's ``model`` may use for the same model (e.g. the file or short
+    # name the server was started with); any other name is 404, as OpenAI answers.
+    model_aliases: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return (self.model_name, *self.model_aliases)
 
 
 class ClientGone(Exception):
@@ -75,11 +88,20 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
     app = FastAPI(title="quicksilver", version=qs.__version__, lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.llm = scheduler, metrics, llm
 
+    def route_label(request: Request) -> str:
+        """The path template of the route that serves ``request`` (a method mismatch still
+        names its route), or UNMATCHED: metrics never carry a path the client made up."""
+        for route in app.router.routes:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                return getattr(route, "path", UNMATCHED)
+        return UNMATCHED
+
     # ------------------------------------------------------------ errors and auth
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
-        metrics.request(request.url.path, err.status)
+        metrics.request(route_label(request), err.status)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -97,7 +119,7 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
                 err = APIError("missing or wrong API key (Authorization: Bearer ...)", 401)
-                metrics.request(request.url.path, 401)
+                metrics.request(route_label(request), 401)
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
@@ -112,23 +134,31 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             if len(body) > limit:
                 raise APIError(f"the request body is over the server's limit of {limit} bytes", 413)
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
+            text = body.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259)
+        except UnicodeDecodeError as err:
+            raise APIError(
+                f"the request body is not UTF-8 (byte 0x{body[err.start]:02x} at offset "
+                f"{err.start}); send JSON encoded as UTF-8"
+            ) from None
+        try:
+            check_json_nesting(body, MAX_BODY_NESTING)
+            value = json.loads(text)
+        except (ValueError, RecursionError) as err:
             raise APIError(f"the request body is not valid JSON: {err}") from None
+        protocol.check_strings(value)
+        return value
 
     # ------------------------------------------------------------ generation
 
     async def generate(request: Request, kind: str) -> Response:
         started = time.perf_counter()
         body = await read_json(request)
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and not isinstance(model, str):
-            raise APIError(f"model must be a string, got {model!r}", param="model")
+        protocol.check_model(body, settings.model_names)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
-        spec = parse(body, llm, model or settings.model_name, settings.max_batch_size)
+        spec = parse(body, llm, settings.model_name, settings.max_batch_size)
         job = Job(spec, spec.policy or settings.default_policy, asyncio.get_running_loop())
         scheduler.submit(job)
-        endpoint = request.url.path
+        endpoint = route_label(request)
         if spec.stream:
             return StreamingResponse(
                 stream_events(job, endpoint, started), media_type="text/event-stream"
@@ -186,11 +216,13 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
                 status = 499
             metrics.request(endpoint, status, time.perf_counter() - started)
 
-    @app.post("/v1/completions")
+    bodies = request_schemas(settings.model_names)
+
+    @app.post("/v1/completions", openapi_extra=bodies["completion"])
     async def completions(request: Request) -> Response:
         return await generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=bodies["chat"])
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
@@ -224,9 +256,9 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         text = metrics.render(scheduler.queued, scheduler.running)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=bodies["tokenize"])
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request)
         if not isinstance(body, dict):
@@ -241,15 +273,18 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             if not isinstance(prompt, str):
                 raise APIError("prompt must be a string", param="prompt")
             tokenizer = llm.tokenizer
-            if special:
-                ids = encode_prompt(tokenizer, prompt) if prompt else []
-            else:
-                ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            try:
+                if special:
+                    ids = encode_prompt(tokenizer, prompt) if prompt else []
+                else:
+                    ids = encode_stream(tokenizer, prompt)
+            except qs.QuicksilverError as err:
+                raise APIError(f"prompt: {err}", param="prompt") from None
         metrics.request("/tokenize", 200)
         positions = llm.config.max_position_embeddings
         return {"tokens": ids, "count": len(ids), "max_model_len": positions}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=bodies["detokenize"])
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
@@ -282,3 +317,112 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------- OpenAPI request bodies
+
+_STRING, _INTEGER, _NUMBER, _BOOLEAN = (
+    {"type": t} for t in ("string", "integer", "number", "boolean")
+)
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_MESSAGES = {
+    "type": "array",
+    "items": {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": list(protocol.CHAT_ROLES)},
+            "content": {
+                "anyOf": [
+                    _STRING,
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {"type": {"const": "text"}, "text": _STRING},
+                        },
+                    },
+                ]
+            },
+        },
+    },
+}
+
+
+def request_schemas(models: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The JSON bodies the POST routes read, as ``openapi_extra`` for FastAPI: the handlers
+    read raw JSON (to check it field by field, with messages OpenAI clients understand), so
+    without these the OpenAPI schema would describe no body at all, and neither clients'
+    generators nor a fuzzer would know what to send. ``models``: the names ``model`` takes.
+    """
+    common = {
+        "model": {"type": "string", "enum": list(models)},
+        "max_tokens": _INTEGER,
+        "temperature": _NUMBER,
+        "top_p": _NUMBER,
+        "top_k": _INTEGER,
+        "n": _INTEGER,
+        "stream": _BOOLEAN,
+        "stream_options": {"type": "object", "properties": {"include_usage": _BOOLEAN}},
+        "stop": {"anyOf": [_STRING, {"type": "array", "items": _STRING}]},
+        "seed": _INTEGER,
+        "user": _STRING,
+        "presence_penalty": _NUMBER,
+        "frequency_penalty": _NUMBER,
+        "logit_bias": {"type": "object"},
+        "quicksilver": {
+            "anyOf": [
+                _STRING,
+                {
+                    "type": "object",
+                    "properties": {
+                        "policy": {"anyOf": [_STRING, {"type": "object"}]},
+                        "set": {"type": "array", "items": _STRING},
+                    },
+                },
+            ]
+        },
+    }
+    prompt = {
+        "anyOf": [
+            _STRING,
+            {"type": "array", "items": _STRING},
+            _TOKEN_IDS,
+            {"type": "array", "items": _TOKEN_IDS},
+        ]
+    }
+    completion = {
+        **common,
+        "prompt": prompt,
+        "echo": _BOOLEAN,
+        "logprobs": _INTEGER,
+        "suffix": _STRING,
+        "best_of": _INTEGER,
+    }
+    chat = {
+        **common,
+        "messages": _MESSAGES,
+        "logprobs": _BOOLEAN,
+        "top_logprobs": _INTEGER,
+        "max_completion_tokens": _INTEGER,
+    }
+    tokenize = {"prompt": _STRING, "messages": _MESSAGES, "add_special_tokens": _BOOLEAN}
+    objects = {
+        "completion": (completion, ["prompt"]),
+        "chat": (chat, ["messages"]),
+        "tokenize": (tokenize, []),
+        "detokenize": ({"tokens": _TOKEN_IDS}, ["tokens"]),
+    }
+    return {
+        name: {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": fields, "required": required}
+                    }
+                },
+            }
+        }
+        for name, (fields, required) in objects.items()
+    }

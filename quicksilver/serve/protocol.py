@@ -18,12 +18,14 @@ import quicksilver as qs
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import PRESETS
 from quicksilver.serve.errors import APIError
+from quicksilver.text import check_text
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's limit)
 MAX_N = 16
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat without max_tokens: this, or what the context leaves
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's roles
 
 COMMON_FIELDS = {
     "model",
@@ -67,6 +69,54 @@ class GenerationSpec:
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.n
+
+
+# ---------------------------------------------------------------- the whole body
+
+
+def check_strings(body: Any) -> None:
+    """Every string of a parsed body, keys included, must be valid Unicode: JSON's
+    ``"\\ud800"`` escape gives Python a lone surrogate, which the tokenizer, the stop-string
+    search or the JSON answer would trip over later. Iterative, so no body can exhaust the
+    stack (the app has also bounded its nesting)."""
+    pending: list[tuple[str, Any]] = [("the request body", body)]
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            _valid_text(value, where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _valid_text(key, f"a field name in {where}")
+                pending.append((key if where == "the request body" else f"{where}.{key}", item))
+        elif isinstance(value, list):
+            pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+
+
+def _valid_text(text: str, where: str) -> None:
+    try:
+        check_text(text, where)
+    except QuicksilverError as err:
+        raise APIError(str(err), param=where.split("[")[0].split(".")[0]) from None
+
+
+def check_model(body: Any, served: tuple[str, ...]) -> None:
+    """``model``, when given, must name the served model (or one of its aliases): a client
+    that asks for another model must learn it is not talking to that model (OpenAI and
+    vLLM answer 404 ``model_not_found``)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise APIError(f"model must be a string, got {model!r}", param="model")
+    if model not in served:
+        raise APIError(
+            f"the model {model[:100]!r} does not exist here; this server serves {served[0]!r} "
+            "(see /v1/models)",
+            404,
+            param="model",
+            kind="invalid_request_error",
+            code="model_not_found",
+        )
 
 
 # ---------------------------------------------------------------- field checks
@@ -246,6 +296,12 @@ def chat_prompt(messages: Any, llm: qs.LLM) -> list[int]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise APIError(f"messages[{i}] must be an object with a role", param="messages")
+        if message["role"] not in CHAT_ROLES:
+            raise APIError(
+                f"messages[{i}].role is {message['role'][:50]!r}; use one of "
+                f"{', '.join(CHAT_ROLES)}",
+                param="messages",
+            )
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
