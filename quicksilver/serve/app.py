@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 import quicksilver as qs
+from quicksilver.policies import PRESETS
 from quicksilver.policies.files import check_json_nesting
 from quicksilver.serve import protocol
 from quicksilver.serve.errors import APIError
@@ -216,7 +217,9 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
                 status = 499
             metrics.request(endpoint, status, time.perf_counter() - started)
 
-    bodies = request_schemas(settings.model_names)
+    bodies = request_schemas(
+        settings.model_names, llm.config.max_position_embeddings, llm.config.vocab_size
+    )
 
     @app.post("/v1/completions", openapi_extra=bodies["completion"])
     async def completions(request: Request) -> Response:
@@ -321,97 +324,104 @@ def _sse(data: dict) -> str:
 
 # ---------------------------------------------------------------- OpenAPI request bodies
 
-_STRING, _INTEGER, _NUMBER, _BOOLEAN = (
-    {"type": t} for t in ("string", "integer", "number", "boolean")
-)
-_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}}
-_MESSAGES = {
-    "type": "array",
-    "items": {
+
+def _integer(low: int, high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _array(items: dict[str, Any], least: int = 0, most: int | None = None) -> dict[str, Any]:
+    schema = {"type": "array", "items": items, "minItems": least}
+    return schema if most is None else {**schema, "maxItems": most}
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_BOOLEAN = {"type": "boolean"}
+_ONLY_ZERO = {"type": "number", "minimum": 0, "maximum": 0}  # penalties: only the no-op value
+_STOP = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
+_MESSAGES = _array(
+    {
         "type": "object",
         "required": ["role", "content"],
         "properties": {
             "role": {"type": "string", "enum": list(protocol.CHAT_ROLES)},
             "content": {
                 "anyOf": [
-                    _STRING,
-                    {
-                        "type": "array",
-                        "items": {
+                    {"type": "string"},
+                    _array(
+                        {
                             "type": "object",
-                            "properties": {"type": {"const": "text"}, "text": _STRING},
-                        },
-                    },
+                            "required": ["type"],
+                            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                        }
+                    ),
                 ]
             },
         },
     },
-}
+    least=1,
+)
 
 
-def request_schemas(models: tuple[str, ...]) -> dict[str, dict[str, Any]]:
-    """The JSON bodies the POST routes read, as ``openapi_extra`` for FastAPI: the handlers
+def request_schemas(
+    models: tuple[str, ...], positions: int, vocab: int
+) -> dict[str, dict[str, Any]]:
+    """The JSON bodies the POST routes read, as ``openapi_extra`` for FastAPI. The handlers
     read raw JSON (to check it field by field, with messages OpenAI clients understand), so
-    without these the OpenAPI schema would describe no body at all, and neither clients'
-    generators nor a fuzzer would know what to send. ``models``: the names ``model`` takes.
+    without these the OpenAPI schema would describe no body at all, and neither client
+    generators nor a fuzzer would know what to send. The ranges are the server's own (the
+    served names, the model's positions and vocabulary); what the schema cannot say (a prompt
+    plus max_tokens within the context, rows within the batch) the handlers still check.
     """
+    token_ids = _array(_integer(0, vocab - 1), least=1)
     common = {
         "model": {"type": "string", "enum": list(models)},
-        "max_tokens": _INTEGER,
-        "temperature": _NUMBER,
-        "top_p": _NUMBER,
-        "top_k": _INTEGER,
-        "n": _INTEGER,
+        "max_tokens": _integer(1, positions),
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": _integer(-1, 2**31 - 1),
+        "n": _integer(1, protocol.MAX_N),
         "stream": _BOOLEAN,
-        "stream_options": {"type": "object", "properties": {"include_usage": _BOOLEAN}},
-        "stop": {"anyOf": [_STRING, {"type": "array", "items": _STRING}]},
-        "seed": _INTEGER,
-        "user": _STRING,
-        "presence_penalty": _NUMBER,
-        "frequency_penalty": _NUMBER,
-        "logit_bias": {"type": "object"},
+        "stream_options": {
+            "type": "object",
+            "properties": {"include_usage": _BOOLEAN},
+            "additionalProperties": False,
+        },
+        "stop": {"anyOf": [_STOP, _array(_STOP, most=protocol.MAX_STOP)]},
+        "seed": _integer(-(2**63), 2**64 - 1),
+        "user": {"type": "string"},
+        "presence_penalty": _ONLY_ZERO,
+        "frequency_penalty": _ONLY_ZERO,
+        "logit_bias": {"type": "object", "maxProperties": 0},
         "quicksilver": {
             "anyOf": [
-                _STRING,
+                {"type": "string", "enum": list(PRESETS)},
                 {
                     "type": "object",
                     "properties": {
-                        "policy": {"anyOf": [_STRING, {"type": "object"}]},
-                        "set": {"type": "array", "items": _STRING},
+                        "policy": {"anyOf": [{"type": "string", "enum": list(PRESETS)}, {}]},
+                        "set": _array({"type": "string", "pattern": "^[a-z_]+\\.[a-z_]+=.*$"}),
                     },
+                    "additionalProperties": False,
                 },
             ]
         },
     }
-    prompt = {
-        "anyOf": [
-            _STRING,
-            {"type": "array", "items": _STRING},
-            _TOKEN_IDS,
-            {"type": "array", "items": _TOKEN_IDS},
-        ]
-    }
-    completion = {
-        **common,
-        "prompt": prompt,
-        "echo": _BOOLEAN,
-        "logprobs": _INTEGER,
-        "suffix": _STRING,
-        "best_of": _INTEGER,
-    }
+    prompt = {"anyOf": [_TEXT, _array(_TEXT, 1), token_ids, _array(token_ids, 1)]}
+    logprobs = _integer(0, protocol.MAX_LOGPROBS)
+    completion = {**common, "prompt": prompt, "echo": _BOOLEAN, "logprobs": logprobs}
     chat = {
         **common,
         "messages": _MESSAGES,
         "logprobs": _BOOLEAN,
-        "top_logprobs": _INTEGER,
-        "max_completion_tokens": _INTEGER,
+        "top_logprobs": logprobs,
+        "max_completion_tokens": _integer(1, positions),
     }
-    tokenize = {"prompt": _STRING, "messages": _MESSAGES, "add_special_tokens": _BOOLEAN}
+    tokenize = {"prompt": {"type": "string"}, "messages": _MESSAGES, "add_special_tokens": _BOOLEAN}
     objects = {
         "completion": (completion, ["prompt"]),
         "chat": (chat, ["messages"]),
         "tokenize": (tokenize, []),
-        "detokenize": ({"tokens": _TOKEN_IDS}, ["tokens"]),
+        "detokenize": ({"tokens": _array(_integer(0, vocab - 1))}, ["tokens"]),
     }
     return {
         name: {
@@ -419,7 +429,12 @@ def request_schemas(models: tuple[str, ...]) -> dict[str, dict[str, Any]]:
                 "required": True,
                 "content": {
                     "application/json": {
-                        "schema": {"type": "object", "properties": fields, "required": required}
+                        "schema": {
+                            "type": "object",
+                            "properties": fields,
+                            "required": required,
+                            "additionalProperties": False,
+                        }
                     }
                 },
             }
