@@ -25,6 +25,7 @@ from quicksilver.cli.main import main  # noqa: E402
 from quicksilver.policies.files import load_policy  # noqa: E402
 from quicksilver.serve.app import Settings  # noqa: E402
 from quicksilver.serve.metrics import Metrics  # noqa: E402
+from quicksilver.serve.protocol import has_lone_surrogate  # noqa: E402
 from quicksilver.serve.server import BackgroundServer  # noqa: E402
 
 FAST_S = 2.0
@@ -163,6 +164,27 @@ SURROGATE_BODIES = [
 def test_lone_surrogates_are_400(server: BackgroundServer, path: str, body: dict) -> None:
     message = assert_refused(*post(server, path, body))
     assert "surrogate" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "lone"),
+    [
+        (r'"\ud800"', True),
+        (r'"\ude00"', True),
+        (r'"\ud83d"', True),
+        (r'"\ud83d x\ude00"', True),
+        (r'"\ud83d\ud83d\ude00"', True),
+        (r'"\\\ud800"', True),  # an escaped backslash, then the escape
+        (r'"\ud83d\ude00"', False),  # a pair is one character
+        (r'"\uD83D\uDE00"', False),
+        (r'"\\ud800"', False),  # a backslash and the text "ud800"
+        (r'"\u0041 plain"', False),
+    ],
+)
+def test_lone_surrogate_escapes_are_found_on_the_raw_text(text: str, lone: bool) -> None:
+    assert has_lone_surrogate(text) == lone
+    parsed = json.loads(text)
+    assert any(0xD800 <= ord(c) <= 0xDFFF for c in parsed) == lone  # the reference
 
 
 def test_python_api_refuses_lone_surrogates_in_one_line(model_dir: Path) -> None:

@@ -146,7 +146,8 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             value = json.loads(text)
         except (ValueError, RecursionError) as err:
             raise APIError(f"the request body is not valid JSON: {err}") from None
-        protocol.check_strings(value)
+        if protocol.has_lone_surrogate(text):
+            protocol.check_strings(value)  # raises, naming the field
         return value
 
     # ------------------------------------------------------------ generation

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's limit)
 MAX_N = 16
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat without max_tokens: this, or what the context leaves
+_SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's roles
 
 COMMON_FIELDS = {
@@ -74,29 +76,59 @@ class GenerationSpec:
 # ---------------------------------------------------------------- the whole body
 
 
+def has_lone_surrogate(json_text: str) -> bool:
+    """Whether JSON text escapes a lone surrogate (``"\\ud800"`` with no partner), found on
+    the raw text with one regular-expression pass: strict UTF-8 cannot carry surrogates, so
+    only ``\\uXXXX`` escapes can, and a run of backslashes escapes the ``u`` only when it is
+    odd (``\\\\ud800`` is a backslash and the text "ud800")."""
+    expected_low_at = -1  # where a low surrogate must start to pair with the last high one
+    for match in _SURROGATE_ESCAPE.finditer(json_text):
+        if len(match.group(1)) % 2 == 0:
+            continue
+        start = match.end() - 6
+        if match.group(2).lower() < "dc":  # a high (leading) surrogate
+            if expected_low_at >= 0:
+                return True
+            expected_low_at = match.end()
+        elif start != expected_low_at:
+            return True
+        else:
+            expected_low_at = -1
+    return expected_low_at >= 0
+
+
 def check_strings(body: Any) -> None:
-    """Every string of a parsed body, keys included, must be valid Unicode: JSON's
-    ``"\\ud800"`` escape gives Python a lone surrogate, which the tokenizer, the stop-string
-    search or the JSON answer would trip over later. Iterative, so no body can exhaust the
-    stack (the app has also bounded its nesting)."""
-    pending: list[tuple[str, Any]] = [("the request body", body)]
+    """Name the string of a parsed body (keys included) that is not valid Unicode, after
+    ``has_lone_surrogate`` found one: JSON's ``"\\ud800"`` gives Python a lone surrogate,
+    which the tokenizer, the stop-string search or the JSON answer would trip over later.
+    Iterative, so no body can exhaust the stack; paths are spelled out only for the error."""
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), body)]
     while pending:
-        where, value = pending.pop()
+        path, value = pending.pop()
         if isinstance(value, str):
-            _valid_text(value, where)
+            _valid_text(value, path)
         elif isinstance(value, dict):
             for key, item in value.items():
-                _valid_text(key, f"a field name in {where}")
-                pending.append((key if where == "the request body" else f"{where}.{key}", item))
+                _valid_text(key, path, "a field name in ")
+                if isinstance(item, (str, dict, list)):
+                    pending.append(((*path, key), item))
         elif isinstance(value, list):
-            pending.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+            for i, item in enumerate(value):  # token ids: a long list of ints, skipped fast
+                if isinstance(item, str):
+                    _valid_text(item, (*path, i))
+                elif isinstance(item, (dict, list)) and item:
+                    pending.append(((*path, i), item))
+    raise APIError("the request body holds a lone surrogate escape; text must be valid Unicode")
 
 
-def _valid_text(text: str, where: str) -> None:
+def _valid_text(text: str, path: tuple[str | int, ...], prefix: str = "") -> None:
+    if text.isascii():
+        return
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
     try:
-        check_text(text, where)
+        check_text(text, prefix + (where or "the request body"))
     except QuicksilverError as err:
-        raise APIError(str(err), param=where.split("[")[0].split(".")[0]) from None
+        raise APIError(str(err), param=str(path[0]) if path else None) from None
 
 
 def check_model(body: Any, served: tuple[str, ...]) -> None:
