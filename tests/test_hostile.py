@@ -256,8 +256,9 @@ def test_metrics_registries_are_per_instance() -> None:
     assert "quicksilver_inter_token_latency_seconds_count 1.0" in text
     assert "quicksilver_queued_requests 1.0" in text
     assert "quicksilver_generation_tokens_total 0.0" in second.render(0, 0)
-    with pytest.raises(ValueError, match="no counter"):
-        first.add(made_up=1)
+    first.add(later_counter=2)
+    assert "quicksilver_later_counter_total 2.0" in first.render(0, 0)
+    assert "later_counter" not in second.render(0, 0)
 
 
 # ---------------------------------------------------------------- serve's address checks

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         default_policy=None if policy.is_off else policy,
-        model_aliases=tuple({args.model, llm.name} - {args.served_model_name or args.model}),
+        model_aliases=tuple(dict.fromkeys((args.model, llm.name))),
     )
     say(f"serving {llm.name} as {settings.model_name!r} at http://{args.host}:{args.port}/v1")
     serve(llm, settings, host=args.host, port=args.port)
@@ -115,14 +115,15 @@ def check_listen_address(host: str, port: int) -> None:
     minutes): a busy port or an address this machine does not have is then a one-line error
     at once, not uvicorn's own message after the wait. (The port is free again when uvicorn
     binds it; another process could take it in between, which uvicorn then reports.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
     try:
-        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as err:
         raise QuicksilverError(
             f"--host {host!r} is not an address or a name this machine can resolve ({err}); "
             "use e.g. 127.0.0.1 or 0.0.0.0"
         ) from None
-    family, kind, proto, _, address = found[0]
+    _, kind, proto, _, address = found[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:

@@ -55,7 +55,7 @@ class Settings:
 
     @property
     def model_names(self) -> tuple[str, ...]:
-        return (self.model_name, *self.model_aliases)
+        return tuple(dict.fromkeys((self.model_name, *self.model_aliases)))
 
 
 class ClientGone(Exception):

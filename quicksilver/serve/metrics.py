@@ -114,13 +114,19 @@ class Metrics:
         self._inter_token.observe(seconds)
 
     def add(self, **values: float) -> None:
-        unknown = sorted(set(values) - set(COUNTERS))
-        if unknown:
-            raise ValueError(f"no counter named {unknown[0]!r}; known: {', '.join(COUNTERS)}")
+        """Add to the named counters. Names come from the server's code, never a client; one
+        not in COUNTERS gets its counter on first use (its help text then says only that)."""
         with self._lock:
             for name, value in values.items():
+                counter = self._counters.get(name)
+                if counter is None:
+                    counter = Counter(
+                        f"{PREFIX}_{name}", f"{name} (worker counter).", registry=self.registry
+                    )
+                    self._counters[name] = counter
+                    self.counters[name] = 0.0
                 self.counters[name] += value
-                self._counters[name].inc(value)
+                counter.inc(value)
 
     def batch(self, rows: int) -> None:
         self._batch_rows.observe(rows)
