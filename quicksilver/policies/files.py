@@ -94,7 +94,8 @@ def _apply_overrides(config: dict[str, Any], overrides: Sequence[str] | None) ->
         name, dot, param = key.strip().partition(".")
         if not sep or not dot or not name or not param:
             raise PolicyConfigError(
-                f"--set expects mechanism.parameter=value (e.g. halting.min_layer=20), got {item!r}"
+                "--set expects mechanism.parameter=value (e.g. halting.min_layer=20), got "
+                f"{item[:80]!r}"
             )
         if len(raw) > MAX_SET_VALUE_CHARS:
             raise PolicyConfigError(
@@ -105,7 +106,8 @@ def _apply_overrides(config: dict[str, Any], overrides: Sequence[str] | None) ->
             value = safe_yaml(raw, max_aliases=0) if raw.strip() else None
         except _PARSE_ERRORS as exc:
             reason = " ".join(str(exc).split())
-            raise PolicyConfigError(f"cannot parse the value in {item!r}: {reason}") from None
+            shown = item if len(item) <= 80 else item[:77] + "..."
+            raise PolicyConfigError(f"cannot parse the value in {shown!r}: {reason}") from None
         section = config.get(name) or {}
         config[name] = section
         if not isinstance(section, dict):
