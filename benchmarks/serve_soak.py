@@ -91,6 +91,7 @@ def hostile_requests(model: str) -> list[tuple[str, str, bytes]]:
 class Tally:
     statuses: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     no_answer: Counter = field(default_factory=Counter)  # transport errors, by class
+    metrics_bytes: list[int] = field(default_factory=list)  # /metrics after warm-up, at the end
 
     def count(self, kind: str, status: int | str) -> None:
         self.statuses[kind][str(status)] += 1
@@ -199,6 +200,7 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> tuple[Tally, lis
         warm_stop = time.monotonic() + args.warmup_seconds
         await asyncio.gather(*(good_client(client, Tally(), args.served, warm_stop) for _ in "ab"))
         warm_rss = rss_mib(pid)
+        tally.metrics_bytes.append(len((await client.get("/metrics")).content))
         stop = time.monotonic() + args.minutes * 60
         await asyncio.gather(
             sample_rss(pid, args.sample_seconds, stop, samples),
@@ -206,6 +208,7 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> tuple[Tally, lis
             *(hostile_client(client, tally, args.served, stop, k * 7) for k in range(args.hostile)),
             *(disconnecting_client(url, tally, stop) for _ in range(args.disconnecting)),
         )
+        tally.metrics_bytes.append(len((await client.get("/metrics")).content))
     return tally, samples, warm_rss
 
 
@@ -221,7 +224,7 @@ def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, a
         f"{platform.python_version()}.",
         "",
         "```bash",
-        " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+        " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
         "```",
         "",
         "| class | requests | status counts | responses >= 500 | no answer |",
@@ -240,9 +243,20 @@ def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, a
         f"| {warm:.0f} | {end:.0f} | {peak:.0f} | {end - warm:+.0f} | {len(samples)} every "
         f"{args.sample_seconds:g} s |",
         "",
-        f'Server alive at the end: {"yes" if alive else "NO"}. "left": the client closed the '
-        "connection mid-answer (stream after its first event, or a 0.3 s client timeout); "
-        '"no answer": a transport error where an answer was due.',
+        f"Server alive at the end: {'yes' if alive else 'NO'}. `/metrics` was "
+        f"{tally.metrics_bytes[0]} bytes after the warm-up and {tally.metrics_bytes[-1]} at the "
+        "end (labels are route templates, so unknown paths add no series).",
+        "",
+        "Good clients cycle through completions (plain and streamed, 12 tokens), chat, "
+        "`/tokenize`, `/v1/models` and `/metrics`. Hostile clients cycle through "
+        f"{len(hostile_requests(args.served))} bodies that must be refused: a YAML alias bomb "
+        "in `quicksilver.set`, lone surrogates in a prompt, chat content and `/tokenize`, JSON "
+        "nested 100,000 deep, unknown model, role and paths, a policy path, malformed, "
+        "non-UTF-8 and 2 MiB bodies, too many stop strings, out-of-vocabulary token ids, "
+        'GET on a POST route. "left": the client closed the connection mid-answer (a stream '
+        'after its first event, or a 0.3 s client timeout); "no answer": a transport error '
+        "where an answer was due. The good clients' count is low because the hostile loops "
+        "and the model share the same CPUs.",
         "",
     ]
     return "\n".join(lines)
