@@ -212,6 +212,17 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> tuple[Tally, lis
     return tally, samples, warm_rss
 
 
+def by_minute(samples: list[tuple[float, float]]) -> list[str]:
+    """The first sample of each minute and the last one, as "t: RSS" (tells a warm-up step
+    from a steady climb)."""
+    shown, minute = [], -1
+    for seconds, rss in samples:
+        if int(seconds // 60) > minute:
+            minute = int(seconds // 60)
+            shown.append(f"{seconds:.0f} s: {rss:.0f}")
+    return [*shown, f"{samples[-1][0]:.0f} s: {samples[-1][1]:.0f}"]
+
+
 def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, alive: bool) -> str:
     end, peak = samples[-1][1], max(rss for _, rss in samples)
     lines = [
@@ -242,6 +253,8 @@ def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, a
         "|---|---|---|---|---|",
         f"| {warm:.0f} | {end:.0f} | {peak:.0f} | {end - warm:+.0f} | {len(samples)} every "
         f"{args.sample_seconds:g} s |",
+        "",
+        "RSS by minute of the soak (MiB): " + ", ".join(by_minute(samples)) + ".",
         "",
         f"Server alive at the end: {'yes' if alive else 'NO'}. `/metrics` was "
         f"{tally.metrics_bytes[0]} bytes after the warm-up and {tally.metrics_bytes[-1]} at the "

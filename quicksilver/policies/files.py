@@ -37,7 +37,7 @@ MAX_NESTING = 32
 MAX_FILE_ALIASES = 16
 MAX_SET_VALUE_CHARS = 1024
 
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 # What the YAML/JSON parsers raise on hostile text besides their own error types: bad dates
