@@ -26,6 +26,21 @@ from quicksilver.errors import QuicksilverError
 INCOMPLETE = "\ufffd"
 
 
+def check_text(text: str, what: str = "the text") -> str:
+    """``text`` if it is valid Unicode. A Python str (from JSON's ``\\ud800`` escapes, or
+    command-line bytes that are not UTF-8) can hold lone surrogates, which no tokenizer can
+    encode: they would fail deep inside it with an obscure TypeError or encode error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        raise QuicksilverError(
+            f"{what} holds a lone surrogate (U+{code:04X} at character {err.start}), which is "
+            "not valid Unicode text; send the character's full surrogate pair or UTF-8"
+        ) from None
+    return text
+
+
 def encode_prompt(tokenizer: Any, text: str, chat: bool = False) -> list[int]:
     """Token ids of a prompt, special tokens as the tokenizer's configuration adds them.
 
@@ -33,6 +48,7 @@ def encode_prompt(tokenizer: Any, text: str, chat: bool = False) -> list[int]:
     assistant's turn opened); the template writes its own special tokens (e.g. a BOS) as
     text, so the result is encoded without adding them a second time.
     """
+    check_text(text)
     if chat:
         if not has_chat_template(tokenizer):
             raise QuicksilverError(
@@ -61,6 +77,7 @@ def encode_stream(tokenizer: Any, text: str) -> list[int]:
     space per piece). With a fast tokenizer we call its backend directly, which gives the same
     ids without transformers' "sequence longer than the model maximum" warning.
     """
+    check_text(text)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         return list(backend.encode(text, add_special_tokens=False).ids)

@@ -236,3 +236,19 @@ def save_tiny_gguf(model: PreTrainedModel, path: Path, architecture: str = "llam
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+
+
+def save_tiny_chat_llama(directory: Path) -> Path:
+    """A tiny Llama with the byte-level tokenizer and a minimal chat template, saved as a
+    Hugging Face model directory that ``quicksilver.load`` (and the server) can read."""
+    save_tiny(tiny_llama(), directory)
+    tokenizer = byte_level_tokenizer()
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    return directory

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 
 import quicksilver as qs
 from quicksilver.cli.checks import require_positive, set_threads
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         raise QuicksilverError(f"--port must be from 1 to 65535, got {args.port}")
     parse_dtype(args.dtype)
+    check_listen_address(args.host, args.port)
     policy = load_policy_args(args)
     set_threads(args.threads)
     api_key = args.api_key or os.environ.get("QUICKSILVER_API_KEY") or None
@@ -101,7 +103,34 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
         default_policy=None if policy.is_off else policy,
+        model_aliases=tuple(dict.fromkeys((args.model, llm.name))),
     )
     say(f"serving {llm.name} as {settings.model_name!r} at http://{args.host}:{args.port}/v1")
     serve(llm, settings, host=args.host, port=args.port)
     return 0
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Bind ``host:port`` for a moment before the model loads (which takes seconds to
+    minutes): a busy port or an address this machine does not have is then a one-line error
+    at once, not uvicorn's own message after the wait. (The port is free again when uvicorn
+    binds it; another process could take it in between, which uvicorn then reports.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET  # as uvicorn chooses
+    try:
+        found = socket.getaddrinfo(host, port, family=family, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        raise QuicksilverError(
+            f"--host {host!r} is not an address or a name this machine can resolve ({err}); "
+            "use e.g. 127.0.0.1 or 0.0.0.0"
+        ) from None
+    _, kind, proto, _, address = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise QuicksilverError(
+                f"cannot listen on {host}:{port}: {reason}; choose another --port or --host, "
+                "or stop the process that holds it"
+            ) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,18 @@ MAX_POLICY_BYTES = 4 * 1024 * 1024
 # Layers, windows, vocabulary sizes and token counts are all far below this; larger integers
 # can only be mistakes, and would overflow the int64 tensors the mechanisms build from them.
 MAX_POLICY_INT = 2**53
+
+# Limits checked on the text before a parser builds anything from it. A policy nests three
+# levels ({mechanism: {parameter: value}}) and a results JSON a few more; a YAML alias repeats
+# a whole subtree, so a kilobyte of nested aliases ("billion laughs") expands to gigabytes
+# once anything walks it. A handful of aliases in a file is all a person or a YAML dumper
+# writes; a --set value is one scalar and needs none.
+MAX_NESTING = 32
+MAX_FILE_ALIASES = 16
+MAX_SET_VALUE_CHARS = 1024
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 # What the YAML/JSON parsers raise on hostile text besides their own error types: bad dates
 # and over-long integers (ValueError), unhashable keys (TypeError), deep nesting (RecursionError).
@@ -81,13 +94,20 @@ def _apply_overrides(config: dict[str, Any], overrides: Sequence[str] | None) ->
         name, dot, param = key.strip().partition(".")
         if not sep or not dot or not name or not param:
             raise PolicyConfigError(
-                f"--set expects mechanism.parameter=value (e.g. halting.min_layer=20), got {item!r}"
+                "--set expects mechanism.parameter=value (e.g. halting.min_layer=20), got "
+                f"{item[:80]!r}"
+            )
+        if len(raw) > MAX_SET_VALUE_CHARS:
+            raise PolicyConfigError(
+                f"the value of --set {key.strip()} has {len(raw)} characters; a parameter value "
+                f"is a number, a word or null, at most {MAX_SET_VALUE_CHARS} characters"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = safe_yaml(raw, max_aliases=0) if raw.strip() else None
         except _PARSE_ERRORS as exc:
             reason = " ".join(str(exc).split())
-            raise PolicyConfigError(f"cannot parse the value in {item!r}: {reason}") from None
+            shown = item if len(item) <= 80 else item[:77] + "..."
+            raise PolicyConfigError(f"cannot parse the value in {shown!r}: {reason}") from None
         section = config.get(name) or {}
         config[name] = section
         if not isinstance(section, dict):
@@ -133,7 +153,11 @@ def parse_policy_text(data: bytes, source: str, json_format: bool) -> dict[str, 
             f"{err.start}); save it as UTF-8"
         ) from None
     try:
-        config = json.loads(text) if json_format else yaml.safe_load(text)
+        if json_format:
+            check_json_nesting(data, MAX_NESTING)
+            config = json.loads(text)
+        else:
+            config = safe_yaml(text, MAX_FILE_ALIASES)
     except _PARSE_ERRORS as exc:
         reason = " ".join(f"{exc}".split())[:300] or type(exc).__name__
         raise PolicyConfigError(f"cannot parse policy file {source}: {reason}") from None
@@ -141,6 +165,47 @@ def parse_policy_text(data: bytes, source: str, json_format: bool) -> dict[str, 
         config = config["policy"]  # a results or calibration JSON: reuse the policy it stored
         source = f"the 'policy' entry of {source}"
     return check_policy_config(config, f"policy file {source}")
+
+
+def safe_yaml(text: str, max_aliases: int) -> Any:
+    """``yaml.safe_load(text)``, once the event stream (which the parser produces without
+    building anything) shows at most ``max_aliases`` aliases and nesting within
+    ``MAX_NESTING``: the limits hold before a single node exists, so a hostile text costs a
+    pass over its own bytes, never the expansion it describes. A text over a limit raises
+    ``yaml.YAMLError`` saying which, as unparsable YAML does."""
+    aliases = depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            aliases += 1
+            if aliases > max_aliases:
+                allowed = f"more than {max_aliases} YAML aliases" if max_aliases else "YAML aliases"
+                raise yaml.YAMLError(
+                    f"it uses {allowed} (*name), which are refused here; write the values out"
+                )
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise yaml.YAMLError(
+                    f"it nests deeper than {MAX_NESTING} levels; a policy is "
+                    "{mechanism: {parameter: value}}"
+                )
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+    return yaml.safe_load(text)
+
+
+def check_json_nesting(data: bytes, limit: int) -> None:
+    """Refuse JSON ``data`` that nests deeper than ``limit`` arrays/objects, without parsing
+    it: brackets are counted outside strings, a loop over the bracket bytes alone that stops
+    as soon as the limit is passed. (``json.loads`` recurses once per level, so a deep text
+    would otherwise cost a full parse before failing, or a crash in a thread.) Raises
+    ValueError, as ``json.loads`` does for text it cannot parse."""
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for byte in brackets:
+        depth += 1 if byte in b"[{" else -1
+        if depth > limit:
+            raise ValueError(f"it nests deeper than {limit} levels of arrays and objects")
 
 
 def check_policy_config(config: Any, source: str) -> dict[str, Any]:

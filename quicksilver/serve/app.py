@@ -20,18 +20,25 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 import quicksilver as qs
+from quicksilver.policies import PRESETS
+from quicksilver.policies.files import check_json_nesting
 from quicksilver.serve import protocol
 from quicksilver.serve.errors import APIError
-from quicksilver.serve.metrics import Metrics
+from quicksilver.serve.metrics import CONTENT_TYPE, Metrics
 from quicksilver.serve.responses import ChunkMaker, chat_body, completion_body, new_id
 from quicksilver.serve.runner import StepRunner
 from quicksilver.serve.scheduler import Job, JobResult, Scheduler
-from quicksilver.text import encode_prompt
+from quicksilver.text import encode_prompt, encode_stream
 
 OPEN_PATHS = {"/health", "/metrics"}  # answered without the API key (probes, scrapers)
 DISCONNECT_POLL_S = 0.5
+# Request bodies nest about five levels (messages -> parts, quicksilver -> policy -> section);
+# refusing deeper ones before parsing keeps json.loads' recursion and any walk short.
+MAX_BODY_NESTING = 32
+UNMATCHED = "unmatched"  # the metrics label of every path no route serves
 
 
 @dataclass
@@ -44,6 +51,13 @@ class Settings:
     max_queue: int = 64  # requests waiting for a batch
     max_body_bytes: int = 1 << 20
     default_policy: qs.Policy | None = None
+    # Other names a request's ``model`` may use for the same model (e.g. the file or short
+    # name the server was started with); any other name is 404, as OpenAI answers.
+    model_aliases: tuple[str, ...] = ()
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model_name, *self.model_aliases)))
 
 
 class ClientGone(Exception):
@@ -77,11 +91,20 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
     app = FastAPI(title="quicksilver", version=qs.__version__, lifespan=lifespan)
     app.state.scheduler, app.state.metrics, app.state.llm = scheduler, metrics, llm
 
+    def route_label(request: Request) -> str:
+        """The path template of the route that serves ``request`` (a method mismatch still
+        names its route), or UNMATCHED: metrics never carry a path the client made up."""
+        for route in app.router.routes:
+            match, _ = route.matches(request.scope)
+            if match != Match.NONE:
+                return getattr(route, "path", UNMATCHED)
+        return UNMATCHED
+
     # ------------------------------------------------------------ errors and auth
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
-        metrics.request(request.url.path, err.status)
+        metrics.request(route_label(request), err.status)
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -99,7 +122,7 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
                 err = APIError("missing or wrong API key (Authorization: Bearer ...)", 401)
-                metrics.request(request.url.path, 401)
+                metrics.request(route_label(request), 401)
                 return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
@@ -114,23 +137,32 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             if len(body) > limit:
                 raise APIError(f"the request body is over the server's limit of {limit} bytes", 413)
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as err:
+            text = body.decode("utf-8")  # JSON on the wire is UTF-8 (RFC 8259)
+        except UnicodeDecodeError as err:
+            raise APIError(
+                f"the request body is not UTF-8 (byte 0x{body[err.start]:02x} at offset "
+                f"{err.start}); send JSON encoded as UTF-8"
+            ) from None
+        try:
+            check_json_nesting(body, MAX_BODY_NESTING)
+            value = json.loads(text)
+        except (ValueError, RecursionError) as err:
             raise APIError(f"the request body is not valid JSON: {err}") from None
+        if protocol.has_lone_surrogate(text):
+            protocol.check_strings(value)  # raises, naming the field
+        return value
 
     # ------------------------------------------------------------ generation
 
     async def generate(request: Request, kind: str) -> Response:
         started = time.perf_counter()
         body = await read_json(request)
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and not isinstance(model, str):
-            raise APIError(f"model must be a string, got {model!r}", param="model")
+        protocol.check_model(body, settings.model_names)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
-        spec = parse(body, llm, model or settings.model_name, settings.max_batch_size)
+        spec = parse(body, llm, settings.model_name, settings.max_batch_size)
         job = Job(spec, spec.policy or settings.default_policy, asyncio.get_running_loop())
         scheduler.submit(job)
-        endpoint = request.url.path
+        endpoint = route_label(request)
         if spec.stream:
             return StreamingResponse(
                 stream_events(job, endpoint, started), media_type="text/event-stream"
@@ -188,11 +220,15 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
                 status = 499
             metrics.request(endpoint, status, time.perf_counter() - started)
 
-    @app.post("/v1/completions")
+    bodies = request_schemas(
+        settings.model_names, llm.config.max_position_embeddings, llm.config.vocab_size
+    )
+
+    @app.post("/v1/completions", openapi_extra=bodies["completion"])
     async def completions(request: Request) -> Response:
         return await generate(request, "completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=bodies["chat"])
     async def chat_completions(request: Request) -> Response:
         return await generate(request, "chat")
 
@@ -226,9 +262,9 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
         text = metrics.render(scheduler.queued, scheduler.running)
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=bodies["tokenize"])
     async def tokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request)
         if not isinstance(body, dict):
@@ -243,15 +279,18 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             if not isinstance(prompt, str):
                 raise APIError("prompt must be a string", param="prompt")
             tokenizer = llm.tokenizer
-            if special:
-                ids = encode_prompt(tokenizer, prompt) if prompt else []
-            else:
-                ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            try:
+                if special:
+                    ids = encode_prompt(tokenizer, prompt) if prompt else []
+                else:
+                    ids = encode_stream(tokenizer, prompt)
+            except qs.QuicksilverError as err:
+                raise APIError(f"prompt: {err}", param="prompt") from None
         metrics.request("/tokenize", 200)
         positions = llm.config.max_position_embeddings
         return {"tokens": ids, "count": len(ids), "max_model_len": positions}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=bodies["detokenize"])
     async def detokenize(request: Request) -> dict[str, Any]:
         body = await read_json(request)
         tokens = body.get("tokens") if isinstance(body, dict) else None
@@ -284,3 +323,124 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
 
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------- OpenAPI request bodies
+
+
+def _integer(low: int, high: int) -> dict[str, Any]:
+    return {"type": "integer", "minimum": low, "maximum": high}
+
+
+def _array(items: dict[str, Any], least: int = 0, most: int | None = None) -> dict[str, Any]:
+    schema = {"type": "array", "items": items, "minItems": least}
+    return schema if most is None else {**schema, "maxItems": most}
+
+
+_TEXT = {"type": "string", "minLength": 1}
+_BOOLEAN = {"type": "boolean"}
+_ONLY_ZERO = {"type": "number", "minimum": 0, "maximum": 0}  # penalties: only the no-op value
+_STOP = {"type": "string", "minLength": 1, "maxLength": protocol.MAX_STOP_CHARS}
+_MESSAGES = _array(
+    {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": list(protocol.CHAT_ROLES)},
+            "content": {
+                "anyOf": [
+                    {"type": "string"},
+                    _array(
+                        {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                        }
+                    ),
+                ]
+            },
+        },
+    },
+    least=1,
+)
+
+
+def request_schemas(
+    models: tuple[str, ...], positions: int, vocab: int
+) -> dict[str, dict[str, Any]]:
+    """The JSON bodies the POST routes read, as ``openapi_extra`` for FastAPI. The handlers
+    read raw JSON (to check it field by field, with messages OpenAI clients understand), so
+    without these the OpenAPI schema would describe no body at all, and neither client
+    generators nor a fuzzer would know what to send. The ranges are the server's own (the
+    served names, the model's positions and vocabulary); what the schema cannot say (a prompt
+    plus max_tokens within the context, rows within the batch) the handlers still check.
+    """
+    token_ids = _array(_integer(0, vocab - 1), least=1)
+    common = {
+        "model": {"type": "string", "enum": list(models)},
+        "max_tokens": _integer(1, positions),
+        "temperature": {"type": "number", "minimum": 0},
+        "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "top_k": _integer(-1, 2**31 - 1),
+        "n": _integer(1, protocol.MAX_N),
+        "stream": _BOOLEAN,
+        "stream_options": {
+            "type": "object",
+            "properties": {"include_usage": _BOOLEAN},
+            "additionalProperties": False,
+        },
+        "stop": {"anyOf": [_STOP, _array(_STOP, most=protocol.MAX_STOP)]},
+        "seed": _integer(-(2**63), 2**64 - 1),
+        "user": {"type": "string"},
+        "presence_penalty": _ONLY_ZERO,
+        "frequency_penalty": _ONLY_ZERO,
+        "logit_bias": {"type": "object", "maxProperties": 0},
+        "quicksilver": {
+            "anyOf": [
+                {"type": "string", "enum": list(PRESETS)},
+                {
+                    "type": "object",
+                    "properties": {
+                        "policy": {"anyOf": [{"type": "string", "enum": list(PRESETS)}, {}]},
+                        "set": _array({"type": "string", "pattern": "^[a-z_]+\\.[a-z_]+=.*$"}),
+                    },
+                    "additionalProperties": False,
+                },
+            ]
+        },
+    }
+    prompt = {"anyOf": [_TEXT, _array(_TEXT, 1), token_ids, _array(token_ids, 1)]}
+    logprobs = _integer(0, protocol.MAX_LOGPROBS)
+    completion = {**common, "prompt": prompt, "echo": _BOOLEAN, "logprobs": logprobs}
+    chat = {
+        **common,
+        "messages": _MESSAGES,
+        "logprobs": _BOOLEAN,
+        "top_logprobs": logprobs,
+        "max_completion_tokens": _integer(1, positions),
+    }
+    tokenize = {"prompt": {"type": "string"}, "messages": _MESSAGES, "add_special_tokens": _BOOLEAN}
+    objects = {
+        "completion": (completion, ["prompt"]),
+        "chat": (chat, ["messages"]),
+        "tokenize": (tokenize, []),
+        "detokenize": ({"tokens": _array(_integer(0, vocab - 1))}, ["tokens"]),
+    }
+    return {
+        name: {
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "properties": fields,
+                            "required": required,
+                            "additionalProperties": False,
+                        }
+                    }
+                },
+            }
+        }
+        for name, (fields, required) in objects.items()
+    }

@@ -19,6 +19,7 @@ class APIError(Exception):
         *,
         param: str | None = None,
         kind: str | None = None,
+        code: str | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -26,6 +27,7 @@ class APIError(Exception):
         self.status = status
         self.param = param
         self.kind = kind or _KINDS.get(status, "invalid_request_error")
+        self.code = code  # OpenAI's machine-readable reason (e.g. "model_not_found")
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -35,7 +37,7 @@ class APIError(Exception):
                 "message": self.message,
                 "type": self.kind,
                 "param": self.param,
-                "code": self.status,
+                "code": self.code or self.status,
             }
         }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +19,15 @@ import quicksilver as qs
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import PRESETS
 from quicksilver.serve.errors import APIError
+from quicksilver.text import check_text
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's limit)
 MAX_N = 16
 CHAT_DEFAULT_MAX_TOKENS = 256  # chat without max_tokens: this, or what the context leaves
+_SURROGATE_ESCAPE = re.compile(r"(\\+)u([dD][89a-fA-F][0-9a-fA-F]{2})")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's roles
 
 COMMON_FIELDS = {
     "model",
@@ -67,6 +71,84 @@ class GenerationSpec:
     @property
     def rows(self) -> int:
         return len(self.prompts) * self.n
+
+
+# ---------------------------------------------------------------- the whole body
+
+
+def has_lone_surrogate(json_text: str) -> bool:
+    """Whether JSON text escapes a lone surrogate (``"\\ud800"`` with no partner), found on
+    the raw text with one regular-expression pass: strict UTF-8 cannot carry surrogates, so
+    only ``\\uXXXX`` escapes can, and a run of backslashes escapes the ``u`` only when it is
+    odd (``\\\\ud800`` is a backslash and the text "ud800")."""
+    expected_low_at = -1  # where a low surrogate must start to pair with the last high one
+    for match in _SURROGATE_ESCAPE.finditer(json_text):
+        if len(match.group(1)) % 2 == 0:
+            continue
+        start = match.end() - 6
+        if match.group(2).lower() < "dc":  # a high (leading) surrogate
+            if expected_low_at >= 0:
+                return True
+            expected_low_at = match.end()
+        elif start != expected_low_at:
+            return True
+        else:
+            expected_low_at = -1
+    return expected_low_at >= 0
+
+
+def check_strings(body: Any) -> None:
+    """Name the string of a parsed body (keys included) that is not valid Unicode, after
+    ``has_lone_surrogate`` found one: JSON's ``"\\ud800"`` gives Python a lone surrogate,
+    which the tokenizer, the stop-string search or the JSON answer would trip over later.
+    Iterative, so no body can exhaust the stack; paths are spelled out only for the error."""
+    pending: list[tuple[tuple[str | int, ...], Any]] = [((), body)]
+    while pending:
+        path, value = pending.pop()
+        if isinstance(value, str):
+            _valid_text(value, path)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _valid_text(key, path, "a field name in ")
+                if isinstance(item, (str, dict, list)):
+                    pending.append(((*path, key), item))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):  # token ids: a long list of ints, skipped fast
+                if isinstance(item, str):
+                    _valid_text(item, (*path, i))
+                elif isinstance(item, (dict, list)) and item:
+                    pending.append(((*path, i), item))
+    raise APIError("the request body holds a lone surrogate escape; text must be valid Unicode")
+
+
+def _valid_text(text: str, path: tuple[str | int, ...], prefix: str = "") -> None:
+    if text.isascii():
+        return
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+    try:
+        check_text(text, prefix + (where or "the request body"))
+    except QuicksilverError as err:
+        raise APIError(str(err), param=str(path[0]) if path else None) from None
+
+
+def check_model(body: Any, served: tuple[str, ...]) -> None:
+    """``model``, when given, must name the served model (or one of its aliases): a client
+    that asks for another model must learn it is not talking to that model (OpenAI and
+    vLLM answer 404 ``model_not_found``)."""
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is None:
+        return
+    if not isinstance(model, str):
+        raise APIError(f"model must be a string, got {model!r}", param="model")
+    if model not in served:
+        raise APIError(
+            f"the model {model[:100]!r} does not exist here; this server serves {served[0]!r} "
+            "(see /v1/models)",
+            404,
+            param="model",
+            kind="invalid_request_error",
+            code="model_not_found",
+        )
 
 
 # ---------------------------------------------------------------- field checks
@@ -246,6 +328,12 @@ def chat_prompt(messages: Any, llm: qs.LLM) -> list[int]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise APIError(f"messages[{i}] must be an object with a role", param="messages")
+        if message["role"] not in CHAT_ROLES:
+            raise APIError(
+                f"messages[{i}].role is {message['role'][:50]!r}; use one of "
+                f"{', '.join(CHAT_ROLES)}",
+                param="messages",
+            )
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
