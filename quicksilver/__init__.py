@@ -27,6 +27,7 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models.loading import DEFAULT_MODEL
 from quicksilver.policies import Policy, load_policy
+from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.sampling import SamplingConfig
 
 try:
@@ -47,8 +48,10 @@ __all__ = [
     "Policy",
     "QuicksilverError",
     "SamplingConfig",
+    "SpeculativeConfig",
     "Stream",
     "__version__",
     "load",
     "load_policy",
+    "speculative_config",
 ]

@@ -20,7 +20,7 @@ def load(
     dtype: str | torch.dtype = "bfloat16",
     weights: str | None = None,
     head_weights: str | None = None,
-    group_size: int = 32,
+    group_size: int | None = None,
     compile: bool = False,
     device: str | torch.device = "cpu",
     speculative: Any = None,
@@ -31,7 +31,7 @@ def load(
     ``dtype`` is the activations' (and embeddings', norms', KV cache's) precision
     (``bfloat16``, ``float32``, or what ``models.loading.DTYPES`` lists). ``weights`` is the
     linear layers' storage format: None (the same as ``dtype``), ``int8`` (per channel) or
-    ``int4`` (groups of ``group_size`` = 32, 64 or 128; a GGUF file's Q4_0 / Q4_1 layers load
+    ``int4`` (groups of ``group_size`` = 32 (default), 64 or 128; GGUF Q4_0 / Q4_1 layers load
     as they are with groups of 32). ``head_weights`` overrides the LM head's format (default:
     the blocks', except int8 for an int4 model: a 4-bit head broke greedy output). Only one
     copy of the weights is kept, in the chosen format.
@@ -98,9 +98,16 @@ def weight_format(
             )
         return parsed
 
-    group = integer("group_size", group_size)
-    return WeightFormat(
-        blocks=name(weights, "weights") or own,
-        head=name(head_weights, "head_weights"),
-        group_size=group,
-    )
+    blocks, head = name(weights, "weights") or own, name(head_weights, "head_weights")
+    if group_size is None:
+        group_size = DEFAULT_GROUP_SIZE
+    elif "int4" not in (blocks, head):  # it would change nothing: refused, not ignored
+        raise InvalidArgument(
+            f"group_size {group_size!r} applies to int4 weights only; pass weights='int4' (or "
+            "head_weights='int4'), or leave group_size out"
+        )
+    return WeightFormat(blocks=blocks, head=head, group_size=integer("group_size", group_size))
+
+
+# int4 groups when none is asked for (a GGUF file's Q4 blocks are groups of 32 too).
+DEFAULT_GROUP_SIZE = 32

@@ -355,7 +355,7 @@ def run_bench(
             "engine": ENGINE_NAME,
             "weights": fmt,
             "head_weights": head_weights,
-            "group_size": group_size,
+            "group_size": group_size if "int4" in (fmt, head_weights) else None,
             "compile": step_compiled,
         }
         for fmt in weights

@@ -49,7 +49,7 @@ def _quicksilver(spec: dict[str, Any]) -> dict[str, Any]:
         dtype=spec["dtype"],
         weights=spec.get("weights"),
         head_weights=spec.get("head_weights"),
-        group_size=spec.get("group_size", 32),
+        group_size=spec.get("group_size"),
         compile=spec.get("compile", False),
     )
     results = {}

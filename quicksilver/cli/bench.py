@@ -11,6 +11,7 @@ from quicksilver.bench import throughput
 from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
 from quicksilver.cli.generate import check_group_size, mark_group_size_default
+from quicksilver.cli.inputs import int4_group_size
 from quicksilver.cli.options import add_compare, add_format_options
 from quicksilver.eval.report import format_table
 from quicksilver.models.loading import DTYPES, parse_dtype
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype)
     formats = args.weights or [str(dtype).removeprefix("torch.")]
     for fmt in formats:
-        weight_format(dtype, fmt, args.head_weights, args.group_size)
+        weight_format(dtype, fmt, args.head_weights, int4_group_size(args, fmt))
     settings = dict(
         batch_sizes=tuple(args.batch_sizes),
         prompt_tokens=args.prompt_tokens,

@@ -21,13 +21,13 @@ from quicksilver.cli.inputs import (
     load_llm,
     load_policy_args,
     read_prompts,
+    speculative_setting,
     with_target_speedup,
 )
-from quicksilver.cli.options import add_dtype, add_policy_args
+from quicksilver.cli.options import add_dtype, add_policy_args, add_speculative_args
 from quicksilver.errors import QuicksilverError
 from quicksilver.outputs import write_json_atomic
 from quicksilver.runtime.cache import check_cache_fits
-from quicksilver.runtime.drafting import speculative_config
 
 NAME = "generate"
 
@@ -81,35 +81,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     parser.add_argument(
         "--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template"
     )
-    parser.add_argument(
-        "--speculative",
-        metavar="METHOD",
-        help="verified decoding: draft tokens by METHOD (ngram) and keep those the full model "
-        "agrees with; the same tokens in fewer forwards (default: off)",
-    )
-    parser.add_argument(
-        "--speculative-tokens",
-        type=int,
-        metavar="N",
-        help="tokens drafted per step, 1..64 (default: 6)",
-    )
+    add_speculative_args(parser)
     add_policy_args(parser, target_speedup=True)
     mark_group_size_default(parser)
     parser.set_defaults(handler=run)
-
-
-def speculative_setting(args: argparse.Namespace) -> dict | None:
-    """--speculative / --speculative-tokens as the API's ``speculative=`` value (checked by
-    it), or a one-line error for tokens without a method."""
-    if args.speculative is None:
-        if args.speculative_tokens is not None:
-            raise QuicksilverError("--speculative-tokens needs --speculative METHOD (e.g. ngram)")
-        return None
-    setting = {"method": args.speculative}
-    if args.speculative_tokens is not None:
-        setting["num_tokens"] = args.speculative_tokens
-    speculative_config(setting)  # refused here, before the model loads
-    return setting
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy, load_policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
+from quicksilver.runtime.drafting import speculative_config
 from quicksilver.text import encode_stream
 
 
@@ -86,7 +87,14 @@ def stream_ids(llm: LLM, text: str) -> list[int]:
 
 def check_model_args(args: argparse.Namespace) -> None:
     """--dtype, --weights, --head-weights and --group-size, before anything is loaded."""
-    weight_format(parse_dtype(args.dtype), args.weights, args.head_weights, args.group_size)
+    weight_format(parse_dtype(args.dtype), args.weights, args.head_weights, int4_group_size(args))
+
+
+def int4_group_size(args: argparse.Namespace, weights: str | None = None) -> int | None:
+    """--group-size for a load whose blocks are ``weights`` (default --weights): given to the
+    API only when some weights are int4 (``check_group_size`` refused it otherwise)."""
+    formats = (weights if weights is not None else args.weights, args.head_weights)
+    return args.group_size if "int4" in formats else None
 
 
 def load_llm(args: argparse.Namespace) -> LLM:
@@ -96,7 +104,7 @@ def load_llm(args: argparse.Namespace) -> LLM:
         dtype=args.dtype,
         weights=args.weights,
         head_weights=args.head_weights,
-        group_size=args.group_size,
+        group_size=int4_group_size(args),
         compile=args.compile,
     )
 
@@ -114,3 +122,17 @@ def with_target_speedup(
     if target is None:
         return policy
     return policy.replacing(schedule_for_speedup(config, target, max_new_tokens))
+
+
+def speculative_setting(args: argparse.Namespace) -> dict | None:
+    """--speculative / --speculative-tokens as the API's ``speculative=`` value (checked by
+    it), or a one-line error for tokens without a method."""
+    if args.speculative is None:
+        if args.speculative_tokens is not None:
+            raise QuicksilverError("--speculative-tokens needs --speculative METHOD (e.g. ngram)")
+        return None
+    setting = {"method": args.speculative}
+    if args.speculative_tokens is not None:
+        setting["num_tokens"] = args.speculative_tokens
+    speculative_config(setting)  # refused here, before the model loads
+    return setting

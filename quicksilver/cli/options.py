@@ -147,3 +147,19 @@ def add_policy_args(parser: argparse.ArgumentParser, target_speedup: bool = Fals
             help="add a SkipDecode schedule whose decode FLOPs per token (LM head included, "
             "averaged over the decode steps) are 1/X of dense",
         )
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    """--speculative and --speculative-tokens (checked by ``inputs.speculative_setting``)."""
+    parser.add_argument(
+        "--speculative",
+        metavar="METHOD",
+        help="verified decoding: draft tokens by METHOD (ngram) and keep those the full model "
+        "agrees with; the same tokens in fewer forwards (default: off)",
+    )
+    parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        metavar="N",
+        help="tokens drafted per step, 1..64 (default: 6)",
+    )

@@ -13,8 +13,9 @@ import socket
 import quicksilver as qs
 from quicksilver.cli.checks import require_positive, set_threads
 from quicksilver.cli.console import say
-from quicksilver.cli.inputs import load_policy_args
-from quicksilver.cli.options import add_dtype, add_policy_args
+from quicksilver.cli.generate import check_group_size, mark_group_size_default
+from quicksilver.cli.inputs import check_model_args, load_llm, load_policy_args, speculative_setting
+from quicksilver.cli.options import add_dtype, add_policy_args, add_speculative_args
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.loading import DEFAULT_MODEL, parse_dtype
 
@@ -26,9 +27,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         NAME,
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve one model at /v1/completions and /v1/chat/completions (plus "
-        "/v1/models, /health, /metrics, /tokenize, /detokenize, /tokenizer_info). Requests "
-        "that arrive while a batch runs join the next batch; a request may choose its own "
-        'policy with {"quicksilver": {"policy": ...}}.',
+        "/v1/models, /health, /metrics, /tokenize, /detokenize, /tokenizer_info). Batching is "
+        "continuous: a request joins the running batch at the next step and leaves it when it "
+        'ends; a request may choose its own policy with {"quicksilver": {"policy": ...}} and '
+        'verified decoding with {"quicksilver": {"speculative": "ngram"}}.',
     )
     parser.add_argument(
         "--model",
@@ -49,14 +51,18 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "--served-model-name", metavar="NAME", help="the model's name in the API (default: --model)"
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=16, metavar="N", help="rows per batch (default: 16)"
+        "--max-batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="rows running at once, per policy (default: 16)",
     )
     parser.add_argument(
         "--max-queue",
         type=int,
         default=64,
         metavar="N",
-        help="requests that may wait for a batch; more get 503 (default: 64)",
+        help="requests (and rows) that may wait for a free row; more get 503 (default: 64)",
     )
     parser.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, metavar="N", help="(default: 1 MiB)"
@@ -67,7 +73,22 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         metavar="N",
         help="torch CPU threads, at most one per CPU (default: torch's choice)",
     )
+    parser.add_argument(
+        "--max-context",
+        type=int,
+        metavar="N",
+        help="positions per row of the KV cache (default: the model's, at most 2048)",
+    )
+    parser.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens read per step while other rows stream (default: %(default)s)",
+    )
+    add_speculative_args(parser)
     add_policy_args(parser)
+    mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
@@ -84,7 +105,13 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        prefill_tokens=args.prefill_tokens,
     )
+    if args.max_context is not None:
+        require_positive(max_context=args.max_context)
+    check_group_size(args, [args.weights])
+    check_model_args(args)
+    speculative = speculative_setting(args)
     if not 0 < args.port < 65536:
         raise QuicksilverError(f"--port must be from 1 to 65535, got {args.port}")
     parse_dtype(args.dtype)
@@ -94,14 +121,22 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("QUICKSILVER_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         say(f"note: listening on {args.host} without --api-key: anyone who can reach it may use it")
-    llm = qs.load(args.model, dtype=args.dtype)
+    llm = load_llm(args)
     policy.check_model(llm.config)
+    positions = llm.config.max_position_embeddings
+    if args.max_context is not None and args.max_context > positions:
+        raise QuicksilverError(
+            f"--max-context {args.max_context} is more than the model's {positions} positions"
+        )
     settings = Settings(
         model_name=args.served_model_name or args.model,
         api_key=api_key,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         max_body_bytes=args.max_body_bytes,
+        max_context=args.max_context,
+        prefill_tokens=args.prefill_tokens,
+        speculative=qs.speculative_config(speculative),
         default_policy=None if policy.is_off else policy,
         model_aliases=tuple(dict.fromkeys((args.model, llm.name))),
     )

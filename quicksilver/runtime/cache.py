@@ -15,8 +15,10 @@ for which entries a query may attend to; ``truncate`` restores all of this state
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from quicksilver.accounting import available_memory_bytes, kv_cache_bytes
@@ -80,6 +82,24 @@ def causal_reads(
     return allowed
 
 
+def lazy_zeros(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """Zeros whose memory the OS provides only as it is written (on the CPU: numpy's zeros
+    come from calloc, i.e. untouched zero pages), so a server's cache for many long rows costs
+    what its rows hold, not what they could hold. Readers may read (masked) slots nobody
+    wrote; those must be finite, which zeros are."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    n_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    storage = np.zeros(n_bytes + ALIGN, dtype=np.uint8)
+    offset = -storage.ctypes.data % ALIGN  # aligned as torch's own allocations are
+    return torch.from_numpy(storage[offset : offset + n_bytes]).view(dtype).view(shape)
+
+
+ALIGN = 64
+
+
 class KVCache:
     def __init__(
         self,
@@ -90,8 +110,8 @@ class KVCache:
         device: torch.device | str = "cpu",
     ) -> None:
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(shape, dtype, device)
+        self.v = lazy_zeros(shape, dtype, device)
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len

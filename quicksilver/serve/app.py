@@ -51,6 +51,7 @@ class Settings:
     max_queue: int = 64  # requests waiting for a batch
     max_body_bytes: int = 1 << 20
     default_policy: qs.Policy | None = None
+    speculative: qs.SpeculativeConfig | None = None  # for requests that name none
     # Other names a request's ``model`` may use for the same model (e.g. the file or short
     # name the server was started with); any other name is 404, as OpenAI answers.
     model_aliases: tuple[str, ...] = ()
@@ -77,6 +78,7 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             max_rows=settings.max_batch_size,
             max_len=settings.max_context,
             prefill_tokens=settings.prefill_tokens,
+            speculative=settings.speculative,
         )
         scheduler = Scheduler(runner, max_queue=settings.max_queue)
 
@@ -192,7 +194,7 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
                 return event[1]
 
     async def stream_events(job: Job, endpoint: str, started: float) -> AsyncIterator[str]:
-        chunks = ChunkMaker(job.spec)
+        chunks = ChunkMaker(job.spec, llm)
         status = 200
         try:
             for chunk in chunks.opening():
@@ -204,7 +206,9 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
             while True:
                 event = await job.events.get()
                 if event[0] == "text":
-                    yield _sse(chunks.text(event[1], event[2]))
+                    yield _sse(
+                        chunks.text(event[1], event[2], event[3] if len(event) > 3 else None)
+                    )
                 elif event[0] == "error":
                     status = event[1].status
                     yield _sse(event[1].body())
@@ -403,6 +407,21 @@ def request_schemas(
                     "properties": {
                         "policy": {"anyOf": [{"type": "string", "enum": list(PRESETS)}, {}]},
                         "set": _array({"type": "string", "pattern": "^[a-z_]+\\.[a-z_]+=.*$"}),
+                        "speculative": {
+                            "anyOf": [
+                                {"type": "string", "enum": ["ngram"]},
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "method": {"type": "string", "enum": ["ngram"]},
+                                        "num_tokens": _integer(1, 64),
+                                        "max_ngram": _integer(1, 64),
+                                        "min_ngram": _integer(1, 64),
+                                    },
+                                    "additionalProperties": False,
+                                },
+                            ]
+                        },
                     },
                     "additionalProperties": False,
                 },

@@ -66,6 +66,7 @@ class GenerationSpec:
     stream: bool
     include_usage: bool
     policy: qs.Policy | None  # None: the server's default
+    speculative: qs.SpeculativeConfig | None = None  # None: the server's default
     prompt_texts: list[str] = field(default_factory=list)  # for echo
 
     @property
@@ -250,9 +251,10 @@ def parse_policy(value: Any, llm: qs.LLM) -> qs.Policy | None:
         return None
     if isinstance(value, str):
         value = {"policy": value}
-    if not isinstance(value, dict) or set(value) - {"policy", "set"}:
+    if not isinstance(value, dict) or set(value) - {"policy", "set", "speculative"}:
         raise APIError(
-            'quicksilver must be a preset name or {"policy": preset or mapping, "set": [...]}',
+            'quicksilver must be a preset name or {"policy": preset or mapping, "set": [...], '
+            '"speculative": method or mapping}',
             param="quicksilver",
         )
     spec, overrides = value.get("policy"), value.get("set")
@@ -274,6 +276,17 @@ def parse_policy(value: Any, llm: qs.LLM) -> qs.Policy | None:
     except QuicksilverError as err:
         raise APIError(f"invalid policy: {err}", param="quicksilver") from None
     return policy
+
+
+def parse_speculative(value: Any) -> qs.SpeculativeConfig | None:
+    """``quicksilver.speculative``: a drafting method or ``{"method": ..., "num_tokens": ...}``
+    (verified decoding: the same tokens in fewer forwards); None leaves the server's default."""
+    if not isinstance(value, dict) or value.get("speculative") is None:
+        return None
+    try:
+        return qs.speculative_config(value["speculative"])
+    except QuicksilverError as err:
+        raise APIError(f"invalid speculative setting: {err}", param="quicksilver") from None
 
 
 # ---------------------------------------------------------------- prompts
@@ -397,8 +410,6 @@ def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> Gener
     logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1, 2**31 - 1)
     stream, include_usage = _stream(body)
-    if stream and logprobs is not None:
-        raise APIError("logprobs with stream=true is not supported; ask without stream")
     prompts = completion_prompts(body["prompt"], llm)
     spec = GenerationSpec(
         kind="completion",
@@ -413,6 +424,7 @@ def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> Gener
         stream=stream,
         include_usage=include_usage,
         policy=parse_policy(body.get("quicksilver"), llm),
+        speculative=parse_speculative(body.get("quicksilver")),
         prompt_texts=[llm.decode(p) for p in prompts] if echo else [],
     )
     return _fit(spec, llm, max_rows, explicit=True)
@@ -430,8 +442,6 @@ def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationS
     if body.get("top_logprobs") is not None and not want_logprobs:
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
     stream, include_usage = _stream(body)
-    if stream and want_logprobs:
-        raise APIError("logprobs with stream=true is not supported; ask without stream")
     spec = GenerationSpec(
         kind="chat",
         model=model,
@@ -445,5 +455,6 @@ def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationS
         stream=stream,
         include_usage=include_usage,
         policy=parse_policy(body.get("quicksilver"), llm),
+        speculative=parse_speculative(body.get("quicksilver")),
     )
     return _fit(spec, llm, max_rows, explicit)

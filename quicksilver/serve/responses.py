@@ -143,8 +143,9 @@ def chat_body(llm: qs.LLM, spec: GenerationSpec, result: JobResult, rid: str, cr
 class ChunkMaker:
     """The chunks of one streamed answer, in OpenAI's ``*.chunk`` shapes."""
 
-    def __init__(self, spec: GenerationSpec) -> None:
+    def __init__(self, spec: GenerationSpec, llm: qs.LLM | None = None) -> None:
         self.spec = spec
+        self.llm = llm
         self.id = new_id(spec.kind)
         self.created = int(time.time())
         self.object = "chat.completion.chunk" if spec.kind == "chat" else "text_completion"
@@ -177,12 +178,40 @@ class ChunkMaker:
             )
         ]
 
-    def text(self, index: int, piece: str) -> dict:
+    def text(self, index: int, piece: str, scores: tuple | None = None) -> dict:
+        """A piece of text; with ``scores`` (token ids, their log-probs, alternatives) the
+        tokens of this step and their log-probs, in the plain answer's shape."""
+        logprobs = None
+        if scores is not None and self.llm is not None:
+            logprobs = self._logprobs(*scores)
         if self.spec.kind == "chat":
-            choice = {"index": index, "delta": {"content": piece}, "logprobs": None}
+            choice = {"index": index, "delta": {"content": piece}, "logprobs": logprobs}
         else:
-            choice = {"index": index, "text": piece, "logprobs": None}
+            choice = {"index": index, "text": piece, "logprobs": logprobs}
         return self._chunk([{**choice, "finish_reason": None}])
+
+    def _logprobs(self, tokens: list[int], values: list[float], top: list) -> dict:
+        llm, k = self.llm, self.spec.logprobs or 0
+        if self.spec.kind == "chat":
+
+            def entry(token: int, logprob: float) -> dict[str, Any]:
+                text = _token_text(llm, token)
+                return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+            content = []
+            for token, value, alternatives in zip(tokens, values, top, strict=False):
+                item = entry(token, value)
+                item["top_logprobs"] = [entry(t, v) for t, v in alternatives[:k]]
+                content.append(item)
+            return {"content": content}
+        texts = [_token_text(llm, t) for t in tokens]
+        top_logprobs = []
+        for token, value, alternatives in zip(tokens, values, top, strict=False):
+            best: dict[str, float] = {}
+            for t, v in [*alternatives[:k], (token, value)]:
+                best.setdefault(_token_text(llm, t), v)
+            top_logprobs.append(best)
+        return {"tokens": texts, "token_logprobs": list(values), "top_logprobs": top_logprobs}
 
     def echo(self, index: int, prompt_text: str) -> dict:
         return self.text(index, prompt_text)

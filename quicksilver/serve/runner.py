@@ -222,14 +222,19 @@ class StepRunner:
             choice.logprobs += event.logprobs
             choice.top += event.top_logprobs or []
         job = running.job
-        if event.text and job.spec.stream and not job.cancelled.is_set():
-            if running.first_text_at is None:
+        # With logprobs, every step's tokens go out (a chunk's text may be held back, "").
+        streamed = job.spec.logprobs is not None and event.token_ids
+        if (event.text or streamed) and job.spec.stream and not job.cancelled.is_set():
+            if event.text and running.first_text_at is None:
                 running.first_text_at = now
                 self.metrics.time_to_first_token(now - job.created)
-            elif hasattr(self.metrics, "observe_inter_token") and running.last_text_at:
+            elif event.text and running.last_text_at:
                 self.metrics.observe_inter_token(now - running.last_text_at)
-            running.last_text_at = now
-            job.emit(("text", choice.index, event.text))
+            running.last_text_at = now if event.text else running.last_text_at
+            scores = None
+            if streamed:
+                scores = (event.token_ids, event.logprobs or [], event.top_logprobs or [])
+            job.emit(("text", choice.index, event.text, scores))
         if event.completion is None:
             return
         choice.text = event.completion.text
