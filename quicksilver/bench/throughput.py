@@ -191,18 +191,30 @@ def measure_memory_bandwidth(n_bytes: int = 256 * 1024**2, repeats: int = 5) -> 
     return data.nbytes / best
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
-    """Dense matmul throughput in FLOP/s for `dtype`: the best of a few n x n x n products."""
+def measure_matmul_flops(
+    dtype: torch.dtype, n: int = 2048, repeats: int = 3, enough_s: float = 0.05
+) -> float:
+    """Dense matmul throughput in FLOP/s for `dtype`: the best of a few n x n x n products,
+    n doubling from 256 until one product takes ``enough_s`` (or n is reached), so a dtype
+    this CPU multiplies slowly (bf16 without hardware support: ~1 GFLOP/s) is measured in
+    seconds, not minutes."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(dtype)
-    b = torch.randn(n, n, generator=gen).to(dtype)
-    torch.mm(a, b)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
+    size = min(256, n)
+    while True:
+        a = torch.randn(size, size, generator=gen).to(dtype)
+        b = torch.randn(size, size, generator=gen).to(dtype)
+        torch.mm(a, b)  # warm-up
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = time.perf_counter() - start
+        if best >= enough_s or size >= n:
+            break
+        size *= 2
+    for _ in range(repeats - 1):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return 2 * size**3 / best
 
 
 def linear_weight_bytes(model: torch.nn.Module) -> int:
