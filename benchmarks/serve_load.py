@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -216,9 +217,15 @@ class Server:
                     return
             except httpx.HTTPError:
                 pass
-            if self.process.poll() is not None or time.monotonic() > deadline:
+            code = self.process.poll()
+            if code is not None:
+                how = f"crashed ({signal.Signals(-code).name})" if code < 0 else f"exited ({code})"
                 error = self.process.stderr.read().decode(errors="replace").strip().splitlines()
-                raise RuntimeError(f"{self.name} did not start: {(error or ['?'])[-1]}")
+                last = f": {error[-1]}" if error else ""
+                raise RuntimeError(f"{self.name} {how} before answering{last}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not answer within 10 minutes")
             time.sleep(0.5)
 
     def stop(self) -> None:
