@@ -347,7 +347,7 @@ def main() -> int:
 
 
 def write_markdown(path: Path, args: argparse.Namespace, text: str, results: list[Result]):
-    command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])
+    command = " ".join(["benchmarks/serve_load.py", *sys.argv[1:]])
     concurrent_runs = {
         r.server: r for r in results if r.scenario.startswith("concurrent") and r.tokens
     }
@@ -362,7 +362,7 @@ Reproduce (one run; both servers on this machine, one after the other, {args.thr
 the same GGUF; ours with `--weights {args.weights}`):
 
 ```bash
-.venv/bin/{command.removeprefix("python ")}
+.venv/bin/python {command}
 ```
 
 {text}

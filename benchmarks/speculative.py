@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 import quicksilver as qs
+from quicksilver.integrations.hf_reference import load_transformers_model
 from quicksilver.models import loading
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,14 +87,11 @@ def first_difference_gaps(llm: qs.LLM, prompts, plain, fast) -> list[float]:
     return gaps
 
 
-def run_transformers(model_path: str, prompts: list[list[int]], new: int, lookup: int | None):
-    from transformers import AutoModelForCausalLM
-
-    path = Path(model_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, torch_dtype=torch.bfloat16
-    )
-    model.eval()
+def run_transformers(
+    model_path: str, prompts: list[list[int]], new: int, lookup: int | None, dtype: str
+):
+    source = loading.resolve(model_path)
+    model = load_transformers_model(source, getattr(torch, dtype))
     seconds, outputs = 0.0, []
     for ids in prompts:
         inputs = torch.tensor([ids])
@@ -187,10 +185,10 @@ def main() -> int:
     if not args.no_references:
         path = str(loading.resolve(args.model).path)
         grounded = [p for t in GROUNDED for p in prompts_by_task[t]]
-        new, threads = args.new_tokens, args.threads
+        new, threads, dt = args.new_tokens, args.threads, args.dtype
         for name, runner in (
             ("llama.cpp", lambda look: run_llama_cpp(path, grounded, new, look, threads)),
-            ("transformers", lambda look: run_transformers(path, grounded, new, look and 10)),
+            ("transformers", lambda look: run_transformers(path, grounded, new, look and 10, dt)),
         ):
             try:
                 plain, plain_s = runner(False)
@@ -222,10 +220,12 @@ def write_markdown(path: Path, args, rows: list[dict], references: list[str]) ->
 ```
 
 {args.prompts} C4 validation documents of 120-260 words per task, {args.new_tokens} new tokens
-(stop tokens ignored), greedy; up to {args.num_tokens} drafted tokens per step. Tokens/s is end to
+at most (a row ends at EOS, the same way in both), greedy; up to {args.num_tokens} drafted tokens per step. Tokens/s is end to
 end (prompt and decoding) over all prompts of the task; "identical" counts prompts whose tokens
 equal plain greedy decoding's exactly (in bf16 a verify forward of several tokens may round
-differently from a one-token step, so a near-tie can flip).
+differently from a one-token step, so a near-tie can flip: the last column gives the top-2
+log-prob gap of the plain model where a row first differs). Batch 8 runs the task's prompts as
+one batch (as many as there are).
 
 {chr(10).join(lines)}
 
