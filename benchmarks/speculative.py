@@ -222,10 +222,10 @@ def write_markdown(path: Path, args, rows: list[dict], references: list[str]) ->
 {args.prompts} C4 validation documents of 120-260 words per task, {args.new_tokens} new tokens
 at most (a row ends at EOS, the same way in both), greedy; up to {args.num_tokens} drafted
 tokens per step. Tokens/s is end to end (prompt and decoding) over all prompts of the task;
-"identical" counts prompts whose tokens equal plain greedy decoding's exactly (in bf16 a
-verify forward of several tokens may round differently from a one-token step, so a near-tie
-can flip: the last column gives the top-2 log-prob gap of the plain model where a row first differs). Batch 8 runs the task's prompts as
-one batch (as many as there are).
+"identical" counts prompts whose tokens equal plain greedy decoding's exactly (in bf16 a verify
+forward of several tokens may round differently from a one-token step, so a near-tie can flip:
+the last column gives the top-2 log-prob gap of the plain model where a row first differs).
+Batch 8 runs the task's prompts as one batch (as many as there are).
 
 {chr(10).join(lines)}
 
