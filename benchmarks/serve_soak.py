@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from local_server import free_port, rss_mib
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "serve-soak.md"
 PROMPTS = [
@@ -98,19 +98,6 @@ class Tally:
 
     def server_errors(self) -> int:
         return sum(n for c in self.statuses.values() for s, n in c.items() if s[0] == "5")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 async def good_client(client: httpx.AsyncClient, tally: Tally, model: str, stop: float) -> None:
