@@ -1,0 +1,81 @@
+"""What a verify forward costs on this machine: k new tokens of one row over a filled cache.
+
+Verified decoding pays off when checking k drafted tokens costs about one decode step; that
+depends on the CPU and the weight format (a multi-row product may take another kernel than a
+one-row one). For each format: ``Engine.forward`` of k = 1..16 tokens after a 300-token prompt,
+logits at every position, best of ``--repeats``, in milliseconds and relative to k = 1.
+
+    .venv/bin/python benchmarks/verify_cost.py            # writes docs/results/verify-cost.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import quicksilver as qs
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMATS = [("float32", None), ("bfloat16", None), ("bfloat16", "int4")]
+SIZES = [1, 2, 4, 8, 16]
+
+
+def cost_ms(llm: qs.LLM, k: int, context: int, repeats: int) -> float:
+    engine = llm.engine
+    prompt = torch.randint(100, 20000, (1, context), generator=torch.Generator().manual_seed(0))
+    fed = torch.randint(100, 20000, (1, k), generator=torch.Generator().manual_seed(1))
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        cache = engine.new_cache(1, context + k)
+        engine.forward(prompt, cache)
+        start = time.perf_counter()
+        engine.forward(fed, cache, logits_at="all")
+        best = min(best, time.perf_counter() - start)
+    return best * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--context", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "verify-cost.md"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for dtype, weights in FORMATS:
+        llm = qs.load(args.model, dtype=dtype, weights=weights)
+        costs = [cost_ms(llm, k, args.context, args.repeats) for k in SIZES]
+        name = f"{dtype}" + (f", {weights} weights" if weights else "")
+        cells = " | ".join(f"{c:.1f} ({c / costs[0]:.2f})" for c in costs)
+        rows.append(f"| {name} | {cells} |")
+        print(rows[-1], flush=True)
+    header = "| format | " + " | ".join(f"k = {k}" for k in SIZES) + " |"
+    table = "\n".join([header, "|---|" + "---|" * len(SIZES), *rows])
+    cpu = platform.processor() or platform.machine()
+    text = f"""# The cost of a verify forward (SmolLM2-135M, {args.threads} threads, {cpu})
+
+```bash
+.venv/bin/python benchmarks/verify_cost.py {" ".join(sys.argv[1:])}
+```
+
+`Engine.forward` of k new tokens of one row after a {args.context}-token prompt, logits at
+every position, best of {args.repeats}: milliseconds, and in brackets relative to k = 1 (a
+decode step). Verified decoding with drafts of k - 1 tokens gains where this ratio stays
+near 1.
+
+{table}
+"""
+    Path(args.markdown).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
