@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,7 +86,7 @@ class StepStats:
 class Row:
     """A row's state in the table (read-only for callers)."""
 
-    def __init__(self, row_id: int, spec: RowSpec, pad: int) -> None:
+    def __init__(self, row_id: int, spec: RowSpec) -> None:
         self.id = row_id
         self.spec = spec
         self.tokens: list[int] = []
@@ -94,11 +95,6 @@ class Row:
         self.flops = 0.0  # this row's share of the counted FLOPs of the forwards it was in
         self.dense_flops = 0.0  # and of what the dense model would have spent on them
         self.padded: torch.Tensor | None = None  # the left-padded prompt while prefilling
-        self._pad = pad
-
-    @property
-    def running(self) -> bool:
-        return self.finish_reason is None
 
     @property
     def remaining(self) -> int:
@@ -155,7 +151,7 @@ class StepBatch:
         error = self.fit_error(spec)
         if error is not None:
             raise QuicksilverError(error)
-        row = Row(next(self._ids), spec, self.pad_id)
+        row = Row(next(self._ids), spec)
         self._rows[row.id] = row
         self._waiting.append(row)
         return row.id
@@ -224,9 +220,7 @@ class StepBatch:
         view.left_pad([len(r.spec.prompt) for r in group])
         view.set_prompt_end(width)
         for row in group:
-            padded = torch.full((width,), self.pad_id, dtype=torch.long)
-            padded[width - len(row.spec.prompt) :] = torch.tensor(row.spec.prompt)
-            row.padded = padded
+            row.padded = left_padded(row.spec.prompt, width, self.pad_id)
         self._group, self._group_width, self._group_cursor = group, width, 0
 
     def _prefill_chunk(self, events: dict[int, RowEvent]) -> None:
@@ -251,9 +245,9 @@ class StepBatch:
         chosen = self._choose(group, logits)
         self._running.extend(group)
         self._group, self._group_width, self._group_cursor = [], 0, 0
-        for row, token in zip(group, chosen, strict=True):
+        for row, token, row_logits in zip(group, chosen, logits, strict=True):
             row.padded = None
-            self._emit(row, [token], logits[group.index(row)].unsqueeze(0), events)
+            self._emit(row, [token], row_logits.unsqueeze(0), events)
 
     def _decode(self, n: int, events: dict[int, RowEvent]) -> None:
         rows = self._running[:n]
@@ -442,6 +436,13 @@ def splits_change_output(policy) -> bool:
     ``policy``: fusion merges a token into the next one of the same forward, so a prompt
     fed in chunks, or drafts verified together, would not be what plain decoding computes."""
     return policy is not None and any(m.name == "fusion" for m in policy.active)
+
+
+def left_padded(prompt: Sequence[int], width: int, pad: int) -> torch.Tensor:
+    """A prompt right-aligned in ``width`` slots, ``pad`` before it (rows of one block)."""
+    padded = torch.full((width,), pad, dtype=torch.long)
+    padded[width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+    return padded
 
 
 def pad_token_id(config) -> int:

@@ -19,7 +19,7 @@ from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
 from quicksilver.runtime.attention import attend
-from quicksilver.runtime.batch import pad_token_id
+from quicksilver.runtime.batch import left_padded, pad_token_id
 from quicksilver.runtime.cache import KVCache, check_cache_fits
 from quicksilver.runtime.compiled import CompiledDecode
 from quicksilver.runtime.context import ForwardContext
@@ -243,9 +243,8 @@ class Engine:
         cache = self.new_cache(len(prompts), longest + max_new_tokens - 1)
         cache.left_pad([len(p) for p in prompts])
         cache.set_prompt_end(longest)
-        block = torch.full((len(prompts), longest), pad_token_id(self.config), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            block[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        pad = pad_token_id(self.config)
+        block = torch.stack([left_padded(prompt, longest, pad) for prompt in prompts])
         return self.forward(block, cache), cache
 
     def generate(
