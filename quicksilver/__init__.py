@@ -27,6 +27,7 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models.loading import DEFAULT_MODEL
 from quicksilver.policies import Policy, load_policy
+from quicksilver.runtime.drafting import METHODS as SPECULATIVE_METHODS
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.sampling import SamplingConfig
 
@@ -48,6 +49,7 @@ __all__ = [
     "Policy",
     "QuicksilverError",
     "SamplingConfig",
+    "SPECULATIVE_METHODS",
     "SpeculativeConfig",
     "Stream",
     "__version__",

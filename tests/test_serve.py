@@ -245,9 +245,38 @@ def test_per_request_policy_through_extra_body(client, reference: qs.LLM) -> Non
     assert dense.model_extra["quicksilver"]["policy"] == {}
 
 
+def _metric(text: str, name: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f"quicksilver_{name} "))
+    return float(line.split()[-1])
+
+
+@pytest.mark.parametrize("method", ["ngram", "layers", "auto"])
+def test_speculative_requests_are_exact_and_metrics_show_acceptance(
+    server: BackgroundServer, client, reference: qs.LLM, method: str
+) -> None:
+    """A verified-decoding request runs inside the continuous batch, answers exactly what
+    plain greedy decoding does, and /metrics counts its drafts and accepted tokens."""
+    prompt = "abc abc abc abc abc abc"
+    before = httpx.get(server.url + "/metrics").text
+    out = client.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"quicksilver": {"speculative": {"method": method, "num_tokens": 3}}},
+    )
+    assert out.choices[0].text == reference.generate(prompt, max_new_tokens=8).text
+    after = httpx.get(server.url + "/metrics").text
+    name = "spec_decode_num_drafts_total"
+    assert _metric(after, name) > _metric(before, name)
+    assert _metric(after, "spec_decode_num_draft_tokens_total") > 0
+
+
 @pytest.mark.parametrize(
     "value",
     [
+        {"speculative": "telepathy"},
+        {"speculative": {"method": "layers", "num_tokens": 0}},
         {"policy": {"halting": {"relative_drift": -1}}},
         {"policy": "no-such-preset"},
         {"policy": "/etc/passwd"},

@@ -26,7 +26,8 @@ from quicksilver.api.arguments import (
     stop_strings,
     token_ids,
 )
-from quicksilver.api.records import GenerationOutput, LogLikelihood, Stream
+from quicksilver.api.drafting import plan_source
+from quicksilver.api.records import GenerationOutput, LogLikelihood, Stream, speculative_record
 from quicksilver.api.session import Batch, Request, open_batch
 from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
@@ -34,6 +35,7 @@ from quicksilver.models import loading
 from quicksilver.policies import Policy, load_policy
 from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS, room_for
 from quicksilver.runtime.cache import sequence_fit_error
+from quicksilver.runtime.draft_plan import DraftPlan
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
@@ -73,6 +75,7 @@ class LLM:
         self.speculative: SpeculativeConfig | None = None  # the default for generate/stream
         self._lock = threading.RLock()
         self._scope = threading.local()
+        self.engine.plan_source = plan_source(self)
 
     def __repr__(self) -> str:
         fmt, extra = self.weights, ""
@@ -107,6 +110,16 @@ class LLM:
     def decode(self, ids: Sequence[int]) -> str:
         """The text of token ids, special tokens left out."""
         return decode(self._loaded.text_tokenizer(), self._ids(ids, "ids", allow_empty=True))
+
+    def draft_plan(self, *, policy: PolicySpec = None, progress: Any = None) -> DraftPlan:
+        """What drafting costs and earns here under ``policy`` (``api.drafting``): read from
+        the on-disk cache, or measured now (``progress(message)`` hears each stage)."""
+        with self._working(policy):
+            key = self.engine.plan_key()
+            if key not in self.engine.draft_plans and progress is not None:
+                source = plan_source(self, progress)
+                self.engine.draft_plans[key] = source(self.engine, [self.prefix_token_id])
+            return self.engine.draft_plan([self.prefix_token_id])
 
     # ------------------------------------------------------------ policies
 
@@ -355,16 +368,6 @@ class LLM:
             with self._lock:  # a policy for one call is released after it
                 self._activate(self._scoped_policy())
         stats = batch.stats
-        speculative = None
-        if request.speculative is not None:
-            speculative = {
-                **request.speculative.to_dict(),
-                "drafts": stats.drafts,
-                "draft_tokens": stats.draft_tokens,
-                "accepted_tokens": stats.accepted_tokens,
-                "mean_accepted_length": 1 + stats.accepted_tokens / max(1, stats.drafts),
-                "accepted_per_position": list(stats.accepted_at),
-            }
         return GenerationOutput(
             completions=completions,
             prefill_seconds=stats.prefill_seconds,
@@ -378,7 +381,7 @@ class LLM:
             policy=policy.to_config() if policy is not None else {},
             compile_seconds=stats.compile_seconds,
             fed_tokens=stats.fed_tokens,
-            speculative=speculative,
+            speculative=speculative_record(request.speculative, stats),
         )
 
     # ------------------------------------------------------------ scoring

@@ -8,6 +8,8 @@ from typing import Any
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.outputs import jsonable
+from quicksilver.runtime.batch import StepStats
+from quicksilver.runtime.drafting import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -135,3 +137,29 @@ class Stream(Iterator[str]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def speculative_record(config: SpeculativeConfig | None, stats: StepStats) -> dict[str, Any] | None:
+    """What verified decoding did in one generation (None when it was off): drafts, drafted and
+    accepted tokens, ``mean_accepted_length`` (vLLM's definition: 1 + accepted / drafts),
+    acceptance per draft position and per method, the FLOPs of draft forwards and of the
+    verify forwards, the seconds draft forwards took (inside decode time) and the seconds
+    spent measuring the drafting plan (outside it; 0 when it came from the cache)."""
+    if config is None:
+        return None
+    return {
+        **config.to_dict(),
+        "drafts": stats.drafts,
+        "draft_tokens": stats.draft_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "mean_accepted_length": 1 + stats.accepted_tokens / max(1, stats.drafts),
+        "accepted_per_position": list(stats.accepted_at),
+        "by_method": {
+            method: {"drafts": d, "draft_tokens": t, "accepted_tokens": a}
+            for method, (d, t, a) in stats.by_method.items()
+        },
+        "draft_flops": stats.draft_flops,
+        "verify_flops": stats.verify_flops,
+        "draft_seconds": stats.draft_seconds,
+        "calibration_seconds": stats.calibration_seconds,
+    }

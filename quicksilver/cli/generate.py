@@ -143,8 +143,12 @@ def run(args: argparse.Namespace) -> int:
         say(
             f"[speculative {drafted['method']}: {drafted['draft_tokens']} tokens drafted in "
             f"{drafted['drafts']} steps, {drafted['accepted_tokens']} accepted, mean accepted "
-            f"length {drafted['mean_accepted_length']:.2f}, {output.decode_steps} decode forwards]"
+            f"length {drafted['mean_accepted_length']:.2f}, {output.decode_steps} decode forwards, "
+            f"draft {drafted['draft_flops'] / 1e9:.2f} / verify "
+            f"{drafted['verify_flops'] / 1e9:.2f} GFLOP]"
         )
+        if drafted["calibration_seconds"]:
+            say(f"[drafting plan measured in {drafted['calibration_seconds']:.1f} s, now cached]")
     if json_path is not None:
         record = {
             "model": args.model,

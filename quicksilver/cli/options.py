@@ -154,12 +154,15 @@ def add_speculative_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speculative",
         metavar="METHOD",
-        help="verified decoding: draft tokens by METHOD (ngram) and keep those the full model "
+        help="verified decoding: draft tokens by METHOD (ngram: prompt lookup; layers: the "
+        "model with calibrated layers skipped; planes: the 4-bit plane of Matryoshka width-8 "
+        "weights; auto: per row, whichever pays, or none) and keep those the full model "
         "agrees with; the same tokens in fewer forwards (default: off)",
     )
     parser.add_argument(
         "--speculative-tokens",
         type=int,
         metavar="N",
-        help="tokens drafted per step, 1..64 (default: 6)",
+        help="most tokens drafted per step, 1..64 (default: 6 for ngram; from the measured "
+        "drafting plan for the others)",
     )

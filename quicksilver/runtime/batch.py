@@ -31,7 +31,8 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.cache import sequence_fit_error
-from quicksilver.runtime.drafting import SpeculativeConfig, accept_drafts, draft_tokens
+from quicksilver.runtime.drafter import Drafter
+from quicksilver.runtime.drafting import SpeculativeConfig, accept_drafts
 from quicksilver.runtime.sampling import SamplingConfig, check_logits, make_generator, sample_next
 
 if TYPE_CHECKING:  # the runner drives generation through this module, never the reverse
@@ -81,6 +82,11 @@ class StepStats:
     draft_tokens: int = 0
     accepted_tokens: int = 0
     accepted_at: list[int] = field(default_factory=list)  # accepted count per draft position
+    by_method: dict[str, list[int]] = field(default_factory=dict)  # drafts, drafted, accepted
+    draft_flops: int = 0  # counted in model draft forwards (inside ``flops``)
+    verify_flops: int = 0  # counted in decode forwards that checked drafts
+    draft_seconds: float = 0.0  # model draft forwards (inside ``decode_seconds``)
+    calibration_seconds: float = 0.0  # measuring the drafting plan, when this batch did
 
 
 class Row:
@@ -129,6 +135,7 @@ class StepBatch:
         self._group: list[Row] = []  # cache rows R..R+P-1, their prompts going in
         self._group_width = 0
         self._group_cursor = 0
+        self.drafter = Drafter(engine, self.stats)
 
     # ------------------------------------------------------------ the row table
 
@@ -251,12 +258,22 @@ class StepBatch:
 
     def _decode(self, n: int, events: dict[int, RowEvent]) -> None:
         rows = self._running[:n]
-        drafts = [self._drafts(row) for row in rows]
-        if any(drafts):
+        if any(row.spec.speculative is not None for row in rows):
+            if splits_change_output(self.engine.policy):
+                raise QuicksilverError(
+                    "verified decoding is exact only when tokens do not interact inside a "
+                    "forward; fusion merges them, so turn fusion off or speculative off"
+                )
             # Every row feeds k + 1 tokens (short drafts padded, then rolled back): keep the
             # furthest slot inside the cache, whose slots are all valid positions.
             room = self.max_len - 1 - int(self.cache.lengths[:n].max())
-            drafts = [d[: max(0, room)] for d in drafts]
+            stats, draft_start = self.stats, time.perf_counter()
+            calibrated = stats.calibration_seconds  # measured once, reported apart
+            drafts = self.drafter.drafts(rows, self.cache, room)
+            stats.decode_seconds += time.perf_counter() - draft_start
+            stats.decode_seconds -= stats.calibration_seconds - calibrated
+        else:
+            drafts = [[] for _ in rows]
         k = max(map(len, drafts))
         fed = torch.empty((n, k + 1), dtype=torch.long)
         for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
@@ -283,6 +300,8 @@ class StepBatch:
         spent = self._attribute(rows, [k + 1] * n, before)
         for key, value in spent.items():
             stats.decode_flops[key] = stats.decode_flops.get(key, 0) + value
+        if k:
+            stats.verify_flops += spent["total"]
 
     # ------------------------------------------------------------ choosing tokens
 
@@ -300,18 +319,6 @@ class StepBatch:
             else:
                 chosen.append(int(sample_next(logits[i : i + 1], sampling, row.generator)[0]))
         return chosen
-
-    def _drafts(self, row: Row) -> list[int]:
-        config = row.spec.speculative
-        if config is None or row.remaining <= 1:
-            return []
-        if splits_change_output(self.engine.policy):
-            raise QuicksilverError(
-                "verified decoding is exact only when tokens do not interact inside a forward; "
-                "fusion merges them, so turn fusion off or speculative off"
-            )
-        limit = min(config.num_tokens, row.remaining - 1)
-        return draft_tokens(config, row.spec.prompt, row.tokens, limit)
 
     def _verify(
         self,
@@ -341,6 +348,7 @@ class StepBatch:
                     stats.accepted_at.append(0)
                 for position in range(accepted):
                     stats.accepted_at[position] += 1
+                self.drafter.record(row, accepted, len(draft))
             self._emit(row, emitted, logits[i, : accepted + 1], events)
         view.truncate(torch.tensor(rollback), list(range(len(rows))))
 
@@ -396,6 +404,7 @@ class StepBatch:
     def _free(self, row: Row) -> None:
         """Take a finished or cancelled row out; keep the rows in use contiguous."""
         cache = self.cache
+        self.drafter.forget(row.id)
         if row in self._waiting:
             self._waiting.remove(row)
             return
@@ -427,7 +436,7 @@ class StepBatch:
 def room_for(config, needed: int, speculative: SpeculativeConfig | None) -> int:
     """Cache slots for rows that need ``needed`` positions: with drafts, room for a full
     draft past the end (rows feed the batch's longest draft), within the model's positions."""
-    extra = speculative.num_tokens if speculative is not None else 0
+    extra = speculative.max_tokens if speculative is not None else 0
     return max(needed, min(needed + extra, config.max_position_embeddings))
 
 

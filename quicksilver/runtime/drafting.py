@@ -4,14 +4,27 @@ A drafter proposes the next few tokens of a row; the step core feeds them after 
 last token in one forward and keeps the ones the model agrees with (``batch.accept_drafts``),
 so what a drafter gets right is free speed and what it gets wrong costs one rolled-back slot.
 
-``ngram`` (prompt lookup): the longest suffix of the row's text (prompt + generated) that
-occurred before, n from ``max_ngram`` down to ``min_ngram``; the tokens that followed its
-latest earlier occurrence are the draft. It costs no model work.
+Methods:
+
+- ``ngram`` (prompt lookup): the longest suffix of the row's text (prompt + generated) that
+  occurred before, n from ``max_ngram`` down to ``min_ngram``; the tokens that followed its
+  latest earlier occurrence are the draft. It costs no model work.
+- ``layers``: the same model with some layers skipped drafts greedily, one token per draft
+  forward (``runtime.self_draft``); which layers are skipped is calibrated on the model's own
+  text for the most tokens per unit of measured cost (``runtime.draft_plan``).
+- ``planes``: under Matryoshka weights at width 8, the 4-bit plane of the same stored codes
+  drafts (one int4 product per linear instead of two) and width 8 verifies.
+- ``auto``: per row and step, the method and draft length with the highest expected tokens
+  per unit of cost, from the row's measured acceptance and the machine's measured verify and
+  draft costs; no draft at all where none pays.
+
+Every drafter is greedy (its draft is certain, q = 1 on the drafted token), so one acceptance
+rule (``accept_drafts``) keeps both greedy and sampled output exactly the plain decoder's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,15 +33,21 @@ import torch
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.sampling import SamplingConfig, probabilities
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "layers", "planes", "auto")
+MODEL_METHODS = ("layers", "planes")  # drafters that run the model
+# Draft length when none is given: n-gram drafts cost nothing to make; a model's drafts cost a
+# forward each, so its length comes from the calibrated plan; auto looks up to this far.
+DEFAULT_NGRAM_TOKENS = 6
+MAX_DRAFT_TOKENS = 8
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """How a row drafts: ``method``, up to ``num_tokens`` tokens per step."""
+    """How a row drafts: ``method``, up to ``num_tokens`` tokens per step (None: the
+    method's default, see ``DEFAULT_NGRAM_TOKENS`` and the calibrated plan)."""
 
     method: str = "ngram"
-    num_tokens: int = 6
+    num_tokens: int | None = None
     max_ngram: int = 3
     min_ngram: int = 1
 
@@ -39,10 +58,19 @@ class SpeculativeConfig:
             )
         for name in ("num_tokens", "max_ngram", "min_ngram"):
             value = getattr(self, name)
+            if name == "num_tokens" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
                 raise QuicksilverError(f"speculative {name} must be an integer in 1..64")
         if self.min_ngram > self.max_ngram:
             raise QuicksilverError("speculative min_ngram must not exceed max_ngram")
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens a row drafts in one step (the cache keeps room for them)."""
+        if self.num_tokens is not None:
+            return self.num_tokens
+        return DEFAULT_NGRAM_TOKENS if self.method == "ngram" else MAX_DRAFT_TOKENS
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,15 +101,6 @@ def speculative_config(value: Any) -> SpeculativeConfig | None:
         f"speculative must be a method name ({', '.join(METHODS)}) or a mapping, "
         f"got {type(value).__name__}"
     )
-
-
-def draft_tokens(
-    config: SpeculativeConfig, prompt: Sequence[int], generated: Sequence[int], limit: int
-) -> list[int]:
-    """Up to ``limit`` drafted tokens to follow ``prompt + generated``."""
-    if limit <= 0:
-        return []
-    return ngram_draft(list(prompt) + list(generated), limit, config.max_ngram, config.min_ngram)
 
 
 def ngram_draft(history: list[int], limit: int, max_ngram: int, min_ngram: int = 1) -> list[int]:

@@ -9,6 +9,7 @@ out (never masked), so the counter and the clock see only what ran.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 
 import torch
@@ -23,9 +24,11 @@ from quicksilver.runtime.batch import left_padded, pad_token_id
 from quicksilver.runtime.cache import KVCache, check_cache_fits
 from quicksilver.runtime.compiled import CompiledDecode
 from quicksilver.runtime.context import ForwardContext
+from quicksilver.runtime.draft_plan import DraftPlan, calibrate
 from quicksilver.runtime.drafting import SpeculativeConfig
 from quicksilver.runtime.generate import GenerationResult, TokenCallback, generate
 from quicksilver.runtime.sampling import SamplingConfig
+from quicksilver.runtime.self_draft import DraftShape
 
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
 
@@ -47,6 +50,24 @@ class Engine:
         self.set_policy(policy)
         # The dense one-token step as one compiled graph (``runtime.compiled``), if asked.
         self.compiled: CompiledDecode | None = CompiledDecode(model) if compile else None
+        # Measured drafting plans (``runtime.draft_plan``), one per policy configuration.
+        self.draft_plans: dict[str, DraftPlan] = {}
+        # Where a missing plan comes from (the API's on-disk cache); None: measured here.
+        self.plan_source: Callable[[Engine, Sequence[int]], DraftPlan] | None = None
+
+    def plan_key(self) -> str:
+        """Which drafting plan applies: costs and agreements depend on the policy."""
+        policy = self.policy
+        return json.dumps(policy.to_config() if policy is not None else {}, sort_keys=True)
+
+    def draft_plan(self, calibration_prompt: Sequence[int]) -> DraftPlan:
+        """The drafting plan for the current policy, measured on ``calibration_prompt`` if
+        nobody gave one (``LLM`` brings a cached one, measured on its calibration text)."""
+        key = self.plan_key()
+        if key not in self.draft_plans:
+            source = self.plan_source or calibrate
+            self.draft_plans[key] = source(self, calibration_prompt)
+        return self.draft_plans[key]
 
     @property
     def compile_seconds(self) -> float:
@@ -91,18 +112,23 @@ class Engine:
         logits_at: torch.Tensor | str = "last",
         context: ForwardContext | None = None,
         observe: LayerObserver | None = None,
+        draft: DraftShape | None = None,
     ) -> torch.Tensor:
         """Run new tokens [B, S]; return logits at ``"last"`` ([B, V]), ``"all"``
         ([B, S, V]) or at the given column indices ([B, len(idx), V]).
 
         ``context`` overrides where the tokens go (default: each row's next S slots).
         ``observe(layer, states)`` sees the [B, S, d] states after each layer (halted and
-        merged tokens keep the state they stopped with)."""
+        merged tokens keep the state they stopped with). ``draft``: a self-draft forward
+        (``runtime.self_draft``): only its layers run, at its width, every token alike (no
+        policy decisions); it adds nothing to the dense-equivalent count, since plain
+        decoding would not run it at all."""
         batch, n_new = tokens.shape
         policy = self.policy
-        dense = policy is None or policy.is_off
+        dense = policy is None or policy.is_off or draft is not None
         if (
             self.compiled is not None
+            and draft is None
             and dense
             and n_new == 1
             and context is None
@@ -117,7 +143,8 @@ class Engine:
         else:
             head_rows = batch * len(logits_at)
         dense_pairs = context.attended_pairs()
-        self.counter.add_dense_equivalent(batch * n_new, dense_pairs, head_rows)
+        if draft is None:
+            self.counter.add_dense_equivalent(batch * n_new, dense_pairs, head_rows)
         active = None
         if not dense:
             active = ActiveTokens(policy, self.model, context, self.counter)
@@ -126,9 +153,15 @@ class Engine:
         counter.add_embedding(batch * n_new)
         flat = h.reshape(batch * n_new, -1)
         full_bytes = self.model.layer_weight_bytes()
+        draft_widths, read_bits = None, 0
+        if draft is not None and draft.bits is not None:
+            draft_widths = WidthGroups([(torch.arange(batch * n_new), draft.bits)])
+            read_bits, full_bytes = draft.bits, draft.layer_bytes or full_bytes
         for i, block in enumerate(self.model.blocks):
+            if draft is not None and not draft.runs(i):
+                continue  # a skipped layer of a self-draft: not called, not counted
             index = None if active is None else active.running(i)
-            widths = None if active is None else active.widths(index)
+            widths = draft_widths if active is None else active.widths(index)
             if index is None:
                 before = flat
                 flat = self._dense_layer(block, i, flat.view(batch, n_new, -1), context, widths)
@@ -146,7 +179,7 @@ class Engine:
                 flat[index] = after
                 counter.add_layer(i, len(index), pairs)
             if active is None:
-                counter.add_weight_read(0, full_bytes)
+                counter.add_weight_read(read_bits, full_bytes)
             else:
                 active.count_weights(widths, full_bytes)
                 everyone = torch.arange(batch * n_new) if index is None else index

@@ -409,11 +409,14 @@ def request_schemas(
                         "set": _array({"type": "string", "pattern": "^[a-z_]+\\.[a-z_]+=.*$"}),
                         "speculative": {
                             "anyOf": [
-                                {"type": "string", "enum": ["ngram"]},
+                                {"type": "string", "enum": list(qs.SPECULATIVE_METHODS)},
                                 {
                                     "type": "object",
                                     "properties": {
-                                        "method": {"type": "string", "enum": ["ngram"]},
+                                        "method": {
+                                            "type": "string",
+                                            "enum": list(qs.SPECULATIVE_METHODS),
+                                        },
                                         "num_tokens": _integer(1, 64),
                                         "max_ngram": _integer(1, 64),
                                         "min_ngram": _integer(1, 64),

@@ -1,0 +1,194 @@
+"""Each step's drafts for the rows of a step batch: which method, how many tokens, and the
+model's draft forwards, batched across the rows that draft with the model.
+
+A row's ``SpeculativeConfig`` names its method (``runtime.drafting``). Model drafters run
+their draft forwards over the leading cache rows up to the last row that drafts with them
+(the step core keeps rows contiguous; a row in between that drafts otherwise rides along,
+its work counted as drafting). ``auto`` keeps, per row, a decayed count of how many drafted
+tokens each method got accepted, and each step picks the method and length with the most
+expected tokens per unit of measured time (``DraftPlan.best_length``), or no draft where
+none is expected to beat plain decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from quicksilver.runtime.draft_plan import DraftPlan
+from quicksilver.runtime.drafting import MODEL_METHODS, ngram_draft
+from quicksilver.runtime.self_draft import DraftShape, model_drafts, plane_shape, skip_layers
+
+if TYPE_CHECKING:
+    from quicksilver.runtime.batch import Row, StepStats
+    from quicksilver.runtime.cache import KVCache
+    from quicksilver.runtime.engine import Engine
+
+# Acceptance memory of auto: older evidence fades by this factor per update, so a row whose
+# text stops repeating (or starts) is re-judged within a few steps.
+DECAY = 0.8
+PRIOR_TRIALS = 2.0
+NGRAM_PRIOR = 0.5  # before a row has evidence, an n-gram match is as likely right as wrong
+MARGIN = 1.02  # auto drafts only where the expected gain clears measurement noise
+
+
+@dataclass
+class Acceptance:
+    """Decayed (accepted, tried) drafted-token counts of one method for one row."""
+
+    prior: float
+    accepted: float = 0.0
+    tried: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + self.prior * PRIOR_TRIALS) / (self.tried + PRIOR_TRIALS)
+
+    def update(self, accepted: int, drafted: int) -> None:
+        # A draft is read left to right until its first miss: positions tried = accepted,
+        # plus the one that missed (if any).
+        self.accepted = self.accepted * DECAY + accepted
+        self.tried = self.tried * DECAY + accepted + (1 if accepted < drafted else 0)
+
+    def relax(self) -> None:
+        """A step without this method's drafts: old evidence fades toward the prior, so a
+        method switched off is tried again once its bad record is old."""
+        self.accepted *= DECAY
+        self.tried *= DECAY
+
+
+@dataclass
+class Choice:
+    method: str | None = None
+    length: int = 0
+    draft: list[int] = field(default_factory=list)
+
+
+class Drafter:
+    """Drafts for a StepBatch's running rows (see the module docstring)."""
+
+    def __init__(self, engine: Engine, stats: StepStats) -> None:
+        self.engine = engine
+        self.stats = stats
+        self._plan: DraftPlan | None = None
+        self._shapes: dict[str, DraftShape] = {}
+        self._acceptance: dict[int, dict[str, Acceptance]] = {}
+        self.methods: dict[int, str | None] = {}  # the method each row drafted with last step
+
+    def plan(self, calibration_prompt) -> DraftPlan:
+        if self._plan is None:
+            engine = self.engine
+            known = engine.plan_key() in engine.draft_plans
+            start = time.perf_counter()
+            self._plan = engine.draft_plan(calibration_prompt)
+            if not known:  # measured now, or read from disk: overhead this batch paid
+                self.stats.calibration_seconds += time.perf_counter() - start
+        return self._plan
+
+    def shape(self, method: str) -> DraftShape:
+        if method not in self._shapes:
+            if method == "planes":
+                self._shapes[method] = plane_shape(self.engine)
+            else:
+                skipped = self._plan.skipped_layers
+                self._shapes[method] = skip_layers(self.engine.config.n_layers, skipped)
+        return self._shapes[method]
+
+    def forget(self, row_id: int) -> None:
+        self._acceptance.pop(row_id, None)
+        self.methods.pop(row_id, None)
+
+    # ------------------------------------------------------------ one step
+
+    def drafts(self, rows: list[Row], cache: KVCache, room: int) -> list[list[int]]:
+        """Each running row's drafted tokens for this step (``room``: slots left past the
+        longest row, which bounds every draft)."""
+        n = len(rows)
+        choices = [self._choose(row, n, room) for row in rows]
+        for method in MODEL_METHODS:
+            users = [i for i, c in enumerate(choices) if c.method == method and c.length]
+            if not users:
+                continue
+            last, k = users[-1] + 1, max(choices[i].length for i in users)
+            shape = self.shape(method)
+            engine, stats = self.engine, self.stats
+            before = engine.counter.summary()
+            start = time.perf_counter()
+            guesses = model_drafts(
+                engine, cache.rows(0, last), [r.tokens[-1] for r in rows[:last]], k, shape
+            )
+            stats.draft_seconds += time.perf_counter() - start
+            spent = engine.counter.since(before)
+            for key, value in spent.items():
+                stats.flops[key] = stats.flops.get(key, 0) + value
+            stats.draft_flops += spent["total"]
+            for row in rows[:last]:
+                row.flops += spent["total"] / last
+            for i in users:
+                choices[i].draft = guesses[i][: choices[i].length]
+        for row, choice in zip(rows, choices, strict=True):
+            self.methods[row.id] = choice.method if choice.draft else None
+        return [c.draft for c in choices]
+
+    def record(self, row: Row, accepted: int, drafted: int) -> None:
+        """What the verify forward kept of the row's draft (feeds auto's estimates)."""
+        method = self.methods.get(row.id)
+        if method is None or not drafted:
+            return
+        self._estimates(row)[method].update(accepted, drafted)
+        counts = self.stats.by_method.setdefault(method, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += drafted
+        counts[2] += accepted
+
+    def _estimates(self, row: Row) -> dict[str, Acceptance]:
+        estimates = self._acceptance.get(row.id)
+        if estimates is None:
+            plan = self._plan
+            estimates = self._acceptance[row.id] = {"ngram": Acceptance(NGRAM_PRIOR)}
+            for method in MODEL_METHODS:
+                agreement = None if plan is None else plan.agreement(method)
+                estimates[method] = Acceptance(agreement or 0.0)
+        return estimates
+
+    def _choose(self, row: Row, n_rows: int, room: int) -> Choice:
+        config = row.spec.speculative
+        if config is None or row.remaining <= 1 or room <= 0:
+            return Choice()
+        limit = min(config.max_tokens, row.remaining - 1, room)
+        method = config.method
+        history = None
+        if method in ("ngram", "auto"):
+            history = list(row.spec.prompt) + row.tokens
+        if method == "ngram":
+            draft = ngram_draft(history, limit, config.max_ngram, config.min_ngram)
+            return Choice("ngram", len(draft), draft)
+        plan = self.plan(row.spec.prompt)
+        if method in MODEL_METHODS:
+            if config.num_tokens is not None:
+                return Choice(method, limit)
+            self.shape(method)  # refuses a method this model or policy cannot draft with
+            agreement, cost = plan.agreement(method), plan.draft_cost(method, n_rows)
+            # An explicit method always drafts: at least one token, even where it loses.
+            k, _ = plan.best_length(agreement, cost, n_rows, limit)
+            return Choice(method, max(1, k))
+        # auto
+        estimates = self._estimates(row)
+        best, gain = Choice(), MARGIN
+        match = ngram_draft(history, limit, config.max_ngram, config.min_ngram)
+        if match:
+            k, expected = plan.best_length(estimates["ngram"].rate, 0.0, n_rows, len(match))
+            if expected > gain:
+                best, gain = Choice("ngram", k, match[:k]), expected
+        for method in MODEL_METHODS:
+            cost = plan.draft_cost(method, n_rows)
+            if cost is None:
+                continue
+            k, expected = plan.best_length(estimates[method].rate, cost, n_rows, limit)
+            if expected > gain:
+                best, gain = Choice(method, k), expected
+        if best.method is None:
+            for estimate in estimates.values():
+                estimate.relax()
+        return best

@@ -1,0 +1,216 @@
+"""Model drafters and the drafting plan: ``layers`` (calibrated layer skipping), ``planes``
+(the 4-bit plane of Matryoshka width-8 codes) and ``auto`` (per row, whatever pays).
+
+Exactness: greedy output with every method equals plain greedy output token for token in
+fp32, over the shared policy matrix on a random model and on the real SmolLM2. Savings are
+real: a draft forward runs (and counts) only its layers and adds nothing to the dense
+equivalent. ``auto`` drafts nothing where the measured costs say drafting cannot pay. The
+plan is measured once, kept on disk under the cache root and measured again when damaged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_accounting import TINY, random_model
+from test_policies import CONFIG, MATRIX, make_engine
+from test_step_batch import alone, prompts, run_all
+
+import quicksilver as qs
+from quicksilver.errors import QuicksilverError
+from quicksilver.runtime.batch import RowSpec, StepBatch
+from quicksilver.runtime.draft_plan import DraftPlan, calibrate, expected_speedup
+from quicksilver.runtime.drafting import MAX_DRAFT_TOKENS, SpeculativeConfig
+from quicksilver.runtime.self_draft import model_drafts, skip_layers
+
+FLAT = [1.0] * (MAX_DRAFT_TOKENS + 1)  # a verify of any length costs one step
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CONFIG, fast=True)
+
+
+@pytest.fixture(scope="module")
+def plan(model) -> DraftPlan:
+    """One measured plan for the random model (measuring is what this exercises; the
+    exactness tests below reuse it under every policy)."""
+    return calibrate(make_engine(model, None), prompts(3, [12])[0])
+
+
+def engine_with(model, policy, plan: DraftPlan):
+    engine = make_engine(model, policy)
+    engine.draft_plans[engine.plan_key()] = plan
+    return engine
+
+
+def test_the_measured_plan_is_whole(plan: DraftPlan) -> None:
+    assert plan.rows and all(len(curve) == MAX_DRAFT_TOKENS + 1 for curve in plan.verify_cost)
+    assert all(cost > 0 for curve in plan.verify_cost for cost in curve)
+    assert plan.skipped_layers and len(plan.skipped_layers) < CONFIG.n_layers
+    assert 0.0 <= plan.layers_agreement <= 1.0 and plan.layers_cost
+    assert plan.candidates and plan.seconds > 0
+    assert DraftPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    with pytest.raises(QuicksilverError):
+        DraftPlan.from_dict({**plan.to_dict(), "verify_cost": [[1.0]]})
+
+
+@pytest.mark.parametrize("method", ["layers", "auto"])
+@pytest.mark.parametrize("name", [None, "halt_relative", "halt_skip", "int4", "skipdecode"])
+def test_model_drafts_verified_greedy_equals_plain_greedy(model, plan, name, method) -> None:
+    """Repetitive and plain prompts in one batch: every row's tokens equal plain greedy
+    decoding's (fp32), and drafts were made and some accepted."""
+    policy = None if name is None else MATRIX[name]
+    base = prompts(8, [4, 3, 5])
+    texts = [base[0] * 3, base[1], base[2] * 2]
+    cheap = dataclasses.replace(plan, verify_cost=[FLAT] * len(plan.rows))  # auto drafts
+    engine = engine_with(model, policy, cheap)
+    batch = StepBatch(engine, max_rows=3, max_len=60)
+    config = SpeculativeConfig(method=method, num_tokens=3)
+    ids = [batch.admit(RowSpec(tuple(t), 12, speculative=config)) for t in texts]
+    got = run_all(batch)
+    for row_id, text in zip(ids, texts, strict=True):
+        assert got[row_id] == alone(model, policy, text, 12), (name, method)
+    stats = batch.stats
+    assert stats.drafts > 0 and stats.accepted_tokens > 0
+    assert sum(d for d, _, _ in stats.by_method.values()) == stats.drafts
+    if method == "layers":
+        assert set(stats.by_method) == {"layers"} and stats.draft_flops > 0
+
+
+def test_a_draft_forward_runs_only_its_layers(model) -> None:
+    """Skipped layers execute nothing: no FLOPs counted for them, fewer weight bytes read,
+    and no dense-equivalent work (plain decoding would not run a draft at all)."""
+    engine = make_engine(model, None)
+    cache = engine.new_cache(2, 20)
+    cache.set_prompt_end(0)
+    engine.forward(torch.tensor(prompts(1, [6, 6])), cache)
+    shape = skip_layers(CONFIG.n_layers, [1, 3])
+    counter = engine.counter
+    layers_before, dense_before = list(counter.per_layer), counter.dense
+    drafts = model_drafts(engine, cache, [5, 7], 3, shape)
+    spent = [after - before for after, before in zip(counter.per_layer, layers_before)]
+    assert spent[1] == spent[3] == 0 and all(spent[i] > 0 for i in (0, 2, 4))
+    assert counter.dense == dense_before
+    assert len(drafts) == 2 and all(len(d) == 3 for d in drafts)
+    assert cache.lengths.tolist() == [6, 6]  # the drafting round was rolled back
+    with pytest.raises(QuicksilverError, match="at least one layer"):
+        skip_layers(3, [0, 1, 2])
+
+
+def test_auto_drafts_nothing_where_drafting_cannot_pay(model, plan) -> None:
+    """With verification as dear as decoding each token alone and model drafts as dear as
+    the model, no draft can beat plain decoding: auto drafts nothing and the output is plain."""
+    dear = dataclasses.replace(
+        plan,
+        verify_cost=[[float(k + 1) for k in range(MAX_DRAFT_TOKENS + 1)]] * len(plan.rows),
+        layers_cost=[1.0] * len(plan.rows),
+    )
+    engine = engine_with(model, None, dear)
+    batch = StepBatch(engine, max_rows=1, max_len=60)
+    text = prompts(8, [4])[0] * 4
+    row = batch.admit(RowSpec(tuple(text), 10, speculative=SpeculativeConfig(method="auto")))
+    assert run_all(batch)[row] == alone(model, None, text, 10)
+    assert batch.stats.drafts == 0 and batch.stats.decode_steps == 9
+
+
+def test_expected_speedup_and_best_length() -> None:
+    assert expected_speedup(0.0, 0.0, 1.0, 3) == 1.0  # nothing accepted, verify free
+    assert expected_speedup(1.0, 0.0, 1.0, 4) == 5.0  # all accepted: five tokens a step
+    plan = DraftPlan(rows=[1], verify_cost=[FLAT])
+    assert plan.best_length(0.9, 0.0, 1, 8) == (8, sum(0.9**i for i in range(9)))
+    assert plan.best_length(0.3, 1.0, 1, 8)[0] == 0  # a full-cost draft never pays
+
+
+PLANES = {"matryoshka": {"fixed_bits": 8, "kernel": "planes"}}
+WIDE = dataclasses.replace(TINY, hidden_size=64, n_heads=4, intermediate_size=128)
+
+
+def test_planes_drafts_with_the_four_bit_plane_and_verifies_at_eight() -> None:
+    model = random_model(WIDE, fast=True)
+    plan = DraftPlan(
+        rows=[1], verify_cost=[FLAT], planes_agreement=0.9, planes_cost=[0.5], layers_cost=[]
+    )
+    engine = engine_with(model, PLANES, plan)
+    text = prompts(5, [6])[0]
+    text = [t % WIDE.vocab_size for t in text]
+    batch = StepBatch(engine, max_rows=1, max_len=40)
+    config = SpeculativeConfig(method="planes", num_tokens=3)
+    row = batch.admit(RowSpec(tuple(text), 10, speculative=config))
+    got = run_all(batch)[row]
+    plain = StepBatch(make_engine(model, PLANES), max_rows=1, max_len=40)
+    plain_row = plain.admit(RowSpec(tuple(text), 10))
+    assert got == run_all(plain)[plain_row]
+    assert batch.stats.by_method["planes"][0] > 0
+    assert batch.stats.draft_flops > 0
+    # Without Matryoshka width-8 weights there is no plane to draft with: one line says so.
+    dense = StepBatch(engine_with(model, None, plan), max_rows=1, max_len=40)
+    dense.admit(RowSpec(tuple(text), 4, speculative=config))
+    with pytest.raises(QuicksilverError, match="fixed_bits': 8"):
+        run_all(dense)
+
+
+def test_the_plan_is_kept_on_disk_and_remeasured_when_damaged(
+    tmp_path, monkeypatch, tiny_llm_dir
+) -> None:
+    monkeypatch.setenv("QUICKSILVER_CACHE", str(tmp_path))
+    llm = qs.load(str(tiny_llm_dir), dtype="float32")
+    first = llm.draft_plan()
+    files = list((tmp_path / "drafting").glob("*.json"))
+    assert len(files) == 1 and first.seconds > 0
+    again = qs.load(str(tiny_llm_dir), dtype="float32").draft_plan()
+    assert again == first  # read back, not measured again
+    files[0].write_text("{not json")
+    third = qs.load(str(tiny_llm_dir), dtype="float32")
+    assert third.draft_plan().seconds > 0
+    assert json.loads(files[0].read_text())["plan"]["version"] == first.version
+    out = third.generate("abc abc abc abc", max_new_tokens=6, speculative="auto")
+    plain = third.generate("abc abc abc abc", max_new_tokens=6)
+    assert out.completions[0].token_ids == plain.completions[0].token_ids
+    record = out.speculative
+    assert record["method"] == "auto" and record["calibration_seconds"] == 0.0
+    assert {"draft_flops", "verify_flops", "by_method", "draft_seconds"} <= set(record)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory):
+    from tiny_models import byte_level_tokenizer, save_tiny, tiny_llama
+
+    directory = save_tiny(tiny_llama(), tmp_path_factory.mktemp("drafting") / "tiny")
+    byte_level_tokenizer().save_pretrained(str(directory))
+    return directory
+
+
+def test_real_model_greedy_is_unchanged_by_every_drafter(smollm_fp32) -> None:
+    """SmolLM2-135M, fp32: ngram, layers and auto give plain greedy decoding's tokens (a plan
+    with a fixed skipped set stands in for the measured one, which takes a minute here)."""
+    llm = qs.LLM(smollm_fp32)
+    engine = llm.engine
+    plan = DraftPlan(
+        rows=[1],
+        verify_cost=[FLAT],
+        skipped_layers=[13, 14, 18],
+        layers_agreement=0.9,
+        layers_cost=[0.9],
+    )
+    engine.draft_plans[engine.plan_key()] = plan
+    prompt = (
+        "The museum opened a new wing. The new wing holds paintings from the north. "
+        "Visitors said the new wing"
+    )
+    plain = llm.generate(prompt, max_new_tokens=24, stop_ids=[]).completions[0].token_ids
+    for method in ("ngram", "layers", "auto"):
+        out = llm.generate(prompt, max_new_tokens=24, stop_ids=[], speculative=method)
+        assert out.completions[0].token_ids == plain, method
+        assert out.speculative["drafts"] > 0, method
