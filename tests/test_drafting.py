@@ -100,7 +100,7 @@ def test_a_draft_forward_runs_only_its_layers(model) -> None:
     counter = engine.counter
     layers_before, dense_before = list(counter.per_layer), counter.dense
     drafts = model_drafts(engine, cache, [5, 7], 3, shape)
-    spent = [after - before for after, before in zip(counter.per_layer, layers_before)]
+    spent = [after - before for after, before in zip(counter.per_layer, layers_before, strict=True)]
     assert spent[1] == spent[3] == 0 and all(spent[i] > 0 for i in (0, 2, 4))
     assert counter.dense == dense_before
     assert len(drafts) == 2 and all(len(d) == 3 for d in drafts)
