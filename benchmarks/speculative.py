@@ -1,16 +1,21 @@
-"""Verified decoding with n-gram drafts: the dense model's exact tokens in fewer forwards.
+"""Verified decoding: the dense model's exact tokens in fewer forwards, by each drafter.
 
 Prompts are built from C4 validation documents (``../shared/data``): grounded ones that ask
 the model to work from a document (summarise, copy, answer from it) and open continuations of
-a document. For each prompt set and batch size, plain greedy decoding and ``speculative=
-"ngram"`` run on the same model in one process; reported: end-to-end tokens/s (prefill and
-decode), decode forwards, mean accepted length (1 + accepted / drafts, vLLM's definition),
-and whether every token equals plain greedy decoding's. At batch 1 the same prompts go to
+a document. For each prompt set, batch size and method (ngram, layers, planes, auto), plain
+greedy decoding and verified decoding run on the same model in one process
+(``quicksilver.bench.speculative``, also behind ``quicksilver bench --speculative``);
+reported: end-to-end tokens/s, decode forwards, mean accepted length (1 + accepted / drafts,
+vLLM's definition), draft and verify FLOPs, and whether every token equals plain greedy
+decoding's; the drafting plan followed is listed. At batch 1 the same prompts go to
 transformers' prompt lookup (``prompt_lookup_num_tokens``) and to llama.cpp's
 ``LlamaPromptLookupDecoding`` (same GGUF), each timed end to end, where installed.
 
     .venv/bin/python benchmarks/speculative.py                 # writes docs/results/speculative.md
     .venv/bin/python benchmarks/speculative.py --prompts 2 --no-references   # a quick look
+    .venv/bin/python benchmarks/speculative.py --methods planes auto --no-references \\
+        --policy '{"matryoshka": {"fixed_bits": 8, "kernel": "planes"}}' \\
+        --markdown docs/results/speculative-planes.md
 """
 
 from __future__ import annotations
@@ -26,18 +31,12 @@ from pathlib import Path
 import torch
 
 import quicksilver as qs
+from quicksilver.bench import speculative
 from quicksilver.integrations.hf_reference import load_transformers_model
 from quicksilver.models import loading
 
 ROOT = Path(__file__).resolve().parent.parent
 C4 = ROOT.parent / "shared" / "data" / "c4" / "c4-validation-sample-1000.jsonl.gz"
-TASKS = {
-    "summarise": "{doc}\n\nSummarise the text above in a few sentences.\nSummary:",
-    "copy": "{doc}\n\nCopy the first three sentences of the text above exactly.\n",
-    "answer": "{doc}\n\nAnswer from the text above: what is it about, and who is it for?\n",
-    "continue": "{doc}",
-}
-GROUNDED = ("summarise", "copy", "answer")
 
 
 def documents(n: int, words: tuple[int, int] = (120, 260)) -> list[str]:
@@ -52,22 +51,6 @@ def documents(n: int, words: tuple[int, int] = (120, 260)) -> list[str]:
             if len(out) == n:
                 break
     return out
-
-
-def run_ours(llm: qs.LLM, prompts: list[list[int]], batch: int, new: int, speculative):
-    """(tokens per prompt, seconds, decode forwards, speculative record) over all prompts."""
-    tokens, seconds, forwards, drafted = [], 0.0, 0, {"drafts": 0, "accepted_tokens": 0}
-    for start in range(0, len(prompts), batch):
-        rows = prompts[start : start + batch]
-        begin = time.perf_counter()
-        out = llm.generate(rows, max_new_tokens=new, speculative=speculative, stop_ids=[])
-        seconds += time.perf_counter() - begin
-        tokens += [c.token_ids for c in out.completions]
-        forwards += out.decode_steps
-        if out.speculative:
-            drafted["drafts"] += out.speculative["drafts"]
-            drafted["accepted_tokens"] += out.speculative["accepted_tokens"]
-    return tokens, seconds, forwards, drafted
 
 
 def first_difference_gaps(llm: qs.LLM, prompts, plain, fast) -> list[float]:
@@ -136,55 +119,41 @@ def run_llama_cpp(model_path: str, prompts: list[list[int]], new: int, lookup: b
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--weights", default=None)
+    parser.add_argument("--policy", default=None, help="a policy as JSON (default: dense)")
+    parser.add_argument("--methods", nargs="+", default=["ngram", "layers", "auto"])
     parser.add_argument("--prompts", type=int, default=8, help="documents per task")
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--num-tokens", type=int, default=6, help="drafted tokens per step")
+    parser.add_argument("--num-tokens", type=int, default=None, help="drafted tokens per step")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--no-references", action="store_true")
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "speculative.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = qs.load(args.model, dtype=args.dtype, weights=args.weights)
-    speculative = {"method": "ngram", "num_tokens": args.num_tokens}
+    policy = json.loads(args.policy) if args.policy else None
     docs = documents(args.prompts)
-    warm = llm.encode(TASKS["copy"].format(doc=docs[0]))
-    for setting in (None, speculative):  # first calls pay one-time costs (allocator, kernels)
-        llm.generate(warm, max_new_tokens=16, speculative=setting)
-    rows = []
-    prompts_by_task = {}
-    for task, template in TASKS.items():
-        prompts = [llm.encode(template.format(doc=doc)) for doc in docs]
-        prompts_by_task[task] = prompts
-        for batch in args.batch_sizes:
-            plain, plain_s, plain_f, _ = run_ours(llm, prompts, batch, args.new_tokens, None)
-            fast, fast_s, fast_f, drafted = run_ours(
-                llm, prompts, batch, args.new_tokens, speculative
-            )
-            same = sum(a == b for a, b in zip(plain, fast, strict=True))
-            gaps = first_difference_gaps(llm, prompts[: len(plain)], plain, fast)
-            tokens = sum(map(len, plain))
-            rows.append(
-                {
-                    "task": task,
-                    "batch": batch,
-                    "dense tok/s": tokens / plain_s,
-                    "ngram tok/s": sum(map(len, fast)) / fast_s,
-                    "speedup": plain_s / fast_s,
-                    "forwards dense / ngram": f"{plain_f} / {fast_f}",
-                    "mean accepted length": 1
-                    + drafted["accepted_tokens"] / max(1, drafted["drafts"]),
-                    "identical": f"{same}/{len(plain)}",
-                    "top-2 gap at first difference": ", ".join(f"{g:.3f}" for g in gaps) or "-",
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    prompts_by_task = speculative.task_prompts(llm, docs)
+    report = speculative.measure(
+        llm,
+        prompts_by_task,
+        args.methods,
+        args.batch_sizes,
+        args.new_tokens,
+        num_tokens=args.num_tokens,
+        policy=policy,
+        progress=lambda message: print(message, flush=True),
+    )
+    for row in report["rows"]:
+        prompts = prompts_by_task[row["task"]]
+        gaps = first_difference_gaps(llm, prompts, row["plain_tokens"], row["fast_tokens"])
+        row["top-2 gap at first difference"] = ", ".join(f"{g:.3f}" for g in gaps) or "-"
     references = []
     if not args.no_references:
         path = str(loading.resolve(args.model).path)
-        grounded = [p for t in GROUNDED for p in prompts_by_task[t]]
+        grounded = [p for t in speculative.GROUNDED for p in prompts_by_task[t]]
         new, threads, dt = args.new_tokens, args.threads, args.dtype
         for name, runner in (
             ("llama.cpp", lambda look: run_llama_cpp(path, grounded, new, look, threads)),
@@ -202,34 +171,58 @@ def main() -> int:
                 f"prompt lookup {sum(map(len, look)) / look_s:.1f} tok/s"
             )
             print(references[-1], flush=True)
-    write_markdown(Path(args.markdown), args, rows, references)
+    write_markdown(Path(args.markdown), args, llm, report, references)
     return 0
 
 
-def write_markdown(path: Path, args, rows: list[dict], references: list[str]) -> None:
-    headers = list(rows[0])
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for row in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
+def write_markdown(path: Path, args, llm, report: dict, references: list[str]) -> None:
+    columns = [*speculative.TABLE_COLUMNS, "top-2 gap at first difference"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in report["rows"]:
+        cells = [f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
+    grounded = {}
+    for row in report["rows"]:
+        if row["task"] in speculative.GROUNDED and row["batch"] == 1:
+            entry = grounded.setdefault(row["method"], [0, 0.0, 0.0])
+            entry[0] += sum(map(len, row["fast_tokens"]))
+            entry[1] += sum(map(len, row["fast_tokens"])) / row["tok_s"]
+            entry[2] += sum(map(len, row["plain_tokens"])) / row["plain_tok_s"]
+    summary = [
+        f"- {method}: {tokens / seconds:.1f} tok/s against plain {tokens / plain:.1f} "
+        f"({plain / seconds:.2f}x)"
+        for method, (tokens, seconds, plain) in grounded.items()
+    ]
     command = " ".join(sys.argv[1:])
-    text = f"""# Verified decoding with n-gram drafts (SmolLM2-135M, {args.dtype})
+    plan = "\n".join(f"- {line}" for line in speculative.plan_lines(report["plan"]))
+    text = f"""# Verified decoding (SmolLM2-135M, {args.dtype}, policy {args.policy or "dense"})
 
 ```bash
 .venv/bin/python benchmarks/speculative.py {command}
 ```
 
-{args.prompts} C4 validation documents of 120-260 words per task, {args.new_tokens} new tokens
-at most (a row ends at EOS, the same way in both), greedy; up to {args.num_tokens} drafted
-tokens per step. Tokens/s is end to end (prompt and decoding) over all prompts of the task;
-"identical" counts prompts whose tokens equal plain greedy decoding's exactly (in bf16 a verify
-forward of several tokens may round differently from a one-token step, so a near-tie can flip:
-the last column gives the top-2 log-prob gap of the plain model where a row first differs).
-Batch 8 runs the task's prompts as one batch (as many as there are).
+{llm!r}, {args.threads} threads. {args.prompts} C4 validation documents of 120-260 words per
+task, {args.new_tokens} new tokens at most (a row ends at EOS, the same way in both), greedy.
+Methods: {", ".join(args.methods)}; draft length {args.num_tokens or "each method's own"}.
+Tokens/s is end to end (prompt and decoding; measuring the drafting plan is excluded and
+listed below) over all prompts of the task; speedup is over plain decoding on the same prompts
+in the same run; forwards are plain / verified decode forwards; "identical" counts prompts
+whose tokens equal plain greedy decoding's exactly (in bf16 a verify forward of several tokens
+may round differently from a one-token step, so a near-tie can flip: the last column gives the
+top-2 log-prob gap of the plain model where a row first differs). Batch 8 runs the task's
+prompts as one batch.
 
 {chr(10).join(lines)}
 
-References in the same run, on the grounded prompts (summarise, copy, answer) at batch 1:
+Grounded prompts (summarise, copy, answer) at batch 1, all together:
+
+{chr(10).join(summary) or "- none measured"}
+
+The drafting plan the model drafters and auto followed (measured on this machine):
+
+{plan or "- not needed (ngram only)"}
+
+References in the same run, on the grounded prompts at batch 1:
 
 {chr(10).join(references) or "- not run (--no-references)"}
 """

@@ -1,21 +1,27 @@
 """``quicksilver bench``: prefill and decode throughput of our engine (and of transformers,
-with --compare) in one process, next to the machine's measured limits."""
+with --compare) in one process, next to the machine's measured limits; with --speculative,
+verified decoding by each drafting method against plain decoding (``bench.speculative``)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+import torch
+
 from quicksilver.api import weight_format
-from quicksilver.bench import throughput
+from quicksilver.bench import speculative, throughput
 from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
 from quicksilver.cli.generate import check_group_size, mark_group_size_default
-from quicksilver.cli.inputs import int4_group_size
-from quicksilver.cli.options import add_compare, add_format_options
+from quicksilver.cli.inputs import int4_group_size, load_llm, load_policy_args
+from quicksilver.cli.options import add_compare, add_format_options, add_policy_args
+from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import format_table
 from quicksilver.models.loading import DTYPES, parse_dtype
 from quicksilver.outputs import write_json_atomic
+from quicksilver.runtime.drafting import speculative_config
 
 NAME = "bench"
 
@@ -77,11 +83,37 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         choices=throughput.COMPARABLE,
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress messages")
+    parser.add_argument(
+        "--speculative",
+        nargs="+",
+        metavar="METHOD",
+        help="instead: verified decoding by each METHOD (ngram, layers, planes, auto) against "
+        "plain decoding on grounded and open prompts built from --documents WikiText-2 slices "
+        "of --prompt-tokens tokens; end-to-end tokens/s, exactness, acceptance",
+    )
+    parser.add_argument(
+        "--speculative-tokens",
+        type=int,
+        metavar="N",
+        help="most tokens drafted per step (default: each method's own)",
+    )
+    parser.add_argument(
+        "--documents",
+        type=int,
+        default=4,
+        metavar="N",
+        help="documents per task with --speculative (default: %(default)s)",
+    )
+    add_policy_args(parser)
     mark_group_size_default(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.speculative:
+        return run_speculative(args)
+    if args.policy or args.set or args.speculative_tokens is not None:
+        raise QuicksilverError("--policy, --set and --speculative-tokens apply to --speculative")
     check_group_size(args, args.weights or [])
     check_compare(args.compare, throughput.COMPARABLE)
     require_positive(
@@ -118,6 +150,59 @@ def run(args: argparse.Namespace) -> int:
     show(summary(report))
     if json_path is not None:
         write_json_atomic(json_path, report)
+    return 0
+
+
+def run_speculative(args: argparse.Namespace) -> int:
+    """``--speculative``: each method against plain decoding (``bench.speculative``)."""
+    for method in args.speculative:
+        speculative_config({"method": method, "num_tokens": args.speculative_tokens})
+    if args.compare:
+        raise QuicksilverError(
+            "--compare is not measured with --speculative; benchmarks/speculative.py runs "
+            "llama.cpp's and transformers' prompt lookup on the same prompts"
+        )
+    if args.weights and len(args.weights) > 1:
+        raise QuicksilverError("--speculative measures one weight format at a time")
+    require_positive(
+        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, documents=args.documents
+    )
+    for size in args.batch_sizes:
+        require_positive(batch_sizes=size)
+    policy = load_policy_args(args)
+    json_path = check_output(args.json, args)
+    set_threads(args.threads)
+    args.weights = args.weights[0] if args.weights else None
+    llm = load_llm(args)
+    if llm.tokenizer is None:
+        raise QuicksilverError("--speculative builds text prompts: this model ships no tokenizer")
+    say = None if args.no_progress else (lambda message: print(message, file=sys.stderr))
+    documents, origin = speculative.default_documents(llm, args.documents, args.prompt_tokens)
+    report = speculative.measure(
+        llm,
+        speculative.task_prompts(llm, documents),
+        args.speculative,
+        args.batch_sizes,
+        args.new_tokens,
+        num_tokens=args.speculative_tokens,
+        policy=policy,
+        progress=say,
+    )
+    show(
+        "\n".join(
+            [
+                f"{llm!r}, {torch.get_num_threads()} threads, {args.documents} documents "
+                f"from {origin} x {len(speculative.TASKS)} tasks, {args.new_tokens} new "
+                f"tokens, greedy, policy {policy.to_config() or 'dense'}",
+                format_table(list(speculative.TABLE_COLUMNS), speculative.table_rows(report)),
+                "speedup = end-to-end tokens/s over plain decoding's on the same prompts; "
+                "identical = rows whose tokens equal plain greedy decoding's",
+                *speculative.plan_lines(report["plan"]),
+            ]
+        )
+    )
+    if json_path is not None:
+        write_json_atomic(json_path, {"model": args.model, "dtype": args.dtype, **report})
     return 0
 
 
