@@ -337,6 +337,36 @@ def test_bench_json(
     assert "quicksilver" in capsys.readouterr().out
 
 
+def test_bench_speculative_json(
+    tmp_path: Path, one_thread: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench --speculative``: every task row measured, exactness and acceptance reported."""
+    out = tmp_path / "spec.json"
+    argv = ["bench", "--speculative", "ngram", "--documents", "1", "--prompt-tokens", "24"]
+    argv += ["--new-tokens", "6", "--batch-sizes", "1", "--dtype", "float32"]
+    assert main([*argv, *one_thread, "--no-progress", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {row["task"] for row in data["rows"]} == {"summarise", "copy", "answer", "continue"}
+    for row in data["rows"]:
+        assert row["method"] == "ngram" and row["tok_s"] > 0 and row["plain_tok_s"] > 0
+        assert row["identical"] == "1/1"  # fp32: verified decoding is exact
+    assert data["plan"] is None  # ngram needs no measured plan
+    assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["bench", "--speculative", "telepathy"], "unknown speculative method"),
+        (["bench", "--speculative", "ngram", "--speculative-tokens", "0"], "1..64"),
+        (["bench", "--policy", "paper"], "apply to --speculative"),
+        (["bench", "--speculative", "ngram", "--weights", "int8", "int4"], "one weight format"),
+    ],
+)
+def test_bench_speculative_bad_options(argv, needle, capsys) -> None:
+    assert needle in run_error(argv, capsys)
+
+
 def test_policies_lists_registry(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policies"]) == 0
     out = capsys.readouterr().out
