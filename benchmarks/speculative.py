@@ -14,6 +14,7 @@ transformers' prompt lookup (``prompt_lookup_num_tokens``) and to llama.cpp's
     .venv/bin/python benchmarks/speculative.py                 # writes docs/results/speculative.md
     .venv/bin/python benchmarks/speculative.py --prompts 2 --no-references   # a quick look
     .venv/bin/python benchmarks/speculative.py --methods planes auto --no-references \\
+        --dtype bfloat16 \\
         --policy '{"matryoshka": {"fixed_bits": 8, "kernel": "planes"}}' \\
         --markdown docs/results/speculative-planes.md
 """
