@@ -63,6 +63,15 @@ class Choice:
     method: str | None = None
     length: int = 0
     draft: list[int] = field(default_factory=list)
+    # auto with an n-gram match: the whole match and the row's acceptance rate, so the batch
+    # can pick one width for every such row (``Drafter._share_width``)
+    match: list[int] | None = None
+    rate: float = 0.0
+
+
+def expected_tokens(rate: float, length: int) -> float:
+    """Tokens a verify step emits for a row drafting ``length`` tokens accepted at ``rate``."""
+    return sum(rate**i for i in range(length + 1))
 
 
 class Drafter:
@@ -106,6 +115,8 @@ class Drafter:
         longest row, which bounds every draft)."""
         n = len(rows)
         choices = [self._choose(row, n, room) for row in rows]
+        if n > 1 and any(c.match for c in choices):
+            self._share_width(choices, n)
         for method in MODEL_METHODS:
             users = [i for i, c in enumerate(choices) if c.method == method and c.length]
             if not users:
@@ -130,6 +141,30 @@ class Drafter:
         for row, choice in zip(rows, choices, strict=True):
             self.methods[row.id] = choice.method if choice.draft else None
         return [c.draft for c in choices]
+
+    def _share_width(self, choices: list[Choice], n: int) -> None:
+        """Every row of a step feeds as many tokens as the longest draft (shorter ones are
+        padded and rolled back), so a width is a batch decision: cut auto's n-gram drafts to
+        the width with the most expected tokens, summed over the rows, per unit of verify
+        time at this batch size."""
+        plan = self._plan
+        flexible = [c for c in choices if c.match and c.method not in MODEL_METHODS]
+        fixed = [c for c in choices if not (c.match and c.method not in MODEL_METHODS)]
+        floor = max((c.length for c in fixed), default=0)
+        # Rows whose drafts stay as they are: the rate auto measured, else an even chance.
+        constant = sum(expected_tokens(c.rate if c.match else 0.5, c.length) for c in fixed)
+        best_width, best_value = 0, -1.0
+        for width in range(max(len(c.match) for c in flexible) + 1):
+            tokens = constant + sum(
+                expected_tokens(c.rate, min(width, len(c.match))) for c in flexible
+            )
+            value = tokens / plan.verify(n, max(width, floor))
+            if value > best_value:
+                best_width, best_value = width, value
+        for c in flexible:
+            c.length = min(best_width, len(c.match))
+            c.draft = c.match[: c.length]
+            c.method = "ngram" if c.length else None
 
     def record(self, row: Row, accepted: int, drafted: int) -> None:
         """What the verify forward kept of the row's draft (feeds auto's estimates)."""
@@ -177,8 +212,9 @@ class Drafter:
         estimates = self._estimates(row)
         best, gain = Choice(), MARGIN
         match = ngram_draft(history, limit, config.max_ngram, config.min_ngram)
+        rate = estimates["ngram"].rate
         if match:
-            k, expected = plan.best_length(estimates["ngram"].rate, 0.0, n_rows, len(match))
+            k, expected = plan.best_length(rate, 0.0, n_rows, len(match))
             if expected > gain:
                 best, gain = Choice("ngram", k, match[:k]), expected
         for method in MODEL_METHODS:
@@ -191,4 +227,6 @@ class Drafter:
         if best.method is None:
             for estimate in estimates.values():
                 estimate.relax()
+        if match and best.method not in MODEL_METHODS:
+            best.match, best.rate = match, rate
         return best
