@@ -125,6 +125,26 @@ def test_auto_drafts_nothing_where_drafting_cannot_pay(model, plan) -> None:
     assert batch.stats.drafts == 0 and batch.stats.decode_steps == 9
 
 
+def test_a_batch_shares_one_draft_width(model, plan) -> None:
+    """auto's n-gram drafts in one step are cut to the width that pays for the whole batch:
+    the full matches when verifying is free, nothing when each drafted slot costs a step."""
+    from quicksilver.runtime.drafter import Choice, Drafter
+
+    def shared(verify_cost) -> list[int]:
+        drafter = Drafter(make_engine(model, None), None)
+        drafter._plan = dataclasses.replace(plan, verify_cost=[verify_cost] * len(plan.rows))
+        choices = [
+            Choice("ngram", 2, [1, 2], match=[1, 2, 3, 4], rate=0.9),
+            Choice(None, 0, [], match=[5, 6], rate=0.3),
+            Choice(),
+        ]
+        drafter._share_width(choices, 3)
+        return [c.length for c in choices]
+
+    assert shared(FLAT) == [4, 2, 0]
+    assert shared([float(k + 1) * 3 for k in range(MAX_DRAFT_TOKENS + 1)]) == [0, 0, 0]
+
+
 def test_expected_speedup_and_best_length() -> None:
     assert expected_speedup(0.0, 0.0, 1.0, 3) == 1.0  # nothing accepted, verify free
     assert expected_speedup(1.0, 0.0, 1.0, 4) == 5.0  # all accepted: five tokens a step
