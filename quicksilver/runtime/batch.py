@@ -135,7 +135,7 @@ class StepBatch:
         self._group: list[Row] = []  # cache rows R..R+P-1, their prompts going in
         self._group_width = 0
         self._group_cursor = 0
-        self.drafter = Drafter(engine, self.stats)
+        self.drafter = Drafter(engine, self.stats, self._attribute)
 
     # ------------------------------------------------------------ the row table
 

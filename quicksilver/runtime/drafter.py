@@ -13,6 +13,7 @@ none is expected to beat plain decoding.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from quicksilver.runtime.batch import Row, StepStats
     from quicksilver.runtime.cache import KVCache
     from quicksilver.runtime.engine import Engine
+
+Attribute = Callable[[list["Row"], list[int], dict[str, int]], dict[str, int]]
 
 # Acceptance memory of auto: older evidence fades by this factor per update, so a row whose
 # text stops repeating (or starts) is re-judged within a few steps.
@@ -77,9 +80,11 @@ def expected_tokens(rate: float, length: int) -> float:
 class Drafter:
     """Drafts for a StepBatch's running rows (see the module docstring)."""
 
-    def __init__(self, engine: Engine, stats: StepStats) -> None:
+    def __init__(self, engine: Engine, stats: StepStats, attribute: Attribute) -> None:
         self.engine = engine
         self.stats = stats
+        # The batch's own split of a forward's FLOPs among the rows that fed it.
+        self.attribute = attribute
         self._plan: DraftPlan | None = None
         self._shapes: dict[str, DraftShape] = {}
         self._acceptance: dict[int, dict[str, Acceptance]] = {}
@@ -130,12 +135,8 @@ class Drafter:
                 engine, cache.rows(0, last), [r.tokens[-1] for r in rows[:last]], k, shape
             )
             stats.draft_seconds += time.perf_counter() - start
-            spent = engine.counter.since(before)
-            for key, value in spent.items():
-                stats.flops[key] = stats.flops.get(key, 0) + value
+            spent = self.attribute(rows[:last], [k] * last, before)
             stats.draft_flops += spent["total"]
-            for row in rows[:last]:
-                row.flops += spent["total"] / last
             for i in users:
                 choices[i].draft = guesses[i][: choices[i].length]
         for row, choice in zip(rows, choices, strict=True):
