@@ -10,6 +10,7 @@ Masked attention entries that a kernel may touch are counted neither as work nor
 from __future__ import annotations
 
 import os
+import platform
 import threading
 import time
 from dataclasses import dataclass, field
@@ -109,6 +110,19 @@ def kv_cache_bytes(config: ModelConfig, batch: int, length: int, element_size: i
 def kv_weight_bytes(config: ModelConfig, bytes_per_weight: float) -> int:
     """The K/V rows of one layer's QKV weight: what a propagated halted token reads."""
     return int(2 * config.kv_dim * config.hidden_size * bytes_per_weight)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, falling back to what platform knows (timings belong
+    to one kind of machine: reports and cached measurements name it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def available_memory_bytes() -> int | None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from quicksilver.accounting import cpu_name
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.convert_cache import cache_root
 from quicksilver.outputs import write_json_atomic
@@ -28,7 +28,7 @@ from quicksilver.runtime.draft_plan import PLAN_VERSION, DraftPlan, calibrate
 
 if TYPE_CHECKING:
     from quicksilver.api.llm import LLM
-    from quicksilver.runtime.engine import Engine
+    from quicksilver.runtime.engine import Engine, PlanSource
 
 # The model continues this text greedily; drafts are judged on that continuation. Plain,
 # general prose, so the plan does not lean towards one kind of prompt.
@@ -40,17 +40,6 @@ CALIBRATION_TEXT = (
     "back on the trolley before it goes back on the shelf. By the afternoon the reading room "
     "was full, and the town council decided to keep the doors open until eight in the evening."
 )
-
-
-def cpu_name() -> str:
-    """The CPU model, for the cache key (timings belong to one kind of machine)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def model_identity(kind: str, location: str) -> str:
@@ -88,14 +77,14 @@ def _stderr(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def plan_source(
-    llm: LLM, progress: Callable[[str], None] | None = None
-) -> Callable[[Engine, Sequence[int]], DraftPlan]:
+def plan_source(llm: LLM) -> PlanSource:
     """What the engine calls for a plan it lacks: the cached one, else measured (on
     ``CALIBRATION_TEXT``; on the asking row's prompt for a model without a tokenizer) and
-    saved."""
+    saved. Without a ``progress`` callback, stages go to a terminal's stderr."""
 
-    def source(engine: Engine, fallback_prompt: Sequence[int]) -> DraftPlan:
+    def source(
+        engine: Engine, fallback_prompt: Sequence[int], progress: Callable[[str], None] | None
+    ) -> DraftPlan:
         key = plan_key(llm, engine)
         path = plan_path(key)
         try:

@@ -115,11 +115,7 @@ class LLM:
         """What drafting costs and earns here under ``policy`` (``api.drafting``): read from
         the on-disk cache, or measured now (``progress(message)`` hears each stage)."""
         with self._working(policy):
-            key = self.engine.plan_key()
-            if key not in self.engine.draft_plans and progress is not None:
-                source = plan_source(self, progress)
-                self.engine.draft_plans[key] = source(self.engine, [self.prefix_token_id])
-            return self.engine.draft_plan([self.prefix_token_id])
+            return self.engine.draft_plan([self.prefix_token_id], progress)
 
     # ------------------------------------------------------------ policies
 

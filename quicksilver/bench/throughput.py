@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from quicksilver.accounting import cpu_name
 from quicksilver.api import load
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import summary_record
@@ -404,7 +405,7 @@ def run_bench(
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         # Other processes competing for the cores make every number here slower.
         "load_average_1min": {"start": load_at_start, "end": _load_average()},
@@ -481,15 +482,3 @@ def _load_average() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
-
-
-def _cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, falling back to what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

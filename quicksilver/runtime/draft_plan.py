@@ -218,7 +218,10 @@ def calibrate(engine: Engine, prompt: Sequence[int], progress=None) -> DraftPlan
                 "agreement": agreement(shape),
                 "cost": step_cost(shape),
             }
-            k, gain = plan_gain(plan, candidate["agreement"], candidate["cost"][0])
+            # Chosen at batch 1, where drafting pays most.
+            k, gain = plan.best_length(
+                candidate["agreement"], candidate["cost"][0], 1, MAX_DRAFT_TOKENS
+            )
             candidate.update(num_tokens=k, expected_speedup=gain)
             plan.candidates.append(candidate)
             if best is None or gain > best[0]:
@@ -238,8 +241,3 @@ def calibrate(engine: Engine, prompt: Sequence[int], progress=None) -> DraftPlan
             plan.planes_cost = step_cost(shape)
     plan.seconds = time.perf_counter() - start
     return plan
-
-
-def plan_gain(plan: DraftPlan, agreement: float, cost: float) -> tuple[int, float]:
-    """The best draft length and its expected speedup at batch 1."""
-    return plan.best_length(agreement, cost, 1, MAX_DRAFT_TOKENS)

@@ -31,6 +31,8 @@ from quicksilver.runtime.sampling import SamplingConfig
 from quicksilver.runtime.self_draft import DraftShape
 
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
+# (engine, calibration prompt, progress) -> the plan: ``calibrate`` or a cache in front of it
+PlanSource = Callable[["Engine", Sequence[int], Callable[[str], None] | None], DraftPlan]
 
 
 class Engine:
@@ -53,20 +55,23 @@ class Engine:
         # Measured drafting plans (``runtime.draft_plan``), one per policy configuration.
         self.draft_plans: dict[str, DraftPlan] = {}
         # Where a missing plan comes from (the API's on-disk cache); None: measured here.
-        self.plan_source: Callable[[Engine, Sequence[int]], DraftPlan] | None = None
+        self.plan_source: PlanSource | None = None
 
     def plan_key(self) -> str:
         """Which drafting plan applies: costs and agreements depend on the policy."""
         policy = self.policy
         return json.dumps(policy.to_config() if policy is not None else {}, sort_keys=True)
 
-    def draft_plan(self, calibration_prompt: Sequence[int]) -> DraftPlan:
+    def draft_plan(
+        self, calibration_prompt: Sequence[int], progress: Callable[[str], None] | None = None
+    ) -> DraftPlan:
         """The drafting plan for the current policy, measured on ``calibration_prompt`` if
-        nobody gave one (``LLM`` brings a cached one, measured on its calibration text)."""
+        nobody gave one (``LLM`` brings a cached one, measured on its calibration text);
+        ``progress(message)`` hears each stage of a measurement."""
         key = self.plan_key()
         if key not in self.draft_plans:
             source = self.plan_source or calibrate
-            self.draft_plans[key] = source(self, calibration_prompt)
+            self.draft_plans[key] = source(self, calibration_prompt, progress)
         return self.draft_plans[key]
 
     @property
