@@ -21,9 +21,9 @@ from quicksilver.models.formats import (
     Int8Linear,
     WeightFormat,
     convert_model,
-    int4_codes_from_gguf,
     quantize_int4,
 )
+from quicksilver.models.gguf_file import int4_codes_from_gguf
 from quicksilver.policies import Policy
 from quicksilver.runtime.engine import Engine
 
@@ -94,6 +94,20 @@ def test_gguf_q4_blocks_map_onto_int4_codes_exactly(kind: str) -> None:
     codes = int4_codes_from_gguf(torch.from_numpy(raw), kind)
     assert codes.group_size == 32 and codes.codes.shape == (16, 96)
     # fp32 scales and zeros: the same numbers (zero = m + 8d rounds once in fp32).
+    torch.testing.assert_close(codes.dequantize(), torch.from_numpy(reference), rtol=0, atol=1e-6)
+
+
+def test_gguf_q4_k_super_blocks_map_onto_int4_codes_exactly() -> None:
+    """Q4_K: 8 sub-blocks of 32 per 256-weight super-block, each with a 6-bit scale and min
+    (packed 12 bytes for 16 numbers): every byte pattern decodes to gguf-py's values."""
+    import gguf
+    from tiny_models import random_k_blocks
+
+    raw = random_k_blocks("Q4_K", (16, 512), seed=5)
+    reference = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K).reshape(16, 512)
+    codes = int4_codes_from_gguf(torch.from_numpy(raw), "Q4_K")
+    assert codes.group_size == 32 and codes.codes.shape == (16, 512)
+    assert int(codes.codes.max()) <= 15
     torch.testing.assert_close(codes.dequantize(), torch.from_numpy(reference), rtol=0, atol=1e-6)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny_models import SPECIAL_IDS, TINY_MODELS, VOCAB, save_tiny, save_tiny_gguf, tiny_opt
 
-from quicksilver.models import loading
+from quicksilver.models import formats, loading
 from quicksilver.runtime.engine import Engine
 
 NEW_TOKENS = 16
@@ -188,3 +188,61 @@ def test_gguf_export_matches_transformers(zoo: TinyZoo, tmp_path: Path, name: st
         ours = engine.forward(tokens, engine.new_cache(2, 40), logits_at="all")
         torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)
     assert (tmp_path / "cache" / "converted").is_dir()
+
+
+# Block formats of a Q4_K_M file (Qwen2.5-Coder-0.5B's mix), each on some tensor: F32 and
+# biases, Q8_0 and Q5_0 quantised from the weights, Q4_K / Q6_K random blocks.
+QWEN2_BLOCKS = {
+    "attn_q": "Q5_0",
+    "attn_k": "Q8_0",
+    "attn_v": "Q5_1",
+    "attn_output": "Q4_0",
+    "ffn_gate": "Q4_1",
+    "ffn_down": "Q4_K",
+    "output": "Q8_0",
+}
+
+
+@pytest.mark.parametrize("down", ["Q4_K", "Q5_K", "Q6_K"])
+def test_qwen2_gguf_with_block_formats_matches_transformers(tmp_path: Path, down: str) -> None:
+    """A Qwen2 GGUF (no Q/K interleaving, Q/K/V biases) in the block formats people use,
+    read by our loader, against transformers holding the file's dequantised values."""
+    from tiny_models import gguf_reference, tiny_qwen2
+
+    model = tiny_qwen2(intermediate_size=256)
+    path = save_tiny_gguf(
+        model, tmp_path / "qwen2.gguf", "qwen2", QWEN2_BLOCKS | {"ffn_down": down}
+    )
+    reference = gguf_reference(model, path)
+    tokens = _tokens(2, 24, seed=3)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    loaded = loading.load(str(path), "float32", cache_dir=tmp_path / "cache")
+    assert loaded.model.config.qkv_bias
+    engine = Engine(loaded.model)
+    ours = engine.forward(tokens, engine.new_cache(2, 24), logits_at="all")
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_q4_k_layers_load_into_int4_as_they_are(tmp_path: Path) -> None:
+    """int4 with groups of 32 takes a Q4_K down projection's codes, scales and mins as they
+    are (the same values as the file's, up to the scales' rounding to the dtype), and
+    re-quantises the other layers with the error measured and reported."""
+    from tiny_models import tiny_qwen2
+
+    path = save_tiny_gguf(
+        tiny_qwen2(intermediate_size=256), tmp_path / "q.gguf", "qwen2", QWEN2_BLOCKS
+    )
+    fmt = formats.WeightFormat(blocks="int4", group_size=32)
+    dense = loading.load(str(path), "float32", cache_dir=tmp_path / "cache")
+    quantised = loading.load(str(path), "float32", cache_dir=tmp_path / "cache", weights=fmt)
+    for i in range(2):
+        file_values = dense.model.blocks[i].mlp.down.dense_weight()
+        held = quantised.model.blocks[i].mlp.down.dense_weight()
+        torch.testing.assert_close(held, file_values, atol=0, rtol=0)
+    report = quantised.requantised
+    assert report is not None
+    assert (report.kept, report.kept_types) == (4, ("Q4_0", "Q4_K"))
+    assert report.rounded == 4 and report.rounded_types == ("F32", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+    assert 0 < report.relative_error < 0.2 and report.head_type == "Q8_0"
+    assert "kept as they are" in report.message() and "re-quantised" in report.message()

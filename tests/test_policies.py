@@ -1324,8 +1324,8 @@ FAMILY_CONFIGS = {
 }
 
 
-# mistral_window: a sliding window (5) shorter than the prompts, GQA and RoPE.
-FAMILIES = ["gpt2", "opt_post_norm", "opt_projected", "mistral_window"]
+# mistral_window: a sliding window (5) shorter than the prompts, GQA and RoPE; qwen2: Q/K/V biases.
+FAMILIES = ["gpt2", "opt_post_norm", "opt_projected", "mistral_window", "qwen2"]
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,9 @@ class LLM:
         self.name = loaded.source.name
         self.dtype = str(loaded.model.dtype).removeprefix("torch.")
         self.load_seconds = loaded.load_seconds
+        # What an int8 / int4 load of a GGUF file rounded a second time, with the measured
+        # weight error (``models.loading.Requantised``); None for float or non-GGUF loads.
+        self.requantised = loaded.requantised
         self.speculative: SpeculativeConfig | None = None  # the default for generate/stream
         self._lock = threading.RLock()
         self._scope = threading.local()

@@ -9,6 +9,7 @@ from pathlib import Path
 import quicksilver as qs
 from quicksilver.api import LLM, weight_format
 from quicksilver.cli.checks import utf8
+from quicksilver.cli.console import say
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval import datasets
 from quicksilver.eval.datasets import EvalText
@@ -98,8 +99,9 @@ def int4_group_size(args: argparse.Namespace, weights: str | None = None) -> int
 
 
 def load_llm(args: argparse.Namespace) -> LLM:
-    """The model of --model in --dtype, its weights as --weights/--head-weights say."""
-    return qs.load(
+    """The model of --model in --dtype, its weights as --weights/--head-weights say; a note
+    on stderr when quantising rounded a GGUF file's blocks a second time."""
+    llm = qs.load(
         args.model,
         dtype=args.dtype,
         weights=args.weights,
@@ -107,6 +109,9 @@ def load_llm(args: argparse.Namespace) -> LLM:
         group_size=int4_group_size(args),
         compile=args.compile,
     )
+    if llm.requantised is not None:
+        say(f"note: {llm.requantised.message()}")
+    return llm
 
 
 def load_policy_args(args: argparse.Namespace) -> Policy:

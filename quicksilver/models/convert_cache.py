@@ -31,9 +31,10 @@ from quicksilver.models.hf import load_hf_tokenizer
 from quicksilver.models.state import StreamedTensors, check_state
 from quicksilver.models.transformer import Transformer
 
-CONVERSION_VERSION = "4"  # bump when the converted cache layout or its config changes
+CONVERSION_VERSION = "5"  # bump when the converted cache layout or its config changes
 MANIFEST = "complete"  # written last: an entry without it was never finished
 WEIGHTS = "model.safetensors"
+BLOCKS = "gguf-tensors.json"  # where each tensor's blocks lie in the source file
 _HASH_CHUNK = 1 << 22
 
 
@@ -164,9 +165,10 @@ def _check(target: Path, full: bool) -> tuple[dict[str, Any], StreamedTensors]:
     return manifest, tensors
 
 
-def read_entry(target: Path) -> tuple[ModelConfig, StreamedTensors, Any]:
-    """An entry's config, weights (read when taken) and tokenizer, after the cheap check and
-    a check of the tensors against the shapes the config implies; raises on any damage."""
+def read_entry(target: Path) -> tuple[ModelConfig, StreamedTensors, Any, dict[str, Any]]:
+    """An entry's config, weights (read when taken), tokenizer and the source file's tensor
+    index (``gguf_file.TensorIndex.to_dict``), after the cheap check and a check of the
+    tensors against the shapes the config implies; raises on any damage."""
     manifest, state = _check(target, full=False)
     data = json.loads((target / "config.json").read_text())
     if not isinstance(data, dict):
@@ -177,7 +179,10 @@ def read_entry(target: Path) -> tuple[ModelConfig, StreamedTensors, Any]:
     tokenizer = load_hf_tokenizer(target / "tokenizer")
     if tokenizer is None and any(name.startswith("tokenizer/") for name in manifest["files"]):
         raise QuicksilverError("the tokenizer files are missing")
-    return config, state, tokenizer
+    if BLOCKS not in manifest["files"]:
+        raise QuicksilverError(f"{BLOCKS} is missing")
+    index = json.loads((target / BLOCKS).read_text())
+    return config, state, tokenizer, index
 
 
 def verify_entry(target: Path) -> str | None:
@@ -197,7 +202,12 @@ def damaged_message(target: Path, reason: str) -> str:
 
 
 def write_entry(
-    target: Path, source: Path, config: ModelConfig, state: dict[str, torch.Tensor], tokenizer: Any
+    target: Path,
+    source: Path,
+    config: ModelConfig,
+    state: dict[str, torch.Tensor],
+    tokenizer: Any,
+    index: dict[str, Any],
 ) -> None:
     """Write an entry into a temporary sibling and rename it into place, so an interrupted
     run leaves no half entry. The manifest, written last, lists every file with its size and
@@ -210,6 +220,7 @@ def write_entry(
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        (tmp / BLOCKS).write_text(json.dumps(index))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         files = {

@@ -9,7 +9,8 @@ in the chosen format:
   (``aten._weight_int8pack_mm``).
 - ``int4``: 16-level codes in groups of 32, 64 or 128 inputs with a scale and a zero per group,
   ``w = (q - 8) * scale + zero``, packed for ``aten._weight_int4pack_mm_for_cpu``. GGUF's Q4_0
-  and Q4_1 blocks are exactly this form (``convert_gguf``), so they load without re-quantising.
+  and Q4_1 blocks, and Q4_K's sub-blocks, are exactly this form
+  (``gguf_file.int4_codes_from_gguf``), so they load without re-quantising.
 
 Which kernel runs is chosen per call from the number of rows: the weight-only kernels re-read
 their weights for every four rows, so past ``dequant_rows`` rows (prefill, evaluation) the
@@ -29,7 +30,7 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -336,15 +337,57 @@ class WeightFormat:
         return "int8" if self.blocks == "int4" else self.blocks
 
 
-def convert_linear(linear: nn.Module, kind: str, dtype: torch.dtype, group_size: int) -> nn.Module:
-    """``linear`` in format ``kind`` (a float format keeps it as it is)."""
+@dataclass
+class RoundingReport:
+    """How far re-quantising moved weights from the values they were made from (a GGUF
+    file's own, already rounded once): the squared error and squared norm summed per layer,
+    so a load can print one measured figure instead of a guess. Scales are rounded to the
+    activation dtype first, as the kernels hold them."""
+
+    squared_error: dict[str, float] = field(default_factory=dict)
+    squared_norm: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, before: torch.Tensor, after: torch.Tensor) -> None:
+        before = before.float()
+        self.squared_error[name] = float((after.float() - before).square().sum())
+        self.squared_norm[name] = float(before.square().sum())
+
+    def relative_error(self, names: list[str] | None = None) -> float:
+        """Root of summed squared error over summed squared norm (all layers, or ``names``)."""
+        names = list(self.squared_error) if names is None else names
+        norm = sum(self.squared_norm[n] for n in names)
+        return (sum(self.squared_error[n] for n in names) / norm) ** 0.5 if norm else 0.0
+
+
+def convert_linear(
+    linear: nn.Module,
+    kind: str,
+    dtype: torch.dtype,
+    group_size: int,
+    report: RoundingReport | None = None,
+    name: str = "",
+) -> nn.Module:
+    """``linear`` in format ``kind`` (a float format keeps it as it is); ``report`` records
+    the rounding error under ``name``."""
     if kind not in ("int8", "int4"):
         return linear
     weight = linear.dense_weight()
     bias = linear.bias
     if kind == "int8":
-        return Int8Linear.from_weight(weight, bias, dtype)
-    return Int4Linear.from_weight(weight, bias, dtype, int4_group(linear.in_features, group_size))
+        new = Int8Linear.from_weight(weight, bias, dtype)
+        if report is not None:
+            report.add(name, weight, new.dense_weight())
+        return new
+    codes = quantize_int4(weight, int4_group(linear.in_features, group_size))
+    if report is not None:
+        held = Int4Codes(
+            codes.codes,
+            codes.scales.to(dtype).float(),
+            codes.zeros.to(dtype).float(),
+            codes.group_size,
+        )
+        report.add(name, weight, held.dequantize())
+    return Int4Linear(codes, bias, dtype)
 
 
 def int4_group(in_features: int, group_size: int) -> int:
@@ -358,12 +401,17 @@ def int4_group(in_features: int, group_size: int) -> int:
 
 
 def convert_block(
-    model: nn.Module, index: int, fmt: WeightFormat, codes: Mapping[str, Int4Codes] | None = None
+    model: nn.Module,
+    index: int,
+    fmt: WeightFormat,
+    codes: Mapping[str, Int4Codes] | None = None,
+    report: RoundingReport | None = None,
 ) -> None:
     """Replace block ``index``'s linear layers by their ``fmt.blocks`` form, in place.
 
     ``codes`` gives ready int4 codes for some layers (by module name, e.g. from GGUF Q4
-    blocks); those are used as they are instead of re-quantising."""
+    blocks); those are used as they are instead of re-quantising. ``report`` records the
+    rounding error of the layers that are re-quantised."""
     dtype = model.dtype
     codes = codes or {}
     block = model.blocks[index]
@@ -378,14 +426,16 @@ def convert_block(
         if fmt.blocks == "int4" and name in codes:
             new = Int4Linear(codes[name], linear.bias, dtype)
         else:
-            new = convert_linear(linear, fmt.blocks, dtype, fmt.group_size)
+            new = convert_linear(linear, fmt.blocks, dtype, fmt.group_size, report, name)
         setattr(owner, attr, new)
 
 
-def convert_head(model: nn.Module, fmt: WeightFormat) -> None:
+def convert_head(model: nn.Module, fmt: WeightFormat, report: RoundingReport | None = None) -> None:
     """The LM head in ``fmt.head_format`` (a tied head gets its own copy in that format; the
     embedding stays in the model's dtype for lookups). Records ``fmt`` on the model."""
-    model.lm_head = convert_linear(model.lm_head, fmt.head_format, model.dtype, fmt.group_size)
+    model.lm_head = convert_linear(
+        model.lm_head, fmt.head_format, model.dtype, fmt.group_size, report, "lm_head"
+    )
     model.weight_format = fmt
 
 
@@ -397,27 +447,3 @@ def convert_model(
     for index in range(len(model.blocks)):
         convert_block(model, index, fmt, codes)
     convert_head(model, fmt)
-
-
-# ---------------------------------------------------------------- GGUF blocks
-
-
-def int4_codes_from_gguf(raw: torch.Tensor, kind: str) -> Int4Codes:
-    """GGUF Q4_0 / Q4_1 blocks of a [rows, bytes] matrix as ``Int4Codes`` with groups of 32,
-    without re-quantising: a Q4_1 block (f16 d, f16 m, 16 bytes) is ``q * d + m``, which is
-    ``(q - 8) * d + (m + 8 d)``; a Q4_0 block (f16 d, 16 bytes) is ``(q - 8) * d``. Byte j of
-    a block holds element j in its low nibble and element j + 16 in its high nibble."""
-    head = {"Q4_0": 2, "Q4_1": 4}.get(kind)
-    if head is None:
-        raise QuicksilverError(f"GGUF tensor type {kind} has no int4 mapping")
-    rows = raw.shape[0]
-    blocks = raw.reshape(rows, -1, head + 16)
-    scales = blocks[..., 0:2].contiguous().view(torch.float16)[..., 0].float()
-    if kind == "Q4_1":
-        minimum = blocks[..., 2:4].contiguous().view(torch.float16)[..., 0].float()
-        zeros = minimum + 8 * scales
-    else:
-        zeros = torch.zeros_like(scales)
-    packed = blocks[..., head:]
-    codes = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(rows, -1)
-    return Int4Codes(codes.contiguous(), scales, zeros, 32)

