@@ -40,15 +40,19 @@ from quicksilver.policies.skipdecode import schedule_for_speedup
 REPO = Path(__file__).resolve().parents[1]
 MB = 1024 * 1024
 
-HALT_LAYER = 24
-# The halting signal we calibrate: logit-lens entropy over a 2,048-id shortlist (4% of a
-# full head product), checked once, late enough for the lens to be mostly right.
-HALTING_BASE = {
-    "halting": {"entropy_bits": 0.5, "lens_vocab": 2048, "min_layer": HALT_LAYER, "interval": 100}
-}
+
+def halting_base(depth: int) -> dict:
+    """The halting signal we calibrate: logit-lens entropy over a 2,048-id shortlist (4% of
+    a full head product), checked once at 80% of the depth (layer 24 of SmolLM2's 30), late
+    enough for the lens to be mostly right."""
+    layer = round(0.8 * depth)
+    return {
+        "halting": {"entropy_bits": 0.5, "lens_vocab": 2048, "min_layer": layer, "interval": 100}
+    }
 
 
 def policies(config: ModelConfig, new_tokens: int, halting: Policy) -> list[tuple[str, Policy]]:
+    base = halting_base(config.n_layers)["halting"]
     rows = [("dense", Policy())]
     for target in (1.5, 2.0, 2.5, 3.0):
         schedule = schedule_for_speedup(config, target, new_tokens)
@@ -56,16 +60,19 @@ def policies(config: ModelConfig, new_tokens: int, halting: Policy) -> list[tupl
     rows += [
         ("halting, calibrated for <= 1% on validation", halting),
         (
-            f"halting: every token exits after layer {HALT_LAYER} (mechanics, no signal)",
+            f"halting: every token exits after layer {base['min_layer']} (mechanics, no signal)",
             Policy.from_config(
                 # the shortlist's entropy is at most log2(2048) = 11 bits: every token halts
-                {"halting": {**HALTING_BASE["halting"], "entropy_bits": 12.0}}
+                {"halting": {**base, "entropy_bits": 12.0}}
             ),
         ),
         (
-            "halting: relative drift < 0.15 from layer 8 (skip)",
+            f"halting: relative drift < 0.15 from layer {round(0.27 * config.n_layers)} (skip)",
             Policy.from_config(
-                {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "skip"}}
+                {
+                    "halting": {"relative_drift": 0.15, "min_layer": round(0.27 * config.n_layers)},
+                    "kv_skip": {"treatment": "skip"},
+                }
             ),
         ),
         (
@@ -104,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         generation_measure(
             model, encode("validation", args.calibration_prompts), max_new_tokens=args.new_tokens
         ),
-        Policy.from_config(HALTING_BASE),
+        Policy.from_config(halting_base(model.config.n_layers)),
         max_ppl_increase=0.01,
         steps=5,
     )
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "## Halting calibration",
         "",
-        f"Base: `{HALTING_BASE['halting']}`; every threshold scaled by one factor, searched on "
+        f"Base: `{halting_base(model.config.n_layers)['halting']}`; every threshold scaled "
+        "by one factor, searched on "
         f"{args.calibration_prompts} WikiText-2 *validation* prompts x {args.new_tokens} tokens "
         "(batch 8) for the largest factor whose dense perplexity of the continuations is at "
         f"most +1% (dense: {calibration.dense_ppl:.4f}). "

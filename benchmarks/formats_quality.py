@@ -5,9 +5,14 @@ continuations; writes docs/results/formats.md and formats.json.
     .venv/bin/python benchmarks/formats_quality.py
     .venv/bin/python benchmarks/formats_quality.py --max-windows 40   # a quick slice
 
-The fp32 reference is the GGUF file dequantised (its Q4_1 blocks and Q8_0 embedding in fp32):
-the int4 format holds exactly those blocks, so its gap measures the kernel's bf16 scales and
-activations and the int8 LM head, not a second quantisation.
+The fp32 reference is the GGUF file dequantised (its blocks in fp32). Where a format holds the
+file's blocks as they are (int4 with groups of 32 over Q4_0 / Q4_1 / Q4_K blocks) its gap is
+the kernel's bf16 scales and activations and the head's format, not a second quantisation;
+every other layer is re-quantised, and the load's own report (which layers, from which GGUF
+types, the weight error) is written beside the table.
+
+    .venv/bin/python benchmarks/formats_quality.py --model qwen2.5-coder-0.5b --max-windows 8 \\
+        --prompts 8 --out-dir docs/results/qwen2.5-coder-0.5b
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ DEFAULT_OUT = REPO / "docs" / "results"
 FORMATS = [
     ("fp32 (reference)", "float32", None, None),
     ("bf16", "bfloat16", None, None),
+    ("bf16, head int8", "bfloat16", None, "int8"),
     ("int8", "bfloat16", "int8", None),
     ("int4, head int8", "bfloat16", "int4", None),
     ("int4, head bf16", "bfloat16", "int4", "bfloat16"),
@@ -86,6 +92,7 @@ def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dic
                 )
                 / len(tokens),
                 "linear_weight_mb": sum(m.storage_bytes for m in llm.model.linears()) / 1e6,
+                "requantised": llm.requantised.message() if llm.requantised else None,
             }
         )
         del llm
@@ -135,11 +142,12 @@ def render(command: str, date: str, args: argparse.Namespace, rows: list[dict[st
             "LM head included; the bf16 embedding a tied head shares is not in it",
             "- reading it: greedy agreement compounds (after the first different token the "
             "continuations part), so compare each format with bf16, which differs from fp32 by "
-            "rounding alone. `int4` with groups of 32 holds the file's own Q4_1 blocks (only "
-            "scales and zeros rounded to bf16), so its gap is the bf16 kernel and the int8 head; "
-            "`int8` and `int4 g64` re-quantise weights that are already 4-bit blocks, whose "
-            "values do not lie on a per-channel int8 grid or on 64-wide groups, so their errors "
-            "add to the file's",
+            "rounding alone. `int4` with groups of 32 holds a file's Q4_0 / Q4_1 / Q4_K blocks "
+            "as they are (only scales and zeros rounded to bf16); every other layer, and every "
+            "layer of `int8` and `int4 g64`, is re-quantised from the file's values, so its "
+            "error adds to the file's. What each load re-rounded, as it reported it:",
+            "",
+            *[f"  - {r['label']}: {r['requantised']}" for r in rows if r["requantised"]],
             "",
             format_table(headers, table, markdown=True),
             "",

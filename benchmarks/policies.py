@@ -39,49 +39,76 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
 MB = 1024 * 1024
 
-# Each mechanism alone, at settings picked from the drift/entropy measurements below
-# (mild enough to show the trade-off, not tuned on test).
-SINGLE: list[tuple[str, dict[str, Any]]] = [
-    ("halting: relative drift < 0.15 from layer 8", {"halting": {"relative_drift": 0.15}}),
-    (
-        "halting: lens entropy < 0.01 bit, one check at layer 27",
-        {"halting": {"entropy_bits": 0.01, "min_layer": 27, "interval": 100}},
-    ),
-    (
-        "halting: shortlist entropy (first 2048 ids) < 0.01 bit at layer 27",
-        {"halting": {"entropy_bits": 0.01, "lens_vocab": 2048, "min_layer": 27, "interval": 100}},
-    ),
-    (
-        "halting (drift 0.15) + kv_skip skip",
-        {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "skip"}},
-    ),
-    (
-        "halting (drift 0.15) + kv_skip zero",
-        {"halting": {"relative_drift": 0.15}, "kv_skip": {"treatment": "zero"}},
-    ),
-    (
-        "fusion: relative L2 to a previous token < 0.35, from layer 16",
-        {"fusion": {"threshold": 0.35, "start_layer": 16}},
-    ),
-    ("matryoshka: int8, every token and layer", {"matryoshka": {"fixed_bits": 8}}),
-    ("matryoshka: int4, every token and layer", {"matryoshka": {"fixed_bits": 4}}),
-    ("matryoshka: int2, every token and layer", {"matryoshka": {"fixed_bits": 2}}),
-    (
-        "matryoshka: int4 with groups of 32",
-        {"matryoshka": {"fixed_bits": 4, "group_size": 32}},
-    ),
-    (
-        "matryoshka: adaptive 8/4/2 at layer 15 (entropy > 2 / < 0.5 bit)",
-        {"matryoshka": {"entropy_high": 2.0, "entropy_low": 0.5, "decision_layer": 15}},
-    ),
-    ("paper-literal defaults (drift 0.045, entropy 1.15 bit, zero K/V)", PRESETS["paper"]),
-]
 
-# The combined policy whose thresholds calibration scales (one knob for all of them).
-COMBINED: dict[str, Any] = {
-    "halting": {"relative_drift": 0.15, "min_layer": 8},
-    "fusion": {"threshold": 0.35, "start_layer": 16},
-}
+def single_rows(depth: int) -> list[tuple[str, dict[str, Any]]]:
+    """Each mechanism alone, at settings picked from the drift/entropy measurements below
+    (mild enough to show the trade-off, not tuned on test). Layers are placed by depth (for
+    SmolLM2's 30 layers: 8, 15, 16, 27), so another model gets the same shape."""
+    early, middle, past_middle, late = (
+        round(0.27 * depth),
+        depth // 2,
+        round(0.53 * depth),
+        depth - 3,
+    )
+    return [
+        (
+            f"halting: relative drift < 0.15 from layer {early}",
+            {"halting": {"relative_drift": 0.15, "min_layer": early}},
+        ),
+        (
+            f"halting: lens entropy < 0.01 bit, one check at layer {late}",
+            {"halting": {"entropy_bits": 0.01, "min_layer": late, "interval": 100}},
+        ),
+        (
+            f"halting: shortlist entropy (first 2048 ids) < 0.01 bit at layer {late}",
+            {
+                "halting": {
+                    "entropy_bits": 0.01,
+                    "lens_vocab": 2048,
+                    "min_layer": late,
+                    "interval": 100,
+                }
+            },
+        ),
+        (
+            "halting (drift 0.15) + kv_skip skip",
+            {
+                "halting": {"relative_drift": 0.15, "min_layer": early},
+                "kv_skip": {"treatment": "skip"},
+            },
+        ),
+        (
+            "halting (drift 0.15) + kv_skip zero",
+            {
+                "halting": {"relative_drift": 0.15, "min_layer": early},
+                "kv_skip": {"treatment": "zero"},
+            },
+        ),
+        (
+            f"fusion: relative L2 to a previous token < 0.35, from layer {past_middle}",
+            {"fusion": {"threshold": 0.35, "start_layer": past_middle}},
+        ),
+        ("matryoshka: int8, every token and layer", {"matryoshka": {"fixed_bits": 8}}),
+        ("matryoshka: int4, every token and layer", {"matryoshka": {"fixed_bits": 4}}),
+        ("matryoshka: int2, every token and layer", {"matryoshka": {"fixed_bits": 2}}),
+        (
+            "matryoshka: int4 with groups of 32",
+            {"matryoshka": {"fixed_bits": 4, "group_size": 32}},
+        ),
+        (
+            f"matryoshka: adaptive 8/4/2 at layer {middle} (entropy > 2 / < 0.5 bit)",
+            {"matryoshka": {"entropy_high": 2.0, "entropy_low": 0.5, "decision_layer": middle}},
+        ),
+        ("paper-literal defaults (drift 0.045, entropy 1.15 bit, zero K/V)", PRESETS["paper"]),
+    ]
+
+
+def combined(depth: int) -> dict[str, Any]:
+    """The combined policy whose thresholds calibration scales (one knob for all of them)."""
+    return {
+        "halting": {"relative_drift": 0.15, "min_layer": round(0.27 * depth)},
+        "fusion": {"threshold": 0.35, "start_layer": round(0.53 * depth)},
+    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -213,9 +240,10 @@ def run_dtype(args, dtype_name: str, say) -> dict[str, Any]:
         )
 
     add("dense", qs.Policy())
-    for label, config in SINGLE:
+    depth = llm.config.n_layers
+    for label, config in single_rows(depth):
         add(label, qs.Policy.from_config(config))
-    base = qs.Policy.from_config(COMBINED)
+    base = qs.Policy.from_config(combined(depth))
     calibrations = []
     budgets = [("max_ppl_increase", b) for b in args.quality_budgets]
     budgets += [("flop_fraction", b) for b in args.flop_budgets]

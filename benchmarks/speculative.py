@@ -2,7 +2,11 @@
 
 Prompts are built from C4 validation documents (``../shared/data``): grounded ones that ask
 the model to work from a document (summarise, copy, answer from it) and open continuations of
-a document. For each prompt set, batch size and method (ngram, layers, planes, auto), plain
+a document; or, with ``--prompt-set code``, code edits in the model's chat template: a
+function from Python's own standard library (read from this interpreter's installation) with
+an instruction to rename a variable, add type hints, add a docstring or fix a named bug, the
+answer being the whole edited function (mostly a copy of the input). For each prompt set,
+batch size and method (ngram, layers, planes, auto), plain
 greedy decoding and verified decoding run on the same model in one process
 (``quicksilver.bench.speculative``, also behind ``quicksilver bench --speculative``);
 reported: end-to-end tokens/s, decode forwards, mean accepted length (1 + accepted / drafts,
@@ -13,6 +17,8 @@ transformers' prompt lookup (``prompt_lookup_num_tokens``) and to llama.cpp's
 
     .venv/bin/python benchmarks/speculative.py                 # writes docs/results/speculative.md
     .venv/bin/python benchmarks/speculative.py --prompts 2 --no-references   # a quick look
+    .venv/bin/python benchmarks/speculative.py --model qwen2.5-coder-0.5b --prompt-set code \\
+        --markdown docs/results/qwen2.5-coder-0.5b/speculative-code.md
     .venv/bin/python benchmarks/speculative.py --methods planes auto --no-references \\
         --dtype bfloat16 \\
         --policy '{"matryoshka": {"fixed_bits": 8, "kernel": "planes"}}' \\
@@ -22,6 +28,7 @@ transformers' prompt lookup (``prompt_lookup_num_tokens``) and to llama.cpp's
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import json
 import os
@@ -52,6 +59,64 @@ def documents(n: int, words: tuple[int, int] = (120, 260)) -> list[str]:
             if len(out) == n:
                 break
     return out
+
+
+# Standard-library modules whose plain top-level functions make the code-edit prompts.
+CODE_MODULES = ("textwrap", "shlex", "statistics", "difflib", "colorsys", "fnmatch", "bisect")
+CODE_TASKS = {
+    "rename": "Rename the variable `{name}` to `{new}` in this function.",
+    "type hints": "Add type hints to the parameters and the return value of this function.",
+    "docstring": "Add a short docstring to this function.",
+    "fix bug": "This function has a bug: `{wrong}` should be `{right}`. Fix it.",
+}
+CODE_REPLY = "Reply with the complete updated function in one Python code block and nothing else."
+# Bugs planted for "fix bug", as (right, wrong): the first that occurs in a function is used.
+PLANTED_BUGS = ((" + 1", " - 1"), (" < ", " <= "), (" == ", " != "), (" > ", " >= "))
+
+
+def code_functions(n: int) -> list[tuple[str, str]]:
+    """``n`` (source, one local variable name) pairs: top-level functions of 8-30 lines
+    without decorators that assign a local variable and contain a plantable bug."""
+    import importlib
+
+    found = []
+    for module_name in CODE_MODULES:
+        module = importlib.import_module(module_name)
+        source = Path(module.__file__).read_text()
+        lines = source.splitlines()
+        for node in ast.parse(source).body:
+            if not isinstance(node, ast.FunctionDef) or node.decorator_list:
+                continue
+            if not 8 <= node.end_lineno - node.lineno + 1 <= 30:
+                continue
+            text = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+            names = [
+                t.id
+                for stmt in ast.walk(node)
+                if isinstance(stmt, ast.Assign)
+                for t in stmt.targets
+                if isinstance(t, ast.Name) and len(t.id) > 1
+            ]
+            if names and any(right in text for right, _ in PLANTED_BUGS):
+                found.append((text, names[0]))
+            if len(found) == n:
+                return found
+    return found
+
+
+def code_prompts(llm: qs.LLM, n: int) -> dict[str, list[list[int]]]:
+    """Each code-edit task over the same ``n`` functions, in the chat template."""
+    by_task: dict[str, list[list[int]]] = {task: [] for task in CODE_TASKS}
+    for source, name in code_functions(n):
+        right, wrong = next((r, w) for r, w in PLANTED_BUGS if r in source)
+        for task, instruction in CODE_TASKS.items():
+            code = source.replace(right, wrong, 1) if task == "fix bug" else source
+            words = instruction.format(
+                name=name, new=name + "_value", right=right.strip(), wrong=wrong.strip()
+            )
+            message = f"{words} {CODE_REPLY}\n\n```python\n{code}\n```"
+            by_task[task].append(llm.encode(message, chat=True))
+    return by_task
 
 
 def first_difference_gaps(llm: qs.LLM, prompts, plain, fast) -> list[float]:
@@ -124,7 +189,13 @@ def main() -> int:
     parser.add_argument("--weights", default=None)
     parser.add_argument("--policy", default=None, help="a policy as JSON (default: dense)")
     parser.add_argument("--methods", nargs="+", default=["ngram", "layers", "auto"])
-    parser.add_argument("--prompts", type=int, default=8, help="documents per task")
+    parser.add_argument("--prompts", type=int, default=8, help="documents (functions) per task")
+    parser.add_argument(
+        "--prompt-set",
+        choices=["c4", "code"],
+        default="c4",
+        help="C4 documents (grounded and open) or code edits of standard-library functions",
+    )
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--num-tokens", type=int, default=None, help="drafted tokens per step")
@@ -135,8 +206,12 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     llm = qs.load(args.model, dtype=args.dtype, weights=args.weights)
     policy = json.loads(args.policy) if args.policy else None
-    docs = documents(args.prompts)
-    prompts_by_task = speculative.task_prompts(llm, docs)
+    if args.prompt_set == "code":
+        prompts_by_task = code_prompts(llm, args.prompts)
+        grounded_tasks = tuple(CODE_TASKS)
+    else:
+        prompts_by_task = speculative.task_prompts(llm, documents(args.prompts))
+        grounded_tasks = speculative.GROUNDED
     report = speculative.measure(
         llm,
         prompts_by_task,
@@ -154,7 +229,7 @@ def main() -> int:
     references = []
     if not args.no_references:
         path = str(loading.resolve(args.model).path)
-        grounded = [p for t in speculative.GROUNDED for p in prompts_by_task[t]]
+        grounded = [p for t in grounded_tasks for p in prompts_by_task[t]]
         new, threads, dt = args.new_tokens, args.threads, args.dtype
         for name, runner in (
             ("llama.cpp", lambda look: run_llama_cpp(path, grounded, new, look, threads)),
@@ -172,11 +247,13 @@ def main() -> int:
                 f"prompt lookup {sum(map(len, look)) / look_s:.1f} tok/s"
             )
             print(references[-1], flush=True)
-    write_markdown(Path(args.markdown), args, llm, report, references)
+    write_markdown(Path(args.markdown), args, llm, report, references, grounded_tasks)
     return 0
 
 
-def write_markdown(path: Path, args, llm, report: dict, references: list[str]) -> None:
+def write_markdown(
+    path: Path, args, llm, report: dict, references: list[str], grounded_tasks: tuple[str, ...]
+) -> None:
     columns = [*speculative.TABLE_COLUMNS, "top-2 gap at first difference"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in report["rows"]:
@@ -184,7 +261,7 @@ def write_markdown(path: Path, args, llm, report: dict, references: list[str]) -
         lines.append("| " + " | ".join(cells) + " |")
     grounded = {}
     for row in report["rows"]:
-        if row["task"] in speculative.GROUNDED and row["batch"] == 1:
+        if row["task"] in grounded_tasks and row["batch"] == 1:
             entry = grounded.setdefault(row["method"], [0, 0.0, 0.0])
             entry[0] += sum(map(len, row["fast_tokens"]))
             entry[1] += sum(map(len, row["fast_tokens"])) / row["tok_s"]
@@ -196,14 +273,22 @@ def write_markdown(path: Path, args, llm, report: dict, references: list[str]) -
     ]
     command = " ".join(sys.argv[1:])
     plan = "\n".join(f"- {line}" for line in speculative.plan_lines(report["plan"]))
-    text = f"""# Verified decoding (SmolLM2-135M, {args.dtype}, policy {args.policy or "dense"})
+    if args.prompt_set == "code":
+        prompts_text = (
+            f"{args.prompts} standard-library functions per code-edit task (rename a variable, "
+            "add type hints, add a docstring, fix a named bug), in the chat template"
+        )
+    else:
+        prompts_text = f"{args.prompts} C4 validation documents of 120-260 words per task"
+    title = f"{llm.config.name or llm.name}, {args.dtype}, policy {args.policy or 'dense'}"
+    text = f"""# Verified decoding ({title})
 
 ```bash
 .venv/bin/python benchmarks/speculative.py {command}
 ```
 
-{llm!r}, {args.threads} threads. {args.prompts} C4 validation documents of 120-260 words per
-task, {args.new_tokens} new tokens at most (a row ends at EOS, the same way in both), greedy.
+{llm!r}, {args.threads} threads. {prompts_text}; {args.new_tokens} new tokens at most (a row
+ends at EOS, the same way in both), greedy.
 Methods: {", ".join(args.methods)}; draft length {args.num_tokens or "each method's own"}.
 Tokens/s is end to end (prompt and decoding; measuring the drafting plan is excluded and
 listed below) over all prompts of the task; speedup is over plain decoding on the same prompts
@@ -215,7 +300,7 @@ prompts as one batch.
 
 {chr(10).join(lines)}
 
-Grounded prompts (summarise, copy, answer) at batch 1, all together:
+Grounded prompts ({", ".join(grounded_tasks)}) at batch 1, all together:
 
 {chr(10).join(summary) or "- none measured"}
 

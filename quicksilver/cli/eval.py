@@ -42,8 +42,9 @@ from quicksilver.eval.datasets import EvalText
 from quicksilver.eval.perplexity import PerplexityResult, evaluate_rolling_perplexity
 from quicksilver.eval.report import format_table
 from quicksilver.integrations.hf_reference import load_transformers_model, transformers_perplexity
+from quicksilver.integrations.llama_cpp_reference import llama_cpp_perplexity
 from quicksilver.lm_eval_tasks import wikitext_documents
-from quicksilver.models.loading import parse_dtype
+from quicksilver.models.loading import parse_dtype, resolve
 from quicksilver.outputs import write_json_atomic
 from quicksilver.policies import Policy
 
@@ -51,6 +52,9 @@ NAME = "eval"
 MB = 1024**2
 WINDOWS = ("sliding", "documents")
 DEFAULT_STRIDE = 512
+
+# What --compare accepts: the references that compute the same windows independently.
+COMPARE = ("transformers", "llama.cpp")
 
 
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -82,7 +86,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         "bits per byte with the harness's per-document word and byte counts. No --stride, "
         "--max-windows or --compare there.",
     )
-    add_compare(parser, "also compute transformers' perplexity on the same tokens")
+    add_compare(
+        parser,
+        "also compute transformers' (and, for a GGUF file, llama.cpp's) perplexity on the same "
+        "tokens and windows",
+        COMPARE,
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_policy_args(parser)
     mark_group_size_default(parser)
@@ -121,7 +130,9 @@ def run(args: argparse.Namespace) -> int:
     _resolve_windows(args)
     check_windows(args)
     check_text_args(args)
-    check_compare(args.compare)
+    check_compare(args.compare, COMPARE)
+    if "llama.cpp" in (args.compare or ()) and resolve(args.model).kind != "gguf":
+        raise QuicksilverError("--compare llama.cpp needs a .gguf model (llama.cpp reads the file)")
     check_model_args(args)
     dtype = parse_dtype(args.dtype)
     policy = load_policy_args(args)
@@ -171,10 +182,10 @@ def run(args: argparse.Namespace) -> int:
         ["seconds", result.seconds],
         ["peak RSS (MB)", result.peak_rss_bytes / MB],
     ]
-    if args.compare:
-        reference = _transformers_reference(llm, dtype, text.text, args, result.ppl)
-        report["transformers"] = reference
-        rows.append(["transformers perplexity", _precise(reference["ppl"])])
+    for name in dict.fromkeys(args.compare or ()):
+        reference = _reference(name, llm, dtype, text.text, args, result.ppl)
+        report[name] = reference
+        rows.append([f"{name} perplexity", _precise(reference["ppl"])])
         rows.append(["relative difference", f"{reference['ppl_relative_difference']:+.2e}"])
     windows = (
         f"stride {args.stride}"
@@ -231,24 +242,26 @@ def _score_documents(
         )
 
 
-def _transformers_reference(
-    llm: qs.LLM, dtype: torch.dtype, text: str, args: argparse.Namespace, ppl: float
+def _reference(
+    name: str, llm: qs.LLM, dtype: torch.dtype, text: str, args: argparse.Namespace, ppl: float
 ) -> dict[str, Any]:
-    """transformers' perplexity of the same token stream over the same windows."""
+    """transformers' or llama.cpp's perplexity of the same token stream over the same
+    windows (llama.cpp reads the GGUF file itself, in its own formats and kernels)."""
     if not args.no_progress:
-        say("computing transformers' perplexity on the same tokens")
-    hf_model = load_transformers_model(llm.source, dtype)
+        say(f"computing {name}'s perplexity on the same tokens")
+    windows = dict(context=args.context, stride=args.stride, max_windows=args.max_windows)
     start = time.perf_counter()
-    hf_ppl, hf_tokens = transformers_perplexity(
-        hf_model,
-        stream_ids(llm, text),
-        context=args.context,
-        stride=args.stride,
-        max_windows=args.max_windows,
-    )
+    if name == "transformers":
+        hf_model = load_transformers_model(llm.source, dtype)
+        start = time.perf_counter()
+        ref_ppl, ref_tokens = transformers_perplexity(hf_model, stream_ids(llm, text), **windows)
+    else:
+        ref_ppl, ref_tokens = llama_cpp_perplexity(
+            llm.source.path, stream_ids(llm, text), threads=torch.get_num_threads(), **windows
+        )
     return {
-        "ppl": hf_ppl,
-        "tokens": hf_tokens,
+        "ppl": ref_ppl,
+        "tokens": ref_tokens,
         "seconds": time.perf_counter() - start,
-        "ppl_relative_difference": ppl / hf_ppl - 1,
+        "ppl_relative_difference": ppl / ref_ppl - 1,
     }

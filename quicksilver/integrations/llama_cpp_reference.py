@@ -31,6 +31,67 @@ def _bindings() -> Any:
     return llama_cpp, low
 
 
+def llama_cpp_perplexity(
+    gguf: str | Path,
+    token_ids: list[int],
+    *,
+    context: int,
+    stride: int,
+    max_windows: int | None = None,
+    threads: int = 2,
+) -> tuple[float, int]:
+    """(ppl, scored tokens) from llama.cpp's own forward of the same GGUF file, over the
+    same window plan as ``eval``'s (each window decoded from an empty cache, logits kept at
+    every scored position, log-softmax in float64 here): the second reference for our
+    numbers, the one that reads the file's blocks as llama.cpp's kernels do."""
+    import math
+
+    from quicksilver.eval.perplexity import window_plan
+
+    _, low = _bindings()
+    low.llama_backend_init()
+    silent = low.llama_log_callback(lambda level, text, data: None)
+    low.llama_log_set(silent, ctypes.c_void_p())
+    model = low.llama_model_load_from_file(str(gguf).encode(), low.llama_model_default_params())
+    if not model:
+        raise QuicksilverError(f"llama.cpp could not load {gguf}")
+    params = low.llama_context_default_params()
+    params.n_ctx = params.n_batch = params.n_ubatch = context
+    params.n_threads = params.n_threads_batch = threads
+    ctx = low.llama_init_from_model(model, params)
+    if not ctx:
+        raise QuicksilverError("llama.cpp could not create a context")
+    n_vocab = low.llama_vocab_n_tokens(low.llama_model_get_vocab(model))
+    batch = low.llama_batch_init(context, 0, 1)
+    plan = window_plan(len(token_ids), context, stride)[:max_windows]
+    nll, scored = 0.0, 0
+    try:
+        for begin, end, n_scored in plan:
+            low.llama_memory_clear(low.llama_get_memory(ctx), True)
+            first_scored = end - begin - n_scored  # position whose token is the first target
+            for n, token in enumerate(token_ids[begin:end]):
+                batch.token[n] = token
+                batch.pos[n] = n
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = 0
+                batch.logits[n] = first_scored - 1 <= n < end - begin - 1
+            batch.n_tokens = end - begin
+            if low.llama_decode(ctx, batch) != 0:
+                raise QuicksilverError("llama.cpp failed to decode a window")
+            for n in range(max(first_scored, 1) - 1, end - begin - 1):
+                logits = np.ctypeslib.as_array(low.llama_get_logits_ith(ctx, n), shape=(n_vocab,))
+                row = logits.astype(np.float64)
+                top = row.max()
+                log_z = top + math.log(np.exp(row - top).sum())
+                nll += log_z - row[token_ids[begin + n + 1]]
+                scored += 1
+    finally:
+        low.llama_batch_free(batch)
+        low.llama_free(ctx)
+        low.llama_model_free(model)
+    return math.exp(nll / scored), scored
+
+
 class LlamaCppRunner:
     """A llama.cpp model and a context for ``max_rows`` sequences of ``max_tokens``."""
 
