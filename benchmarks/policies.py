@@ -396,7 +396,7 @@ def render(command: str, date: str, load: float, runs: list[dict], args) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, model: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -429,7 +429,7 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.axvline(0.6, color="grey", linewidth=0.8, linestyle=":")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M, every row of docs/results/policies.md (lower left is better)")
+    fig.suptitle(f"{model}, every row of policies.md (lower left is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
         },
     )
-    plot(runs, args.out_dir / "policies-pareto.png")
+    plot(runs, args.out_dir / "policies-pareto.png", args.model)
     page = render(command, date, load, runs, args)
     (args.out_dir / "policies.md").write_text(page, encoding="utf-8")
     say(f"wrote {args.out_dir / 'policies.md'}")

@@ -60,7 +60,7 @@ def main() -> int:
     header = "| format | " + " | ".join(f"k = {k}" for k in SIZES) + " |"
     table = "\n".join([header, "|---|" + "---|" * len(SIZES), *rows])
     cpu = platform.processor() or platform.machine()
-    text = f"""# The cost of a verify forward (SmolLM2-135M, {args.threads} threads, {cpu})
+    text = f"""# The cost of a verify forward ({args.model}, {args.threads} threads, {cpu})
 
 ```bash
 .venv/bin/python benchmarks/verify_cost.py {" ".join(sys.argv[1:])}
