@@ -61,7 +61,7 @@ def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dic
     rows: list[dict[str, Any]] = []
     reference_tokens: list[list[int]] | None = None
     for label, dtype, weights, head in FORMATS:
-        group = 64 if "g64" in label else 32
+        group = (64 if "g64" in label else 32) if "int4" in (weights, head) else None
         print(f"formats: {label}", file=sys.stderr, flush=True)
         llm = qs.load(args.model, dtype=dtype, weights=weights, head_weights=head, group_size=group)
         start = time.perf_counter()
