@@ -148,13 +148,19 @@ def test_empty_text_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "bench"])
+@pytest.mark.parametrize("name", ["no/such/dir/out.json", "no/", "no/such/"])
 def test_json_into_missing_directory(
-    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: str, name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    target = str(tmp_path / "no" / "such" / "dir" / "out.json")
+    """Refused before the model loads, including a directory name (``no/``) that would
+    otherwise be written as a file ``no``."""
+    if name == "no/such/":
+        (tmp_path / "no").mkdir()
+    target = f"{tmp_path}/{name}"
     extra = ["--prompt", "hi"] if command == "generate" else []
     line = run_error([command, *extra, "--json", target], capsys)
     assert "does not exist" in line
+    assert not (tmp_path / "no").is_file() and not (tmp_path / "no" / "such").exists()
 
 
 def test_blank_prompt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
