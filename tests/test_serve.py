@@ -405,6 +405,22 @@ def test_api_key(model_dir: Path) -> None:
         assert httpx.get(server.url + "/health").status_code == 200
 
 
+def test_api_key_scheme_is_case_insensitive(model_dir: Path) -> None:
+    """HTTP auth schemes are case-insensitive (RFC 9110): ``bearer`` and ``BEARER`` work; the
+    key itself is still compared exactly."""
+    settings = Settings(model_name="tiny", api_key="sesame")
+    with BackgroundServer(load(model_dir), settings) as server:
+
+        def status(header: str) -> int:
+            answer = httpx.get(server.url + "/v1/models", headers={"Authorization": header})
+            return answer.status_code
+
+        for header in ("Bearer sesame", "bearer sesame", "BEARER sesame", "bEaReR  sesame"):
+            assert status(header) == 200, header
+        for header in ("bearer SESAME", "Basic sesame", "sesame", "bearer", "Bearersesame"):
+            assert status(header) == 401, header
+
+
 # ---------------------------------------------------------------- continuous batching
 
 
