@@ -229,8 +229,8 @@ def test_real_model_greedy_is_unchanged_by_every_drafter(smollm_fp32) -> None:
         "The museum opened a new wing. The new wing holds paintings from the north. "
         "Visitors said the new wing"
     )
-    plain = llm.generate(prompt, max_new_tokens=24, stop_ids=[]).completions[0].token_ids
+    plain = llm.generate(prompt, max_new_tokens=24).completions[0].token_ids
     for method in ("ngram", "layers", "auto"):
-        out = llm.generate(prompt, max_new_tokens=24, stop_ids=[], speculative=method)
+        out = llm.generate(prompt, max_new_tokens=24, speculative=method)
         assert out.completions[0].token_ids == plain, method
         assert out.speculative["drafts"] > 0, method

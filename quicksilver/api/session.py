@@ -94,10 +94,12 @@ class Batch:
         speculative: Any = None,
         chat: bool = False,
         n: int = 1,
+        ignore_eos: bool = False,
     ) -> list[int]:
         """Queue ``n`` continuations of one prompt (a text or token ids); returns their
         request ids. They start at the next step that has a free row. A seed is shared by
-        the ``n`` rows (one generator), so each draws different text, reproducibly."""
+        the ``n`` rows (one generator), so each draws different text, reproducibly.
+        ``stop_ids`` add to the model's EOS; ``ignore_eos`` turns the EOS stop off."""
         request = self._llm._request(
             prompt,
             max_new_tokens,
@@ -111,6 +113,7 @@ class Batch:
             chat,
             logprobs=logprobs,
             speculative=speculative,
+            ignore_eos=ignore_eos,
         )
         if len(request.prompts) != 1:
             raise InvalidArgument("submit takes one prompt; call it once per prompt")
