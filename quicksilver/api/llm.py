@@ -19,6 +19,7 @@ from quicksilver.api import evaluation
 from quicksilver.api.arguments import (
     PolicySpec,
     Prompt,
+    check_drafting,
     count,
     flag,
     integer,
@@ -263,6 +264,8 @@ class LLM:
             raise InvalidArgument(
                 "stream takes one prompt (a text or token ids); use generate for a batch"
             )
+        policy = request.policy if request.policy is not None else self._scoped_policy()
+        check_drafting(policy, request.speculative)  # now, not at the first piece
         return Stream(self._run(request))
 
     def open_batch(

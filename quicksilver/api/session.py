@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quicksilver.api.arguments import PolicySpec, Prompt, count
+from quicksilver.api.arguments import PolicySpec, Prompt, check_drafting, count
 from quicksilver.api.records import BatchEvent, Completion
 from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
@@ -121,6 +121,7 @@ class Batch:
 
     def add(self, request: Request, copies: int = 1) -> list[int]:
         """Queue an already checked request: each prompt ``copies`` times."""
+        check_drafting(self.policy, request.speculative)
         specs = [
             RowSpec(
                 tuple(prompt),

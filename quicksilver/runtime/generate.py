@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.batch import RowSpec, StepBatch, room_for
-from quicksilver.runtime.drafting import SpeculativeConfig
+from quicksilver.runtime.drafting import SpeculativeConfig, speculative_policy_error
 from quicksilver.runtime.sampling import SamplingConfig, make_generator
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ def generate(
         raise QuicksilverError("every prompt must contain at least one token")
     if max_new_tokens < 1:
         raise QuicksilverError("max_new_tokens must be at least 1")
+    error = speculative_policy_error(engine.policy, speculative)
+    if error is not None:
+        raise QuicksilverError(error)
     longest = max(len(p) for p in prompts)
     batch = StepBatch(
         engine,

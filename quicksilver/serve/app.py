@@ -161,7 +161,9 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
         protocol.check_model(body, settings.model_names)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         spec = parse(body, llm, settings.model_name, settings.max_batch_size)
-        job = Job(spec, spec.policy or settings.default_policy, asyncio.get_running_loop())
+        policy = spec.policy or settings.default_policy
+        protocol.check_drafting(policy, spec.speculative or settings.speculative)
+        job = Job(spec, policy, asyncio.get_running_loop())
         scheduler.submit(job)
         endpoint = route_label(request)
         if spec.stream:
