@@ -74,7 +74,7 @@ def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dic
             progress=True,
         )
         seconds = time.perf_counter() - start
-        out = llm.generate(prompts, max_new_tokens=args.new_tokens, stop_ids=[])
+        out = llm.generate(prompts, max_new_tokens=args.new_tokens, ignore_eos=True)
         tokens = [c.token_ids for c in out.completions]
         if reference_tokens is None:
             reference_tokens = tokens

@@ -50,7 +50,7 @@ def prompts_from(ids: list[int], rows: int, length: int) -> list[list[int]]:
 
 
 def decode_speed(llm: qs.LLM, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
-    out = llm.generate(prompts, max_new_tokens=new_tokens, stop_ids=[])
+    out = llm.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
     return {
         "decode_tokens_per_s": out.decode_tokens_per_s,
         "decode_seconds": out.decode_seconds,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         entry = results[name]
         with llm.use(spec) as policy:
             formats.kernel_log.clear()
-            llm.generate(prompts[1][0][:16], max_new_tokens=2, stop_ids=[])  # warm up
+            llm.generate(prompts[1][0][:16], max_new_tokens=2, ignore_eos=True)  # warm up
             if spec is None:
                 entry["extra_bytes"] = 0
                 entry["bytes_per_token"] = config.n_layers * dense_layer_bytes

@@ -26,13 +26,15 @@ PathInput = str | os.PathLike[str]
 def check_output_path(path: PathInput, inputs: Iterable[PathInput | None] = ()) -> Path:
     """Fail now, not after an hour of work, if `path` cannot be written later.
 
-    Refused: a directory, a device or pipe, a read-only file, a missing parent directory (or a
-    parent that is a file), an unwritable directory, and the same file as any of ``inputs``
-    (the run's own input files: overwriting one would destroy what the run reads). Returns
-    the path with ``~`` expanded.
+    Refused: a directory (or a name ending in ``/``), a device or pipe, a read-only file, a
+    missing parent directory (or a parent that is a file), an unwritable directory, and the
+    same file as any of ``inputs`` (the run's own input files: overwriting one would destroy
+    what the run reads). Returns the path with ``~`` expanded.
     """
+    given = path
     path = _as_path(path, "output path")
     try:
+        _check_directory_name(os.fspath(given), path)
         _check_writable(path)
         for item in inputs:
             if item is not None and _same_file(path, _as_path(item, "input path")):
@@ -52,6 +54,27 @@ def _as_path(path: Any, what: str) -> Path:
     if not isinstance(text, str) or not text or "\0" in text:
         raise QuicksilverError(f"{what} {text!r} is not a usable file name")
     return Path(text).expanduser()
+
+
+def _check_directory_name(given: str, path: Path) -> None:
+    """Refuse a name that can only mean a directory: ``out/``, ``out/.`` or ``out/..``.
+
+    ``Path`` drops a trailing separator and ``.``, so ``out/dir/`` would otherwise be written
+    as a *file* called ``dir`` inside ``out`` when ``out/dir`` does not exist yet: the user
+    meant a directory, so the result would land somewhere they do not expect.
+    """
+    separators = os.sep + (os.altsep or "")
+    last = given.rstrip(separators).rsplit(os.sep, 1)[-1]
+    if os.altsep:
+        last = last.rsplit(os.altsep, 1)[-1]
+    if not (given.endswith(tuple(separators)) or last in (".", "..")):
+        return
+    if path.is_dir():
+        raise QuicksilverError(f"output path {given} is a directory; give a file name")
+    raise QuicksilverError(
+        f"output path {given} names a directory, and directory {path} does not exist; "
+        "give a file name (create the directory first if it should hold the file)"
+    )
 
 
 def _write_target(path: Path) -> Path:

@@ -148,13 +148,53 @@ def test_empty_text_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize("command", ["eval", "generate", "bench"])
+@pytest.mark.parametrize("name", ["no/such/dir/out.json", "no/", "no/such/"])
 def test_json_into_missing_directory(
-    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    command: str, name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    target = str(tmp_path / "no" / "such" / "dir" / "out.json")
+    """Refused before the model loads, including a directory name (``no/``) that would
+    otherwise be written as a file ``no``."""
+    if name == "no/such/":
+        (tmp_path / "no").mkdir()
+    target = f"{tmp_path}/{name}"
     extra = ["--prompt", "hi"] if command == "generate" else []
     line = run_error([command, *extra, "--json", target], capsys)
     assert "does not exist" in line
+    assert not (tmp_path / "no").is_file() and not (tmp_path / "no" / "such").exists()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--speculative", "planes"],
+        ["--speculative", "planes", "--set", "matryoshka.fixed_bits=4"],
+        ["--speculative", "planes", "--policy", "paper"],
+        [
+            "--speculative",
+            "ngram",
+            "--set",
+            "fusion.threshold=0.5",
+            "--set",
+            "fusion.start_layer=0",
+        ],
+    ],
+    ids=["planes", "planes_width_4", "planes_paper", "fusion_ngram"],
+)
+def test_drafting_that_cannot_run_fails_before_any_token(
+    extra: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One error line and nothing on stdout: not a first token streamed, then the error."""
+    from tiny_models import save_tiny, tiny_llama
+
+    model = save_tiny(tiny_llama(), tmp_path / "tiny", with_tokenizer=True)
+    capsys.readouterr()  # the model writer's own progress bar
+    argv = ["generate", "--model", str(model), "--dtype", "float32", "--prompt", "Hello there"]
+    code = main([*argv, "--max-new-tokens", "6", *extra])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "", (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert ("'planes'" if "planes" in extra else "fusion") in lines[0]
 
 
 def test_blank_prompt_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

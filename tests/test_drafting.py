@@ -229,8 +229,39 @@ def test_real_model_greedy_is_unchanged_by_every_drafter(smollm_fp32) -> None:
         "The museum opened a new wing. The new wing holds paintings from the north. "
         "Visitors said the new wing"
     )
-    plain = llm.generate(prompt, max_new_tokens=24, stop_ids=[]).completions[0].token_ids
+    plain = llm.generate(prompt, max_new_tokens=24).completions[0].token_ids
     for method in ("ngram", "layers", "auto"):
-        out = llm.generate(prompt, max_new_tokens=24, stop_ids=[], speculative=method)
+        out = llm.generate(prompt, max_new_tokens=24, speculative=method)
         assert out.completions[0].token_ids == plain, method
         assert out.speculative["drafts"] > 0, method
+
+
+UNRUNNABLE = [
+    (None, "planes", "'planes'"),
+    ({"matryoshka": {"fixed_bits": 4}}, "planes", "'planes'"),
+    ({"fusion": {"threshold": 0.5, "start_layer": 0}}, "ngram", "fusion"),
+    ({"fusion": {"threshold": 0.5, "start_layer": 0}}, "layers", "fusion"),
+]
+
+
+@pytest.mark.parametrize(("policy", "method", "reason"), UNRUNNABLE)
+def test_drafting_that_cannot_run_is_refused_when_asked(
+    tiny_llm_dir, policy, method: str, reason: str
+) -> None:
+    """An InvalidArgument from the call itself (stream, submit), before any step: not an
+    error at the first decode step, after the first token was streamed."""
+    llm = qs.load(str(tiny_llm_dir), dtype="float32")
+    with pytest.raises(qs.InvalidArgument, match=reason):
+        llm.generate("Hello", max_new_tokens=4, policy=policy, speculative=method)
+    with pytest.raises(qs.InvalidArgument, match=reason):
+        llm.stream("Hello", max_new_tokens=4, policy=policy, speculative=method)  # not iterated
+    batch = llm.open_batch(max_rows=2, max_len=64, policy=policy)
+    with pytest.raises(qs.InvalidArgument, match=reason):
+        batch.submit("Hello", max_new_tokens=4, speculative=method)
+    assert not batch.has_work
+    engine = llm.engine
+    engine.set_policy(None if policy is None else qs.load_policy(policy))
+    steps = engine.counter.total
+    with pytest.raises(QuicksilverError, match=reason):
+        engine.generate([[5, 6, 7]], 4, speculative=SpeculativeConfig(method=method))
+    assert engine.counter.total == steps  # refused before any forward

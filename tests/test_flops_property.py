@@ -254,7 +254,7 @@ def test_counted_flops_equal_executed_flops(
     counter.reset()
     with monkeypatch.context() as patch, observed(patch) as executed:
         if new_tokens:
-            engine.generate(prompts, max_new_tokens=new_tokens, stop_ids=[])
+            engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
         else:
             tokens = torch.tensor([prompts[0]])
             cache = engine.new_cache(1, len(prompts[0]))

@@ -38,8 +38,8 @@ def one_thread():
 def test_batched_generation_equals_each_row_alone(model, name: str) -> None:
     engine = make_engine(model, CONFIGS[name])
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    together = engine.generate(prompts, 6, stop_ids=[]).tokens
-    alone = [engine.generate([p], 6, stop_ids=[]).tokens[0] for p in prompts]
+    together = engine.generate(prompts, 6, ignore_eos=True).tokens
+    alone = [engine.generate([p], 6, ignore_eos=True).tokens[0] for p in prompts]
     assert together == alone
 
 

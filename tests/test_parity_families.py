@@ -105,7 +105,9 @@ def test_cached_decode_logits_match_transformers(zoo: TinyZoo, name: str) -> Non
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_matches_transformers(zoo: TinyZoo, name: str) -> None:
     prompts = _tokens(2, 10, seed=3)
-    ours = Engine(zoo.load(name, True).model).generate(prompts.tolist(), NEW_TOKENS, stop_ids=[])
+    ours = Engine(zoo.load(name, True).model).generate(
+        prompts.tolist(), NEW_TOKENS, ignore_eos=True
+    )
     expected = _hf_greedy(zoo.hf(name), prompts, torch.ones_like(prompts))
     assert ours.tokens == expected
 
@@ -115,8 +117,8 @@ def test_ragged_batch_matches_each_prompt_alone(zoo: TinyZoo, name: str) -> None
     lengths = (5, 12, 8)
     prompts = [_tokens(1, n, seed=10 + n)[0].tolist() for n in lengths]
     engine = Engine(zoo.load(name, True).model)
-    batched = engine.generate(prompts, NEW_TOKENS, stop_ids=[]).tokens
-    alone = [engine.generate([p], NEW_TOKENS, stop_ids=[]).tokens[0] for p in prompts]
+    batched = engine.generate(prompts, NEW_TOKENS, ignore_eos=True).tokens
+    alone = [engine.generate([p], NEW_TOKENS, ignore_eos=True).tokens[0] for p in prompts]
     assert batched == alone
     # transformers on the same left-padded batch, positions derived from the attention mask.
     ids, mask = _left_pad(prompts)

@@ -382,7 +382,7 @@ def test_left_padded_prompt_equals_prompt_alone(model: Transformer, name: str) -
 def test_generation_runs_under_every_config(model: Transformer, name: str) -> None:
     """Decode steps on a cache that the policy shaped (hidden, zeroed, fused entries)."""
     engine = make_engine(model, MATRIX[name])
-    result = engine.generate(tokens_for(6, 2, 9).tolist(), max_new_tokens=4, stop_ids=[])
+    result = engine.generate(tokens_for(6, 2, 9).tolist(), max_new_tokens=4, ignore_eos=True)
     assert [len(t) for t in result.tokens] == [4, 4]
     assert result.flops["head_tokens"] == 2 * 4
 

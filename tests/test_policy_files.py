@@ -136,6 +136,41 @@ def test_empty_file_is_the_dense_policy(tmp_path: Path) -> None:
     assert load_policy(_file(tmp_path, "q.yaml", "# nothing\n")).is_off
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("p.yaml", "halting:\n"),
+        ("p.yaml", "halting: {}\n"),
+        ("p.json", '{"halting": {}}'),
+        ("p.json", '{"fusion": null, "kv_skip": {"treatment": "skip"}}'),
+    ],
+)
+def test_mechanism_named_without_settings_is_refused(tmp_path: Path, name: str, text: str) -> None:
+    """``halting:`` alone would run the dense model while claiming a halting policy."""
+    message = _error(_file(tmp_path, name, text))
+    mechanism = "fusion" if "fusion" in text else "halting"
+    assert f"policy {mechanism!r} is named with no settings" in message
+    assert ", ".join(param for param, _, _ in REGISTRY[mechanism].parameters()) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("mechanism", [n for n in REGISTRY if n != "kv_skip"])
+def test_mapping_naming_a_mechanism_without_settings_is_refused(mechanism: str) -> None:
+    for section in ({}, None):
+        assert f"policy {mechanism!r} is named with no settings" in _error({mechanism: section})
+    # A setting given by --set is a setting.
+    knob = {"halting": "drift=0.1", "fusion": "threshold=0.5", "matryoshka": "fixed_bits=4"}
+    if mechanism in knob:
+        assert not load_policy({mechanism: {}}, [f"{mechanism}.{knob[mechanism]}"]).is_off
+
+
+def test_kv_skip_without_settings_is_its_documented_default() -> None:
+    """kv_skip only says what halted tokens leave behind; its default ("propagate") is what
+    they get without it, so naming it bare is not a silent dense run of something asked for."""
+    policy = load_policy({"halting": {"drift": 0.1}, "kv_skip": {}})
+    assert policy.kv_treatment == "propagate"
+
+
 # ----------------------------------------------------------------------------- load_policy specs
 
 

@@ -127,6 +127,28 @@ def test_missing_directory_is_refused(tmp_path: Path) -> None:
     assert "does not exist" in message and str(tmp_path / "no" / "such") in message
 
 
+@pytest.mark.parametrize(
+    ("name", "existing"), [("out/", ""), ("out/.", ""), ("out/dir/", "out"), ("out/dir/.", "out")]
+)
+def test_name_of_a_missing_directory_is_refused(
+    name: str, existing: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``out/dir/`` names a directory, not a file ``dir`` to create inside ``out`` (Path drops
+    the trailing separator, so without this check the JSON would land in a file ``out/dir``)."""
+    monkeypatch.chdir(tmp_path)
+    if existing:
+        (tmp_path / existing).mkdir()
+    message = _refused(name)
+    assert f"output path {name} names a directory" in message and "does not exist" in message
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == (
+        [existing] if existing else []
+    )
+
+
+def test_existing_directory_with_trailing_separator_is_refused(tmp_path: Path) -> None:
+    assert "is a directory" in _refused(f"{tmp_path}{os.sep}")
+
+
 @pytest.mark.parametrize("below", ["out.json", "sub/out.json"])
 def test_parent_that_is_a_file_is_refused(tmp_path: Path, below: str) -> None:
     blocker = tmp_path / "file.txt"

@@ -294,6 +294,57 @@ def test_invalid_policies_are_400(client, value) -> None:
     assert caught.value.body["message"]
 
 
+FUSION = {"fusion": {"threshold": 0.5, "start_layer": 0}}
+UNRUNNABLE_DRAFTING = {
+    "planes_without_matryoshka": ({"speculative": {"method": "planes"}}, "'planes'"),
+    "planes_under_halting": ({"policy": HALTING, "speculative": "planes"}, "'planes'"),
+    "fusion_policy_with_ngram": ({"policy": FUSION, "speculative": "ngram"}, "fusion"),
+    "fusion_set_with_ngram": (
+        {"set": ["fusion.threshold=0.5", "fusion.start_layer=0"], "speculative": "ngram"},
+        "fusion",
+    ),
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("name", UNRUNNABLE_DRAFTING)
+def test_drafting_that_cannot_run_is_400(server: BackgroundServer, name: str, stream: bool) -> None:
+    """Refused when the request is checked: a 400 with the reason, never a 500, and never a
+    200 stream whose first token arrives before the error does."""
+    value, reason = UNRUNNABLE_DRAFTING[name]
+    for path, body in (
+        ("/v1/completions", {"prompt": "Hello", "max_tokens": 4}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+    ):
+        response = _post(
+            server, path, json={**body, "model": "tiny", "stream": stream, "quicksilver": value}
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == "quicksilver" and reason in error["message"]
+
+
+def test_drafting_is_checked_against_the_servers_defaults(model_dir: Path) -> None:
+    """The server's default policy or drafting counts as the request's own when it names none."""
+    settings = Settings(model_name="tiny", speculative=qs.speculative_config("ngram"))
+    with BackgroundServer(load(model_dir), settings) as server:
+        body = {"model": "tiny", "prompt": "Hello", "max_tokens": 4}
+        plain = _post(server, "/v1/completions", json=body)
+        assert plain.status_code == 200, plain.text
+        fused = _post(server, "/v1/completions", json={**body, "quicksilver": {"policy": FUSION}})
+        assert fused.status_code == 400 and "fusion" in fused.json()["error"]["message"]
+    # Both defaults (`quicksilver serve` refuses this pair at startup; an app built directly
+    # may still hold it): a request naming neither is refused, not failed with a 500.
+    settings = Settings(
+        model_name="tiny",
+        default_policy=qs.load_policy(FUSION),
+        speculative=qs.speculative_config("ngram"),
+    )
+    with BackgroundServer(load(model_dir), settings) as server:
+        refused = _post(server, "/v1/completions", json=body)
+        assert refused.status_code == 400 and "fusion" in refused.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- bad requests
 
 
@@ -403,6 +454,22 @@ def test_api_key(model_dir: Path) -> None:
         right = openai.OpenAI(base_url=server.url + "/v1", api_key="sesame", max_retries=0)
         assert right.models.list().data[0].id == "tiny"
         assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_api_key_scheme_is_case_insensitive(model_dir: Path) -> None:
+    """HTTP auth schemes are case-insensitive (RFC 9110): ``bearer`` and ``BEARER`` work; the
+    key itself is still compared exactly."""
+    settings = Settings(model_name="tiny", api_key="sesame")
+    with BackgroundServer(load(model_dir), settings) as server:
+
+        def status(header: str) -> int:
+            answer = httpx.get(server.url + "/v1/models", headers={"Authorization": header})
+            return answer.status_code
+
+        for header in ("Bearer sesame", "bearer sesame", "BEARER sesame", "bEaReR  sesame"):
+            assert status(header) == 200, header
+        for header in ("bearer SESAME", "Basic sesame", "sesame", "bearer", "Bearersesame"):
+            assert status(header) == 401, header
 
 
 # ---------------------------------------------------------------- continuous batching

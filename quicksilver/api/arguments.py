@@ -10,6 +10,7 @@ from typing import Any
 
 from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
+from quicksilver.runtime.drafting import SpeculativeConfig, speculative_policy_error
 
 # What ``use`` and every ``policy=`` argument accept (see ``load_policy``).
 PolicySpec = Policy | str | os.PathLike[str] | Mapping[str, Any] | None
@@ -81,3 +82,12 @@ def prompt_items(prompts: Any) -> list[Any]:
     if not items:
         raise InvalidArgument("no prompts given")
     return items
+
+
+def check_drafting(policy: Policy | None, speculative: SpeculativeConfig | None) -> None:
+    """Refuse drafting that cannot run under the policy it would run with (fusion with any
+    drafter, 'planes' without Matryoshka width-8 alone), when the request is checked: found
+    at the first decode step, the refusal would come after the first token was streamed."""
+    error = speculative_policy_error(policy, speculative)
+    if error is not None:
+        raise InvalidArgument(error)

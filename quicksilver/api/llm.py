@@ -19,6 +19,7 @@ from quicksilver.api import evaluation
 from quicksilver.api.arguments import (
     PolicySpec,
     Prompt,
+    check_drafting,
     count,
     flag,
     integer,
@@ -210,18 +211,20 @@ class LLM:
         policy: PolicySpec = None,
         chat: bool = False,
         speculative: Any = None,
+        ignore_eos: bool = False,
     ) -> GenerationOutput:
         """Continue one prompt or a batch (texts, token ids, or lists of either), batched.
 
         A row ends at an EOS or one of ``stop_ids`` (kept in its tokens), at a ``stop``
-        string (its text is cut before it) or after ``max_new_tokens``. ``temperature=0``
+        string (its text is cut before it) or after ``max_new_tokens``; ``ignore_eos=True``
+        turns the EOS stop off (``stop_ids`` still apply), as in vLLM. ``temperature=0``
         is greedy; ``seed`` makes sampling reproducible. ``chat`` wraps text prompts in the
         tokenizer's chat template. ``speculative`` (default: the one given to ``load``)
         drafts tokens that the full model verifies: the same tokens in fewer forwards.
         """
         request = self._request(
             prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, policy,
-            chat, speculative=speculative,
+            chat, speculative=speculative, ignore_eos=ignore_eos,
         )  # fmt: skip
         run = self._run(request)
         while True:
@@ -244,6 +247,7 @@ class LLM:
         policy: PolicySpec = None,
         chat: bool = False,
         speculative: Any = None,
+        ignore_eos: bool = False,
     ) -> Stream:
         """``generate`` for one prompt, as text pieces while they are produced.
 
@@ -254,12 +258,14 @@ class LLM:
         self._loaded.text_tokenizer()  # streaming text needs one
         request = self._request(
             prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, stop_ids, policy,
-            chat, speculative=speculative,
+            chat, speculative=speculative, ignore_eos=ignore_eos,
         )  # fmt: skip
         if len(request.prompts) != 1:
             raise InvalidArgument(
                 "stream takes one prompt (a text or token ids); use generate for a batch"
             )
+        policy = request.policy if request.policy is not None else self._scoped_policy()
+        check_drafting(policy, request.speculative)  # now, not at the first piece
         return Stream(self._run(request))
 
     def open_batch(
@@ -296,6 +302,7 @@ class LLM:
         chat: Any,
         logprobs: Any = None,
         speculative: Any = None,
+        ignore_eos: Any = False,
     ) -> Request:
         """Check every argument and encode the prompts, before any work."""
         chat = flag("chat", chat)
@@ -317,7 +324,8 @@ class LLM:
         stops = stop_strings(stop)
         if stops and self.tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer, and this model ships none")
-        extra_ids = None if stop_ids is None else self._ids(stop_ids, "stop_ids", allow_empty=True)
+        extra_ids = [] if stop_ids is None else self._ids(stop_ids, "stop_ids", allow_empty=True)
+        ignore_eos = flag("ignore_eos", ignore_eos)
         if logprobs is not None:
             logprobs = integer("logprobs", logprobs)
             if not 0 <= logprobs <= MAX_LOGPROBS:
@@ -327,8 +335,8 @@ class LLM:
             max_new_tokens=max_new_tokens,
             sampling=sampling,
             stop=stops,
-            # Stop ids end a row in addition to the model's EOS, as in vLLM.
-            stop_ids=frozenset([*self.config.eos_token_ids, *(extra_ids or [])]),
+            # Stop ids end a row in addition to the model's EOS (unless ignored), as in vLLM.
+            stop_ids=frozenset([*([] if ignore_eos else self.config.eos_token_ids), *extra_ids]),
             policy=None if policy is None else self._policy(policy),
             logprobs=logprobs,
             speculative=self._speculative(speculative),

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from quicksilver.api.arguments import PolicySpec, Prompt, count
+from quicksilver.api.arguments import PolicySpec, Prompt, check_drafting, count
 from quicksilver.api.records import BatchEvent, Completion
 from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
@@ -94,10 +94,12 @@ class Batch:
         speculative: Any = None,
         chat: bool = False,
         n: int = 1,
+        ignore_eos: bool = False,
     ) -> list[int]:
         """Queue ``n`` continuations of one prompt (a text or token ids); returns their
         request ids. They start at the next step that has a free row. A seed is shared by
-        the ``n`` rows (one generator), so each draws different text, reproducibly."""
+        the ``n`` rows (one generator), so each draws different text, reproducibly.
+        ``stop_ids`` add to the model's EOS; ``ignore_eos`` turns the EOS stop off."""
         request = self._llm._request(
             prompt,
             max_new_tokens,
@@ -111,6 +113,7 @@ class Batch:
             chat,
             logprobs=logprobs,
             speculative=speculative,
+            ignore_eos=ignore_eos,
         )
         if len(request.prompts) != 1:
             raise InvalidArgument("submit takes one prompt; call it once per prompt")
@@ -118,6 +121,7 @@ class Batch:
 
     def add(self, request: Request, copies: int = 1) -> list[int]:
         """Queue an already checked request: each prompt ``copies`` times."""
+        check_drafting(self.policy, request.speculative)
         specs = [
             RowSpec(
                 tuple(prompt),

@@ -44,16 +44,15 @@ def default_documents(llm: LLM, count: int, tokens: int) -> tuple[list[str], str
 def run_generation(
     llm: LLM, prompts: list[list[int]], batch: int, new_tokens: int, speculative: Any, policy: Any
 ) -> dict[str, Any]:
-    """All prompts, ``batch`` at a time: tokens, seconds and what drafting did."""
+    """All prompts, ``batch`` at a time: tokens, seconds and what drafting did. A row ends at
+    EOS (or after ``new_tokens``), the same way with and without drafting."""
     tokens, seconds, forwards = [], 0.0, 0
     drafts = accepted = draft_flops = verify_flops = 0
     calibration = 0.0
     for start in range(0, len(prompts), batch):
         rows = prompts[start : start + batch]
         begin = time.perf_counter()
-        out = llm.generate(
-            rows, max_new_tokens=new_tokens, speculative=speculative, policy=policy, stop_ids=[]
-        )
+        out = llm.generate(rows, max_new_tokens=new_tokens, speculative=speculative, policy=policy)
         record = out.speculative or {}
         calibration += record.get("calibration_seconds", 0.0)
         seconds += time.perf_counter() - begin

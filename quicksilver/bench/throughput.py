@@ -116,10 +116,10 @@ def bench_engine(
     before = counter.total
     engine.prefill(rows, new_tokens)  # warm-up for prefill, and its FLOP count
     prefill_flops = counter.total - before
-    engine.generate(rows, new_tokens, stop_ids=[])  # warm-up for decode
+    engine.generate(rows, new_tokens, ignore_eos=True)  # warm-up for decode
     prefill, decode = [], []
     for _ in range(repeats):
-        result = engine.generate(rows, new_tokens, stop_ids=[])
+        result = engine.generate(rows, new_tokens, ignore_eos=True)
         prefill.append(result.prefill_seconds)
         decode.append(result.decode_seconds)
     out = summary_record(batch_size, len(rows[0]), new_tokens, prefill, decode)

@@ -15,7 +15,12 @@ from quicksilver.bench import speculative, throughput
 from quicksilver.cli.checks import check_compare, check_output, require_positive, set_threads
 from quicksilver.cli.console import show
 from quicksilver.cli.generate import check_group_size, mark_group_size_default
-from quicksilver.cli.inputs import int4_group_size, load_llm, load_policy_args
+from quicksilver.cli.inputs import (
+    check_speculative_policy,
+    int4_group_size,
+    load_llm,
+    load_policy_args,
+)
 from quicksilver.cli.options import add_compare, add_format_options, add_policy_args
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import format_table
@@ -170,6 +175,8 @@ def run_speculative(args: argparse.Namespace) -> int:
     for size in args.batch_sizes:
         require_positive(batch_sizes=size)
     policy = load_policy_args(args)
+    for method in args.speculative:
+        check_speculative_policy(policy, {"method": method})
     json_path = check_output(args.json, args)
     set_threads(args.threads)
     args.weights = args.weights[0] if args.weights else None

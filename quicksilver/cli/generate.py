@@ -18,6 +18,7 @@ from quicksilver.cli.checks import (
 from quicksilver.cli.console import printable, say, show
 from quicksilver.cli.inputs import (
     check_model_args,
+    check_speculative_policy,
     load_llm,
     load_policy_args,
     read_prompts,
@@ -98,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     speculative = speculative_setting(args)
     prompts = read_prompts(args)
     policy = load_policy_args(args)
+    check_speculative_policy(policy, speculative)
     json_path = check_output(args.json, args)
     set_threads(args.threads)
 

@@ -18,7 +18,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy, load_policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
-from quicksilver.runtime.drafting import speculative_config
+from quicksilver.runtime.drafting import speculative_config, speculative_policy_error
 from quicksilver.text import encode_stream
 
 
@@ -141,3 +141,12 @@ def speculative_setting(args: argparse.Namespace) -> dict | None:
         setting["num_tokens"] = args.speculative_tokens
     speculative_config(setting)  # refused here, before the model loads
     return setting
+
+
+def check_speculative_policy(policy: Policy, setting: dict | None) -> None:
+    """Refuse --speculative with a policy it cannot run under (fusion; 'planes' without
+    Matryoshka width 8 alone) before the model loads, not after the first token is printed.
+    """
+    error = speculative_policy_error(policy, speculative_config(setting))
+    if error is not None:
+        raise QuicksilverError(error)

@@ -14,7 +14,13 @@ import quicksilver as qs
 from quicksilver.cli.checks import require_positive, set_threads
 from quicksilver.cli.console import say
 from quicksilver.cli.generate import check_group_size, mark_group_size_default
-from quicksilver.cli.inputs import check_model_args, load_llm, load_policy_args, speculative_setting
+from quicksilver.cli.inputs import (
+    check_model_args,
+    check_speculative_policy,
+    load_llm,
+    load_policy_args,
+    speculative_setting,
+)
 from quicksilver.cli.options import add_dtype, add_policy_args, add_speculative_args
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.loading import DEFAULT_MODEL, parse_dtype
@@ -117,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
     parse_dtype(args.dtype)
     check_listen_address(args.host, args.port)
     policy = load_policy_args(args)
+    check_speculative_policy(policy, speculative)  # the default every request may get
     set_threads(args.threads)
     api_key = args.api_key or os.environ.get("QUICKSILVER_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:

@@ -161,7 +161,7 @@ class GenerationQuality:
 
 
 def _run(engine: Engine, batches: list[list[list[int]]], new: int) -> list[GenerationResult]:
-    return [engine.generate(batch, new, stop_ids=[]) for batch in batches]
+    return [engine.generate(batch, new, ignore_eos=True) for batch in batches]
 
 
 def _prefill_cost(results: list[GenerationResult]) -> float:

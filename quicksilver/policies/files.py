@@ -18,7 +18,7 @@ import yaml
 
 from quicksilver.outputs import write_text_atomic
 from quicksilver.policies.base import PolicyConfigError
-from quicksilver.policies.stack import PRESETS, Policy
+from quicksilver.policies.stack import PRESETS, REGISTRY, Policy
 
 # A policy is a few hundred bytes and a calibration record with its trials a few kilobytes;
 # anything this large is the wrong file, and parsing it would only waste time and memory.
@@ -72,7 +72,28 @@ def load_policy(
             f"{{mechanism: {{parameter: value}}}} or a Policy, got {type(spec).__name__}"
         )
     _apply_overrides(config, overrides)
-    return Policy.from_config(check_policy_config(config, "the policy configuration"))
+    config = check_policy_config(config, "the policy configuration")
+    _refuse_unset_mechanisms(config)
+    return Policy.from_config(config)
+
+
+def _refuse_unset_mechanisms(config: dict[str, Any]) -> None:
+    """Refuse a mechanism named with no settings (``halting: {}`` or a bare ``halting:``) whose
+    defaults do nothing: the user asked for the mechanism, and quietly running the dense model
+    instead would report a policy that never acted. ``kv_skip: {}`` is kept: it is a modifier
+    whose default treatment ("propagate") is documented as what halted tokens get anyway."""
+    for name, section in config.items():
+        cls = REGISTRY.get(name)
+        if section or cls is None:  # unknown names are reported by Policy.from_config
+            continue
+        default = cls()
+        if default.is_off and default.kv_treatment is None:
+            settings = ", ".join(param for param, _, _ in cls.parameters())
+            raise PolicyConfigError(
+                f"policy {name!r} is named with no settings, so it would do nothing (the dense "
+                f"model); give it at least one setting, from: {settings} (see `quicksilver "
+                "policies`)"
+            )
 
 
 def _apply_overrides(config: dict[str, Any], overrides: Sequence[str] | None) -> None:

@@ -32,7 +32,12 @@ import torch
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.cache import sequence_fit_error
 from quicksilver.runtime.drafter import Drafter
-from quicksilver.runtime.drafting import SpeculativeConfig, accept_drafts
+from quicksilver.runtime.drafting import (
+    FUSION_NOT_VERIFIABLE,
+    SpeculativeConfig,
+    accept_drafts,
+    splits_change_output,
+)
 from quicksilver.runtime.sampling import SamplingConfig, check_logits, make_generator, sample_next
 
 if TYPE_CHECKING:  # the runner drives generation through this module, never the reverse
@@ -259,11 +264,8 @@ class StepBatch:
     def _decode(self, n: int, events: dict[int, RowEvent]) -> None:
         rows = self._running[:n]
         if any(row.spec.speculative is not None for row in rows):
-            if splits_change_output(self.engine.policy):
-                raise QuicksilverError(
-                    "verified decoding is exact only when tokens do not interact inside a "
-                    "forward; fusion merges them, so turn fusion off or speculative off"
-                )
+            if splits_change_output(self.engine.policy):  # callers check it up front too
+                raise QuicksilverError(FUSION_NOT_VERIFIABLE)
             # Every row feeds k + 1 tokens (short drafts padded, then rolled back): keep the
             # furthest slot inside the cache, whose slots are all valid positions.
             room = self.max_len - 1 - int(self.cache.lengths[:n].max())
@@ -438,13 +440,6 @@ def room_for(config, needed: int, speculative: SpeculativeConfig | None) -> int:
     draft past the end (rows feed the batch's longest draft), within the model's positions."""
     extra = speculative.max_tokens if speculative is not None else 0
     return max(needed, min(needed + extra, config.max_position_embeddings))
-
-
-def splits_change_output(policy) -> bool:
-    """Whether feeding tokens in one forward or in several gives different results under
-    ``policy``: fusion merges a token into the next one of the same forward, so a prompt
-    fed in chunks, or drafts verified together, would not be what plain decoding computes."""
-    return policy is not None and any(m.name == "fusion" for m in policy.active)
 
 
 def left_padded(prompt: Sequence[int], width: int, pad: int) -> torch.Tensor:

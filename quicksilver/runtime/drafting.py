@@ -32,6 +32,7 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.sampling import SamplingConfig, probabilities
+from quicksilver.runtime.self_draft import plane_policy_error
 
 METHODS = ("ngram", "layers", "planes", "auto")
 MODEL_METHODS = ("layers", "planes")  # drafters that run the model
@@ -101,6 +102,34 @@ def speculative_config(value: Any) -> SpeculativeConfig | None:
         f"speculative must be a method name ({', '.join(METHODS)}) or a mapping, "
         f"got {type(value).__name__}"
     )
+
+
+FUSION_NOT_VERIFIABLE = (
+    "verified decoding is exact only when tokens do not interact inside a forward; fusion "
+    "merges them, so turn fusion off or speculative off"
+)
+
+
+def splits_change_output(policy) -> bool:
+    """Whether feeding tokens in one forward or in several gives different results under
+    ``policy``: fusion merges a token into the next one of the same forward, so a prompt
+    fed in chunks, or drafts verified together, would not be what plain decoding computes."""
+    return policy is not None and any(m.name == "fusion" for m in policy.active)
+
+
+def speculative_policy_error(policy, speculative: SpeculativeConfig | None) -> str | None:
+    """Why ``speculative`` cannot run under ``policy`` (None: it can, or nothing drafts).
+
+    Both refusals follow from the settings alone, so callers check them with the request,
+    before any work: found at the first decode step instead, they would come after the
+    first token was already streamed (and, in the server, after a 200 was sent)."""
+    if speculative is None:
+        return None
+    if splits_change_output(policy):
+        return FUSION_NOT_VERIFIABLE
+    if speculative.method == "planes":
+        return plane_policy_error(policy)
+    return None
 
 
 def ngram_draft(history: list[int], limit: int, max_ngram: int, min_ngram: int = 1) -> list[int]:

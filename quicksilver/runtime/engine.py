@@ -293,6 +293,10 @@ class Engine:
         stop_ids: Sequence[int] | None = None,
         on_token: TokenCallback | None = None,
         speculative: SpeculativeConfig | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
-        """Batched generation through the step core (``runtime.generate``)."""
-        return generate(self, prompts, max_new_tokens, sampling, stop_ids, on_token, speculative)
+        """Batched generation through the step core (``runtime.generate``): ``stop_ids`` add
+        to the model's EOS ids; ``ignore_eos`` turns the EOS stop off."""
+        return generate(
+            self, prompts, max_new_tokens, sampling, stop_ids, on_token, speculative, ignore_eos
+        )

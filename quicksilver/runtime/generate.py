@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.batch import RowSpec, StepBatch, room_for
-from quicksilver.runtime.drafting import SpeculativeConfig
+from quicksilver.runtime.drafting import SpeculativeConfig, speculative_policy_error
 from quicksilver.runtime.sampling import SamplingConfig, make_generator
 
 if TYPE_CHECKING:
@@ -52,14 +52,23 @@ def generate(
     stop_ids: Sequence[int] | None = None,
     on_token: TokenCallback | None = None,
     speculative: SpeculativeConfig | None = None,
+    ignore_eos: bool = False,
 ) -> GenerationResult:
     """Every prompt to its end in one StepBatch (all prompts prefilled together, as one
-    left-padded block); each row stops at a stop id (default: the model's EOS ids) or after
-    ``max_new_tokens`` and leaves the batch at once."""
+    left-padded block); each row stops at one of the model's EOS ids, at one of ``stop_ids``
+    or after ``max_new_tokens``, and leaves the batch at once.
+
+    ``stop_ids`` add to EOS, as in ``LLM.generate`` (and vLLM): one meaning everywhere.
+    ``ignore_eos`` turns the EOS stop off, for runs that need every row to reach
+    ``max_new_tokens`` (throughput, position-by-position comparisons).
+    """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise QuicksilverError("every prompt must contain at least one token")
     if max_new_tokens < 1:
         raise QuicksilverError("max_new_tokens must be at least 1")
+    error = speculative_policy_error(engine.policy, speculative)
+    if error is not None:
+        raise QuicksilverError(error)
     longest = max(len(p) for p in prompts)
     batch = StepBatch(
         engine,
@@ -67,7 +76,8 @@ def generate(
         max_len=room_for(engine.config, longest + max_new_tokens - 1, speculative),
         prefill_tokens=len(prompts) * longest,
     )
-    stops = frozenset(engine.config.eos_token_ids if stop_ids is None else stop_ids)
+    eos = () if ignore_eos else engine.config.eos_token_ids
+    stops = frozenset([*eos, *(stop_ids or ())])
     sampling = sampling or SamplingConfig()
     ids = [
         batch.admit(RowSpec(tuple(p), max_new_tokens, sampling, stops, speculative=speculative))

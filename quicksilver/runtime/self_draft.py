@@ -56,18 +56,28 @@ def skip_layers(n_layers: int, skipped: tuple[int, ...] | list[int]) -> DraftSha
     return DraftShape(layers=frozenset(range(n_layers)) - frozenset(skipped))
 
 
-def plane_shape(engine: Engine) -> DraftShape:
-    """The width-4 draft of a model running Matryoshka codes at width 8 through the int4
-    planes kernel: every linear gets a width-4 product over the planes it already stores (the
-    hi plane; nothing new is stored). Refused, in one line, anywhere else."""
-    policy = engine.policy
+def plane_policy_error(policy) -> str | None:
+    """Why method 'planes' cannot draft under ``policy`` (None: it can). It needs the stored
+    width-8 Matryoshka codes and nothing else changing the forward; known from the policy
+    alone, so a request is refused when it is checked, before any token."""
     mechanism = None if policy is None else policy.get("matryoshka")
     if mechanism is None or mechanism.fixed_bits != PLANE_VERIFY_BITS or len(policy.active) != 1:
-        raise QuicksilverError(
+        return (
             "speculative method 'planes' drafts with the 4-bit plane of Matryoshka width-8 "
             "weights: run it under the policy {'matryoshka': {'fixed_bits': 8}} (alone), or "
             "choose 'ngram', 'layers' or 'auto'"
         )
+    return None
+
+
+def plane_shape(engine: Engine) -> DraftShape:
+    """The width-4 draft of a model running Matryoshka codes at width 8 through the int4
+    planes kernel: every linear gets a width-4 product over the planes it already stores (the
+    hi plane; nothing new is stored). Refused, in one line, anywhere else."""
+    error = plane_policy_error(engine.policy)
+    if error is not None:
+        raise QuicksilverError(error)
+    mechanism = engine.policy.get("matryoshka")
     for block in engine.model.blocks:
         for linear in (block.attn.qkv, block.attn.out, block.mlp.up, block.mlp.down):
             verify = linear.narrow.get(PLANE_VERIFY_BITS)

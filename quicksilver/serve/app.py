@@ -120,12 +120,11 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next: Any) -> Response:
-        if settings.api_key and request.url.path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {settings.api_key}".encode()):
-                err = APIError("missing or wrong API key (Authorization: Bearer ...)", 401)
-                metrics.request(route_label(request), 401)
-                return JSONResponse(err.body(), status_code=401)
+        key, given = settings.api_key, request.headers.get("authorization", "")
+        if key and request.url.path not in OPEN_PATHS and not bearer_matches(given, key):
+            err = APIError("missing or wrong API key (Authorization: Bearer ...)", 401)
+            metrics.request(route_label(request), 401)
+            return JSONResponse(err.body(), status_code=401)
         return await call_next(request)
 
     async def read_json(request: Request) -> Any:
@@ -162,7 +161,9 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
         protocol.check_model(body, settings.model_names)
         parse = protocol.parse_chat if kind == "chat" else protocol.parse_completion
         spec = parse(body, llm, settings.model_name, settings.max_batch_size)
-        job = Job(spec, spec.policy or settings.default_policy, asyncio.get_running_loop())
+        policy = spec.policy or settings.default_policy
+        protocol.check_drafting(policy, spec.speculative or settings.speculative)
+        job = Job(spec, policy, asyncio.get_running_loop())
         scheduler.submit(job)
         endpoint = route_label(request)
         if spec.stream:
@@ -323,6 +324,17 @@ def create_app(llm: qs.LLM, settings: Settings, scheduler: Scheduler | None = No
         }
 
     return app
+
+
+def bearer_matches(header: str, key: str) -> bool:
+    """Whether an ``Authorization`` header carries ``key`` as a bearer token.
+
+    The scheme is case-insensitive (RFC 9110 11.1: ``bearer`` and ``BEARER`` are ``Bearer``);
+    the key itself is compared exactly, in constant time.
+    """
+    scheme, _, token = header.strip().partition(" ")
+    matches = hmac.compare_digest(token.strip().encode(), key.encode())
+    return scheme.lower() == "bearer" and matches
 
 
 def _sse(data: dict) -> str:

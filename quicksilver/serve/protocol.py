@@ -18,6 +18,7 @@ from typing import Any
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import PRESETS
+from quicksilver.runtime.drafting import speculative_policy_error
 from quicksilver.serve.errors import APIError
 from quicksilver.text import check_text
 
@@ -366,6 +367,15 @@ def chat_prompt(messages: Any, llm: qs.LLM) -> list[int]:
     if not ids:
         raise APIError("the messages encode to no tokens", param="messages")
     return ids
+
+
+def check_drafting(policy: qs.Policy | None, speculative: qs.SpeculativeConfig | None) -> None:
+    """A 400 for drafting that cannot run under the policy the request runs with (each the
+    request's own or the server's default): checked before the job is queued, since a
+    streamed answer has sent its 200 and first token by the time a decode step finds it."""
+    error = speculative_policy_error(policy, speculative)
+    if error is not None:
+        raise APIError(f"invalid speculative setting: {error}", param="quicksilver")
 
 
 # ---------------------------------------------------------------- the two endpoints
