@@ -32,6 +32,7 @@ import ast
 import gzip
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -271,7 +272,7 @@ def write_markdown(
         f"({plain / seconds:.2f}x)"
         for method, (tokens, seconds, plain) in grounded.items()
     ]
-    command = " ".join(sys.argv[1:])
+    command = shlex.join(sys.argv[1:])
     plan = "\n".join(f"- {line}" for line in speculative.plan_lines(report["plan"]))
     if args.prompt_set == "code":
         prompts_text = (
