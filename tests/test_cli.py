@@ -78,7 +78,7 @@ CALIBRATE_HALTING += ["--set", "halting.relative_drift=0.2"]
         (["generate"], "--prompt"),
         (["bench", "--batch-sizes", "0"], "--batch-sizes"),
         (["bench", "--compare", "vllm"], "cannot compare"),
-        (["eval", "--compare", "llama.cpp"], "cannot compare"),
+        (["eval", "--compare", "vllm"], "cannot compare"),
         (["bench", "--weights", "int3"], "unknown weights"),
         (["generate", "--prompt", "x", "--weights", "float32"], "differs from dtype"),
         (["generate", "--prompt", "x", "--weights", "int4", "--group-size", "48"], "group size"),
