@@ -8,6 +8,7 @@ from pathlib import Path
 
 import quicksilver as qs
 from quicksilver.api import LLM, weight_format
+from quicksilver.api.arguments import check_drafting
 from quicksilver.cli.checks import utf8
 from quicksilver.cli.console import say
 from quicksilver.errors import QuicksilverError
@@ -18,7 +19,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy, load_policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
-from quicksilver.runtime.drafting import speculative_config, speculative_policy_error
+from quicksilver.runtime.drafting import speculative_config
 from quicksilver.text import encode_stream
 
 
@@ -147,6 +148,4 @@ def check_speculative_policy(policy: Policy, setting: dict | None) -> None:
     """Refuse --speculative with a policy it cannot run under (fusion; 'planes' without
     Matryoshka width 8 alone) before the model loads, not after the first token is printed.
     """
-    error = speculative_policy_error(policy, speculative_config(setting))
-    if error is not None:
-        raise QuicksilverError(error)
+    check_drafting(policy, speculative_config(setting))

@@ -10,6 +10,7 @@ bench), stop tokens ignored.
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -48,47 +49,32 @@ def llama_cpp_perplexity(
 
     from quicksilver.eval.perplexity import window_plan
 
-    _, low = _bindings()
-    low.llama_backend_init()
-    silent = low.llama_log_callback(lambda level, text, data: None)
-    low.llama_log_set(silent, ctypes.c_void_p())
-    model = low.llama_model_load_from_file(str(gguf).encode(), low.llama_model_default_params())
-    if not model:
-        raise QuicksilverError(f"llama.cpp could not load {gguf}")
-    params = low.llama_context_default_params()
-    params.n_ctx = params.n_batch = params.n_ubatch = context
-    params.n_threads = params.n_threads_batch = threads
-    ctx = low.llama_init_from_model(model, params)
-    if not ctx:
-        raise QuicksilverError("llama.cpp could not create a context")
-    n_vocab = low.llama_vocab_n_tokens(low.llama_model_get_vocab(model))
-    batch = low.llama_batch_init(context, 0, 1)
-    plan = window_plan(len(token_ids), context, stride)[:max_windows]
+    runner = LlamaCppRunner(gguf, max_rows=1, max_tokens=context, threads=threads)
+    low, batch = runner.low, runner.batch
     nll, scored = 0.0, 0
     try:
-        for begin, end, n_scored in plan:
-            low.llama_memory_clear(low.llama_get_memory(ctx), True)
-            first_scored = end - begin - n_scored  # position whose token is the first target
+        for begin, end, n_scored in window_plan(len(token_ids), context, stride)[:max_windows]:
+            low.llama_memory_clear(low.llama_get_memory(runner.ctx), True)
+            length = end - begin
+            first = length - n_scored - 1  # the position that predicts the first scored token
             for n, token in enumerate(token_ids[begin:end]):
                 batch.token[n] = token
                 batch.pos[n] = n
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = 0
-                batch.logits[n] = first_scored - 1 <= n < end - begin - 1
-            batch.n_tokens = end - begin
-            if low.llama_decode(ctx, batch) != 0:
+                batch.logits[n] = first <= n < length - 1
+            batch.n_tokens = length
+            if low.llama_decode(runner.ctx, batch) != 0:
                 raise QuicksilverError("llama.cpp failed to decode a window")
-            for n in range(max(first_scored, 1) - 1, end - begin - 1):
-                logits = np.ctypeslib.as_array(low.llama_get_logits_ith(ctx, n), shape=(n_vocab,))
-                row = logits.astype(np.float64)
+            for n in range(first, length - 1):
+                row = np.ctypeslib.as_array(
+                    low.llama_get_logits_ith(runner.ctx, n), shape=(runner.n_vocab,)
+                ).astype(np.float64)
                 top = row.max()
-                log_z = top + math.log(np.exp(row - top).sum())
-                nll += log_z - row[token_ids[begin + n + 1]]
+                nll += top + math.log(np.exp(row - top).sum()) - row[token_ids[begin + n + 1]]
                 scored += 1
     finally:
-        low.llama_batch_free(batch)
-        low.llama_free(ctx)
-        low.llama_model_free(model)
+        runner.close()
     return math.exp(nll / scored), scored
 
 
@@ -117,7 +103,29 @@ class LlamaCppRunner:
         if not self.ctx:
             raise QuicksilverError("llama.cpp could not create a context")
         self.batch = low.llama_batch_init(max_rows * max_tokens, 0, max_rows)
-        self.weights, self.weight_bytes = _gguf_summary(Path(gguf))
+        self.path = Path(gguf)
+
+    @functools.cached_property
+    def _summary(self) -> tuple[str, int]:
+        # Parsed only when a report asks: reading a GGUF's metadata takes seconds over a large
+        # vocabulary, and a perplexity run never needs it.
+        return _gguf_summary(self.path)
+
+    @property
+    def weights(self) -> str:
+        """The file's main tensor type (e.g. ``Q4_1``)."""
+        return self._summary[0]
+
+    @property
+    def weight_bytes(self) -> int:
+        """The bytes of the file's tensors (what one decode step reads)."""
+        return self._summary[1]
+
+    def close(self) -> None:
+        """Free the batch, the context and the model."""
+        self.low.llama_batch_free(self.batch)
+        self.low.llama_free(self.ctx)
+        self.low.llama_model_free(self.model)
 
     def _decode(self, rows: list[list[int]], start: int) -> list[int]:
         """Feed each row's tokens at positions start.. (sequence = row); return each row's
