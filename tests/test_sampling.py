@@ -11,11 +11,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.sampling import SamplingConfig, make_generator, sample_next
+from quicksilver.runtime.sampling import (
+    SamplingConfig,
+    draw_key,
+    inverse_cdf,
+    sample_tokens,
+    uniform_at,
+)
 
 
 def _logits(batch: int = 4, vocab: int = 50, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def sample(logits: torch.Tensor, config: SamplingConfig, position: int = 0) -> torch.Tensor:
+    """Every row drawn at ``position`` of the stream the config's seed keys (row b as the
+    b-th row of one request)."""
+    uniforms = [uniform_at(draw_key(config.seed, b), position) for b in range(logits.shape[0])]
+    return sample_tokens(logits, config, uniforms)
 
 
 def test_default_config_is_greedy() -> None:
@@ -27,7 +40,7 @@ def test_default_config_is_greedy() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_greedy_is_argmax(dtype: torch.dtype) -> None:
     logits = _logits().to(dtype)
-    ids = sample_next(logits, SamplingConfig(), None)
+    ids = sample(logits, SamplingConfig())
     assert ids.dtype == torch.int64
     assert ids.shape == (4,)
     assert torch.equal(ids, logits.argmax(dim=-1))
@@ -36,34 +49,31 @@ def test_greedy_is_argmax(dtype: torch.dtype) -> None:
 def test_top_k_one_equals_greedy() -> None:
     logits = _logits()
     config = SamplingConfig(temperature=1.5, top_k=1, seed=3)
-    ids = sample_next(logits, config, make_generator(config))
+    ids = sample(logits, config)
     assert torch.equal(ids, logits.argmax(dim=-1))
 
 
 def test_top_k_keeps_only_the_k_best() -> None:
     logits = _logits(batch=2, vocab=100)
     config = SamplingConfig(temperature=5.0, top_k=3, seed=0)
-    gen = make_generator(config)
     allowed = torch.topk(logits, 3, dim=-1).indices
-    for _ in range(200):
-        ids = sample_next(logits, config, gen)
+    for position in range(200):
+        ids = sample(logits, config, position)
         assert (allowed == ids[:, None]).any(dim=-1).all()
 
 
 def test_tiny_top_p_keeps_only_the_argmax() -> None:
     logits = _logits(batch=8)
     config = SamplingConfig(temperature=10.0, top_p=1e-6, seed=0)
-    gen = make_generator(config)
-    for _ in range(20):
-        assert torch.equal(sample_next(logits, config, gen), logits.argmax(dim=-1))
+    for position in range(20):
+        assert torch.equal(sample(logits, config, position), logits.argmax(dim=-1))
 
 
 def test_top_p_keeps_the_smallest_covering_set() -> None:
     # probabilities 0.5, 0.3, 0.2: top_p=0.7 needs the first two tokens, never the third.
     logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
     config = SamplingConfig(temperature=1.0, top_p=0.7, seed=0)
-    gen = make_generator(config)
-    seen = {int(sample_next(logits, config, gen)) for _ in range(300)}
+    seen = {int(sample(logits, config, position)) for position in range(300)}
     assert seen == {0, 1}
 
 
@@ -72,8 +82,7 @@ def test_seeded_sampling_is_reproducible() -> None:
     config = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9, seed=1234)
 
     def run() -> list[torch.Tensor]:
-        gen = make_generator(config)
-        return [sample_next(logits, config, gen) for _ in range(5)]
+        return [sample(logits, config, position) for position in range(5)]
 
     first, second = run(), run()
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
@@ -87,14 +96,35 @@ def test_rows_are_independent() -> None:
     other[0] = torch.randn(1000) * 3
     other[2] = torch.randn(1000) * 3
     config = SamplingConfig(temperature=1.0, top_p=0.95, seed=7)
-    a = sample_next(logits, config, make_generator(config))
-    b = sample_next(other, config, make_generator(config))
+    a = sample(logits, config)
+    b = sample(other, config)
     assert a[1] == b[1]
 
 
-def test_make_generator_without_seed_is_none() -> None:
-    assert make_generator(SamplingConfig(temperature=1.0)) is None
-    assert isinstance(make_generator(SamplingConfig(seed=0)), torch.Generator)
+def test_draw_keys_follow_seed_index_and_global_generator() -> None:
+    assert draw_key(5, 0) == draw_key(5, 0) != draw_key(5, 1) != draw_key(6, 1)
+    torch.manual_seed(0)
+    first = draw_key(None)
+    torch.manual_seed(0)
+    assert draw_key(None) == first  # torch.manual_seed still repeats an unseeded run
+    assert draw_key(None) != first
+
+
+def test_uniforms_are_uniform_and_independent_of_other_positions() -> None:
+    key = draw_key(11)
+    values = np.array([uniform_at(key, position) for position in range(20000)])
+    assert ((values >= 0) & (values < 1)).all()
+    # Ten equal bins, each within a few standard errors of 2000 draws.
+    counts = np.histogram(values, bins=10, range=(0, 1))[0]
+    assert (abs(counts - 2000) < 5 * math.sqrt(2000)).all()
+    # Neighbouring positions are uncorrelated.
+    assert abs(np.corrcoef(values[:-1], values[1:])[0, 1]) < 0.03
+
+
+def test_inverse_cdf_picks_the_interval_holding_u() -> None:
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]], dtype=torch.float64)
+    picks = [int(inverse_cdf(probs, [u])[0]) for u in (0.0, 0.49, 0.5, 0.79, 0.8, 0.999999)]
+    assert picks == [0, 0, 2, 2, 3, 3]  # a token of probability 0 is never chosen
 
 
 @pytest.mark.parametrize(
@@ -117,9 +147,9 @@ def test_invalid_config_raises(kwargs: dict, message: str) -> None:
 
 def test_rejects_non_2d_logits() -> None:
     with pytest.raises(ValueError, match="batch, vocab"):
-        sample_next(torch.zeros(5), SamplingConfig(), None)
+        sample_tokens(torch.zeros(5), SamplingConfig(), [0.5])
     with pytest.raises(ValueError, match="batch, vocab"):
-        sample_next(torch.zeros(2, 0), SamplingConfig(), None)
+        sample_tokens(torch.zeros(2, 0), SamplingConfig(), [0.5, 0.5])
 
 
 # --- extreme but valid settings ---------------------------------------------------------------
@@ -139,7 +169,7 @@ def test_rejects_non_2d_logits() -> None:
 def test_extreme_settings_pick_the_argmax(kwargs: dict, dtype: torch.dtype) -> None:
     logits = _logits(batch=6, vocab=300).to(dtype)
     config = SamplingConfig(**kwargs, seed=0)
-    ids = sample_next(logits, config, make_generator(config))
+    ids = sample(logits, config)
     assert torch.equal(ids, logits.argmax(dim=-1))
 
 
@@ -149,15 +179,14 @@ def test_extreme_logits_near_the_dtype_maximum() -> None:
     logits[0, 3] = 65504.0
     logits[1, 5] = -65504.0
     config = SamplingConfig(temperature=1e-30, seed=1)
-    ids = sample_next(logits, config, make_generator(config))
+    ids = sample(logits, config)
     assert ids[0] == 3 and ids[1] != 5
 
 
 def test_huge_temperature_is_near_uniform() -> None:
     logits = _logits(batch=1, vocab=20)
     config = SamplingConfig(temperature=1e300, seed=0)
-    gen = make_generator(config)
-    seen = {int(sample_next(logits, config, gen)) for _ in range(300)}
+    seen = {int(sample(logits, config, position)) for position in range(300)}
     assert len(seen) == 20
 
 
@@ -203,7 +232,7 @@ def test_values_are_normalised() -> None:
     assert type(config.temperature) is float and type(config.top_k) is int
     assert type(config.top_p) is float and type(config.seed) is int
     assert SamplingConfig(seed=2**64 - 1).seed == 2**64 - 1
-    assert make_generator(SamplingConfig(seed=-(2**63))) is not None
+    assert draw_key(SamplingConfig(seed=-(2**63)).seed) == draw_key(2**63)
 
 
 # --- options without effect are named, never silently dropped --------------------------------
@@ -262,7 +291,7 @@ def test_non_finite_logits_are_an_error(bad: float, config: SamplingConfig) -> N
     logits = _logits(batch=3)
     logits[1, 7] = bad
     with pytest.raises(QuicksilverError, match="NaN/inf logits"):
-        sample_next(logits, config, make_generator(config))
+        sample(logits, config)
 
 
 # --- property: any arguments give a clear error or a valid token ------------------------------
@@ -310,7 +339,7 @@ def test_any_arguments_give_an_error_or_a_valid_token(
         return
     finite = bool(torch.isfinite(logits).all())
     try:
-        ids = sample_next(logits, config, make_generator(config))
+        ids = sample(logits, config)
     except QuicksilverError as error:
         assert not finite, f"finite logits refused: {error}"
         assert "NaN/inf logits" in str(error)

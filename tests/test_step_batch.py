@@ -26,7 +26,7 @@ from quicksilver.runtime.drafting import (
     ngram_draft,
     speculative_config,
 )
-from quicksilver.runtime.sampling import SamplingConfig, probabilities
+from quicksilver.runtime.sampling import SamplingConfig, draw_key, probabilities, uniform_at
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -216,10 +216,11 @@ def _draws(rule, n: int = 4000) -> torch.Tensor:
     """Counts of the first emitted token over n verified steps of a 5-token vocabulary."""
     logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0], [0.3, 0.1, 0.9, -1.0, 0.4]])
     sampling = SamplingConfig(temperature=0.9, top_k=4)
-    generator = torch.Generator().manual_seed(7)
+    key = draw_key(7)
     counts = torch.zeros(5)
-    for _ in range(n):
-        accepted, token = rule(logits, [3], sampling, generator)
+    for trial in range(n):
+        uniforms = [uniform_at(key, 2 * trial), uniform_at(key, 2 * trial + 1)]
+        accepted, token = rule(logits, [3], sampling, uniforms)
         counts[3 if accepted else token] += 1
     return counts
 
@@ -238,7 +239,7 @@ def test_speculative_sampling_draws_plain_samplings_distribution() -> None:
 
     assert tv(_draws(accept_drafts, n)) < bound
 
-    def accept_always(logits, draft, sampling, generator):
+    def accept_always(logits, draft, sampling, uniforms):
         return len(draft), 0
 
     assert tv(_draws(accept_always, n)) > bound

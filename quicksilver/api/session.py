@@ -22,7 +22,7 @@ from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
 from quicksilver.runtime.batch import Row, RowSpec, StepBatch, StepStats
 from quicksilver.runtime.drafting import SpeculativeConfig
-from quicksilver.runtime.sampling import SamplingConfig, make_generator
+from quicksilver.runtime.sampling import SamplingConfig
 from quicksilver.text import TextStream
 
 if TYPE_CHECKING:
@@ -97,8 +97,8 @@ class Batch:
         ignore_eos: bool = False,
     ) -> list[int]:
         """Queue ``n`` continuations of one prompt (a text or token ids); returns their
-        request ids. They start at the next step that has a free row. A seed is shared by
-        the ``n`` rows (one generator), so each draws different text, reproducibly.
+        request ids. They start at the next step that has a free row. A seed keys the
+        ``n`` rows' random streams (one per copy), so each draws different text, reproducibly.
         ``stop_ids`` add to the model's EOS; ``ignore_eos`` turns the EOS stop off."""
         request = self._llm._request(
             prompt,
@@ -130,22 +130,21 @@ class Batch:
                 request.stop_ids,
                 request.logprobs,
                 request.speculative,
+                draw_index=index,
             )
-            for prompt in request.prompts
-            for _ in range(copies)
+            for index, prompt in enumerate(
+                prompt for prompt in request.prompts for _ in range(copies)
+            )
         ]
         for spec in specs:
             error = self._core.fit_error(spec)
             if error is not None:
                 raise InvalidArgument(f"{error}; shorten the prompt or lower max_new_tokens")
-        generator = make_generator(request.sampling)
         ids = []
         with self._llm._lock:
             for spec in specs:
                 row_id = self._core.admit(spec)
                 row = self._core.row(row_id)
-                if generator is not None:
-                    row.generator = generator
                 stream = None
                 if self._llm.tokenizer is not None:
                     stream = TextStream(self._llm.tokenizer, request.stop)

@@ -38,7 +38,13 @@ from quicksilver.runtime.drafting import (
     accept_drafts,
     splits_change_output,
 )
-from quicksilver.runtime.sampling import SamplingConfig, check_logits, make_generator, sample_next
+from quicksilver.runtime.sampling import (
+    SamplingConfig,
+    check_logits,
+    draw_key,
+    sample_tokens,
+    uniform_at,
+)
 
 if TYPE_CHECKING:  # the runner drives generation through this module, never the reverse
     from quicksilver.runtime.engine import Engine
@@ -58,6 +64,9 @@ class RowSpec:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None
     speculative: SpeculativeConfig | None = None
+    # This row's index among the rows of its request: with the seed, it keys the row's
+    # random stream (``sampling.draw_key``), so copies of one prompt draw different text.
+    draw_index: int = 0
 
 
 @dataclass
@@ -102,7 +111,9 @@ class Row:
         self.spec = spec
         self.tokens: list[int] = []
         self.finish_reason: str | None = None
-        self.generator = make_generator(spec.sampling)
+        # Every token is drawn with the uniform of its position in this stream, so what a
+        # seeded row samples does not depend on drafts or on the rows beside it.
+        self.draw_key = draw_key(spec.sampling.seed, spec.draw_index)
         self.flops = 0.0  # this row's share of the counted FLOPs of the forwards it was in
         self.dense_flops = 0.0  # and of what the dense model would have spent on them
         self.padded: torch.Tensor | None = None  # the left-padded prompt while prefilling
@@ -319,7 +330,8 @@ class StepBatch:
             if sampling.greedy:
                 chosen.append(best[i])
             else:
-                chosen.append(int(sample_next(logits[i : i + 1], sampling, row.generator)[0]))
+                uniform = uniform_at(row.draw_key, len(row.tokens))
+                chosen.append(int(sample_tokens(logits[i : i + 1], sampling, [uniform])[0]))
         return chosen
 
     def _verify(
@@ -339,7 +351,8 @@ class StepBatch:
         rollback = []
         stats = self.stats
         for i, (row, draft) in enumerate(zip(rows, drafts, strict=True)):
-            accepted, token = accept_drafts(logits[i], draft, row.spec.sampling, row.generator)
+            uniforms = [uniform_at(row.draw_key, len(row.tokens) + j) for j in range(k + 1)]
+            accepted, token = accept_drafts(logits[i], draft, row.spec.sampling, uniforms)
             emitted = draft[:accepted] + [token]
             rollback.append(k - accepted)
             if draft:

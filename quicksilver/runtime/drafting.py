@@ -24,14 +24,14 @@ rule (``accept_drafts``) keeps both greedy and sampled output exactly the plain 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.sampling import SamplingConfig, probabilities
+from quicksilver.runtime.sampling import SamplingConfig, sample_tokens
 from quicksilver.runtime.self_draft import plane_policy_error
 
 METHODS = ("ngram", "layers", "planes", "auto")
@@ -150,33 +150,24 @@ def accept_drafts(
     logits: torch.Tensor,
     draft: list[int],
     sampling: SamplingConfig,
-    generator: torch.Generator | None,
+    uniforms: Sequence[float],
 ) -> tuple[int, int]:
     """Verify one row's drafted tokens against the model's logits at the fed positions
-    ([len(draft) + 1 or more, V]: position j predicts the token after the j-th fed one).
+    ([len(draft) + 1 or more, V]: position j predicts the token after the j-th fed one),
+    ``uniforms[j]`` being the row's uniform for the token at fed position j.
 
-    Returns (drafted tokens accepted, the token the model adds after them). Greedy accepts
-    while the draft equals the argmax. Sampling uses the lossless rule for a drafter that
-    proposes one token with certainty: accept it with probability p(token) (= min(1, p/q) for
-    q = 1), else draw from p with that token removed and renormalised (= max(0, p - q)); the
-    emitted tokens are then distributed exactly as plain sampling's.
+    Returns (drafted tokens accepted, the token the model adds after them): the draft is
+    accepted while each drafted token is the token plain decoding picks at its position —
+    the argmax, or, sampling, the inverse-CDF draw at that position's uniform. For a drafter
+    that proposes one token with certainty (q = 1) this is the lossless rejection rule:
+    the drafted token d is accepted with probability p(d) (u falls in d's interval) and
+    otherwise the emitted token is the draw at u outside that interval, distributed as p
+    with d removed and renormalised (max(0, p - q)). And it is the same draw plain sampling
+    makes, so a seeded row gives the same tokens with drafts and without.
     """
-    if sampling.greedy:
-        best = logits[: len(draft) + 1].argmax(dim=-1).tolist()
-        accepted = 0
-        while accepted < len(draft) and draft[accepted] == best[accepted]:
-            accepted += 1
-        return accepted, best[accepted]
-    probs = probabilities(logits[: len(draft) + 1], sampling)
-    for position, token in enumerate(draft):
-        p = probs[position]
-        if float(torch.rand((), generator=generator, dtype=torch.float64)) < float(p[token]):
-            continue
-        residual = p.clone()
-        residual[token] = 0.0
-        total = float(residual.sum())
-        if total <= 0.0:  # p was all on the drafted token: it cannot be rejected
-            continue
-        return position, int(torch.multinomial(residual / total, 1, generator=generator))
-    bonus = torch.multinomial(probs[len(draft)], 1, generator=generator)
-    return len(draft), int(bonus)
+    count = len(draft) + 1
+    plain = sample_tokens(logits[:count], sampling, list(uniforms[:count])).tolist()
+    accepted = 0
+    while accepted < len(draft) and draft[accepted] == plain[accepted]:
+        accepted += 1
+    return accepted, plain[accepted]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.batch import RowSpec, StepBatch, room_for
 from quicksilver.runtime.drafting import SpeculativeConfig, speculative_policy_error
-from quicksilver.runtime.sampling import SamplingConfig, make_generator
+from quicksilver.runtime.sampling import SamplingConfig
 
 if TYPE_CHECKING:
     from quicksilver.runtime.engine import Engine
@@ -79,14 +79,10 @@ def generate(
     eos = () if ignore_eos else engine.config.eos_token_ids
     stops = frozenset([*eos, *(stop_ids or ())])
     sampling = sampling or SamplingConfig()
-    ids = [
-        batch.admit(RowSpec(tuple(p), max_new_tokens, sampling, stops, speculative=speculative))
-        for p in prompts
+    ids = [  # one seed for the whole call: row i draws from the seed's i-th stream
+        batch.admit(RowSpec(tuple(p), max_new_tokens, sampling, stops, None, speculative, i))
+        for i, p in enumerate(prompts)
     ]
-    if sampling.seed is not None:  # one seed for the whole call: one generator, as before
-        shared = make_generator(sampling)
-        for row_id in ids:
-            batch.row(row_id).generator = shared
     index = {row_id: i for i, row_id in enumerate(ids)}
     rows = [batch.row(row_id) for row_id in ids]
     while batch.has_work:

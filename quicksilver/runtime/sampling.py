@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,35 +123,67 @@ class SamplingConfig:
         return f"{', '.join(names)} {verb} no effect: {why}"
 
 
-def make_generator(
-    config: SamplingConfig, device: torch.device | str = "cpu"
-) -> torch.Generator | None:
-    """A seeded generator for reproducible sampling, or None to use the global RNG.
-
-    `device` must match the logits' device, because torch.multinomial needs a generator there.
-    """
-    if config.seed is None:
-        return None
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.seed)
-    return generator
+# A row's randomness is a pure function of (its key, the position of the token drawn): the same
+# uniform at a position whatever else ran before it, so speculation and batch-mates cannot
+# change a seeded row's text (see ``sample_tokens`` and the verified-decoding acceptance rule).
+_MASK64 = 2**64 - 1
 
 
-def sample_next(
-    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+def _mix64(value: int) -> int:
+    """SplitMix64's finaliser: a bijection on 64-bit integers whose outputs look independent
+    for inputs that differ in one bit (consecutive positions, consecutive seeds)."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def draw_key(seed: int | None, index: int = 0) -> int:
+    """The key of one row's random stream: from its seed and its index among the rows of one
+    request (so ``n`` copies of a seeded prompt draw different text, reproducibly). Without
+    a seed the key comes from torch's global generator, so ``torch.manual_seed`` still
+    repeats a run."""
+    if seed is None:
+        seed = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))
+    return _mix64(_mix64(seed & _MASK64) ^ (index & _MASK64))
+
+
+def uniform_at(key: int, position: int) -> float:
+    """The uniform in [0, 1) that the token at ``position`` (its index among the row's
+    generated tokens) is drawn with: 53 random bits, a float64's whole mantissa."""
+    return (_mix64(key ^ _mix64(position & _MASK64)) >> 11) * 2.0**-53
+
+
+def sample_tokens(
+    logits: torch.Tensor, config: SamplingConfig, uniforms: Sequence[float]
 ) -> torch.Tensor:
     """Pick one token per row: logits [B, V] (any float dtype) -> token ids [B] (int64).
 
-    Filtering works row by row, and torch.multinomial draws the same amount of randomness for
-    each row, so row b's token depends only on row b's logits and the generator state.
-    Non-finite logits mean the model is broken (overflow in half precision, damaged
-    weights); they raise a QuicksilverError instead of yielding an arbitrary token.
+    Each row draws by inverse CDF with its own uniform: the token whose interval of the
+    cumulative distribution (in token-id order) holds ``u``. So a row's token depends only on
+    its logits and its uniform, and a drafted token is accepted exactly when it is the token
+    this draw gives (``accept_drafts``), which makes verified sampling the same draw as plain
+    sampling. Non-finite logits mean the model is broken (overflow in half precision,
+    damaged weights); they raise a QuicksilverError instead of yielding an arbitrary token.
     """
     check_logits(logits)
     if config.greedy:
         return logits.argmax(dim=-1)
-    probs = probabilities(logits, config)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    if len(uniforms) != logits.shape[0]:
+        raise ValueError(f"{len(uniforms)} uniforms for {logits.shape[0]} rows")
+    return inverse_cdf(probabilities(logits, config), uniforms)
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: Sequence[float]) -> torch.Tensor:
+    """For each row of ``probs`` [B, V] the token whose cumulative interval holds its uniform
+    (scaled to the row's total, so rounding in the sum cannot push ``u`` past the end); a
+    token of probability 0 is never chosen."""
+    cdf = probs.cumsum(dim=-1)
+    target = torch.tensor(uniforms, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
+    chosen = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # The last token with mass: where rounding leaves the target at or past the total.
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.int8).argmax(dim=-1)
+    return torch.minimum(chosen, last)
 
 
 class NonFiniteLogits(QuicksilverError):
