@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ import torch
 from tiny_models import TINY_MODELS, save_tiny, save_tiny_gguf, tiny_gpt2, tiny_llama
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.models import loading
+from quicksilver.models import hf, loading
 from quicksilver.models.transformer import Transformer
 
 
@@ -526,7 +528,32 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     for name in ("list_repo_files", "snapshot_download", "hf_hub_download"):
         monkeypatch.setattr(huggingface_hub, name, offline(name))
+    # The reachability probe passes, so the hub calls themselves are what fails.
+    monkeypatch.setattr(hf, "_hub_unreachable", lambda endpoint, offline: None)
     return calls
+
+
+def test_an_unreachable_hub_fails_at_once_without_hub_calls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: list[str]
+) -> None:
+    """No network: one probe, then the error (huggingface_hub would retry for ~25 s)."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hf, "_hub_unreachable", lambda endpoint, offline: "no route to host")
+    message = _load_error("nobody/nothing", tmp_path)
+    assert "the hub cannot be reached (no route to host)" in message
+    assert no_network == []
+
+
+def test_the_hub_probe_reports_offline_mode_and_a_closed_port() -> None:
+    assert hf._hub_unreachable("https://huggingface.co", offline=True) == "HF_HUB_OFFLINE is set"
+    with socket.socket() as listener:  # a port bound but never listening refuses at once
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        start = time.perf_counter()
+        reason = hf._hub_unreachable(f"http://127.0.0.1:{port}", offline=False, timeout=2.0)
+    assert reason is not None and reason.startswith("127.0.0.1")
+    assert time.perf_counter() - start < 2.5
 
 
 def test_hub_id_in_the_local_cache_loads_offline(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,13 @@ def download(repo_id: str) -> Path:
     cached = _cached_snapshot(repo_id, cache_dir)
     if cached is not None:
         return cached
+    unreachable = _hub_unreachable(constants.ENDPOINT, bool(constants.HF_HUB_OFFLINE))
+    if unreachable is not None:
+        raise QuicksilverError(
+            f"{repo_id!r} is not in the local Hugging Face cache ({cache_dir}) and the hub "
+            f"cannot be reached ({unreachable}); download it once with network access, or pass "
+            "a local model directory or a .gguf file instead"
+        )
     try:
         from huggingface_hub import list_repo_files, snapshot_download
 
@@ -50,6 +59,21 @@ def download(repo_id: str) -> Path:
             f"fetched from the hub ({type(err).__name__}: {detail}); download it once with "
             "network access, or pass a local model directory or a .gguf file instead"
         ) from err
+
+
+def _hub_unreachable(endpoint: str, offline: bool, timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (None: it answers a TCP connection). Checked once before
+    any hub call: without it huggingface_hub retries a dead network with back-off for ~25 s
+    before the same failure."""
+    if offline:
+        return "HF_HUB_OFFLINE is set"
+    url = urllib.parse.urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError as err:
+        return f"{url.hostname}: {err.strerror or err}"
+    return None
 
 
 def _cached_snapshot(repo_id: str, cache_dir: str) -> Path | None:
