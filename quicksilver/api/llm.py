@@ -27,19 +27,20 @@ from quicksilver.api.arguments import (
     stop_strings,
     token_ids,
 )
-from quicksilver.api.drafting import plan_source
+from quicksilver.api.drafting import PlanFiles, calibration_tokens
 from quicksilver.api.records import GenerationOutput, LogLikelihood, Stream, speculative_record
 from quicksilver.api.session import Batch, Request, open_batch
 from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models import loading
 from quicksilver.policies import Policy, load_policy
-from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS, room_for
-from quicksilver.runtime.cache import sequence_fit_error
-from quicksilver.runtime.draft_plan import DraftPlan
-from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
+from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS
+from quicksilver.runtime.cache import room_for, sequence_fit_error
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
+from quicksilver.runtime.speculative.cost_plan import DraftPlan
+from quicksilver.runtime.speculative.plans import DraftPlans
+from quicksilver.runtime.speculative.settings import SpeculativeConfig, speculative_config
 from quicksilver.scoring import TokenScores, prefix_token_id
 from quicksilver.text import decode, encode_prompt
 
@@ -79,7 +80,8 @@ class LLM:
         self.speculative: SpeculativeConfig | None = None  # the default for generate/stream
         self._lock = threading.RLock()
         self._scope = threading.local()
-        self.engine.plan_source = plan_source(self)
+        # Drafting plans per policy, shared by every batch; kept on disk (``api.drafting``).
+        self.draft_plans = DraftPlans(PlanFiles(self), lambda: calibration_tokens(self))
 
     def __repr__(self) -> str:
         fmt, extra = self.weights, ""
@@ -117,9 +119,10 @@ class LLM:
 
     def draft_plan(self, *, policy: PolicySpec = None, progress: Any = None) -> DraftPlan:
         """What drafting costs and earns here under ``policy`` (``api.drafting``): read from
-        the on-disk cache, or measured now (``progress(message)`` hears each stage)."""
+        the on-disk cache, or measured now, to its end (``progress(message)`` hears each
+        stage; without it one line on stderr says a measurement runs)."""
         with self._working(policy):
-            return self.engine.draft_plan([self.prefix_token_id], progress)
+            return self.draft_plans.measure(self.engine, [self.prefix_token_id], progress)
 
     # ------------------------------------------------------------ policies
 
@@ -353,7 +356,9 @@ class LLM:
             self,
             max_rows=len(prompts),
             max_len=room_for(
-                self.config, longest + request.max_new_tokens - 1, request.speculative
+                self.config,
+                longest + request.max_new_tokens - 1,
+                request.speculative.max_tokens if request.speculative is not None else 0,
             ),
             prefill_tokens=len(prompts) * longest,
             policy=policy,
