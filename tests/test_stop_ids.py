@@ -1,6 +1,6 @@
 """``stop_ids`` have one meaning everywhere: they end a row in addition to the model's EOS.
 ``ignore_eos=True`` (as in vLLM's SamplingParams) turns the EOS stop off, the only way to
-generate past EOS, in the engine (``Engine.generate``) and the API (``LLM.generate``,
+generate past EOS, in the engine (``runtime.generate.generate``) and the API (``LLM.generate``,
 ``LLM.stream``, ``Batch.submit``) alike.
 
 The model is a tiny random Llama whose config names as EOS a token its greedy continuation
