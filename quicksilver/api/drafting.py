@@ -26,6 +26,7 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.models.convert_cache import cache_root
 from quicksilver.outputs import write_json_atomic
 from quicksilver.runtime.speculative.cost_plan import PLAN_VERSION, DraftPlan
+from quicksilver.runtime.speculative.plans import DraftPlans
 
 if TYPE_CHECKING:
     from quicksilver.api.llm import LLM
@@ -85,6 +86,11 @@ def calibration_tokens(llm: LLM) -> list[int] | None:
     """What a measurement continues: ``CALIBRATION_TEXT``, or None for a model without a
     tokenizer (then the asking row's prompt)."""
     return None if llm.tokenizer is None else llm.encode(CALIBRATION_TEXT)
+
+
+def plans_for(llm: LLM) -> DraftPlans:
+    """The registry an ``LLM`` owns: plans measured on ``CALIBRATION_TEXT``, kept on disk."""
+    return DraftPlans(PlanFiles(llm), lambda: calibration_tokens(llm))
 
 
 class PlanFiles:

@@ -27,7 +27,7 @@ from quicksilver.api.arguments import (
     stop_strings,
     token_ids,
 )
-from quicksilver.api.drafting import PlanFiles, calibration_tokens
+from quicksilver.api.drafting import plans_for
 from quicksilver.api.records import GenerationOutput, LogLikelihood, Stream, speculative_record
 from quicksilver.api.session import Batch, Request, open_batch
 from quicksilver.errors import InvalidArgument, QuicksilverError
@@ -38,9 +38,7 @@ from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS
 from quicksilver.runtime.cache import room_for, sequence_fit_error
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
-from quicksilver.runtime.speculative.cost_plan import DraftPlan
-from quicksilver.runtime.speculative.plans import DraftPlans
-from quicksilver.runtime.speculative.settings import SpeculativeConfig, speculative_config
+from quicksilver.runtime.speculative import DraftPlan, SpeculativeConfig, speculative_config
 from quicksilver.scoring import TokenScores, prefix_token_id
 from quicksilver.text import decode, encode_prompt
 
@@ -80,8 +78,7 @@ class LLM:
         self.speculative: SpeculativeConfig | None = None  # the default for generate/stream
         self._lock = threading.RLock()
         self._scope = threading.local()
-        # Drafting plans per policy, shared by every batch; kept on disk (``api.drafting``).
-        self.draft_plans = DraftPlans(PlanFiles(self), lambda: calibration_tokens(self))
+        self.draft_plans = plans_for(self)  # per policy, for every batch; kept on disk
 
     def __repr__(self) -> str:
         fmt, extra = self.weights, ""
@@ -119,8 +116,7 @@ class LLM:
 
     def draft_plan(self, *, policy: PolicySpec = None, progress: Any = None) -> DraftPlan:
         """What drafting costs and earns here under ``policy`` (``api.drafting``): read from
-        the on-disk cache, or measured now, to its end (``progress(message)`` hears each
-        stage; without it one line on stderr says a measurement runs)."""
+        the on-disk cache, or measured now (``progress(message)`` hears each stage)."""
         with self._working(policy):
             return self.draft_plans.measure(self.engine, [self.prefix_token_id], progress)
 
