@@ -27,9 +27,9 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models.loading import DEFAULT_MODEL
 from quicksilver.policies import Policy, load_policy
-from quicksilver.runtime.drafting import METHODS as SPECULATIVE_METHODS
-from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
 from quicksilver.runtime.sampling import SamplingConfig
+from quicksilver.runtime.speculative.settings import METHODS as SPECULATIVE_METHODS
+from quicksilver.runtime.speculative.settings import SpeculativeConfig, speculative_config
 
 try:
     __version__ = version("quicksilver-llm")

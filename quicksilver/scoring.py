@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.batch import pad_token_id
+from quicksilver.runtime.cache import pad_token_id
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import check_logits
 

@@ -18,6 +18,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import build_model
 from quicksilver.models.transformer import Transformer
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 TINY = ModelConfig(
     family="llama",
@@ -57,7 +58,7 @@ def test_prefill_count_equals_analytical_formula():
 
 def test_decode_counts_real_attended_length_and_ragged_padding():
     engine = Engine(random_model(TINY, fast=True))
-    engine.generate([[1, 2, 3, 4, 5], [6, 7]], max_new_tokens=4, ignore_eos=True)
+    generate(engine, [[1, 2, 3, 4, 5], [6, 7]], max_new_tokens=4, ignore_eos=True)
     # prefill: a [2, 5] block (row 1 padded by 3, each pad row reads only itself);
     # decode: 3 steps of 2 rows, row 0 at slots 5..7, row 1 the same slots minus 3 pads.
     prefill_pairs = 15 + (3 + 3)  # row 0 causal 1+..+5; row 1: 3 pads x1 + real 1+2

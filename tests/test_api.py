@@ -18,6 +18,7 @@ from tiny_models import save_tiny, tiny_llama
 import quicksilver as qs
 from quicksilver.eval.perplexity import evaluate_perplexity
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 from quicksilver.text import encode_stream
 
 PROMPT = "The capital of France is"
@@ -76,7 +77,7 @@ def _teacher_forced_logprob(llm: qs.LLM, ids: list[int], n_scored: int) -> float
 
 def test_generate_single_batch_and_token_ids(llm: qs.LLM, greedy: qs.GenerationOutput) -> None:
     ids = llm.encode(PROMPT)
-    reference = Engine(llm.model).generate([ids], 10)
+    reference = generate(Engine(llm.model), [ids], 10)
     (completion,) = greedy.completions
     assert completion.token_ids == reference.tokens[0]
     assert completion.prompt_token_ids == ids

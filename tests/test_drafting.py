@@ -21,10 +21,18 @@ from test_step_batch import alone, prompts, run_all
 
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.batch import RowSpec, StepBatch
-from quicksilver.runtime.draft_plan import DraftPlan, calibrate, expected_speedup
-from quicksilver.runtime.drafting import MAX_DRAFT_TOKENS, SpeculativeConfig
-from quicksilver.runtime.self_draft import model_drafts, skip_layers
+from quicksilver.runtime.batch import StepBatch
+from quicksilver.runtime.generate import generate
+from quicksilver.runtime.rows import RowSpec
+from quicksilver.runtime.speculative import (
+    MAX_DRAFT_TOKENS,
+    DraftPlan,
+    DraftPlans,
+    SpeculativeConfig,
+    calibrate,
+    expected_speedup,
+)
+from quicksilver.runtime.speculative.self_draft import model_drafts, skip_layers
 
 FLAT = [1.0] * (MAX_DRAFT_TOKENS + 1)  # a verify of any length costs one step
 
@@ -49,10 +57,12 @@ def plan(model) -> DraftPlan:
     return calibrate(make_engine(model, None), prompts(3, [12])[0])
 
 
-def engine_with(model, policy, plan: DraftPlan):
+def batch_with(model, policy, plan: DraftPlan, **sizes) -> StepBatch:
+    """A step batch whose drafting plan is ``plan`` (measured elsewhere)."""
     engine = make_engine(model, policy)
-    engine.draft_plans[engine.plan_key()] = plan
-    return engine
+    plans = DraftPlans()
+    plans.add(engine, plan)
+    return StepBatch(engine, plans=plans, **sizes)
 
 
 def test_the_measured_plan_is_whole(plan: DraftPlan) -> None:
@@ -75,8 +85,7 @@ def test_model_drafts_verified_greedy_equals_plain_greedy(model, plan, name, met
     base = prompts(8, [4, 3, 5])
     texts = [base[0] * 3, base[1], base[2] * 2]
     cheap = dataclasses.replace(plan, verify_cost=[FLAT] * len(plan.rows))  # auto drafts
-    engine = engine_with(model, policy, cheap)
-    batch = StepBatch(engine, max_rows=3, max_len=60)
+    batch = batch_with(model, policy, cheap, max_rows=3, max_len=60)
     config = SpeculativeConfig(method=method, num_tokens=3)
     ids = [batch.admit(RowSpec(tuple(t), 12, speculative=config)) for t in texts]
     got = run_all(batch)
@@ -117,8 +126,7 @@ def test_auto_drafts_nothing_where_drafting_cannot_pay(model, plan) -> None:
         verify_cost=[[float(k + 1) for k in range(MAX_DRAFT_TOKENS + 1)]] * len(plan.rows),
         layers_cost=[1.0] * len(plan.rows),
     )
-    engine = engine_with(model, None, dear)
-    batch = StepBatch(engine, max_rows=1, max_len=60)
+    batch = batch_with(model, None, dear, max_rows=1, max_len=60)
     text = prompts(8, [4])[0] * 4
     row = batch.admit(RowSpec(tuple(text), 10, speculative=SpeculativeConfig(method="auto")))
     assert run_all(batch)[row] == alone(model, None, text, 10)
@@ -128,10 +136,10 @@ def test_auto_drafts_nothing_where_drafting_cannot_pay(model, plan) -> None:
 def test_a_batch_shares_one_draft_width(model, plan) -> None:
     """auto's n-gram drafts in one step are cut to the width that pays for the whole batch:
     the full matches when verifying is free, nothing when each drafted slot costs a step."""
-    from quicksilver.runtime.drafter import Choice, Drafter
+    from quicksilver.runtime.speculative.chooser import Choice, Drafter
 
     def shared(verify_cost) -> list[int]:
-        drafter = Drafter(make_engine(model, None), None, None)
+        drafter = Drafter(make_engine(model, None), DraftPlans(), None, None)
         drafter._plan = dataclasses.replace(plan, verify_cost=[verify_cost] * len(plan.rows))
         choices = [
             Choice("ngram", 2, [1, 2], match=[1, 2, 3, 4], rate=0.9),
@@ -162,10 +170,9 @@ def test_planes_drafts_with_the_four_bit_plane_and_verifies_at_eight() -> None:
     plan = DraftPlan(
         rows=[1], verify_cost=[FLAT], planes_agreement=0.9, planes_cost=[0.5], layers_cost=[]
     )
-    engine = engine_with(model, PLANES, plan)
     text = prompts(5, [6])[0]
     text = [t % WIDE.vocab_size for t in text]
-    batch = StepBatch(engine, max_rows=1, max_len=40)
+    batch = batch_with(model, PLANES, plan, max_rows=1, max_len=40)
     config = SpeculativeConfig(method="planes", num_tokens=3)
     row = batch.admit(RowSpec(tuple(text), 10, speculative=config))
     got = run_all(batch)[row]
@@ -175,7 +182,7 @@ def test_planes_drafts_with_the_four_bit_plane_and_verifies_at_eight() -> None:
     assert batch.stats.by_method["planes"][0] > 0
     assert batch.stats.draft_flops > 0
     # Without Matryoshka width-8 weights there is no plane to draft with: one line says so.
-    dense = StepBatch(engine_with(model, None, plan), max_rows=1, max_len=40)
+    dense = batch_with(model, None, plan, max_rows=1, max_len=40)
     dense.admit(RowSpec(tuple(text), 4, speculative=config))
     with pytest.raises(QuicksilverError, match="fixed_bits': 8"):
         run_all(dense)
@@ -224,7 +231,7 @@ def test_real_model_greedy_is_unchanged_by_every_drafter(smollm_fp32) -> None:
         layers_agreement=0.9,
         layers_cost=[0.9],
     )
-    engine.draft_plans[engine.plan_key()] = plan
+    llm.draft_plans.add(engine, plan)
     prompt = (
         "The museum opened a new wing. The new wing holds paintings from the north. "
         "Visitors said the new wing"
@@ -263,5 +270,5 @@ def test_drafting_that_cannot_run_is_refused_when_asked(
     engine.set_policy(None if policy is None else qs.load_policy(policy))
     steps = engine.counter.total
     with pytest.raises(QuicksilverError, match=reason):
-        engine.generate([[5, 6, 7]], 4, speculative=SpeculativeConfig(method=method))
+        generate(engine, [[5, 6, 7]], 4, speculative=SpeculativeConfig(method=method))
     assert engine.counter.total == steps  # refused before any forward

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 PROMPTS = [
     "The capital of France is Paris, and the capital of Germany is",
@@ -36,7 +37,7 @@ def test_greedy_generation_is_token_identical_to_transformers(smollm_fp32, hf_sm
         reference = hf_smollm_fp32.generate(
             torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False
         )[0, len(ids) :].tolist()
-    ours = Engine(smollm_fp32.model).generate([ids], max_new_tokens=32, ignore_eos=True)
+    ours = generate(Engine(smollm_fp32.model), [ids], max_new_tokens=32, ignore_eos=True)
     assert ours.tokens[0] == reference
 
 
@@ -44,17 +45,17 @@ def test_batched_ragged_generation_equals_unbatched(smollm_fp32):
     engine = Engine(smollm_fp32.model)
     prompts = [encode(smollm_fp32.tokenizer, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts)  # really ragged
-    batched = engine.generate(prompts, max_new_tokens=24, ignore_eos=True).tokens
-    alone = [engine.generate([p], max_new_tokens=24, ignore_eos=True).tokens[0] for p in prompts]
+    batched = generate(engine, prompts, max_new_tokens=24, ignore_eos=True).tokens
+    alone = [generate(engine, [p], max_new_tokens=24, ignore_eos=True).tokens[0] for p in prompts]
     assert batched == alone
 
 
 def test_generation_stops_at_eos_per_row(smollm_fp32):
     engine = Engine(smollm_fp32.model)
     prompts = [encode(smollm_fp32.tokenizer, p) for p in PROMPTS[:2]]
-    free = engine.generate(prompts, max_new_tokens=6, ignore_eos=True).tokens
+    free = generate(engine, prompts, max_new_tokens=6, ignore_eos=True).tokens
     stop = free[0][2]  # pretend the third token of row 0 is a stop token
-    stopped = engine.generate(prompts, max_new_tokens=6, stop_ids=[stop], ignore_eos=True).tokens
+    stopped = generate(engine, prompts, max_new_tokens=6, stop_ids=[stop], ignore_eos=True).tokens
     assert stopped[0] == free[0][: free[0].index(stop) + 1]
     cut = free[1].index(stop) + 1 if stop in free[1] else len(free[1])
     assert stopped[1] == free[1][:cut]
@@ -64,8 +65,12 @@ def test_streaming_callback_sees_every_token_in_order(smollm_fp32):
     engine = Engine(smollm_fp32.model)
     prompts = [encode(smollm_fp32.tokenizer, p) for p in PROMPTS[:2]]
     seen: dict[int, list[int]] = {0: [], 1: []}
-    result = engine.generate(
-        prompts, max_new_tokens=5, ignore_eos=True, on_token=lambda row, t: seen[row].append(t)
+    result = generate(
+        engine,
+        prompts,
+        max_new_tokens=5,
+        ignore_eos=True,
+        on_token=lambda row, t: seen[row].append(t),
     )
     assert [seen[0], seen[1]] == result.tokens
 
@@ -88,8 +93,8 @@ def test_bfloat16_decode_stays_close_to_fp32(smollm_fp32):
 
     bf16 = load("smollm2-135m", "bfloat16")
     ids = encode(smollm_fp32.tokenizer, PROMPTS[0])
-    ref = Engine(smollm_fp32.model).generate([ids], max_new_tokens=8, ignore_eos=True).tokens[0]
-    ours = Engine(bf16.model).generate([ids], max_new_tokens=8, ignore_eos=True).tokens[0]
+    ref = generate(Engine(smollm_fp32.model), [ids], max_new_tokens=8, ignore_eos=True).tokens[0]
+    ours = generate(Engine(bf16.model), [ids], max_new_tokens=8, ignore_eos=True).tokens[0]
     assert ours[:4] == ref[:4]  # bf16 rounding may diverge later, but not at once
 
 

@@ -48,6 +48,7 @@ from quicksilver.policies.base import LayerView
 from quicksilver.policies.halting import TokenHalting
 from quicksilver.runtime import attention as attention_module
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 # One model per family shape: learned positions (GPT-2), OPT with its projections, Llama with
 # GQA and three layers, Mistral with a sliding window shorter than most drawn texts.
@@ -254,7 +255,7 @@ def test_counted_flops_equal_executed_flops(
     counter.reset()
     with monkeypatch.context() as patch, observed(patch) as executed:
         if new_tokens:
-            engine.generate(prompts, max_new_tokens=new_tokens, ignore_eos=True)
+            generate(engine, prompts, max_new_tokens=new_tokens, ignore_eos=True)
         else:
             tokens = torch.tensor([prompts[0]])
             cache = engine.new_cache(1, len(prompts[0]))

@@ -26,6 +26,7 @@ from quicksilver.models.formats import (
 from quicksilver.models.gguf_file import int4_codes_from_gguf
 from quicksilver.policies import Policy
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 # Shapes every kernel takes (widths multiples of 32, rows of 16) except the LM head's 97 rows,
 # which exercise the fallback.
@@ -242,7 +243,7 @@ def test_policy_matrix_runs_on_int4_weights(name: str) -> None:
     cache.set_prompt_end(0)
     logits = engine.forward(tokens, cache, logits_at="all")
     assert torch.isfinite(logits).all() and logits.shape == dense.shape
-    result = engine.generate(tokens.tolist(), max_new_tokens=3, ignore_eos=True)
+    result = generate(engine, tokens.tolist(), max_new_tokens=3, ignore_eos=True)
     assert [len(t) for t in result.tokens] == [3, 3]
 
 
@@ -287,15 +288,15 @@ def test_compiled_decode_equals_eager_without_retracing(
 
     eager, compiled = compiled_pair
     prompts = [[5, 9, 13, 2, 7, 11, 3], [8, 4]]  # ragged: left padding in the cache
-    reference = eager.generate(prompts, 70, ignore_eos=True)  # crosses a read-length bucket
+    reference = generate(eager, prompts, 70, ignore_eos=True)  # crosses a read-length bucket
     before = dynamo_utils.counters["stats"]["unique_graphs"]
-    result = compiled.generate(prompts, 70, ignore_eos=True)
+    result = generate(compiled, prompts, 70, ignore_eos=True)
     traced = dynamo_utils.counters["stats"]["unique_graphs"] - before
     assert result.tokens == reference.tokens
     assert traced == 1  # one graph for every position and read length of this batch size
     assert result.compile_seconds > 0 and compiled.compile_seconds == result.compile_seconds
     assert result.flops["head_tokens"] == reference.flops["head_tokens"]
-    again = compiled.generate(prompts[:1] * 2, 20, ignore_eos=True)  # new cache, same batch size
+    again = generate(compiled, prompts[:1] * 2, 20, ignore_eos=True)  # new cache, same batch size
     assert again.compile_seconds == 0
     assert dynamo_utils.counters["stats"]["unique_graphs"] - before == 1
 
@@ -319,7 +320,7 @@ def test_compiled_step_serves_only_the_rows_it_pays_for() -> None:
     engine = Engine(random_model(FITS, fast=True), compile=True)
     assert engine.compiled.supports(engine.new_cache(1, 8))
     assert not engine.compiled.supports(engine.new_cache(2, 8))
-    result = engine.generate([[1, 2, 3], [4, 5, 6]], 3, ignore_eos=True)
+    result = generate(engine, [[1, 2, 3], [4, 5, 6]], 3, ignore_eos=True)
     assert result.compile_seconds == 0 and engine.compile_seconds == 0  # ran eager
 
 
@@ -330,7 +331,7 @@ def test_policies_and_adapted_caches_take_the_eager_path(
     before = compiled.compile_seconds
     compiled.set_policy(Policy.from_config(MATRIX["halt_skip"]))
     try:
-        result = compiled.generate([[1, 2, 3, 4, 5, 6]], 4, ignore_eos=True)
+        result = generate(compiled, [[1, 2, 3, 4, 5, 6]], 4, ignore_eos=True)
     finally:
         compiled.set_policy(None)
     assert len(result.tokens[0]) == 4 and compiled.compile_seconds == before

@@ -11,6 +11,7 @@ from test_accounting import random_model
 from test_policies import CONFIG, MATRIX, make_engine
 
 from quicksilver.eval.generation import forced_vs_decoded
+from quicksilver.runtime.generate import generate
 
 SKIPDECODE = {"skipdecode": {"max_layers": 5, "min_layers": 2, "decay_length": 4}}
 CONFIGS = {
@@ -38,8 +39,8 @@ def one_thread():
 def test_batched_generation_equals_each_row_alone(model, name: str) -> None:
     engine = make_engine(model, CONFIGS[name])
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
-    together = engine.generate(prompts, 6, ignore_eos=True).tokens
-    alone = [engine.generate([p], 6, ignore_eos=True).tokens[0] for p in prompts]
+    together = generate(engine, prompts, 6, ignore_eos=True).tokens
+    alone = [generate(engine, [p], 6, ignore_eos=True).tokens[0] for p in prompts]
     assert together == alone
 
 

@@ -16,6 +16,7 @@ from tiny_models import SPECIAL_IDS, TINY_MODELS, VOCAB, save_tiny, save_tiny_gg
 
 from quicksilver.models import formats, loading
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 NEW_TOKENS = 16
 
@@ -105,8 +106,8 @@ def test_cached_decode_logits_match_transformers(zoo: TinyZoo, name: str) -> Non
 @pytest.mark.parametrize("name", NAMES)
 def test_greedy_generation_matches_transformers(zoo: TinyZoo, name: str) -> None:
     prompts = _tokens(2, 10, seed=3)
-    ours = Engine(zoo.load(name, True).model).generate(
-        prompts.tolist(), NEW_TOKENS, ignore_eos=True
+    ours = generate(
+        Engine(zoo.load(name, True).model), prompts.tolist(), NEW_TOKENS, ignore_eos=True
     )
     expected = _hf_greedy(zoo.hf(name), prompts, torch.ones_like(prompts))
     assert ours.tokens == expected
@@ -117,8 +118,8 @@ def test_ragged_batch_matches_each_prompt_alone(zoo: TinyZoo, name: str) -> None
     lengths = (5, 12, 8)
     prompts = [_tokens(1, n, seed=10 + n)[0].tolist() for n in lengths]
     engine = Engine(zoo.load(name, True).model)
-    batched = engine.generate(prompts, NEW_TOKENS, ignore_eos=True).tokens
-    alone = [engine.generate([p], NEW_TOKENS, ignore_eos=True).tokens[0] for p in prompts]
+    batched = generate(engine, prompts, NEW_TOKENS, ignore_eos=True).tokens
+    alone = [generate(engine, [p], NEW_TOKENS, ignore_eos=True).tokens[0] for p in prompts]
     assert batched == alone
     # transformers on the same left-padded batch, positions derived from the attention mask.
     ids, mask = _left_pad(prompts)

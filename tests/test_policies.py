@@ -47,6 +47,7 @@ from quicksilver.policies.matryoshka import DequantisedProduct, PlaneProduct, pr
 from quicksilver.runtime import attention
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate, prefill_block
 
 # Deep enough for min_layer / decision_layer, long enough for rows past one query chunk (the
 # weights are TINY's: positions are RoPE, not weights).
@@ -372,9 +373,9 @@ def test_left_padded_prompt_equals_prompt_alone(model: Transformer, name: str) -
     """A ragged batch (left padding) gives each prompt the logits it gets alone."""
     prompts = [tokens_for(4, 1, 12)[0].tolist(), tokens_for(5, 1, 7)[0].tolist()]
     engine = make_engine(model, MATRIX[name])
-    batched, _ = engine.prefill(prompts, max_new_tokens=1)
+    batched, _ = prefill_block(engine, prompts, max_new_tokens=1)
     for row, prompt in enumerate(prompts):
-        alone, _ = engine.prefill([prompt], max_new_tokens=1)
+        alone, _ = prefill_block(engine, [prompt], max_new_tokens=1)
         assert_near(batched[row], alone[0])
 
 
@@ -382,7 +383,7 @@ def test_left_padded_prompt_equals_prompt_alone(model: Transformer, name: str) -
 def test_generation_runs_under_every_config(model: Transformer, name: str) -> None:
     """Decode steps on a cache that the policy shaped (hidden, zeroed, fused entries)."""
     engine = make_engine(model, MATRIX[name])
-    result = engine.generate(tokens_for(6, 2, 9).tolist(), max_new_tokens=4, ignore_eos=True)
+    result = generate(engine, tokens_for(6, 2, 9).tolist(), max_new_tokens=4, ignore_eos=True)
     assert [len(t) for t in result.tokens] == [4, 4]
     assert result.flops["head_tokens"] == 2 * 4
 

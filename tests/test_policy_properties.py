@@ -13,6 +13,7 @@ from test_accounting import TINY, random_model
 
 from quicksilver.policies import REGISTRY, Policy, PolicyConfigError
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 CONFIG = dataclasses.replace(TINY, n_layers=4, max_position_embeddings=64)
 
@@ -74,7 +75,7 @@ def test_any_policy_is_refused_cleanly_or_runs(engine: Engine, config: dict, see
         prompts = [
             torch.randint(0, CONFIG.vocab_size, (n,), generator=gen).tolist() for n in (5, 2)
         ]
-        result = engine.generate(prompts, max_new_tokens=3, ignore_eos=True)
+        result = generate(engine, prompts, max_new_tokens=3, ignore_eos=True)
         assert [len(t) for t in result.tokens] == [3, 3]
         cache = engine.new_cache(1, 10)
         logits = engine.forward(torch.tensor([prompts[0] * 2]), cache, logits_at="all")

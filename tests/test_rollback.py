@@ -12,6 +12,7 @@ from test_policies import CONFIG, make_engine
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.cache import KVCache
+from quicksilver.runtime.generate import prefill_block
 
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
 STEPS = 6  # decode steps in the reference run
@@ -76,7 +77,7 @@ def assert_same_state(actual: dict, expected: dict, atol: float = 0.0) -> None:
 def reference_run(engine, tokens: torch.Tensor):
     """Prefill, then feed ``tokens`` [B, STEPS] one column at a time: logits and cache
     snapshots after the prefill (index 0) and after each step."""
-    _, cache = engine.prefill(PROMPTS, STEPS + 1)
+    _, cache = prefill_block(engine, PROMPTS, STEPS + 1)
     states, logits = [snapshot(cache)], []
     for step in range(STEPS):
         logits.append(engine.forward(tokens[:, step : step + 1], cache))
@@ -141,7 +142,7 @@ def test_rollback_of_a_subset_of_rows_keeps_the_others(model) -> None:
 
 def test_rolling_back_into_the_prompt_moves_the_prompt_boundary(model) -> None:
     engine = make_engine(model, CONFIGS["skipdecode"])
-    _, cache = engine.prefill(PROMPTS, 4)
+    _, cache = prefill_block(engine, PROMPTS, 4)
     longest = max(map(len, PROMPTS))
     cache.truncate(1)
     assert cache.prompt_end.tolist() == [longest - 1] * len(PROMPTS)
@@ -158,7 +159,7 @@ def test_rolling_back_into_the_prompt_moves_the_prompt_boundary(model) -> None:
 )
 def test_bad_rollbacks_are_clear_errors(model, count, rows, message) -> None:
     engine = make_engine(model, None)
-    _, cache = engine.prefill(PROMPTS, 2)
+    _, cache = prefill_block(engine, PROMPTS, 2)
     before = snapshot(cache)
     with pytest.raises(QuicksilverError, match=message):
         cache.truncate(count, rows=rows)

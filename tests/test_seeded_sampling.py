@@ -13,12 +13,12 @@ from dataclasses import replace
 
 import pytest
 import torch
+from quicksilver.runtime.drafting import SpeculativeConfig
 from test_accounting import random_model
 from test_policies import CONFIG, make_engine
 
 from quicksilver.runtime import batch as batch_module
 from quicksilver.runtime.batch import RowSpec, StepBatch
-from quicksilver.runtime.drafting import SpeculativeConfig
 from quicksilver.runtime.sampling import SamplingConfig
 
 # The random model's logits are nearly flat: temperatures this low give it peaked
@@ -77,7 +77,9 @@ def spec(prompt, sampling, method=None, draw_index=0) -> RowSpec:
     return RowSpec(prompt, NEW_TOKENS, sampling, speculative=drafting, draw_index=draw_index)
 
 
-@pytest.mark.parametrize("sampling", SAMPLINGS, ids=lambda s: f"t{s.temperature}k{s.top_k}p{s.top_p}")
+@pytest.mark.parametrize(
+    "sampling", SAMPLINGS, ids=lambda s: f"t{s.temperature}k{s.top_k}p{s.top_p}"
+)
 def test_a_seeded_row_draws_the_same_tokens_with_every_drafter(engine, sampling) -> None:
     drafted = accepted = 0
     for seed in range(5):

@@ -59,7 +59,11 @@ def reference(model_dir: Path) -> qs.LLM:
 @pytest.fixture(scope="module")
 def server(model_dir: Path):
     settings = Settings(model_name="tiny", max_body_bytes=64 * 1024)
-    with BackgroundServer(load(model_dir), settings) as running:
+    llm = load(model_dir)
+    # The drafting plan up front, as ``quicksilver serve`` measures it for a model drafter:
+    # without it, 'layers' requests decode plain while it is measured between steps.
+    llm.draft_plan(progress=lambda message: None)
+    with BackgroundServer(llm, settings) as running:
         yield running
 
 

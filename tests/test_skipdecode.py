@@ -13,6 +13,7 @@ from quicksilver.accounting import head_flops_per_token, layer_matmul_flops_per_
 from quicksilver.policies import Policy, PolicyConfigError, load_policy
 from quicksilver.policies.skipdecode import SkipDecode, schedule_for_speedup
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate, prefill_block
 
 L = 6
 CONFIG = dataclasses.replace(TINY, n_layers=L)
@@ -81,20 +82,20 @@ PROMPTS = [[5, 6, 7, 8], [9, 10, 11, 12]]
 
 
 def test_full_schedule_equals_dense_generation(model) -> None:
-    dense = Engine(model).generate(PROMPTS, 8, ignore_eos=True)
+    dense = generate(Engine(model), PROMPTS, 8, ignore_eos=True)
     full = ["skipdecode.max_layers=6", "skipdecode.min_layers=6"]
-    same = Engine(model, policy=load_policy(None, full)).generate(PROMPTS, 8, ignore_eos=True)
+    same = generate(Engine(model, policy=load_policy(None, full)), PROMPTS, 8, ignore_eos=True)
     assert same.tokens == dense.tokens and same.flops == dense.flops
 
 
 def test_generation_skips_exactly_the_scheduled_layers(model) -> None:
     engine = Engine(model, policy=load_policy(None, SCHEDULE))
-    result = engine.generate(PROMPTS, 8, ignore_eos=True)
+    result = generate(engine, PROMPTS, 8, ignore_eos=True)
     policy = engine.policy.get("skipdecode")
     fed_back = torch.arange(7)  # generated tokens 0..6 are fed back; the 8th is not
     layers = int(policy.layers_at(fed_back, L).sum())
     assert result.flops["layer_tokens"] == len(PROMPTS) * (4 * L + layers)
-    dense = Engine(model).generate(PROMPTS, 8, ignore_eos=True)
+    dense = generate(Engine(model), PROMPTS, 8, ignore_eos=True)
     assert result.flops["total"] < dense.flops["total"]
 
 
@@ -111,8 +112,8 @@ def test_every_kv_entry_read_was_written(model, monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(Engine, "new_cache", nan_cache)
     engine = Engine(model, policy=load_policy(None, SCHEDULE))
-    reference = engine.generate(PROMPTS, 8, ignore_eos=True)
-    logits, cache = engine.prefill(PROMPTS, 8)
+    reference = generate(engine, PROMPTS, 8, ignore_eos=True)
+    logits, cache = prefill_block(engine, PROMPTS, 8)
     assert bool(torch.isfinite(logits).all())
     for token in reference.tokens[0][:7]:
         logits = engine.forward(torch.tensor([[token], [token]]), cache)
@@ -121,7 +122,7 @@ def test_every_kv_entry_read_was_written(model, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(
         SkipDecode, "layers_at", lambda self, steps, n: torch.where(steps % 2 == 0, 2, n)
     )
-    logits, cache = engine.prefill(PROMPTS, 8)
+    logits, cache = prefill_block(engine, PROMPTS, 8)
     for token in reference.tokens[0][:3]:
         logits = engine.forward(torch.tensor([[token], [token]]), cache)
     assert not bool(torch.isfinite(logits).all())
@@ -130,16 +131,16 @@ def test_every_kv_entry_read_was_written(model, monkeypatch: pytest.MonkeyPatch)
 def test_batched_equals_unbatched_generation(model) -> None:
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     engine = Engine(model, policy=load_policy(None, SCHEDULE))
-    together = engine.generate(prompts, 8, ignore_eos=True).tokens
+    together = generate(engine, prompts, 8, ignore_eos=True).tokens
     # rows are aligned by generation step, so each row alone follows the same schedule
-    alone = [engine.generate([p], 8, ignore_eos=True).tokens[0] for p in prompts]
+    alone = [generate(engine, [p], 8, ignore_eos=True).tokens[0] for p in prompts]
     assert together == alone
 
 
 def test_teacher_forced_logits_equal_generation(model) -> None:
     engine = Engine(model, policy=load_policy(None, SCHEDULE))
     prompt = PROMPTS[0]
-    generated = engine.generate([prompt], 8, ignore_eos=True).tokens[0]
+    generated = generate(engine, [prompt], 8, ignore_eos=True).tokens[0]
     sequence = torch.tensor([prompt + generated[:-1]])
     cache = engine.new_cache(1, sequence.shape[1])
     cache.set_prompt_end(len(prompt))  # positions from here on are generated steps 0, 1, ...

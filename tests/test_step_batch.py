@@ -18,15 +18,16 @@ from test_accounting import random_model
 from test_policies import CONFIG, MATRIX, make_engine
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime import batch as batch_module
-from quicksilver.runtime.batch import RowSpec, StepBatch
-from quicksilver.runtime.drafting import (
+from quicksilver.runtime.batch import StepBatch
+from quicksilver.runtime.cache import pad_token_id
+from quicksilver.runtime.rows import RowSpec
+from quicksilver.runtime.sampling import SamplingConfig, draw_key, probabilities, uniform_at
+from quicksilver.runtime.speculative import (
     SpeculativeConfig,
     accept_drafts,
     ngram_draft,
     speculative_config,
 )
-from quicksilver.runtime.sampling import SamplingConfig, draw_key, probabilities, uniform_at
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -251,4 +252,4 @@ def test_speculative_values_are_checked() -> None:
     for bad in ("magic", {"num_token": 3}, {"num_tokens": 0}, 3):
         with pytest.raises(QuicksilverError):
             speculative_config(bad)
-    assert batch_module.pad_token_id(CONFIG) in (0, *CONFIG.eos_token_ids)
+    assert pad_token_id(CONFIG) in (0, *CONFIG.eos_token_ids)

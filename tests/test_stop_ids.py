@@ -1,6 +1,6 @@
 """``stop_ids`` have one meaning everywhere: they end a row in addition to the model's EOS.
 ``ignore_eos=True`` (as in vLLM's SamplingParams) turns the EOS stop off, the only way to
-generate past EOS, in the engine (``Engine.generate``) and the API (``LLM.generate``,
+generate past EOS, in the engine (``runtime.generate.generate``) and the API (``LLM.generate``,
 ``LLM.stream``, ``Batch.submit``) alike.
 
 The model is a tiny random Llama whose config names as EOS a token its greedy continuation
@@ -14,6 +14,7 @@ from tiny_models import save_tiny, tiny_llama
 
 import quicksilver as qs
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
 
 PROMPT = [5, 6, 7, 8]
 NEW = 12
@@ -25,7 +26,7 @@ def greedy(tmp_path_factory: pytest.TempPathFactory) -> list[int]:
     model = tiny_llama()
     model.config.eos_token_id = None
     llm = qs.load(str(save_tiny(model, tmp_path_factory.mktemp("stop") / "free")), dtype="float32")
-    tokens = llm.engine.generate([PROMPT], NEW).tokens[0]
+    tokens = generate(llm.engine, [PROMPT], NEW).tokens[0]
     assert len(tokens) == NEW
     return tokens
 
@@ -52,7 +53,7 @@ def llm(tmp_path_factory: pytest.TempPathFactory, greedy: list[int], eos_at: int
 
 
 def test_engine_stops_at_eos_by_default(llm: qs.LLM, greedy: list[int], eos_at: int) -> None:
-    result = llm.engine.generate([PROMPT], NEW)
+    result = generate(llm.engine, [PROMPT], NEW)
     assert result.tokens[0] == greedy[: eos_at + 1]
     assert result.finish_reasons == ["stop"]
 
@@ -61,20 +62,22 @@ def test_engine_stop_ids_add_to_eos(llm: qs.LLM, greedy: list[int], eos_at: int)
     engine: Engine = llm.engine
     early = _first_new(greedy, 1)
     assert early < eos_at
-    assert engine.generate([PROMPT], NEW, stop_ids=[greedy[early]]).tokens[0] == greedy[: early + 1]
+    assert (
+        generate(engine, [PROMPT], NEW, stop_ids=[greedy[early]]).tokens[0] == greedy[: early + 1]
+    )
     # A stop id greedy never reaches does not switch the EOS stop off (it used to replace it).
     unseen = next(t for t in range(3, 300) if t not in greedy)
-    assert engine.generate([PROMPT], NEW, stop_ids=[unseen]).tokens[0] == greedy[: eos_at + 1]
-    assert engine.generate([PROMPT], NEW, stop_ids=[]).tokens[0] == greedy[: eos_at + 1]
+    assert generate(engine, [PROMPT], NEW, stop_ids=[unseen]).tokens[0] == greedy[: eos_at + 1]
+    assert generate(engine, [PROMPT], NEW, stop_ids=[]).tokens[0] == greedy[: eos_at + 1]
 
 
 def test_engine_ignore_eos_runs_to_max_new_tokens(
     llm: qs.LLM, greedy: list[int], eos_at: int
 ) -> None:
-    result = llm.engine.generate([PROMPT], NEW, ignore_eos=True)
+    result = generate(llm.engine, [PROMPT], NEW, ignore_eos=True)
     assert result.tokens[0] == greedy and result.finish_reasons == ["length"]
     late = _first_new(greedy, eos_at + 1)
-    stopped = llm.engine.generate([PROMPT], NEW, stop_ids=[greedy[late]], ignore_eos=True)
+    stopped = generate(llm.engine, [PROMPT], NEW, stop_ids=[greedy[late]], ignore_eos=True)
     assert stopped.tokens[0] == greedy[: late + 1]
 
 

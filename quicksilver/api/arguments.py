@@ -10,7 +10,7 @@ from typing import Any
 
 from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
-from quicksilver.runtime.drafting import SpeculativeConfig, speculative_policy_error
+from quicksilver.runtime.speculative.settings import SpeculativeConfig, speculative_policy_error
 
 # What ``use`` and every ``policy=`` argument accept (see ``load_policy``).
 PolicySpec = Policy | str | os.PathLike[str] | Mapping[str, Any] | None

@@ -1,20 +1,21 @@
-"""The drafting plan of a loaded model, measured once and kept on disk.
+"""The drafting plans of a loaded model, measured once and kept on disk.
 
-``runtime.draft_plan`` measures what drafting costs and earns on this machine (the verify
-cost curve, each self-draft's cost and agreement); a model drafter or ``auto`` needs it before
-its first step. Measuring takes tens of seconds (minutes where bf16 products are emulated), so
-the result is cached under ``<cache root>/drafting/`` (``QUICKSILVER_CACHE`` moves the root,
-beside the converted models), keyed by the model file, dtype, weight format, policy, torch
-version and CPU: change any of them and it is measured again. An unreadable or outdated file
-is measured again and replaced, never trusted.
+``speculative.cost_plan`` measures what drafting costs and earns on this machine (the verify
+cost curve, each self-draft's cost and agreement); a model drafter or ``auto`` follows it.
+Measuring takes tens of seconds (minutes where bf16 products are emulated), so the ``LLM``'s
+``DraftPlans`` keeps each plan in ``PlanFiles`` under ``<cache root>/drafting/``
+(``QUICKSILVER_CACHE`` moves the root, beside the converted models), keyed by the model file,
+dtype, weight format, policy, torch version, threads and CPU: change any of them and it is
+measured again. An unreadable or outdated file is measured again and replaced, never trusted;
+the least recently used files beyond ``MAX_PLAN_FILES`` are removed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +25,13 @@ from quicksilver.accounting import cpu_name
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.convert_cache import cache_root
 from quicksilver.outputs import write_json_atomic
-from quicksilver.runtime.draft_plan import PLAN_VERSION, DraftPlan, calibrate
+from quicksilver.runtime.speculative.cost_plan import PLAN_VERSION, DraftPlan
+from quicksilver.runtime.speculative.plans import DraftPlans
 
 if TYPE_CHECKING:
     from quicksilver.api.llm import LLM
-    from quicksilver.runtime.engine import Engine, PlanSource
+
+MAX_PLAN_FILES = 16  # plans kept on disk: one per model, format, policy and machine in use
 
 # The model continues this text greedily; drafts are judged on that continuation. Plain,
 # general prose, so the plan does not lean towards one kind of prompt.
@@ -54,12 +57,14 @@ def model_identity(kind: str, location: str) -> str:
     return f"{kind}:" + ";".join(parts or [location])
 
 
-def plan_key(llm: LLM, engine: Engine) -> dict[str, Any]:
+def plan_key(llm: LLM, policy_key: str) -> dict[str, Any]:
+    """Everything that changes a plan: the model's files and format, the policy (the
+    registry's own key), the torch build, the threads and the CPU."""
     return {
         "model": model_identity(llm.source.kind, llm.source.path),
         "dtype": llm.dtype,
         "weights": repr(llm.weights),
-        "policy": engine.plan_key(),
+        "policy": policy_key,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
@@ -72,36 +77,61 @@ def plan_path(key: dict[str, Any]) -> Path:
     return cache_root(None) / "drafting" / f"{digest}.json"
 
 
-def _stderr(message: str) -> None:
-    if sys.stderr.isatty():
-        print(message, file=sys.stderr, flush=True)
+def _note(message: str) -> None:
+    """One line on stderr, terminal or not."""
+    print(f"quicksilver: {message}", file=sys.stderr, flush=True)
 
 
-def plan_source(llm: LLM) -> PlanSource:
-    """What the engine calls for a plan it lacks: the cached one, else measured (on
-    ``CALIBRATION_TEXT``; on the asking row's prompt for a model without a tokenizer) and
-    saved. Without a ``progress`` callback, stages go to a terminal's stderr."""
+def calibration_tokens(llm: LLM) -> list[int] | None:
+    """What a measurement continues: ``CALIBRATION_TEXT``, or None for a model without a
+    tokenizer (then the asking row's prompt)."""
+    return None if llm.tokenizer is None else llm.encode(CALIBRATION_TEXT)
 
-    def source(
-        engine: Engine, fallback_prompt: Sequence[int], progress: Callable[[str], None] | None
-    ) -> DraftPlan:
-        key = plan_key(llm, engine)
-        path = plan_path(key)
+
+def plans_for(llm: LLM) -> DraftPlans:
+    """The registry an ``LLM`` owns: plans measured on ``CALIBRATION_TEXT``, kept on disk."""
+    return DraftPlans(PlanFiles(llm), lambda: calibration_tokens(llm))
+
+
+class PlanFiles:
+    """The on-disk store behind an ``LLM``'s ``DraftPlans``: one JSON file per full key,
+    at most ``MAX_PLAN_FILES`` of them, the least recently used removed first (a read
+    touches its file)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm = llm
+
+    def location(self, key: str) -> str:
+        return str(plan_path(plan_key(self.llm, key)))
+
+    def load(self, key: str) -> DraftPlan | None:
+        full = plan_key(self.llm, key)
+        path = plan_path(full)
+        if not path.exists():
+            return None
         try:
             stored = json.loads(path.read_text())
-            if stored.get("key") == key:
-                return DraftPlan.from_dict(stored["plan"])
+            if stored.get("key") == full:
+                plan = DraftPlan.from_dict(stored["plan"])
+                os.utime(path)  # recently used: the last to be evicted
+                return plan
         except (OSError, ValueError, TypeError, KeyError, AttributeError, QuicksilverError):
-            pass  # missing, damaged or outdated: measured again below
-        say = progress or _stderr
-        say(f"measuring the drafting plan once for this model and machine (kept in {path})")
-        text = fallback_prompt if llm.tokenizer is None else llm.encode(CALIBRATION_TEXT)
-        plan = calibrate(engine, text, progress=say)
+            pass
+        _note(f"the drafting plan in {path} is damaged or not this model's: measuring it again")
+        return None
+
+    def save(self, key: str, plan: DraftPlan) -> None:
+        path = plan_path(plan_key(self.llm, key))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(path, {"key": key, "plan": plan.to_dict()})
+            write_json_atomic(path, {"key": plan_key(self.llm, key), "plan": plan.to_dict()})
+            evict_plans(path.parent, keep=MAX_PLAN_FILES)
         except (OSError, QuicksilverError) as err:  # read-only: kept for this process only
-            say(f"could not keep the drafting plan in {path}: {err}")
-        return plan
+            _note(f"could not keep the drafting plan in {path}: {err}")
 
-    return source
+
+def evict_plans(directory: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used plan files in ``directory``."""
+    files = sorted(directory.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for stale in files[keep:]:
+        stale.unlink(missing_ok=True)

@@ -27,19 +27,18 @@ from quicksilver.api.arguments import (
     stop_strings,
     token_ids,
 )
-from quicksilver.api.drafting import plan_source
+from quicksilver.api.drafting import plans_for
 from quicksilver.api.records import GenerationOutput, LogLikelihood, Stream, speculative_record
 from quicksilver.api.session import Batch, Request, open_batch
 from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.eval.perplexity import PerplexityResult
 from quicksilver.models import loading
 from quicksilver.policies import Policy, load_policy
-from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS, room_for
-from quicksilver.runtime.cache import sequence_fit_error
-from quicksilver.runtime.draft_plan import DraftPlan
-from quicksilver.runtime.drafting import SpeculativeConfig, speculative_config
+from quicksilver.runtime.batch import DEFAULT_PREFILL_TOKENS
+from quicksilver.runtime.cache import room_for, sequence_fit_error
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.sampling import NonFiniteLogits, SamplingConfig
+from quicksilver.runtime.speculative import DraftPlan, SpeculativeConfig, speculative_config
 from quicksilver.scoring import TokenScores, prefix_token_id
 from quicksilver.text import decode, encode_prompt
 
@@ -79,7 +78,7 @@ class LLM:
         self.speculative: SpeculativeConfig | None = None  # the default for generate/stream
         self._lock = threading.RLock()
         self._scope = threading.local()
-        self.engine.plan_source = plan_source(self)
+        self.draft_plans = plans_for(self)  # per policy, for every batch; kept on disk
 
     def __repr__(self) -> str:
         fmt, extra = self.weights, ""
@@ -119,7 +118,7 @@ class LLM:
         """What drafting costs and earns here under ``policy`` (``api.drafting``): read from
         the on-disk cache, or measured now (``progress(message)`` hears each stage)."""
         with self._working(policy):
-            return self.engine.draft_plan([self.prefix_token_id], progress)
+            return self.draft_plans.measure(self.engine, [self.prefix_token_id], progress)
 
     # ------------------------------------------------------------ policies
 
@@ -353,7 +352,9 @@ class LLM:
             self,
             max_rows=len(prompts),
             max_len=room_for(
-                self.config, longest + request.max_new_tokens - 1, request.speculative
+                self.config,
+                longest + request.max_new_tokens - 1,
+                request.speculative.max_tokens if request.speculative is not None else 0,
             ),
             prefill_tokens=len(prompts) * longest,
             policy=policy,

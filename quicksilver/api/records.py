@@ -8,8 +8,8 @@ from typing import Any
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.outputs import jsonable
-from quicksilver.runtime.batch import StepStats
-from quicksilver.runtime.drafting import SpeculativeConfig
+from quicksilver.runtime.rows import StepStats
+from quicksilver.runtime.speculative.settings import SpeculativeConfig
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,8 @@ def speculative_record(config: SpeculativeConfig | None, stats: StepStats) -> di
     accepted tokens, ``mean_accepted_length`` (vLLM's definition: 1 + accepted / drafts),
     acceptance per draft position and per method, the FLOPs of draft forwards and of the
     verify forwards, the seconds draft forwards took (inside decode time) and the seconds
-    spent measuring the drafting plan (outside it; 0 when it came from the cache)."""
+    spent measuring the drafting plan (outside it; 0 when it came from the cache), and
+    ``plan_notes``: a measurement begun or finished during this generation."""
     if config is None:
         return None
     return {
@@ -162,4 +163,5 @@ def speculative_record(config: SpeculativeConfig | None, stats: StepStats) -> di
         "verify_flops": stats.verify_flops,
         "draft_seconds": stats.draft_seconds,
         "calibration_seconds": stats.calibration_seconds,
+        "plan_notes": list(stats.plan_notes),
     }

@@ -20,9 +20,10 @@ from quicksilver.api.arguments import PolicySpec, Prompt, check_drafting, count
 from quicksilver.api.records import BatchEvent, Completion
 from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
-from quicksilver.runtime.batch import Row, RowSpec, StepBatch, StepStats
-from quicksilver.runtime.drafting import SpeculativeConfig
+from quicksilver.runtime.batch import StepBatch
+from quicksilver.runtime.rows import Row, RowSpec, StepStats
 from quicksilver.runtime.sampling import SamplingConfig
+from quicksilver.runtime.speculative.settings import SpeculativeConfig
 from quicksilver.text import TextStream
 
 if TYPE_CHECKING:
@@ -74,6 +75,7 @@ class Batch:
             max_rows=max_rows,
             max_len=max_len,
             prefill_tokens=prefill_tokens,
+            plans=llm.draft_plans,
         )
         self._live: dict[int, _Live] = {}
 

@@ -34,6 +34,7 @@ from quicksilver.integrations.hf_reference import quiet_transformers
 from quicksilver.models import loading
 from quicksilver.runtime.cache import check_cache_fits
 from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate, prefill_block
 
 ENGINE_NAME = "quicksilver"
 TRANSFORMERS_NAME = "transformers"
@@ -114,12 +115,12 @@ def bench_engine(
     rows = _rows(prompts_token_ids, batch_size)
     counter = engine.counter
     before = counter.total
-    engine.prefill(rows, new_tokens)  # warm-up for prefill, and its FLOP count
+    prefill_block(engine, rows, new_tokens)  # warm-up for prefill, and its FLOP count
     prefill_flops = counter.total - before
-    engine.generate(rows, new_tokens, ignore_eos=True)  # warm-up for decode
+    generate(engine, rows, new_tokens, ignore_eos=True)  # warm-up for decode
     prefill, decode = [], []
     for _ in range(repeats):
-        result = engine.generate(rows, new_tokens, ignore_eos=True)
+        result = generate(engine, rows, new_tokens, ignore_eos=True)
         prefill.append(result.prefill_seconds)
         decode.append(result.decode_seconds)
     out = summary_record(batch_size, len(rows[0]), new_tokens, prefill, decode)

@@ -26,7 +26,7 @@ from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import format_table
 from quicksilver.models.loading import DTYPES, parse_dtype
 from quicksilver.outputs import write_json_atomic
-from quicksilver.runtime.drafting import speculative_config
+from quicksilver.runtime.speculative.settings import speculative_config
 
 NAME = "bench"
 

@@ -149,8 +149,10 @@ def run(args: argparse.Namespace) -> int:
             f"draft {drafted['draft_flops'] / 1e9:.2f} / verify "
             f"{drafted['verify_flops'] / 1e9:.2f} GFLOP]"
         )
+        for note in drafted["plan_notes"]:
+            say(f"[{note}]")
         if drafted["calibration_seconds"]:
-            say(f"[drafting plan measured in {drafted['calibration_seconds']:.1f} s, now cached]")
+            say(f"[{drafted['calibration_seconds']:.1f} s spent measuring the drafting plan]")
     if json_path is not None:
         record = {
             "model": args.model,

@@ -19,7 +19,7 @@ from quicksilver.models.config import ModelConfig
 from quicksilver.models.loading import parse_dtype
 from quicksilver.policies import Policy, load_policy
 from quicksilver.policies.skipdecode import schedule_for_speedup
-from quicksilver.runtime.drafting import speculative_config
+from quicksilver.runtime.speculative.settings import speculative_config
 from quicksilver.text import encode_stream
 
 

@@ -22,7 +22,7 @@ import torch
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.engine import Engine
-from quicksilver.runtime.generate import GenerationResult
+from quicksilver.runtime.generate import GenerationResult, generate
 from quicksilver.scoring import forced_logits
 
 
@@ -161,7 +161,7 @@ class GenerationQuality:
 
 
 def _run(engine: Engine, batches: list[list[list[int]]], new: int) -> list[GenerationResult]:
-    return [engine.generate(batch, new, ignore_eos=True) for batch in batches]
+    return [generate(engine, batch, new, ignore_eos=True) for batch in batches]
 
 
 def _prefill_cost(results: list[GenerationResult]) -> float:

@@ -75,7 +75,7 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2-135m"
 # Accepted dtype spellings. float16 runs everywhere the model does, but overflows more easily
-# than bfloat16 (sample_next then reports NaN/inf logits).
+# than bfloat16 (sampling then reports NaN/inf logits).
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,

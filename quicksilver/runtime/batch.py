@@ -1,7 +1,7 @@
 """Rows that come and go: the step core every generation runs through.
 
 A ``StepBatch`` owns one KV cache of ``max_rows`` rows and a table of rows (each with its
-prompt, its own sampling settings and seeded generator, stop ids, token budget and finish
+prompt, its own sampling settings and random stream, stop ids, token budget and finish
 state). Rows are *admitted* at any time and wait until a cache row is free; ``step()`` then
 
 1. prefills waiting rows, left-padded together as a group and fed in chunks of at most
@@ -10,7 +10,9 @@ state). Rows are *admitted* at any time and wait until a cache row is free; ``st
 2. runs one forward for the running rows, in which each row feeds its last token plus any
    drafted tokens (``speculative``): the drafts the model agrees with are accepted, the rest
    rolled back with ``KVCache.truncate`` (policy state included), so the output is exactly the
-   plain decoder's. Without drafts this is ordinary one-token-per-step decoding.
+   plain decoder's. Without drafts this is ordinary one-token-per-step decoding. Then
+3. runs one piece of a drafting plan being measured for the engine's policy, if any
+   (``speculative.plans``): measuring never holds up a row for more than one piece.
 
 It returns per-row events (new tokens, their log-probs when asked, a finish reason). A row
 that finishes or is cancelled leaves at once: the last row in use moves into its cache row,
@@ -23,104 +25,24 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.cache import sequence_fit_error
-from quicksilver.runtime.drafter import Drafter
-from quicksilver.runtime.drafting import (
-    FUSION_NOT_VERIFIABLE,
-    SpeculativeConfig,
-    accept_drafts,
-    splits_change_output,
-)
-from quicksilver.runtime.sampling import (
-    SamplingConfig,
-    check_logits,
-    draw_key,
-    sample_tokens,
-    uniform_at,
-)
+from quicksilver.runtime.cache import left_padded, pad_token_id, sequence_fit_error
+from quicksilver.runtime.rows import Row, RowEvent, RowSpec, StepStats
+from quicksilver.runtime.sampling import check_logits, sample_tokens, uniform_at
+from quicksilver.runtime.speculative.acceptance import accept_drafts
+from quicksilver.runtime.speculative.chooser import Drafter
+from quicksilver.runtime.speculative.plans import DraftPlans
+from quicksilver.runtime.speculative.settings import FUSION_NOT_VERIFIABLE, splits_change_output
 
-if TYPE_CHECKING:  # the runner drives generation through this module, never the reverse
+if TYPE_CHECKING:  # the runner never imports this module: generation is built on the runner
     from quicksilver.runtime.engine import Engine
 
 # Prompt tokens fed per step while rows are running; a prompt longer than this goes in chunks.
 DEFAULT_PREFILL_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class RowSpec:
-    """What one row asks for. ``logprobs``: None for none, k >= 0 for the chosen token's
-    log-prob and the k most likely alternatives at each generated position."""
-
-    prompt: tuple[int, ...]
-    max_new_tokens: int
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    stop_ids: frozenset[int] = frozenset()
-    logprobs: int | None = None
-    speculative: SpeculativeConfig | None = None
-    # This row's index among the rows of its request: with the seed, it keys the row's
-    # random stream (``sampling.draw_key``), so copies of one prompt draw different text.
-    draw_index: int = 0
-
-
-@dataclass
-class RowEvent:
-    """What one step produced for one row."""
-
-    row: int
-    tokens: list[int]
-    logprobs: list[float] | None = None
-    top: list[list[tuple[int, float]]] | None = None
-    finish_reason: str | None = None  # "stop", "length"; None while the row runs
-
-
-@dataclass
-class StepStats:
-    """Time and work of a StepBatch so far (compilation kept apart from decoding)."""
-
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    compile_seconds: float = 0.0
-    decode_steps: int = 0  # forwards over the running rows
-    decode_tokens: int = 0  # tokens those forwards produced
-    fed_tokens: int = 0  # token positions that went through the model, padding included
-    flops: dict[str, int] = field(default_factory=dict)  # counted in every forward
-    decode_flops: dict[str, int] = field(default_factory=dict)  # counted in decode forwards
-    drafts: int = 0  # rows that fed drafted tokens in a step
-    draft_tokens: int = 0
-    accepted_tokens: int = 0
-    accepted_at: list[int] = field(default_factory=list)  # accepted count per draft position
-    by_method: dict[str, list[int]] = field(default_factory=dict)  # drafts, drafted, accepted
-    draft_flops: int = 0  # counted in model draft forwards (inside ``flops``)
-    verify_flops: int = 0  # counted in decode forwards that checked drafts
-    draft_seconds: float = 0.0  # model draft forwards (inside ``decode_seconds``)
-    calibration_seconds: float = 0.0  # measuring the drafting plan, when this batch did
-
-
-class Row:
-    """A row's state in the table (read-only for callers)."""
-
-    def __init__(self, row_id: int, spec: RowSpec) -> None:
-        self.id = row_id
-        self.spec = spec
-        self.tokens: list[int] = []
-        self.finish_reason: str | None = None
-        # Every token is drawn with the uniform of its position in this stream, so what a
-        # seeded row samples does not depend on drafts or on the rows beside it.
-        self.draw_key = draw_key(spec.sampling.seed, spec.draw_index)
-        self.flops = 0.0  # this row's share of the counted FLOPs of the forwards it was in
-        self.dense_flops = 0.0  # and of what the dense model would have spent on them
-        self.padded: torch.Tensor | None = None  # the left-padded prompt while prefilling
-
-    @property
-    def remaining(self) -> int:
-        return self.spec.max_new_tokens - len(self.tokens)
 
 
 class StepBatch:
@@ -133,6 +55,7 @@ class StepBatch:
         max_rows: int,
         max_len: int,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+        plans: DraftPlans | None = None,
     ) -> None:
         if max_rows < 1 or max_len < 1 or prefill_tokens < 1:
             raise QuicksilverError("a step batch needs max_rows, max_len and prefill_tokens >= 1")
@@ -151,7 +74,9 @@ class StepBatch:
         self._group: list[Row] = []  # cache rows R..R+P-1, their prompts going in
         self._group_width = 0
         self._group_cursor = 0
-        self.drafter = Drafter(engine, self.stats, self._attribute)
+        # Drafting plans, shared with every batch on this model (None: this batch's own).
+        self.plans = plans if plans is not None else DraftPlans()
+        self.drafter = Drafter(engine, self.plans, self.stats, self._attribute)
 
     # ------------------------------------------------------------ the row table
 
@@ -217,6 +142,7 @@ class StepBatch:
             self._prefill_chunk(events)
         if decoding:
             self._decode(decoding, events)
+        self._measure_plan()
         for event in events.values():
             if event.finish_reason is not None:
                 row = self._rows.pop(event.row, None)
@@ -280,11 +206,9 @@ class StepBatch:
             # Every row feeds k + 1 tokens (short drafts padded, then rolled back): keep the
             # furthest slot inside the cache, whose slots are all valid positions.
             room = self.max_len - 1 - int(self.cache.lengths[:n].max())
-            stats, draft_start = self.stats, time.perf_counter()
-            calibrated = stats.calibration_seconds  # measured once, reported apart
+            draft_start = time.perf_counter()
             drafts = self.drafter.drafts(rows, self.cache, room)
-            stats.decode_seconds += time.perf_counter() - draft_start
-            stats.decode_seconds -= stats.calibration_seconds - calibrated
+            self.stats.decode_seconds += time.perf_counter() - draft_start
         else:
             drafts = [[] for _ in rows]
         k = max(map(len, drafts))
@@ -316,11 +240,25 @@ class StepBatch:
         if k:
             stats.verify_flops += spent["total"]
 
+    def _measure_plan(self) -> None:
+        """One piece of a drafting plan measurement under way for this engine's policy
+        (whichever batch began it), after this step's own forwards: a measurement delays
+        the next token by one piece at most. Its time is kept apart from decoding."""
+        start = time.perf_counter()
+        measuring = self.plans.advance(self.engine)
+        if measuring is None:
+            return
+        self.stats.calibration_seconds += time.perf_counter() - start
+        if measuring.done:
+            self.stats.plan_notes.append(
+                f"drafting plan ready, measured in {measuring.seconds:.1f} s between steps"
+            )
+
     # ------------------------------------------------------------ choosing tokens
 
     def _choose(self, rows: list[Row], logits: torch.Tensor) -> list[int]:
-        """One token per row ([N, V] logits), each with its own settings and generator: a
-        seeded row draws from its own generator alone, so its text does not depend on which
+        """One token per row ([N, V] logits), each with its own settings and the uniform of
+        its stream at its position: a seeded row's text does not depend on which
         rows share the batch."""
         check_logits(logits)
         best = logits.argmax(dim=-1).tolist()
@@ -446,22 +384,3 @@ class StepBatch:
             group.pop()
             if not group:
                 self._group_width = self._group_cursor = 0
-
-
-def room_for(config, needed: int, speculative: SpeculativeConfig | None) -> int:
-    """Cache slots for rows that need ``needed`` positions: with drafts, room for a full
-    draft past the end (rows feed the batch's longest draft), within the model's positions."""
-    extra = speculative.max_tokens if speculative is not None else 0
-    return max(needed, min(needed + extra, config.max_position_embeddings))
-
-
-def left_padded(prompt: Sequence[int], width: int, pad: int) -> torch.Tensor:
-    """A prompt right-aligned in ``width`` slots, ``pad`` before it (rows of one block)."""
-    padded = torch.full((width,), pad, dtype=torch.long)
-    padded[width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
-    return padded
-
-
-def pad_token_id(config) -> int:
-    """The one filler id for positions nobody reads (left padding, rolled-back drafts)."""
-    return config.eos_token_ids[0] if config.eos_token_ids else 0

@@ -360,3 +360,22 @@ class KVCache:
         if self.prompt_end is not None:
             self.prompt_end[row] = 0
         self._recheck_adapted()
+
+
+def room_for(config: ModelConfig, needed: int, draft_tokens: int = 0) -> int:
+    """Cache slots for rows that need ``needed`` positions: with drafts of up to
+    ``draft_tokens``, room for a full draft past the end (rows feed the batch's longest
+    draft), within the model's positions."""
+    return max(needed, min(needed + draft_tokens, config.max_position_embeddings))
+
+
+def left_padded(prompt: Sequence[int], width: int, pad: int) -> torch.Tensor:
+    """A prompt right-aligned in ``width`` slots, ``pad`` before it (rows of one block)."""
+    padded = torch.full((width,), pad, dtype=torch.long)
+    padded[width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+    return padded
+
+
+def pad_token_id(config: ModelConfig) -> int:
+    """The one filler id for positions nobody reads (left padding, rolled-back drafts)."""
+    return config.eos_token_ids[0] if config.eos_token_ids else 0

@@ -1,38 +1,31 @@
-"""The runner: prefill, decode and generation, and the one loop over layers.
+"""The runner: the one loop over layers; it runs forwards and knows nothing of requests.
 
 ``Engine.forward`` runs a [B, S] block of new tokens through the model, writing their K/V into
 the cache and feeding the FLOP counter with what executed. Prefill and decode are the same
 call with S = prompt length or S = 1. Dense is the case where every token runs every layer;
 under a policy, ``ActiveTokens`` says which tokens run each layer and the others are gathered
-out (never masked), so the counter and the clock see only what ran.
+out (never masked), so the counter and the clock see only what ran. Generation, drafting and
+the step batch are built on this module (``runtime.generate``, ``runtime.speculative``,
+``runtime.batch``); it imports none of them.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from quicksilver.accounting import FlopCounter
-from quicksilver.errors import QuicksilverError
 from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_linear
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
 from quicksilver.runtime.attention import attend
-from quicksilver.runtime.batch import left_padded, pad_token_id
 from quicksilver.runtime.cache import KVCache, check_cache_fits
 from quicksilver.runtime.compiled import CompiledDecode
 from quicksilver.runtime.context import ForwardContext
-from quicksilver.runtime.draft_plan import DraftPlan, calibrate
-from quicksilver.runtime.drafting import SpeculativeConfig
-from quicksilver.runtime.generate import GenerationResult, TokenCallback, generate
-from quicksilver.runtime.sampling import SamplingConfig
-from quicksilver.runtime.self_draft import DraftShape
+from quicksilver.runtime.draft_shape import DraftShape
 
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
-# (engine, calibration prompt, progress) -> the plan: ``calibrate`` or a cache in front of it
-PlanSource = Callable[["Engine", Sequence[int], Callable[[str], None] | None], DraftPlan]
 
 
 class Engine:
@@ -52,27 +45,6 @@ class Engine:
         self.set_policy(policy)
         # The dense one-token step as one compiled graph (``runtime.compiled``), if asked.
         self.compiled: CompiledDecode | None = CompiledDecode(model) if compile else None
-        # Measured drafting plans (``runtime.draft_plan``), one per policy configuration.
-        self.draft_plans: dict[str, DraftPlan] = {}
-        # Where a missing plan comes from (the API's on-disk cache); None: measured here.
-        self.plan_source: PlanSource | None = None
-
-    def plan_key(self) -> str:
-        """Which drafting plan applies: costs and agreements depend on the policy."""
-        policy = self.policy
-        return json.dumps(policy.to_config() if policy is not None else {}, sort_keys=True)
-
-    def draft_plan(
-        self, calibration_prompt: Sequence[int], progress: Callable[[str], None] | None = None
-    ) -> DraftPlan:
-        """The drafting plan for the current policy, measured on ``calibration_prompt`` if
-        nobody gave one (``LLM`` brings a cached one, measured on its calibration text);
-        ``progress(message)`` hears each stage of a measurement."""
-        key = self.plan_key()
-        if key not in self.draft_plans:
-            source = self.plan_source or calibrate
-            self.draft_plans[key] = source(self, calibration_prompt, progress)
-        return self.draft_plans[key]
 
     @property
     def compile_seconds(self) -> float:
@@ -125,8 +97,8 @@ class Engine:
         ``context`` overrides where the tokens go (default: each row's next S slots).
         ``observe(layer, states)`` sees the [B, S, d] states after each layer (halted and
         merged tokens keep the state they stopped with). ``draft``: a self-draft forward
-        (``runtime.self_draft``): only its layers run, at its width, every token alike (no
-        policy decisions); it adds nothing to the dense-equivalent count, since plain
+        (``speculative.self_draft``): only its layers run, at its width, every token alike
+        (no policy decisions); it adds nothing to the dense-equivalent count, since plain
         decoding would not run it at all."""
         batch, n_new = tokens.shape
         policy = self.policy
@@ -150,12 +122,30 @@ class Engine:
         dense_pairs = context.attended_pairs()
         if draft is None:
             self.counter.add_dense_equivalent(batch * n_new, dense_pairs, head_rows)
-        active = None
-        if not dense:
-            active = ActiveTokens(policy, self.model, context, self.counter)
-        counter = self.counter
+        active = None if dense else ActiveTokens(policy, self.model, context, self.counter)
         h = self.model.embed_tokens(tokens, context.positions)
-        counter.add_embedding(batch * n_new)
+        self.counter.add_embedding(batch * n_new)
+        h = self._layers(h, context, dense_pairs, active, observe, draft)
+        if isinstance(logits_at, str):
+            h = h[:, -1] if logits_at == "last" else h
+        else:
+            h = h[:, logits_at]
+        self.counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
+        return self.model.logits(h)
+
+    def _layers(
+        self,
+        h: torch.Tensor,
+        context: ForwardContext,
+        dense_pairs: int,
+        active: ActiveTokens | None,
+        observe: LayerObserver | None,
+        draft: DraftShape | None,
+    ) -> torch.Tensor:
+        """The [B, S, d] block through every layer that runs: all its tokens (dense, or a
+        draft's layers), or the tokens ``active`` lets through each layer, gathered out."""
+        batch, n_new = h.shape[:2]
+        counter = self.counter
         flat = h.reshape(batch * n_new, -1)
         full_bytes = self.model.layer_weight_bytes()
         draft_widths, read_bits = None, 0
@@ -191,13 +181,7 @@ class Engine:
                 active.after_layer(i, everyone, before, after, flat)
             if observe is not None:
                 observe(i, flat.view(batch, n_new, -1))
-        h = flat.view(batch, n_new, -1)
-        if isinstance(logits_at, str):
-            h = h[:, -1] if logits_at == "last" else h
-        else:
-            h = h[:, logits_at]
-        counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
-        return self.model.logits(h)
+        return flat.view(batch, n_new, -1)
 
     def _compiled_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One token per row through the compiled graph; counted like the eager step, with
@@ -269,34 +253,3 @@ class Engine:
 
         out = block(x.unsqueeze(1), attention, widths)[:, 0]
         return out, pairs[0]
-
-    def prefill(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
-    ) -> tuple[torch.Tensor, KVCache]:
-        """Left-pad the prompts into one block, fill a fresh cache, return last logits."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise QuicksilverError("every prompt must contain at least one token")
-        longest = max(len(p) for p in prompts)
-        # The last sampled token is never fed back: one slot fewer than prompt + new tokens.
-        cache = self.new_cache(len(prompts), longest + max_new_tokens - 1)
-        cache.left_pad([len(p) for p in prompts])
-        cache.set_prompt_end(longest)
-        pad = pad_token_id(self.config)
-        block = torch.stack([left_padded(prompt, longest, pad) for prompt in prompts])
-        return self.forward(block, cache), cache
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        max_new_tokens: int,
-        sampling: SamplingConfig | None = None,
-        stop_ids: Sequence[int] | None = None,
-        on_token: TokenCallback | None = None,
-        speculative: SpeculativeConfig | None = None,
-        ignore_eos: bool = False,
-    ) -> GenerationResult:
-        """Batched generation through the step core (``runtime.generate``): ``stop_ids`` add
-        to the model's EOS ids; ``ignore_eos`` turns the EOS stop off."""
-        return generate(
-            self, prompts, max_new_tokens, sampling, stop_ids, on_token, speculative, ignore_eos
-        )

@@ -1,7 +1,8 @@
 """A whole generation in one call: every prompt through one ``StepBatch`` to its end.
 
-``Engine.generate`` (the benchmarks', the evaluations' and the tests' entry) is this; the API's
+``generate(engine, ...)`` is the benchmarks', the evaluations' and the tests' entry; the API's
 ``LLM.generate`` runs the same step core through ``api.session.Batch`` with text on top.
+``prefill_block`` is the prompts' forward alone, for measuring it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.batch import RowSpec, StepBatch, room_for
-from quicksilver.runtime.drafting import SpeculativeConfig, speculative_policy_error
+from quicksilver.runtime.batch import StepBatch
+from quicksilver.runtime.cache import KVCache, left_padded, pad_token_id, room_for
+from quicksilver.runtime.rows import RowSpec
 from quicksilver.runtime.sampling import SamplingConfig
+from quicksilver.runtime.speculative.plans import DraftPlans
+from quicksilver.runtime.speculative.settings import SpeculativeConfig, speculative_policy_error
 
 if TYPE_CHECKING:
     from quicksilver.runtime.engine import Engine
@@ -53,6 +59,7 @@ def generate(
     on_token: TokenCallback | None = None,
     speculative: SpeculativeConfig | None = None,
     ignore_eos: bool = False,
+    plans: DraftPlans | None = None,
 ) -> GenerationResult:
     """Every prompt to its end in one StepBatch (all prompts prefilled together, as one
     left-padded block); each row stops at one of the model's EOS ids, at one of ``stop_ids``
@@ -60,7 +67,8 @@ def generate(
 
     ``stop_ids`` add to EOS, as in ``LLM.generate`` (and vLLM): one meaning everywhere.
     ``ignore_eos`` turns the EOS stop off, for runs that need every row to reach
-    ``max_new_tokens`` (throughput, position-by-position comparisons).
+    ``max_new_tokens`` (throughput, position-by-position comparisons). ``plans``: the
+    drafting plans to follow (None: this call's own, measured here between steps as needed).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise QuicksilverError("every prompt must contain at least one token")
@@ -73,8 +81,13 @@ def generate(
     batch = StepBatch(
         engine,
         max_rows=len(prompts),
-        max_len=room_for(engine.config, longest + max_new_tokens - 1, speculative),
+        max_len=room_for(
+            engine.config,
+            longest + max_new_tokens - 1,
+            speculative.max_tokens if speculative is not None else 0,
+        ),
         prefill_tokens=len(prompts) * longest,
+        plans=plans,
     )
     eos = () if ignore_eos else engine.config.eos_token_ids
     stops = frozenset([*eos, *(stop_ids or ())])
@@ -104,3 +117,20 @@ def generate(
         decode_tokens=stats.decode_tokens,
         fed_tokens=stats.fed_tokens,
     )
+
+
+def prefill_block(
+    engine: Engine, prompts: Sequence[Sequence[int]], max_new_tokens: int
+) -> tuple[torch.Tensor, KVCache]:
+    """Left-pad the prompts into one block, fill a fresh cache with room for
+    ``max_new_tokens`` more, return the last logits ([B, V]) and the cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise QuicksilverError("every prompt must contain at least one token")
+    longest = max(len(p) for p in prompts)
+    # The last sampled token is never fed back: one slot fewer than prompt + new tokens.
+    cache = engine.new_cache(len(prompts), longest + max_new_tokens - 1)
+    cache.left_pad([len(p) for p in prompts])
+    cache.set_prompt_end(longest)
+    pad = pad_token_id(engine.config)
+    block = torch.stack([left_padded(prompt, longest, pad) for prompt in prompts])
+    return engine.forward(block, cache), cache

@@ -18,7 +18,7 @@ from typing import Any
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import PRESETS
-from quicksilver.runtime.drafting import speculative_policy_error
+from quicksilver.runtime.speculative.settings import speculative_policy_error
 from quicksilver.serve.errors import APIError
 from quicksilver.text import check_text
 

@@ -4,7 +4,7 @@ Each policy in use has its own ``qs.Batch`` (the public step handle): a request'
 prompts times ``n``) are submitted to the batch of its policy as soon as the worker sees the
 request, start at the next step that has a free row, stream their text as it becomes final,
 and leave — freeing their rows — when they finish, stop or their client goes away. Seeded
-sampled requests share batches: each request has its own generator. When several policies
+sampled requests share batches: each row has its own random stream. When several policies
 have work, the worker gives each a turn of ``quantum_s`` seconds in rotation, so no request
 waits for another policy's requests to drain. Everything goes through the public API.
 """

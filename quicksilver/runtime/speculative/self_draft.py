@@ -15,33 +15,19 @@ verify forward writes them in every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from quicksilver.errors import QuicksilverError
+from quicksilver.runtime.draft_shape import DraftShape
 
-if TYPE_CHECKING:  # the runner calls into this module; it never imports the runner
+if TYPE_CHECKING:  # types only: drafts run on the engine, which never imports drafting
     from quicksilver.runtime.cache import KVCache
     from quicksilver.runtime.engine import Engine
 
 PLANE_DRAFT_BITS = 4  # the hi plane of the width-8 codes
 PLANE_VERIFY_BITS = 8
-
-
-@dataclass(frozen=True)
-class DraftShape:
-    """A cheaper forward of the same model: the layers that run (None: all) and the weight
-    width of their matmuls (None: the model's own; 4: the Matryoshka hi plane).
-    ``layer_bytes``: what one run layer reads, for the counter (None: the stored format)."""
-
-    layers: frozenset[int] | None = None
-    bits: int | None = None
-    layer_bytes: int | None = None
-
-    def runs(self, layer: int) -> bool:
-        return self.layers is None or layer in self.layers
 
 
 def skip_layers(n_layers: int, skipped: tuple[int, ...] | list[int]) -> DraftShape:

@@ -1,13 +1,17 @@
 """Each step's drafts for the rows of a step batch: which method, how many tokens, and the
 model's draft forwards, batched across the rows that draft with the model.
 
-A row's ``SpeculativeConfig`` names its method (``runtime.drafting``). Model drafters run
+A row's ``SpeculativeConfig`` names its method (``speculative.settings``). Model drafters run
 their draft forwards over the leading cache rows up to the last row that drafts with them
 (the step core keeps rows contiguous; a row in between that drafts otherwise rides along,
 its work counted as drafting). ``auto`` keeps, per row, a decayed count of how many drafted
 tokens each method got accepted, and each step picks the method and length with the most
 expected tokens per unit of measured time (``DraftPlan.best_length``), or no draft where
 none is expected to beat plain decoding.
+
+The plan comes from the batch's ``DraftPlans``. Until it is measured (a piece per step, by
+the batch), model drafters draft nothing and ``auto`` drafts n-grams only, against the
+default plan's conservative verify curve: tokens come at once, drafts once the plan is ready.
 """
 
 from __future__ import annotations
@@ -17,14 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from quicksilver.runtime.draft_plan import DraftPlan
-from quicksilver.runtime.drafting import MODEL_METHODS, ngram_draft
-from quicksilver.runtime.self_draft import DraftShape, model_drafts, plane_shape, skip_layers
+from quicksilver.runtime.draft_shape import DraftShape
+from quicksilver.runtime.speculative.cost_plan import DraftPlan, default_plan
+from quicksilver.runtime.speculative.ngram import ngram_draft
+from quicksilver.runtime.speculative.plans import DraftPlans
+from quicksilver.runtime.speculative.self_draft import model_drafts, plane_shape, skip_layers
+from quicksilver.runtime.speculative.settings import MODEL_METHODS
 
-if TYPE_CHECKING:
-    from quicksilver.runtime.batch import Row, StepStats
+if TYPE_CHECKING:  # types only: the step batch drives this module, never the reverse
     from quicksilver.runtime.cache import KVCache
     from quicksilver.runtime.engine import Engine
+    from quicksilver.runtime.rows import Row, StepStats
 
 Attribute = Callable[[list["Row"], list[int], dict[str, int]], dict[str, int]]
 
@@ -80,25 +87,37 @@ def expected_tokens(rate: float, length: int) -> float:
 class Drafter:
     """Drafts for a StepBatch's running rows (see the module docstring)."""
 
-    def __init__(self, engine: Engine, stats: StepStats, attribute: Attribute) -> None:
+    def __init__(
+        self, engine: Engine, plans: DraftPlans, stats: StepStats, attribute: Attribute
+    ) -> None:
         self.engine = engine
+        self.plans = plans
         self.stats = stats
         # The batch's own split of a forward's FLOPs among the rows that fed it.
         self.attribute = attribute
-        self._plan: DraftPlan | None = None
+        self._plan: DraftPlan | None = None  # None while it is measured
+        self._default = default_plan()
         self._shapes: dict[str, DraftShape] = {}
         self._acceptance: dict[int, dict[str, Acceptance]] = {}
         self.methods: dict[int, str | None] = {}  # the method each row drafted with last step
 
-    def plan(self, calibration_prompt) -> DraftPlan:
+    def plan(self, calibration_prompt: tuple[int, ...]) -> DraftPlan | None:
+        """The measured plan, or None while it is measured (begun here if nobody had: the
+        batch runs its pieces, so this step does not wait for it)."""
         if self._plan is None:
-            engine = self.engine
-            known = engine.plan_key() in engine.draft_plans
-            start = time.perf_counter()
-            self._plan = engine.draft_plan(calibration_prompt)
-            if not known:  # measured now, or read from disk: overhead this batch paid
-                self.stats.calibration_seconds += time.perf_counter() - start
+            plans, engine = self.plans, self.engine
+            self._plan = plans.ready(engine)
+            if self._plan is None and plans.start(engine, calibration_prompt):
+                self.stats.plan_notes.append(
+                    "measuring the drafting plan in the background: model drafters wait for "
+                    "it, auto drafts n-grams only until it is ready"
+                )
         return self._plan
+
+    @property
+    def costs(self) -> DraftPlan:
+        """What this step's choices follow: the measured plan, else the default."""
+        return self._plan or self._default
 
     def shape(self, method: str) -> DraftShape:
         if method not in self._shapes:
@@ -148,7 +167,7 @@ class Drafter:
         padded and rolled back), so a width is a batch decision: cut auto's n-gram drafts to
         the width with the most expected tokens, summed over the rows, per unit of verify
         time at this batch size."""
-        plan = self._plan
+        plan = self.costs
         flexible = [c for c in choices if c.match and c.method not in MODEL_METHODS]
         fixed = [c for c in choices if not (c.match and c.method not in MODEL_METHODS)]
         floor = max((c.length for c in fixed), default=0)
@@ -179,13 +198,13 @@ class Drafter:
         counts[2] += accepted
 
     def _estimates(self, row: Row) -> dict[str, Acceptance]:
-        estimates = self._acceptance.get(row.id)
-        if estimates is None:
-            plan = self._plan
-            estimates = self._acceptance[row.id] = {"ngram": Acceptance(NGRAM_PRIOR)}
+        """The row's acceptance per method; model methods join once the plan gives their
+        priors (measured agreements)."""
+        estimates = self._acceptance.setdefault(row.id, {"ngram": Acceptance(NGRAM_PRIOR)})
+        plan = self._plan
+        if plan is not None and MODEL_METHODS[0] not in estimates:
             for method in MODEL_METHODS:
-                agreement = None if plan is None else plan.agreement(method)
-                estimates[method] = Acceptance(agreement or 0.0)
+                estimates[method] = Acceptance(plan.agreement(method) or 0.0)
         return estimates
 
     def _choose(self, row: Row, n_rows: int, room: int) -> Choice:
@@ -200,8 +219,13 @@ class Drafter:
         if method == "ngram":
             draft = ngram_draft(history, limit, config.max_ngram, config.min_ngram)
             return Choice("ngram", len(draft), draft)
-        plan = self.plan(row.spec.prompt)
+        measured = self.plan(row.spec.prompt)
+        plan = self.costs
         if method in MODEL_METHODS:
+            if measured is None:
+                if method == "planes":
+                    self.shape(method)  # refused now if this model cannot draft with planes
+                return Choice()  # plain decoding until the plan is measured
             if config.num_tokens is not None:
                 return Choice(method, limit)
             self.shape(method)  # refuses a method this model or policy cannot draft with

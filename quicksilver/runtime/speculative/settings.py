@@ -1,17 +1,17 @@
-"""Drafting tokens for verified decoding: guesses the full model then checks.
+"""How a row drafts for verified decoding: the settings, checked once, and the methods.
 
 A drafter proposes the next few tokens of a row; the step core feeds them after the row's
-last token in one forward and keeps the ones the model agrees with (``batch.accept_drafts``),
+last token in one forward and keeps the ones the model agrees with (``acceptance``),
 so what a drafter gets right is free speed and what it gets wrong costs one rolled-back slot.
 
 Methods:
 
-- ``ngram`` (prompt lookup): the longest suffix of the row's text (prompt + generated) that
-  occurred before, n from ``max_ngram`` down to ``min_ngram``; the tokens that followed its
-  latest earlier occurrence are the draft. It costs no model work.
+- ``ngram`` (prompt lookup, ``speculative.ngram``): the longest suffix of the row's text
+  (prompt + generated) that occurred before, n from ``max_ngram`` down to ``min_ngram``; the
+  tokens that followed its latest earlier occurrence are the draft. It costs no model work.
 - ``layers``: the same model with some layers skipped drafts greedily, one token per draft
-  forward (``runtime.self_draft``); which layers are skipped is calibrated on the model's own
-  text for the most tokens per unit of measured cost (``runtime.draft_plan``).
+  forward (``speculative.self_draft``); which layers are skipped is calibrated on the model's
+  own text for the most tokens per unit of measured cost (``speculative.cost_plan``).
 - ``planes``: under Matryoshka weights at width 8, the 4-bit plane of the same stored codes
   drafts (one int4 product per linear instead of two) and width 8 verifies.
 - ``auto``: per row and step, the method and draft length with the highest expected tokens
@@ -24,15 +24,12 @@ rule (``accept_drafts``) keeps both greedy and sampled output exactly the plain 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from quicksilver.errors import QuicksilverError
-from quicksilver.runtime.sampling import SamplingConfig, sample_tokens
-from quicksilver.runtime.self_draft import plane_policy_error
+from quicksilver.runtime.speculative.self_draft import plane_policy_error
 
 METHODS = ("ngram", "layers", "planes", "auto")
 MODEL_METHODS = ("layers", "planes")  # drafters that run the model
@@ -130,44 +127,3 @@ def speculative_policy_error(policy, speculative: SpeculativeConfig | None) -> s
     if speculative.method == "planes":
         return plane_policy_error(policy)
     return None
-
-
-def ngram_draft(history: list[int], limit: int, max_ngram: int, min_ngram: int = 1) -> list[int]:
-    """The tokens after the latest earlier occurrence of the longest matching suffix."""
-    size = len(history)
-    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
-        suffix = history[size - n :]
-        # Latest occurrence that ends before the suffix itself and has a token after it.
-        for begin in range(size - n - 1, -1, -1):
-            if history[begin : begin + n] == suffix:
-                follow = history[begin + n : begin + n + limit]
-                if follow:
-                    return follow
-    return []
-
-
-def accept_drafts(
-    logits: torch.Tensor,
-    draft: list[int],
-    sampling: SamplingConfig,
-    uniforms: Sequence[float],
-) -> tuple[int, int]:
-    """Verify one row's drafted tokens against the model's logits at the fed positions
-    ([len(draft) + 1 or more, V]: position j predicts the token after the j-th fed one),
-    ``uniforms[j]`` being the row's uniform for the token at fed position j.
-
-    Returns (drafted tokens accepted, the token the model adds after them): the draft is
-    accepted while each drafted token is the token plain decoding picks at its position —
-    the argmax, or, sampling, the inverse-CDF draw at that position's uniform. For a drafter
-    that proposes one token with certainty (q = 1) this is the lossless rejection rule:
-    the drafted token d is accepted with probability p(d) (u falls in d's interval) and
-    otherwise the emitted token is the draw at u outside that interval, distributed as p
-    with d removed and renormalised (max(0, p - q)). And it is the same draw plain sampling
-    makes, so a seeded row gives the same tokens with drafts and without.
-    """
-    count = len(draft) + 1
-    plain = sample_tokens(logits[:count], sampling, list(uniforms[:count])).tolist()
-    accepted = 0
-    while accepted < len(draft) and draft[accepted] == plain[accepted]:
-        accepted += 1
-    return accepted, plain[accepted]
