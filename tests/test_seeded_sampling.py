@@ -13,13 +13,13 @@ from dataclasses import replace
 
 import pytest
 import torch
-from quicksilver.runtime.drafting import SpeculativeConfig
 from test_accounting import random_model
 from test_policies import CONFIG, make_engine
 
 from quicksilver.runtime import batch as batch_module
 from quicksilver.runtime.batch import RowSpec, StepBatch
 from quicksilver.runtime.sampling import SamplingConfig
+from quicksilver.runtime.speculative import DraftPlans, SpeculativeConfig
 
 # The random model's logits are nearly flat: temperatures this low give it peaked
 # distributions, so drafts are sometimes right and sometimes wrong.
@@ -41,10 +41,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+PLANS = DraftPlans()
+
+
 @pytest.fixture(scope="module")
 def engine():
     engine = make_engine(random_model(CONFIG, fast=True), None)
-    engine.draft_plan([5, 6, 7, 5, 6, 7])  # measured once, before any timed or compared run
+    PLANS.measure(engine, [5, 6, 7, 5, 6, 7], progress=lambda message: None)  # once, up front
     return engine
 
 
@@ -58,7 +61,9 @@ def repetitive(seed: int) -> tuple[int, ...]:
 def run(engine, specs: list[RowSpec], stagger: int = 0) -> tuple[list[list[int]], StepBatch]:
     """Every spec through one StepBatch (a new one joining every ``stagger`` steps, 0: all at
     once); the tokens of each, in order."""
-    batch = StepBatch(engine, max_rows=max(2, len(specs)), max_len=80, prefill_tokens=16)
+    batch = StepBatch(
+        engine, max_rows=max(2, len(specs)), max_len=80, prefill_tokens=16, plans=PLANS
+    )
     pending, ids, tokens = list(specs), [], {}
     for step in range(400):
         if pending and (stagger == 0 or step % stagger == 0):
