@@ -21,6 +21,7 @@ the policy of the call (or the calling thread's ``use``) that asked for it.
 from quicksilver.api.arguments import PolicySpec, Prompt
 from quicksilver.api.llm import LLM
 from quicksilver.api.load import load, weight_format
+from quicksilver.api.options import GenerationOptions
 from quicksilver.api.records import BatchEvent, Completion, GenerationOutput, LogLikelihood, Stream
 from quicksilver.api.session import Batch
 from quicksilver.errors import InvalidArgument
@@ -30,6 +31,7 @@ __all__ = [
     "Batch",
     "BatchEvent",
     "Completion",
+    "GenerationOptions",
     "GenerationOutput",
     "InvalidArgument",
     "LogLikelihood",
