@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Generator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, Unpack
 
 from quicksilver.api import evaluation
 from quicksilver.api.access import ModelAccess
 from quicksilver.api.arguments import PolicySpec, Prompt, flag
 from quicksilver.api.drafting import plan_source
-from quicksilver.api.options import GenerationOptions, options_from
+from quicksilver.api.options import GenerationOptions, OptionKeywords, options_from
 from quicksilver.api.records import GenerationOutput, LogLikelihood, Stream
 from quicksilver.api.requests import ModelInputs, Request
 from quicksilver.api.session import Batch, one_request_batch, open_batch
@@ -122,7 +122,7 @@ class LLM:
         *,
         policy: PolicySpec = None,
         chat: bool = False,
-        **keywords: Any,
+        **keywords: Unpack[OptionKeywords],
     ) -> GenerationOutput:
         """Continue one prompt or a batch (texts, token ids, or lists of either), batched;
         ``options.n`` completions per prompt, in prompt order.
@@ -147,7 +147,7 @@ class LLM:
         *,
         policy: PolicySpec = None,
         chat: bool = False,
-        **keywords: Any,
+        **keywords: Unpack[OptionKeywords],
     ) -> Stream:
         """``generate`` for one prompt, as text pieces while they are produced (the same
         arguments; every check happens at this call, before the first piece).

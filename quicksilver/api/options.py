@@ -13,7 +13,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, Unpack
 
 from quicksilver.api.arguments import count, flag, integer, stop_strings
 from quicksilver.errors import InvalidArgument, QuicksilverError
@@ -87,7 +87,7 @@ class GenerationOptions:
             object.__setattr__(self, name, value)
 
     @classmethod
-    def build(cls, **keywords: Any) -> GenerationOptions:
+    def build(cls, **keywords: Unpack[OptionKeywords]) -> GenerationOptions:
         """Options from the flat keywords of ``OptionKeywords`` (``temperature``, ``top_k``,
         ``top_p`` and ``seed`` make the SamplingConfig). Warns, in the caller's thread, of
         sampling keywords that cannot change the outcome (``SamplingConfig.ignored``)."""

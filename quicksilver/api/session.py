@@ -14,10 +14,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Generator
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from quicksilver.api.arguments import PolicySpec, Prompt, check_drafting, count
-from quicksilver.api.options import GenerationOptions, options_from, speculative_option
+from quicksilver.api.options import (
+    GenerationOptions,
+    OptionKeywords,
+    options_from,
+    speculative_option,
+)
 from quicksilver.api.records import BatchEvent, Completion, GenerationOutput, speculative_record
 from quicksilver.api.requests import Request
 from quicksilver.errors import InvalidArgument
@@ -87,7 +92,7 @@ class Batch:
         options: GenerationOptions | None = None,
         *,
         chat: bool = False,
-        **keywords: Any,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[int]:
         """Queue ``options.n`` continuations of one prompt (a text or token ids); returns
         their request ids. They start at the next step that has a free row. ``options``
