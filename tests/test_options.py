@@ -186,3 +186,8 @@ def _foreign_private_names(path: Path) -> list[str]:
 def test_no_api_module_uses_another_objects_private_names() -> None:
     found = [hit for path in sorted(API_DIR.glob("*.py")) for hit in _foreign_private_names(path)]
     assert found == []
+
+
+def test_submit_checks_the_prompt_side_as_generate_does(tiny: qs.LLM) -> None:
+    with pytest.raises(qs.InvalidArgument, match="chat must be"):
+        tiny.open_batch(max_rows=1, max_len=32).submit("hi", chat="yes")

@@ -174,7 +174,7 @@ class LLM:
                 "logprobs: generate and stream return text and token ids; "
                 "use open_batch().submit for log-probs"
             )
-        return self.inputs.request(prompts, options, flag("chat", chat))
+        return self.inputs.request(prompts, options, chat)
 
     def _run(
         self, request: Request, policy: PolicySpec

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from quicksilver.api.arguments import prompt_items, token_ids
+from quicksilver.api.arguments import flag, prompt_items, token_ids
 from quicksilver.api.options import GenerationOptions
 from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.models.loading import LoadedModel
@@ -77,11 +77,11 @@ class ModelInputs:
                 )
         return encoded
 
-    def request(self, prompts: Any, options: GenerationOptions, chat: bool) -> Request:
+    def request(self, prompts: Any, options: GenerationOptions, chat: Any) -> Request:
         """Encode the prompts and check what of the options depends on this model (stop
         ids in its vocabulary, stop strings need its tokenizer). Whether the request fits
         depends on where it runs: ``Batch.add`` checks that, once."""
-        prompt_ids = self.prompts(prompts, chat)
+        prompt_ids = self.prompts(prompts, flag("chat", chat))
         if options.stop and self.tokenizer is None:
             raise InvalidArgument("stop strings need a tokenizer, and this model ships none")
         extra_ids = self.ids(options.stop_ids, "stop_ids", allow_empty=True)
