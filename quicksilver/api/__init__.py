@@ -8,6 +8,9 @@ policy.
     with llm.use({"matryoshka": {"fixed_bits": 8}}):
         print(llm.perplexity(open("wiki.txt").read(), max_windows=4).ppl)
 
+How to generate is one ``GenerationOptions`` (``llm.generate(prompts, options)``), checked
+where it is built; the same keywords (``max_new_tokens=8``) build one for the call.
+
 This is the contract the CLI, the benchmarks and any server or evaluation harness build on:
 arguments are checked before any work starts, a mistake raises an ``InvalidArgument`` (a
 ``QuicksilverError`` and a ``ValueError``) whose message says what to change, and every
@@ -21,6 +24,7 @@ the policy of the call (or the calling thread's ``use``) that asked for it.
 from quicksilver.api.arguments import PolicySpec, Prompt
 from quicksilver.api.llm import LLM
 from quicksilver.api.load import load, weight_format
+from quicksilver.api.options import GenerationOptions
 from quicksilver.api.records import BatchEvent, Completion, GenerationOutput, LogLikelihood, Stream
 from quicksilver.api.session import Batch
 from quicksilver.errors import InvalidArgument
@@ -30,6 +34,7 @@ __all__ = [
     "Batch",
     "BatchEvent",
     "Completion",
+    "GenerationOptions",
     "GenerationOutput",
     "InvalidArgument",
     "LogLikelihood",

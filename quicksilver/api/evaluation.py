@@ -40,10 +40,10 @@ def perplexity(
         if not text:
             raise InvalidArgument("text is empty: there is nothing to score")
         try:
-            ids = encode_stream(llm._loaded.text_tokenizer(), text)
+            ids = encode_stream(llm.inputs.text_tokenizer(), text)
         except QuicksilverError as err:
             raise InvalidArgument(str(err)) from None
-        llm._ids(ids, "text")
+        llm.inputs.ids(ids, "text")
         source = EvalText(
             name="text",
             text=text,
@@ -52,14 +52,14 @@ def perplexity(
             n_documents=1,
         )
     else:
-        ids, source = llm._ids(text, "text"), None
+        ids, source = llm.inputs.ids(text, "text"), None
     try:
         check_windows(
             llm.config.max_position_embeddings, len(ids), context, stride, batch_size, max_windows
         )
     except QuicksilverError as err:
         raise InvalidArgument(str(err)) from None
-    with llm._working(policy):
+    with llm.access.work(policy):
         return evaluate_perplexity(
             llm.engine,
             ids,
@@ -83,7 +83,7 @@ def loglikelihoods(
     # Longest first, so each forward pads little and a too-large batch fails at once.
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     results: list[LogLikelihood | None] = [None] * len(requests)
-    with llm._working(policy):
+    with llm.access.work(policy):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             sequences = [requests[i][0] for i in chunk]
@@ -111,9 +111,9 @@ def _scoring_request(llm: LLM, index: int, pair: Any) -> tuple[list[int], int]:
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    tokenizer = llm._loaded.text_tokenizer()
+    tokenizer = llm.inputs.text_tokenizer()
     try:
-        whole = llm._ids(encode_prompt(tokenizer, context + continuation), "the text")
+        whole = llm.inputs.ids(encode_prompt(tokenizer, context + continuation), "the text")
         context_ids = encode_prompt(tokenizer, context)
     except QuicksilverError as err:
         raise InvalidArgument(str(err)) from None
@@ -140,10 +140,10 @@ def token_scores(
     policy: PolicySpec,
 ) -> list[TokenScores]:
     """``LLM.token_scores``: ids checked, then the one teacher-forced forward."""
-    checked = [llm._ids(s, f"sequence {i}") for i, s in enumerate(sequences)]
+    checked = [llm.inputs.ids(s, f"sequence {i}") for i, s in enumerate(sequences)]
     top = integer("top", top)
     try:
-        with llm._working(policy):
+        with llm.access.work(policy):
             return score_tokens(llm.engine, checked, firsts, top=top)
     except QuicksilverError as err:
         raise InvalidArgument(str(err)) from None
@@ -153,9 +153,9 @@ def rolling(
     llm: LLM, ids: Sequence[int], max_length: Any, batch_size: Any, policy: PolicySpec
 ) -> float:
     """``LLM.rolling_loglikelihood``: ids and sizes checked, then the harness's windows."""
-    checked = llm._ids(ids, "ids")
+    checked = llm.inputs.ids(ids, "ids")
     max_length, batch_size = count("max_length", max_length), count("batch_size", batch_size)
-    with llm._working(policy):
+    with llm.access.work(policy):
         return rolling_loglikelihood(
             llm.engine,
             checked,

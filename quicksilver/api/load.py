@@ -8,7 +8,8 @@ from typing import Any
 import torch
 
 from quicksilver.api.arguments import flag, integer
-from quicksilver.api.llm import LLM, speculative_option
+from quicksilver.api.llm import LLM
+from quicksilver.api.options import speculative_option
 from quicksilver.errors import InvalidArgument, QuicksilverError
 from quicksilver.models import loading
 from quicksilver.models.formats import WeightFormat
@@ -67,7 +68,7 @@ def load(
     llm = LLM(
         loading.load(os.fspath(model), torch_dtype, weights=fmt), compile=flag("compile", compile)
     )
-    llm.speculative = default
+    llm.speculative = default or None  # False: off, as None
     return llm
 
 

@@ -13,35 +13,37 @@ evaluations on one ``LLM`` from several threads interleave safely (each step is 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any, Literal, Unpack
 
 from quicksilver.api.arguments import PolicySpec, Prompt, check_drafting, count
-from quicksilver.api.records import BatchEvent, Completion
+from quicksilver.api.options import (
+    GenerationOptions,
+    OptionKeywords,
+    options_from,
+    speculative_option,
+)
+from quicksilver.api.records import BatchEvent, Completion, GenerationOutput, speculative_record
+from quicksilver.api.requests import Request
 from quicksilver.errors import InvalidArgument
 from quicksilver.policies import Policy
 from quicksilver.runtime.batch import StepBatch
+from quicksilver.runtime.cache import room_for, sequence_fit_error
 from quicksilver.runtime.rows import Row, RowSpec, StepStats
-from quicksilver.runtime.sampling import SamplingConfig
-from quicksilver.runtime.speculative.settings import SpeculativeConfig
+from quicksilver.runtime.speculative import SpeculativeConfig
 from quicksilver.text import TextStream
 
 if TYPE_CHECKING:
     from quicksilver.api.llm import LLM
 
 
-@dataclass(frozen=True)
-class Request:
-    """A checked generation request (every prompt encoded, every option validated)."""
-
-    prompts: list[list[int]]
-    max_new_tokens: int
-    sampling: SamplingConfig
-    stop: tuple[str, ...]
-    stop_ids: frozenset[int]
-    policy: Policy | None  # None: whatever the caller's scope uses
-    logprobs: int | None = None
-    speculative: SpeculativeConfig | None = None
+def chosen_drafting(
+    asked: SpeculativeConfig | Literal[False] | None, default: SpeculativeConfig | None
+) -> SpeculativeConfig | None:
+    """The drafting a request runs with: its own, else the default (False: none)."""
+    if asked is False:
+        return None
+    return asked if asked is not None else default
 
 
 class _Live:
@@ -57,7 +59,8 @@ class _Live:
 
 
 class Batch:
-    """Continuous batching on one ``LLM`` under one policy (see the module docstring)."""
+    """Continuous batching on one ``LLM`` under one policy (see the module docstring).
+    ``speculative`` is the drafting of requests whose options name none."""
 
     def __init__(
         self,
@@ -67,9 +70,12 @@ class Batch:
         max_len: int,
         prefill_tokens: int,
         policy: Policy | None,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         self._llm = llm
         self.policy = policy
+        self.speculative = speculative
+        self.max_len = max_len
         self._core = StepBatch(
             llm.engine,
             max_rows=max_rows,
@@ -84,79 +90,73 @@ class Batch:
     def submit(
         self,
         prompt: Prompt,
+        options: GenerationOptions | None = None,
         *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        stop_ids: list[int] | None = None,
-        logprobs: int | None = None,
-        speculative: Any = None,
         chat: bool = False,
-        n: int = 1,
-        ignore_eos: bool = False,
+        **keywords: Unpack[OptionKeywords],
     ) -> list[int]:
-        """Queue ``n`` continuations of one prompt (a text or token ids); returns their
-        request ids. They start at the next step that has a free row. A seed keys the
-        ``n`` rows' random streams (one per copy), so each draws different text, reproducibly.
-        ``stop_ids`` add to the model's EOS; ``ignore_eos`` turns the EOS stop off."""
-        request = self._llm._request(
-            prompt,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            stop_ids,
-            None,
-            chat,
-            logprobs=logprobs,
-            speculative=speculative,
-            ignore_eos=ignore_eos,
-        )
+        """Queue ``options.n`` continuations of one prompt (a text or token ids); returns
+        their request ids. They start at the next step that has a free row. ``options``
+        or the keywords of ``GenerationOptions.build`` (not both) say how to generate;
+        ``chat`` wraps a text prompt in the tokenizer's chat template."""
+        options = options_from(options, keywords)
+        request = self._llm.inputs.request(prompt, options, chat)
         if len(request.prompts) != 1:
             raise InvalidArgument("submit takes one prompt; call it once per prompt")
-        return self.add(request, copies=n)
+        return self.add(request)
 
-    def add(self, request: Request, copies: int = 1) -> list[int]:
-        """Queue an already checked request: each prompt ``copies`` times."""
-        check_drafting(self.policy, request.speculative)
-        specs = [
-            RowSpec(
-                tuple(prompt),
-                request.max_new_tokens,
-                request.sampling,
-                request.stop_ids,
-                request.logprobs,
-                request.speculative,
-                draw_index=index,
-            )
-            for index, prompt in enumerate(
-                prompt for prompt in request.prompts for _ in range(copies)
-            )
-        ]
-        for spec in specs:
-            error = self._core.fit_error(spec)
-            if error is not None:
-                raise InvalidArgument(f"{error}; shorten the prompt or lower max_new_tokens")
+    def add(self, request: Request) -> list[int]:
+        """Queue an already checked request: each prompt ``options.n`` times. Whether it
+        can run here is checked once, before any row is queued."""
+        options = request.options
+        speculative = self.drafting_for(options)
+        check_drafting(self.policy, speculative)
+        self._check_fit(request)
+        tokenizer = self._llm.tokenizer
         ids = []
-        with self._llm._lock:
-            for spec in specs:
-                row_id = self._core.admit(spec)
-                row = self._core.row(row_id)
-                stream = None
-                if self._llm.tokenizer is not None:
-                    stream = TextStream(self._llm.tokenizer, request.stop)
-                self._live[row_id] = _Live(row, stream, list(spec.prompt))
-                ids.append(row_id)
+        with self._llm.access.lock:
+            for prompt in request.prompts:
+                for _ in range(options.n):
+                    spec = RowSpec(
+                        prompt,
+                        options.max_new_tokens,
+                        options.sampling,
+                        request.stop_ids,
+                        options.logprobs,
+                        speculative,
+                        # the row's index in the request keys its random stream with the
+                        # seed, so copies of one prompt draw different text, reproducibly
+                        draw_index=len(ids),
+                    )
+                    row_id = self._core.admit(spec)
+                    row = self._core.row(row_id)
+                    stream = None if tokenizer is None else TextStream(tokenizer, options.stop)
+                    self._live[row_id] = _Live(row, stream, list(prompt))
+                    ids.append(row_id)
         return ids
+
+    def drafting_for(self, options: GenerationOptions) -> SpeculativeConfig | None:
+        """The drafting a request with ``options`` runs with here."""
+        return chosen_drafting(options.speculative, self.speculative)
+
+    def _check_fit(self, request: Request) -> None:
+        """The one fit rule (``sequence_fit_error``) for the longest prompt: every copy and
+        every shorter prompt of the request fits when it does."""
+        positions = self._llm.config.max_position_embeddings
+        room = (
+            f"the model's {positions}"
+            if self.max_len >= positions
+            else f"the {self.max_len} this batch holds"
+        )
+        error = sequence_fit_error(
+            request.longest, request.options.max_new_tokens, self.max_len, room
+        )
+        if error is not None:
+            raise InvalidArgument(f"{error}; shorten the prompt or lower max_new_tokens")
 
     def cancel(self, request: int) -> None:
         """Stop a request now and free its rows (a client that went away)."""
-        with self._llm._lock:
+        with self._llm.access.lock:
             if self._live.pop(request, None) is not None:
                 self._core.finish(request, "cancelled")
 
@@ -180,13 +180,54 @@ class Batch:
 
     def step(self) -> list[BatchEvent]:
         """One step (a prefill chunk and/or one decode forward); what each request got."""
-        llm = self._llm
-        with llm._lock, llm._checked_weights():
-            llm._activate(self.policy)
+        with self._llm.access.hold(self.policy):
             events = self._core.step()
             now = time.perf_counter()
             out = [self._event(event, now) for event in events if event.row in self._live]
         return out
+
+    def run(self, request: Request) -> Generator[tuple[int, str], None, GenerationOutput]:
+        """Queue ``request`` now (so every check happens now) and return the generator
+        that steps until its rows end: it yields (row index, text piece) as pieces become
+        final and returns the GenerationOutput of this batch's work. The one driver of
+        ``LLM.generate`` and ``LLM.stream``."""
+        return self._drive(self.add(request), self.drafting_for(request.options))
+
+    def _drive(
+        self, ids: list[int], speculative: SpeculativeConfig | None
+    ) -> Generator[tuple[int, str], None, GenerationOutput]:
+        """``run``'s loop. Left early, the requests are cancelled; at the end the call's
+        policy is released."""
+        index = {request_id: i for i, request_id in enumerate(ids)}
+        completions: list[Any] = [None] * len(ids)
+        try:
+            while self.has_work:
+                for event in self.step():
+                    row = index[event.request]
+                    if event.completion is not None:
+                        completions[row] = event.completion
+                    if event.text:
+                        yield row, event.text
+        finally:
+            for request_id in ids:  # a stream left early frees its rows
+                self.cancel(request_id)
+            self._llm.access.release()
+        stats = self.stats
+        return GenerationOutput(
+            completions=completions,
+            prefill_seconds=stats.prefill_seconds,
+            decode_seconds=stats.decode_seconds,
+            decode_steps=stats.decode_steps,
+            decode_tokens_per_s=stats.decode_tokens / stats.decode_seconds
+            if stats.decode_seconds
+            else 0.0,
+            flops=dict(stats.flops),
+            decode_flops=dict(stats.decode_flops),
+            policy=self.policy.to_config() if self.policy is not None else {},
+            compile_seconds=stats.compile_seconds,
+            fed_tokens=stats.fed_tokens,
+            speculative=speculative_record(speculative, stats),
+        )
 
     def _event(self, event, now: float) -> BatchEvent:
         live = self._live[event.row]
@@ -236,6 +277,7 @@ def open_batch(
     max_len: int,
     prefill_tokens: int,
     policy: PolicySpec,
+    speculative: Any,
 ) -> Batch:
     """``LLM.open_batch``'s checks and construction."""
     max_rows, max_len = count("max_rows", max_rows), count("max_len", max_len)
@@ -245,11 +287,32 @@ def open_batch(
         raise InvalidArgument(
             f"max_len {max_len} is more than the model's {positions} positions; lower it"
         )
-    chosen = None if policy is None else llm._policy(policy)
     return Batch(
         llm,
         max_rows=max_rows,
         max_len=max_len,
         prefill_tokens=prefill_tokens,
-        policy=chosen if chosen is not None else llm._scoped_policy(),
+        policy=llm.access.chosen_policy(policy),
+        speculative=chosen_drafting(speculative_option(speculative), llm.speculative),
+    )
+
+
+def one_request_batch(llm: LLM, request: Request, policy: Policy | None) -> Batch:
+    """A batch that holds exactly one request's rows, all prompts read in one step (a
+    left-padded block): what ``LLM.generate`` and ``LLM.stream`` run in. Its room is what
+    the request needs, at most the model's positions, so ``add`` refuses what cannot fit."""
+    options = request.options
+    rows = len(request.prompts) * options.n
+    needed = request.longest + options.max_new_tokens - 1
+    speculative = chosen_drafting(options.speculative, llm.speculative)
+    return Batch(
+        llm,
+        max_rows=rows,
+        max_len=min(
+            room_for(llm.config, needed, speculative.max_tokens if speculative else 0),
+            llm.config.max_position_embeddings,
+        ),
+        prefill_tokens=rows * request.longest,
+        policy=policy,
+        speculative=llm.speculative,
     )

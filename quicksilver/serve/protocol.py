@@ -1,4 +1,5 @@
-"""Request bodies of the OpenAI-compatible endpoints, checked into one ``GenerationSpec``.
+"""Request bodies of the OpenAI-compatible endpoints, checked into one ``GenerationSpec``
+whose ``qs.GenerationOptions`` the batch receives as they are.
 
 Every field is checked before a request is queued, so a mistake costs the client one 400
 with a message naming the field, and never a slot in a batch. Fields the server does not
@@ -18,7 +19,8 @@ from typing import Any
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import PRESETS
-from quicksilver.runtime.speculative.settings import speculative_policy_error
+from quicksilver.runtime.cache import sequence_fit_error
+from quicksilver.runtime.speculative import speculative_policy_error
 from quicksilver.serve.errors import APIError
 from quicksilver.text import check_text
 
@@ -51,24 +53,35 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "echo", "logprobs", "suffix", "be
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerationSpec:
-    """One checked request: what to run and how to answer."""
+    """One checked request: what to run (the prompts, under ``policy``, generated as
+    ``options`` say: built here once and handed to the batch untouched) and how to answer."""
 
     kind: str  # "completion" or "chat"
     model: str
     prompts: list[list[int]]
-    n: int
-    max_tokens: int  # 0 only with echo: score the prompt, generate nothing
-    sampling: qs.SamplingConfig
-    stop: tuple[str, ...]
-    logprobs: int | None  # top alternatives to return per token; None: no logprobs
+    options: qs.GenerationOptions
     echo: bool
     stream: bool
     include_usage: bool
     policy: qs.Policy | None  # None: the server's default
-    speculative: qs.SpeculativeConfig | None = None  # None: the server's default
+    score_only: bool = False  # echo with max_tokens 0: score the prompts, generate nothing
     prompt_texts: list[str] = field(default_factory=list)  # for echo
+
+    @property
+    def n(self) -> int:
+        return self.options.n
+
+    @property
+    def logprobs(self) -> int | None:
+        """Top alternatives to return per token; None: no logprobs."""
+        return self.options.logprobs
+
+    @property
+    def speculative(self) -> qs.SpeculativeConfig | None:
+        """The request's own drafting; None: the server's default."""
+        return self.options.speculative or None
 
     @property
     def rows(self) -> int:
@@ -381,30 +394,50 @@ def check_drafting(policy: qs.Policy | None, speculative: qs.SpeculativeConfig |
 # ---------------------------------------------------------------- the two endpoints
 
 
-def _fit(spec: GenerationSpec, llm: qs.LLM, max_rows: int, explicit: bool) -> GenerationSpec:
-    """Check the request against the model's positions and the server's batch size."""
+def _fit(prompts: list[list[int]], llm: qs.LLM, max_tokens: int, explicit: bool) -> int:
+    """``max_tokens`` checked against the model's positions by the one fit rule (a client
+    that named none gets what the context leaves, up to the default)."""
     positions = llm.config.max_position_embeddings
-    longest = max(map(len, spec.prompts))
+    longest = max(map(len, prompts))
     if longest > positions:
         raise APIError(
             f"the prompt has {longest} tokens, more than the model's context of {positions}",
             param="prompt",
         )
     if not explicit:
-        spec.max_tokens = max(1, min(spec.max_tokens, positions - longest + 1))
-    if longest + spec.max_tokens - 1 > positions:
+        max_tokens = max(1, min(max_tokens, positions - longest + 1))
+    error = sequence_fit_error(
+        longest, max_tokens, positions, f"the model's context of {positions}"
+    )
+    if error is not None:
+        raise APIError(f"{error}; lower max_tokens", param="max_tokens")
+    return max_tokens
+
+
+def _check_rows(prompts: list[list[int]], n: int, max_rows: int) -> None:
+    if len(prompts) * n > max_rows:
         raise APIError(
-            f"the prompt ({longest} tokens) plus max_tokens ({spec.max_tokens}) exceed the "
-            f"model's context of {positions} tokens; lower max_tokens",
-            param="max_tokens",
-        )
-    if spec.rows > max_rows:
-        raise APIError(
-            f"this request needs {spec.rows} rows (prompts x n), more than the server's batch "
-            f"size of {max_rows}; send fewer prompts or a lower n",
+            f"this request needs {len(prompts) * n} rows (prompts x n), more than the "
+            f"server's batch size of {max_rows}; send fewer prompts or a lower n",
             param="n",
         )
-    return spec
+
+
+def _options(
+    body: Mapping[str, Any], max_new_tokens: int, logprobs: int | None, n: int
+) -> qs.GenerationOptions:
+    """The request's GenerationOptions, built once (the batch takes them as they are)."""
+    try:
+        return qs.GenerationOptions(
+            max_new_tokens=max_new_tokens,
+            sampling=_sampling(body),
+            stop=_stop(body),
+            logprobs=logprobs,
+            speculative=parse_speculative(body.get("quicksilver")),
+            n=n,
+        )
+    except QuicksilverError as err:
+        raise APIError(str(err)) from None
 
 
 def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationSpec:
@@ -421,23 +454,21 @@ def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> Gener
     max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1, 2**31 - 1)
     stream, include_usage = _stream(body)
     prompts = completion_prompts(body["prompt"], llm)
-    spec = GenerationSpec(
+    max_tokens = _fit(prompts, llm, max_tokens, explicit=True)
+    _check_rows(prompts, n, max_rows)
+    options = _options(body, max(1, max_tokens), logprobs, n)
+    return GenerationSpec(
         kind="completion",
         model=model,
         prompts=prompts,
-        n=n,
-        max_tokens=max_tokens,
-        sampling=_sampling(body),
-        stop=_stop(body),
-        logprobs=logprobs,
+        options=options,
         echo=echo,
         stream=stream,
         include_usage=include_usage,
         policy=parse_policy(body.get("quicksilver"), llm),
-        speculative=parse_speculative(body.get("quicksilver")),
+        score_only=max_tokens == 0,
         prompt_texts=[llm.decode(p) for p in prompts] if echo else [],
     )
-    return _fit(spec, llm, max_rows, explicit=True)
 
 
 def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationSpec:
@@ -452,19 +483,18 @@ def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationS
     if body.get("top_logprobs") is not None and not want_logprobs:
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
     stream, include_usage = _stream(body)
-    spec = GenerationSpec(
+    prompts = [chat_prompt(body["messages"], llm)]
+    max_tokens = _fit(prompts, llm, max_tokens, explicit)
+    n = _integer(body, "n", 1, 1, MAX_N)
+    _check_rows(prompts, n, max_rows)
+    options = _options(body, max_tokens, top if want_logprobs else None, n)
+    return GenerationSpec(
         kind="chat",
         model=model,
-        prompts=[chat_prompt(body["messages"], llm)],
-        n=_integer(body, "n", 1, 1, MAX_N),
-        max_tokens=max_tokens,
-        sampling=_sampling(body),
-        stop=_stop(body),
-        logprobs=top if want_logprobs else None,
+        prompts=prompts,
+        options=options,
         echo=False,
         stream=stream,
         include_usage=include_usage,
         policy=parse_policy(body.get("quicksilver"), llm),
-        speculative=parse_speculative(body.get("quicksilver")),
     )
-    return _fit(spec, llm, max_rows, explicit)

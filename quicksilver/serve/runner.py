@@ -118,23 +118,12 @@ class StepRunner:
         spec = job.spec
         try:
             group = self._group(job.policy)
-            if spec.max_tokens == 0:  # echo + logprobs: score the prompts, generate nothing
+            if spec.score_only:  # echo + logprobs: score the prompts, generate nothing
                 self._score_only(job, group)
                 return
             running = _Running(job, {})
             for p, prompt in enumerate(spec.prompts):
-                ids = group.batch.submit(
-                    prompt,
-                    max_new_tokens=spec.max_tokens,
-                    temperature=spec.sampling.temperature,
-                    top_k=spec.sampling.top_k,
-                    top_p=spec.sampling.top_p,
-                    seed=spec.sampling.seed,
-                    stop=list(spec.stop),
-                    logprobs=spec.logprobs,
-                    speculative=spec.speculative or self.speculative,
-                    n=spec.n,
-                )
+                ids = group.batch.submit(prompt, spec.options)
                 for j, request_id in enumerate(ids):
                     running.choices[request_id] = _Choice(p * spec.n + j, p, list(prompt))
                     group.owner[request_id] = running
@@ -151,6 +140,7 @@ class StepRunner:
                 max_len=self.max_len,
                 prefill_tokens=self.prefill_tokens,
                 policy=policy,
+                speculative=self.speculative,
             )
             group = self._groups[key] = _Group(key, batch)
             self._order.append(key)
