@@ -42,6 +42,11 @@ class APIError(Exception):
         }
 
 
+def internal_error(err: Exception) -> APIError:
+    """A 500 for a bug, naming the exception (the one line a client gets, no traceback)."""
+    return APIError(f"internal error: {type(err).__name__}: {err}", 500)
+
+
 _KINDS = {
     401: "authentication_error",
     404: "not_found_error",

@@ -19,7 +19,7 @@ from typing import Any
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
 from quicksilver.scoring import TokenScores
-from quicksilver.serve.errors import APIError
+from quicksilver.serve.errors import APIError, internal_error
 from quicksilver.serve.metrics import Metrics
 from quicksilver.serve.scheduler import ChoiceResult, Job, JobResult
 
@@ -116,20 +116,23 @@ class StepRunner:
         """Put a job's rows into its policy's batch, or answer it at once (echo scoring only,
         or an error)."""
         spec = job.spec
+        running, group = _Running(job, {}), None
         try:
             group = self._group(job.policy)
             if spec.score_only:  # echo + logprobs: score the prompts, generate nothing
                 self._score_only(job, group)
                 return
-            running = _Running(job, {})
             for p, prompt in enumerate(spec.prompts):
                 ids = group.batch.submit(prompt, spec.options)
                 for j, request_id in enumerate(ids):
                     running.choices[request_id] = _Choice(p * spec.n + j, p, list(prompt))
                     group.owner[request_id] = running
             group.jobs[job.id] = running
-        except QuicksilverError as err:
-            self._fail(job, APIError(str(err), 400))
+        except Exception as err:
+            if group is not None:  # admitted whole or not at all: earlier prompts' rows leave
+                self._drop(group, running)
+            refused = isinstance(err, QuicksilverError)
+            self._fail(job, APIError(str(err), 400) if refused else internal_error(err))
 
     def _group(self, policy: qs.Policy | None) -> _Group:
         key = json.dumps(policy.to_config() if policy is not None else {}, sort_keys=True)
@@ -149,13 +152,42 @@ class StepRunner:
     # ------------------------------------------------------------ stepping
 
     def step(self) -> None:
-        """Cancel what was cancelled, then one step of the group whose turn it is."""
+        """Drop what was cancelled, then one step of the group whose turn it is.
+
+        A failure is charged to whom it belongs: an error while handling one job's events
+        fails that job alone; only an error in the batch's shared step fails the batch's
+        jobs, and the batch is replaced by a fresh one at the next request."""
         for group in self._groups.values():
             for running in [r for r in group.jobs.values() if r.job.cancelled.is_set()]:
                 self._drop(group, running)
         group = self._next_group()
         if group is None:
             return
+        try:
+            events = self._step_batch(group)
+        except Exception as err:
+            self._fail_group(group, internal_error(err))
+            return
+        rows, requests = group.batch.active_rows, len(group.jobs)
+        for running in group.jobs.values():
+            running.batch_rows = max(running.batch_rows, rows)
+            running.batch_requests = max(running.batch_requests, requests)
+        now = time.perf_counter()
+        for event in events:
+            running = group.owner.get(event.request)
+            if running is None:
+                continue
+            try:
+                self._dispatch(group, running, event, now)
+            except Exception as err:
+                self._drop(group, running)
+                self._fail(running.job, internal_error(err))
+        if rows:
+            self.metrics.batch(rows)
+        self._drop_idle()
+
+    def _step_batch(self, group: _Group) -> list[qs.BatchEvent]:
+        """One step of the group's batch (the forward all its rows share), counted."""
         batch = group.batch
         stats = batch.stats
         before = dict(stats.flops)
@@ -168,18 +200,15 @@ class StepRunner:
         drafted = [after - ahead for after, ahead in zip(drafts_after, drafts_before, strict=True)]
         if drafted[0]:
             self.metrics.spec_decode(*drafted)
-        rows, requests = batch.active_rows, len(group.jobs)
-        for running in group.jobs.values():
-            running.batch_rows = max(running.batch_rows, rows)
-            running.batch_requests = max(running.batch_requests, requests)
-        now = time.perf_counter()
-        for event in events:
-            running = group.owner.get(event.request)
-            if running is not None:
-                self._dispatch(group, running, event, now)
-        if rows:
-            self.metrics.batch(rows)
-        self._drop_idle()
+        return events
+
+    def _fail_group(self, group: _Group, error: APIError) -> None:
+        """The batch's step failed: its jobs fail, and the batch (whose rows and cache may
+        be half-updated) goes; the next request of its policy opens a fresh one."""
+        for running in list(group.jobs.values()):
+            self._fail(running.job, error)
+        del self._groups[group.key]
+        self._order.remove(group.key)
 
     def _next_group(self) -> _Group | None:
         """Round robin over the groups with work, a turn lasting ``quantum_s``."""

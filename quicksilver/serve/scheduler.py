@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import quicksilver as qs
-from quicksilver.serve.errors import APIError
+from quicksilver.serve.errors import APIError, internal_error
 from quicksilver.serve.protocol import GenerationSpec
 
 _ids = itertools.count()
@@ -102,6 +102,7 @@ class Scheduler:
         self.retry_after = retry_after
         self._pending: deque[Job] = deque()
         self._running: list[Job] = []
+        self._waiting_rows = 0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -124,8 +125,10 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Requests not yet admitted plus admitted rows still waiting for a cache row."""
-        return len(self._pending) + self.runner.waiting_rows
+        """Requests not yet admitted plus admitted rows still waiting for a cache row (as
+        the worker last counted them: the runner's tables are the worker's alone, and
+        reading them from a handler's thread while the worker changes them would race)."""
+        return len(self._pending) + self._waiting_rows
 
     @property
     def running(self) -> int:
@@ -148,6 +151,8 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still inside a step: the batches are the worker's until it ends
         self.runner.close()
 
     def _loop(self) -> None:
@@ -166,14 +171,16 @@ class Scheduler:
                 for job in arrived:
                     job.started = now
                     self.runner.admit(job)
+                self._waiting_rows = self.runner.waiting_rows
                 self.runner.step()
-            except Exception as err:  # a bug: fail the running jobs, keep serving
-                failure = APIError(f"internal error: {type(err).__name__}: {err}", 500)
+            except Exception as err:  # a bug no job owns: fail the running jobs, keep serving
                 for job in self._running:
                     if not job.done:
                         job.done = True
-                        job.emit(("error", failure))
+                        job.emit(("error", internal_error(err)))
                 self.runner.reset()
+            self._waiting_rows = self.runner.waiting_rows
+            self._running = [j for j in self._running if not j.done]
 
     def _purge(self) -> None:
         """Drop waiting jobs whose clients went away: they free their place at once."""
