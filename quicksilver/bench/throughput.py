@@ -305,6 +305,88 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _checked_prompts(
+    model: str,
+    dtype: str,
+    batch_sizes: Sequence[int],
+    prompt_tokens: int,
+    new_tokens: int,
+    llama_cpp_possible: bool,
+    say: Callable[[str], None],
+) -> tuple[list[list[int]], str]:
+    """The prompts every engine gets, and where their text came from; loading the model here
+    also checks it (and that the largest batch's cache fits) before any worker starts."""
+    say(f"reading the tokenizer of {model}")
+    llm = load(model, dtype=dtype)  # prompts need the tokenizer; checked loading, too
+    check_cache_fits(
+        llm.config,
+        llm.model.dtype,
+        rows=max(batch_sizes),
+        length=prompt_tokens + new_tokens - 1,
+        fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
+    )
+    if llm.tokenizer is None:
+        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
+    if not llama_cpp_possible:
+        raise QuicksilverError("llama.cpp runs GGUF files only; bench a .gguf model to compare")
+    return bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
+
+
+def _worker_specs(
+    common: dict[str, Any],
+    weights: Sequence[str],
+    compile: bool,
+    also_compiled: Sequence[str],
+    head_weights: str | None,
+    group_size: int,
+    compare: Sequence[str],
+    gguf_path: str,
+) -> list[dict[str, Any]]:
+    """One worker spec per measurement: our engine in each weight format (eager, compiled or
+    both), then each comparison engine."""
+    specs = [
+        {
+            **common,
+            "engine": ENGINE_NAME,
+            "weights": fmt,
+            "head_weights": head_weights,
+            "group_size": group_size if "int4" in (fmt, head_weights) else None,
+            "compile": step_compiled,
+        }
+        for fmt in weights
+        for step_compiled in sorted({compile, compile or fmt in also_compiled})
+    ]
+    if TRANSFORMERS_NAME in compare:
+        specs.append({**common, "engine": TRANSFORMERS_NAME})
+    if LLAMA_CPP_NAME in compare:
+        specs.append({**common, "engine": LLAMA_CPP_NAME, "gguf": gguf_path})
+    return specs
+
+
+def _measure_engines(
+    specs: list[dict[str, Any]], bandwidth: float, matmul: float, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Run every spec's worker, one after the other, and place each result against the
+    machine's limits."""
+    engines = []
+    for spec in specs:
+        say(f"{spec['engine']} {spec.get('weights') or ''}".strip())
+        report = _run_worker(spec)
+        say(
+            f"  {report['label']}: "
+            + ", ".join(
+                f"batch {b} decode {r['decode_tokens_per_s']:.1f} tok/s"
+                for b, r in report["results"].items()
+            )
+        )
+        for result in report["results"].values():
+            result["fraction_of_limit"] = fractions_of_limit(
+                result, report["weight_bytes"], result.get("prefill_flops", 0), bandwidth, matmul
+            )
+        engines.append({"engine": spec["engine"], **report})
+    return engines
+
+
 def run_bench(
     model: str = loading.DEFAULT_MODEL,
     dtype: str = "bfloat16",
@@ -334,21 +416,10 @@ def run_bench(
     )
     load_at_start = _load_average()
     source = loading.resolve(model)
-    say(f"reading the tokenizer of {model}")
-    llm = load(model, dtype=dtype)  # prompts need the tokenizer; checked loading, too
-    check_cache_fits(
-        llm.config,
-        llm.model.dtype,
-        rows=max(batch_sizes),
-        length=prompt_tokens + new_tokens - 1,
-        fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
+    llama_cpp_possible = LLAMA_CPP_NAME not in compare or source.kind == "gguf"
+    prompts, origin = _checked_prompts(
+        model, dtype, batch_sizes, prompt_tokens, new_tokens, llama_cpp_possible, say
     )
-    if llm.tokenizer is None:
-        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
-    if LLAMA_CPP_NAME in compare and source.kind != "gguf":
-        raise QuicksilverError("llama.cpp runs GGUF files only; bench a .gguf model to compare")
-    prompts, origin = bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
-    del llm
 
     say("measuring memory bandwidth and matmul throughput")
     bandwidth = measure_memory_bandwidth()
@@ -362,46 +433,44 @@ def run_bench(
         "repeats": repeats,
         "threads": threads,
     }
-    specs = [
-        {
-            **common,
-            "engine": ENGINE_NAME,
-            "weights": fmt,
-            "head_weights": head_weights,
-            "group_size": group_size if "int4" in (fmt, head_weights) else None,
-            "compile": step_compiled,
-        }
-        for fmt in weights
-        for step_compiled in sorted({compile, compile or fmt in also_compiled})
-    ]
-    if TRANSFORMERS_NAME in compare:
-        specs.append({**common, "engine": TRANSFORMERS_NAME})
-    if LLAMA_CPP_NAME in compare:
-        specs.append({**common, "engine": LLAMA_CPP_NAME, "gguf": source.path})
-    engines = []
-    for spec in specs:
-        say(f"{spec['engine']} {spec.get('weights') or ''}".strip())
-        report = _run_worker(spec)
-        say(
-            f"  {report['label']}: "
-            + ", ".join(
-                f"batch {b} decode {r['decode_tokens_per_s']:.1f} tok/s"
-                for b, r in report["results"].items()
-            )
-        )
-        for result in report["results"].values():
-            result["fraction_of_limit"] = fractions_of_limit(
-                result, report["weight_bytes"], result.get("prefill_flops", 0), bandwidth, matmul
-            )
-        engines.append({"engine": spec["engine"], **report})
+    specs = _worker_specs(
+        common, weights, compile, also_compiled, head_weights, group_size, compare, source.path
+    )
+    engines = _measure_engines(specs, bandwidth, matmul, say)
 
+    settings = {
+        "batch_sizes": list(batch_sizes),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "weights": list(weights),
+        "compile": compile,
+        "statistic": f"{STATISTIC} of {repeats} after one warm-up run",
+        "prompts": origin,
+    }
+    machine = {"memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflops": matmul / 1e9}
+    used_threads = threads or torch.get_num_threads()
+    return _report(source, dtype, used_threads, load_at_start, settings, machine, engines)
+
+
+def _report(
+    source: loading.ModelSource,
+    dtype: str,
+    threads: int,
+    load_at_start: float | None,
+    settings: dict[str, Any],
+    machine: dict[str, float],
+    engines: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The run's JSON-able report: the software and machine beside the measurements, and
+    how each was taken."""
     import transformers
 
     return {
         "model": source.name,
         "model_source": {"kind": source.kind, "path": source.path},
         "dtype": dtype,
-        "threads": threads or torch.get_num_threads(),
+        "threads": threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -410,23 +479,13 @@ def run_bench(
         # Other processes competing for the cores make every number here slower.
         "load_average_1min": {"start": load_at_start, "end": _load_average()},
         "settings": {
-            "batch_sizes": list(batch_sizes),
-            "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens,
-            "repeats": repeats,
-            "weights": list(weights),
-            "compile": compile,
-            "statistic": f"{STATISTIC} of {repeats} after one warm-up run",
-            "prompts": origin,
+            **settings,
             "decoding": "greedy, stop tokens ignored",
             "isolation": "each engine in a fresh process, one after the other",
             "transformers_timing": "prefill = generate(max_new_tokens=1); decode = "
             "generate(max_new_tokens=min_new_tokens=new_tokens) - prefill",
         },
-        "machine": {
-            "memory_bandwidth_gb_s": bandwidth / 1e9,
-            "matmul_gflops": matmul / 1e9,
-        },
+        "machine": machine,
         "engines": engines,
         "fraction_of_limit_definition": {
             "decode": "weight bytes per decode step / step time / memory bandwidth",
