@@ -28,6 +28,12 @@ import torch
 
 from quicksilver.accounting import cpu_name
 from quicksilver.api import load
+from quicksilver.bench.machine import (
+    fractions_of_limit,
+    load_average,
+    measure_matmul_flops,
+    measure_memory_bandwidth,
+)
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import summary_record
 from quicksilver.integrations.hf_reference import quiet_transformers
@@ -170,89 +176,6 @@ def bench_transformers(
     best_prefill = min(prefill)
     decode = [max(f - best_prefill, 1e-9) for f in full]
     return summary_record(batch_size, len(rows[0]), new_tokens, prefill, decode)
-
-
-# ---------------------------------------------------------------- machine limits
-
-
-def measure_memory_bandwidth(n_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of several full reads of a large initialised tensor.
-
-    The tensor is much larger than the last-level cache, and reductions (sum, max) do almost
-    no arithmetic per byte, so the fastest one is limited by memory.
-    """
-    data = torch.ones(n_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for op in (torch.sum, torch.max):
-        op(data)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            op(data)
-            best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
-
-
-def measure_matmul_flops(
-    dtype: torch.dtype, n: int = 2048, repeats: int = 3, enough_s: float = 0.05
-) -> float:
-    """Dense matmul throughput in FLOP/s for `dtype`: the best of a few n x n x n products,
-    n doubling from 256 until one product takes ``enough_s`` (or n is reached), so a dtype
-    this CPU multiplies slowly (bf16 without hardware support: ~1 GFLOP/s) is measured in
-    seconds, not minutes."""
-    gen = torch.Generator().manual_seed(0)
-    size = min(256, n)
-    while True:
-        a = torch.randn(size, size, generator=gen).to(dtype)
-        b = torch.randn(size, size, generator=gen).to(dtype)
-        torch.mm(a, b)  # warm-up
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = time.perf_counter() - start
-        if best >= enough_s or size >= n:
-            break
-        size *= 2
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def linear_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the Linear weights one decode step reads; a tied LM head counts once.
-
-    Embedding lookups read a few rows only and are ignored.
-    """
-    seen: set[int] = set()
-    total = 0
-    for linear in model.linears():
-        first = next(iter(linear.buffers()), None) if not hasattr(linear, "weight") else None
-        key = linear.weight.data_ptr() if first is None else first.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += linear.storage_bytes
-    return total
-
-
-def fractions_of_limit(
-    result: dict[str, Any],
-    weight_bytes: int,
-    prefill_flops: int,
-    bandwidth: float,
-    matmul_flops: float,
-) -> dict[str, float]:
-    """How close one measurement came to the machine: decode vs bandwidth, prefill vs FLOP/s."""
-    step = result["decode_step_seconds"]
-    decode = (weight_bytes / step) / bandwidth if step > 0 else 0.0
-    prefill_s = result["prefill_seconds"]
-    prefill = (prefill_flops / prefill_s) / matmul_flops if prefill_s > 0 else 0.0
-    return {
-        "decode": decode,
-        "prefill": prefill,
-        "decode_weight_gb_s": weight_bytes / step / 1e9 if step > 0 else 0.0,
-        "prefill_gflops": prefill_flops / prefill_s / 1e9 if prefill_s > 0 else 0.0,
-    }
 
 
 # ---------------------------------------------------------------- the whole run
@@ -414,7 +337,7 @@ def run_bench(
         if progress
         else (lambda msg: None)
     )
-    load_at_start = _load_average()
+    load_at_start = load_average()
     source = loading.resolve(model)
     llama_cpp_possible = LLAMA_CPP_NAME not in compare or source.kind == "gguf"
     prompts, origin = _checked_prompts(
@@ -477,7 +400,7 @@ def _report(
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         # Other processes competing for the cores make every number here slower.
-        "load_average_1min": {"start": load_at_start, "end": _load_average()},
+        "load_average_1min": {"start": load_at_start, "end": load_average()},
         "settings": {
             **settings,
             "decoding": "greedy, stop tokens ignored",
@@ -534,10 +457,3 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else 0.0
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None

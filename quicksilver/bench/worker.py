@@ -42,7 +42,8 @@ def peak_rss_bytes() -> int:
 
 def _quicksilver(spec: dict[str, Any]) -> dict[str, Any]:
     import quicksilver as qs
-    from quicksilver.bench.throughput import bench_engine, linear_weight_bytes
+    from quicksilver.bench.machine import linear_weight_bytes
+    from quicksilver.bench.throughput import bench_engine
 
     llm = qs.load(
         spec["model"],
