@@ -233,3 +233,14 @@ def test_right_commands_pass() -> None:
     found = list(commands_in(page, "page.md"))
     assert len(found) == 4
     assert [problems_with(command) for command in found] == [[], [], [], []]
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_benchmarks_default_to_the_threads_their_pages_were_measured_with(script: str) -> None:
+    """The pages under docs/ were measured with 2 threads; a rerun without --threads must
+    not silently use every core of a bigger machine."""
+    if "build_parser" not in (BENCHMARKS / script).read_text(encoding="utf-8"):
+        pytest.skip("not a benchmark with a command line")
+    threads = benchmark_parser(script)._option_string_actions.get("--threads")
+    if threads is not None:
+        assert threads.default == 2

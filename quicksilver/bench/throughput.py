@@ -372,7 +372,8 @@ def run_bench(
         "prompts": origin,
     }
     machine = {"memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflops": matmul / 1e9}
-    used_threads = threads or torch.get_num_threads()
+    # What the workers ran with, as each reports it (the spec's count when one does not).
+    used_threads = engines[0].get("threads") or threads or torch.get_num_threads()
     return _report(source, dtype, used_threads, load_at_start, settings, machine, engines)
 
 
