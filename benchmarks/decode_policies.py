@@ -88,7 +88,9 @@ def policies(config: ModelConfig, new_tokens: int, halting: Policy) -> list[tupl
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--dtype", default="bfloat16")
@@ -97,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     raw = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/decode_policies.py" + (" " + shlex.join(raw) if raw else "")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

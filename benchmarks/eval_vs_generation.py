@@ -70,14 +70,20 @@ def policies(config: ModelConfig, new_tokens: int) -> list[tuple[str, Policy | N
     ]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out-dir", type=Path, default=REPO / "docs" / "results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     raw = argv if argv is not None else sys.argv[1:]
     command = "python benchmarks/eval_vs_generation.py" + (" " + shlex.join(raw) if raw else "")
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -45,7 +45,9 @@ FORMATS = [
 ]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--context", type=int, default=1024)
@@ -54,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=32, help="greedy continuations")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    return parser.parse_args(argv)
+    return parser
 
 
 def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dict[str, Any]]:
@@ -156,7 +158,7 @@ def render(command: str, date: str, args: argparse.Namespace, rows: list[dict[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     raw = sys.argv[1:] if argv is None else argv
     command = shlex.join([".venv/bin/python", "benchmarks/formats_quality.py", *raw])
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

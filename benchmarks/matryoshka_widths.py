@@ -58,7 +58,9 @@ def decode_speed(llm: qs.LLM, prompts: list[list[int]], new_tokens: int) -> dict
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -66,7 +68,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--ppl-windows", type=int, default=4)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     raw = argv if argv is not None else sys.argv[1:]
     command = ".venv/bin/python benchmarks/matryoshka_widths.py" + (
         " " + shlex.join(raw) if raw else ""

@@ -111,7 +111,9 @@ def combined(depth: int) -> dict[str, Any]:
     }
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
@@ -124,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timing-windows", type=int, default=3, help="windows per timing run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    return parser.parse_args(argv)
+    return parser
 
 
 def perplexity(llm: qs.LLM, ids: list[int], windows: int, args) -> qs.PerplexityResult:
@@ -435,7 +437,7 @@ def plot(runs: list[dict], path: Path, model: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
     command = "python benchmarks/policies.py" + (
         " " + shlex.join(argv if argv is not None else sys.argv[1:])

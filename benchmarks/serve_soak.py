@@ -262,7 +262,9 @@ def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, a
     return "\n".join(lines)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--dtype", default="bfloat16")
@@ -273,6 +275,11 @@ def main() -> int:
     parser.add_argument("--hostile", type=int, default=2, help="hostile client loops")
     parser.add_argument("--disconnecting", type=int, default=1, help="leaving client loops")
     parser.add_argument("--out", type=Path, default=OUT, help="the Markdown table")
+    return parser
+
+
+def main() -> int:
+    parser = build_parser()
     args = parser.parse_args()
     if not 0 < args.minutes <= 24 * 60:
         parser.error("--minutes must be above 0 and at most a day")

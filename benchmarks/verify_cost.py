@@ -11,7 +11,6 @@ logits at every position, best of ``--repeats``, in milliseconds and relative to
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 import time
@@ -40,14 +39,22 @@ def cost_ms(llm: qs.LLM, k: int, context: int, repeats: int) -> float:
     return best * 1000
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--context", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads (default: 2, as its page was measured)"
+    )
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "verify-cost.md"))
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for dtype, weights in FORMATS:

@@ -28,6 +28,12 @@ import torch
 
 from quicksilver.accounting import cpu_name
 from quicksilver.api import load
+from quicksilver.bench.machine import (
+    fractions_of_limit,
+    load_average,
+    measure_matmul_flops,
+    measure_memory_bandwidth,
+)
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.report import summary_record
 from quicksilver.integrations.hf_reference import quiet_transformers
@@ -173,89 +179,6 @@ def bench_transformers(
     return summary_record(batch_size, len(rows[0]), new_tokens, prefill, decode)
 
 
-# ---------------------------------------------------------------- machine limits
-
-
-def measure_memory_bandwidth(n_bytes: int = 256 * 1024**2, repeats: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of several full reads of a large initialised tensor.
-
-    The tensor is much larger than the last-level cache, and reductions (sum, max) do almost
-    no arithmetic per byte, so the fastest one is limited by memory.
-    """
-    data = torch.ones(n_bytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for op in (torch.sum, torch.max):
-        op(data)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            op(data)
-            best = min(best, time.perf_counter() - start)
-    return data.nbytes / best
-
-
-def measure_matmul_flops(
-    dtype: torch.dtype, n: int = 2048, repeats: int = 3, enough_s: float = 0.05
-) -> float:
-    """Dense matmul throughput in FLOP/s for `dtype`: the best of a few n x n x n products,
-    n doubling from 256 until one product takes ``enough_s`` (or n is reached), so a dtype
-    this CPU multiplies slowly (bf16 without hardware support: ~1 GFLOP/s) is measured in
-    seconds, not minutes."""
-    gen = torch.Generator().manual_seed(0)
-    size = min(256, n)
-    while True:
-        a = torch.randn(size, size, generator=gen).to(dtype)
-        b = torch.randn(size, size, generator=gen).to(dtype)
-        torch.mm(a, b)  # warm-up
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = time.perf_counter() - start
-        if best >= enough_s or size >= n:
-            break
-        size *= 2
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def linear_weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the Linear weights one decode step reads; a tied LM head counts once.
-
-    Embedding lookups read a few rows only and are ignored.
-    """
-    seen: set[int] = set()
-    total = 0
-    for linear in model.linears():
-        first = next(iter(linear.buffers()), None) if not hasattr(linear, "weight") else None
-        key = linear.weight.data_ptr() if first is None else first.data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += linear.storage_bytes
-    return total
-
-
-def fractions_of_limit(
-    result: dict[str, Any],
-    weight_bytes: int,
-    prefill_flops: int,
-    bandwidth: float,
-    matmul_flops: float,
-) -> dict[str, float]:
-    """How close one measurement came to the machine: decode vs bandwidth, prefill vs FLOP/s."""
-    step = result["decode_step_seconds"]
-    decode = (weight_bytes / step) / bandwidth if step > 0 else 0.0
-    prefill_s = result["prefill_seconds"]
-    prefill = (prefill_flops / prefill_s) / matmul_flops if prefill_s > 0 else 0.0
-    return {
-        "decode": decode,
-        "prefill": prefill,
-        "decode_weight_gb_s": weight_bytes / step / 1e9 if step > 0 else 0.0,
-        "prefill_gflops": prefill_flops / prefill_s / 1e9 if prefill_s > 0 else 0.0,
-    }
-
-
 # ---------------------------------------------------------------- the whole run
 
 
@@ -306,6 +229,88 @@ def _run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
+def _checked_prompts(
+    model: str,
+    dtype: str,
+    batch_sizes: Sequence[int],
+    prompt_tokens: int,
+    new_tokens: int,
+    llama_cpp_possible: bool,
+    say: Callable[[str], None],
+) -> tuple[list[list[int]], str]:
+    """The prompts every engine gets, and where their text came from; loading the model here
+    also checks it (and that the largest batch's cache fits) before any worker starts."""
+    say(f"reading the tokenizer of {model}")
+    llm = load(model, dtype=dtype)  # prompts need the tokenizer; checked loading, too
+    check_cache_fits(
+        llm.config,
+        llm.model.dtype,
+        rows=max(batch_sizes),
+        length=prompt_tokens + new_tokens - 1,
+        fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
+    )
+    if llm.tokenizer is None:
+        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
+    if not llama_cpp_possible:
+        raise QuicksilverError("llama.cpp runs GGUF files only; bench a .gguf model to compare")
+    return bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
+
+
+def _worker_specs(
+    common: dict[str, Any],
+    weights: Sequence[str],
+    compile: bool,
+    also_compiled: Sequence[str],
+    head_weights: str | None,
+    group_size: int,
+    compare: Sequence[str],
+    gguf_path: str,
+) -> list[dict[str, Any]]:
+    """One worker spec per measurement: our engine in each weight format (eager, compiled or
+    both), then each comparison engine."""
+    specs = [
+        {
+            **common,
+            "engine": ENGINE_NAME,
+            "weights": fmt,
+            "head_weights": head_weights,
+            "group_size": group_size if "int4" in (fmt, head_weights) else None,
+            "compile": step_compiled,
+        }
+        for fmt in weights
+        for step_compiled in sorted({compile, compile or fmt in also_compiled})
+    ]
+    if TRANSFORMERS_NAME in compare:
+        specs.append({**common, "engine": TRANSFORMERS_NAME})
+    if LLAMA_CPP_NAME in compare:
+        specs.append({**common, "engine": LLAMA_CPP_NAME, "gguf": gguf_path})
+    return specs
+
+
+def _measure_engines(
+    specs: list[dict[str, Any]], bandwidth: float, matmul: float, say: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """Run every spec's worker, one after the other, and place each result against the
+    machine's limits."""
+    engines = []
+    for spec in specs:
+        say(f"{spec['engine']} {spec.get('weights') or ''}".strip())
+        report = _run_worker(spec)
+        say(
+            f"  {report['label']}: "
+            + ", ".join(
+                f"batch {b} decode {r['decode_tokens_per_s']:.1f} tok/s"
+                for b, r in report["results"].items()
+            )
+        )
+        for result in report["results"].values():
+            result["fraction_of_limit"] = fractions_of_limit(
+                result, report["weight_bytes"], result.get("prefill_flops", 0), bandwidth, matmul
+            )
+        engines.append({"engine": spec["engine"], **report})
+    return engines
+
+
 def run_bench(
     model: str = loading.DEFAULT_MODEL,
     dtype: str = "bfloat16",
@@ -333,23 +338,12 @@ def run_bench(
         if progress
         else (lambda msg: None)
     )
-    load_at_start = _load_average()
+    load_at_start = load_average()
     source = loading.resolve(model)
-    say(f"reading the tokenizer of {model}")
-    llm = load(model, dtype=dtype)  # prompts need the tokenizer; checked loading, too
-    check_cache_fits(
-        llm.config,
-        llm.model.dtype,
-        rows=max(batch_sizes),
-        length=prompt_tokens + new_tokens - 1,
-        fix="use smaller --batch-sizes, --prompt-tokens or --new-tokens",
+    llama_cpp_possible = LLAMA_CPP_NAME not in compare or source.kind == "gguf"
+    prompts, origin = _checked_prompts(
+        model, dtype, batch_sizes, prompt_tokens, new_tokens, llama_cpp_possible, say
     )
-    if llm.tokenizer is None:
-        raise QuicksilverError(f"{llm.name} ships no tokenizer; bench builds its prompts from text")
-    if LLAMA_CPP_NAME in compare and source.kind != "gguf":
-        raise QuicksilverError("llama.cpp runs GGUF files only; bench a .gguf model to compare")
-    prompts, origin = bench_prompts(llm.tokenizer, max(batch_sizes), prompt_tokens)
-    del llm
 
     say("measuring memory bandwidth and matmul throughput")
     bandwidth = measure_memory_bandwidth()
@@ -363,71 +357,60 @@ def run_bench(
         "repeats": repeats,
         "threads": threads,
     }
-    specs = [
-        {
-            **common,
-            "engine": ENGINE_NAME,
-            "weights": fmt,
-            "head_weights": head_weights,
-            "group_size": group_size if "int4" in (fmt, head_weights) else None,
-            "compile": step_compiled,
-        }
-        for fmt in weights
-        for step_compiled in sorted({compile, compile or fmt in also_compiled})
-    ]
-    if TRANSFORMERS_NAME in compare:
-        specs.append({**common, "engine": TRANSFORMERS_NAME})
-    if LLAMA_CPP_NAME in compare:
-        specs.append({**common, "engine": LLAMA_CPP_NAME, "gguf": source.path})
-    engines = []
-    for spec in specs:
-        say(f"{spec['engine']} {spec.get('weights') or ''}".strip())
-        report = _run_worker(spec)
-        say(
-            f"  {report['label']}: "
-            + ", ".join(
-                f"batch {b} decode {r['decode_tokens_per_s']:.1f} tok/s"
-                for b, r in report["results"].items()
-            )
-        )
-        for result in report["results"].values():
-            result["fraction_of_limit"] = fractions_of_limit(
-                result, report["weight_bytes"], result.get("prefill_flops", 0), bandwidth, matmul
-            )
-        engines.append({"engine": spec["engine"], **report})
+    specs = _worker_specs(
+        common, weights, compile, also_compiled, head_weights, group_size, compare, source.path
+    )
+    engines = _measure_engines(specs, bandwidth, matmul, say)
 
+    settings = {
+        "batch_sizes": list(batch_sizes),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "weights": list(weights),
+        "compile": compile,
+        "statistic": f"{STATISTIC} of {repeats} after one warm-up run",
+        "prompts": origin,
+    }
+    machine = {"memory_bandwidth_gb_s": bandwidth / 1e9, "matmul_gflops": matmul / 1e9}
+    # What the workers ran with, as each reports it (the spec's count when one does not).
+    used_threads = engines[0].get("threads") or threads or torch.get_num_threads()
+    return _report(source, dtype, used_threads, load_at_start, settings, machine, engines)
+
+
+def _report(
+    source: loading.ModelSource,
+    dtype: str,
+    threads: int,
+    load_at_start: float | None,
+    settings: dict[str, Any],
+    machine: dict[str, float],
+    engines: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The run's JSON-able report: the software and machine beside the measurements, and
+    how each was taken."""
     import transformers
 
     return {
         "model": source.name,
         "model_source": {"kind": source.kind, "path": source.path},
         "dtype": dtype,
-        "threads": threads or torch.get_num_threads(),
+        "threads": threads,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         # Other processes competing for the cores make every number here slower.
-        "load_average_1min": {"start": load_at_start, "end": _load_average()},
+        "load_average_1min": {"start": load_at_start, "end": load_average()},
         "settings": {
-            "batch_sizes": list(batch_sizes),
-            "prompt_tokens": prompt_tokens,
-            "new_tokens": new_tokens,
-            "repeats": repeats,
-            "weights": list(weights),
-            "compile": compile,
-            "statistic": f"{STATISTIC} of {repeats} after one warm-up run",
-            "prompts": origin,
+            **settings,
             "decoding": "greedy, stop tokens ignored",
             "isolation": "each engine in a fresh process, one after the other",
             "transformers_timing": "prefill = generate(max_new_tokens=1); decode = "
             "generate(max_new_tokens=min_new_tokens=new_tokens) - prefill",
         },
-        "machine": {
-            "memory_bandwidth_gb_s": bandwidth / 1e9,
-            "matmul_gflops": matmul / 1e9,
-        },
+        "machine": machine,
         "engines": engines,
         "fraction_of_limit_definition": {
             "decode": "weight bytes per decode step / step time / memory bandwidth",
@@ -476,10 +459,3 @@ def summary_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else 0.0
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None

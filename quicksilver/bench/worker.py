@@ -5,7 +5,8 @@ without a compiled step; transformers; llama.cpp) in a fresh Python process thro
 module, so that each one's peak resident memory is its own, not the high-water mark of every
 model loaded before it, and no engine's caches or threads warm or slow another's.
 
-Protocol: a JSON spec on stdin, the JSON result on stdout (progress goes to stderr).
+Protocol: a JSON spec on stdin, the JSON result on stdout (progress goes to stderr); the
+result records the torch threads the measurement ran with.
 
     {"engine": "quicksilver" | "transformers" | "llama.cpp", "model": ..., "dtype": ...,
      "weights": ..., "head_weights": ..., "group_size": ..., "compile": ...,
@@ -42,7 +43,8 @@ def peak_rss_bytes() -> int:
 
 def _quicksilver(spec: dict[str, Any]) -> dict[str, Any]:
     import quicksilver as qs
-    from quicksilver.bench.throughput import bench_engine, linear_weight_bytes
+    from quicksilver.bench.machine import linear_weight_bytes
+    from quicksilver.bench.throughput import bench_engine
 
     llm = qs.load(
         spec["model"],
@@ -136,6 +138,7 @@ def main() -> int:
         json.dump({"error": str(err)}, sys.stdout)
         return 1
     report["peak_rss_bytes"] = peak_rss_bytes()
+    report["threads"] = torch.get_num_threads()
     json.dump(report, sys.stdout)
     return 0
 

@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         head_weights=args.head_weights,
         group_size=args.group_size,
-        threads=args.threads,
+        threads=torch.get_num_threads(),  # --threads as set_threads capped it
         progress=not args.no_progress,
         **settings,
     )

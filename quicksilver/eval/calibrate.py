@@ -160,16 +160,8 @@ def check_calibratable(policy: Policy, compute_budget: bool = False, decode: boo
         )
 
 
-def calibrate(
-    measure: Measure,
-    base: Policy,
-    *,
-    max_ppl_increase: float | None = None,
-    flop_fraction: float | None = None,
-    steps: int = 6,
-    log: Callable[[str], None] | None = None,
-) -> CalibrationResult:
-    """Search the threshold factor of ``base`` for the budget (exactly one of the two)."""
+def check_budget(max_ppl_increase: float | None, flop_fraction: float | None, steps: int) -> None:
+    """Reject a budget `calibrate` cannot search for, before the first (slow) measurement."""
     if (max_ppl_increase is None) == (flop_fraction is None):
         raise QuicksilverError("give exactly one budget: a perplexity increase or a FLOP fraction")
     if max_ppl_increase is not None and not (
@@ -182,6 +174,44 @@ def calibrate(
         raise QuicksilverError(f"the FLOP fraction must be in (0, 1], got {flop_fraction}")
     if steps < 1:
         raise QuicksilverError(f"calibration needs at least 1 bisection step, got {steps}")
+
+
+def bracket(trial: Callable[[float], Trial], small_ok: bool) -> tuple[Trial | None, Trial | None]:
+    """A feasible and an infeasible trial around the budget's edge, either None when doubling
+    or halving the factor from 1 never crossed it. ``small_ok``: small factors are the
+    feasible ones (a quality budget); for a compute budget large ones are."""
+    first = trial(1.0)
+    if first.feasible:
+        good, bad = first, None  # move outwards (up for quality, down for compute)
+        for _ in range(MAX_BRACKET_STEPS):
+            t = trial(good.factor * (2.0 if small_ok else 0.5))
+            if t.feasible:
+                good = t
+            else:
+                bad = t
+                break
+        return good, bad
+    good, bad = None, first
+    for _ in range(MAX_BRACKET_STEPS):
+        t = trial(bad.factor * (0.5 if small_ok else 2.0))
+        if t.feasible:
+            good = t
+            break
+        bad = t
+    return good, bad
+
+
+def calibrate(
+    measure: Measure,
+    base: Policy,
+    *,
+    max_ppl_increase: float | None = None,
+    flop_fraction: float | None = None,
+    steps: int = 6,
+    log: Callable[[str], None] | None = None,
+) -> CalibrationResult:
+    """Search the threshold factor of ``base`` for the budget (exactly one of the two)."""
+    check_budget(max_ppl_increase, flop_fraction, steps)
     check_calibratable(base, compute_budget=flop_fraction is not None)
     say = log or (lambda message: print(message, file=sys.stderr))
 
@@ -207,24 +237,7 @@ def calibrate(
 
     # Quality budget: feasible for small factors. Compute budget: feasible for large ones.
     small_ok = max_ppl_increase is not None
-    first = trial(1.0)
-    if first.feasible:
-        good, bad = first, None  # move outwards (up for quality, down for compute)
-        for _ in range(MAX_BRACKET_STEPS):
-            t = trial(good.factor * (2.0 if small_ok else 0.5))
-            if t.feasible:
-                good = t
-            else:
-                bad = t
-                break
-    else:
-        good, bad = None, first
-        for _ in range(MAX_BRACKET_STEPS):
-            t = trial(bad.factor * (0.5 if small_ok else 2.0))
-            if t.feasible:
-                good = t
-                break
-            bad = t
+    good, bad = bracket(trial, small_ok)
     if good is not None and bad is not None:
         for _ in range(steps):
             t = trial(math.sqrt(good.factor * bad.factor))

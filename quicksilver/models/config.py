@@ -191,96 +191,110 @@ class ModelConfig:
             name=hf.get("_name_or_path", model_type),
         )
         if model_type in ("llama", "mistral", "qwen2"):
-            rope = _rope_settings(hf)
-            window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-            layers = hf.get("num_hidden_layers", 0)
-            if model_type == "qwen2" and window and hf.get("max_window_layers", layers) < layers:
-                raise QuicksilverError(
-                    "Qwen2 with a sliding window on only some layers is not supported; "
-                    "set use_sliding_window to false in config.json to run it with full attention"
-                )
-            activation = _activation(hf.get("hidden_act", "silu"))
-            if activation != "silu":
-                # The gated MLP is SiLU-gated (SwiGLU); other gates would be silently wrong.
-                raise QuicksilverError(
-                    f"{model_type} models with hidden_act {hf.get('hidden_act')!r} are not "
-                    "supported; only silu"
-                )
-            return cls(
-                family="llama",
-                hidden_size=hf["hidden_size"],
-                n_layers=hf["num_hidden_layers"],
-                n_heads=hf["num_attention_heads"],
-                n_kv_heads=_unless_none(hf.get("num_key_value_heads"), hf["num_attention_heads"]),
-                intermediate_size=hf["intermediate_size"],
-                max_position_embeddings=hf.get("max_position_embeddings", 4096),
-                norm="rms",
-                norm_eps=hf.get("rms_norm_eps", 1e-6),
-                activation=activation,
-                gated_mlp=True,
-                position="rope",
-                rope_theta=rope[0],
-                rope_scaling=rope[1],
-                qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-                out_bias=bool(hf.get("attention_bias", False)),
-                mlp_bias=bool(hf.get("mlp_bias", False)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                head_dim_override=hf.get("head_dim"),
-                sliding_window=window,
-                **common,
-            )
+            return cls(**_llama_switches(hf, model_type), **common)
         if model_type == "gpt2":
-            d = hf["n_embd"]
-            return cls(
-                family="gpt2",
-                hidden_size=d,
-                n_layers=hf["n_layer"],
-                n_heads=hf["n_head"],
-                n_kv_heads=hf["n_head"],
-                intermediate_size=_unless_none(hf.get("n_inner"), 4 * d),
-                max_position_embeddings=hf["n_positions"],
-                norm="layer",
-                norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                activation=_plain_activation(hf.get("activation_function", "gelu_new")),
-                gated_mlp=False,
-                position="learned",
-                qkv_bias=True,
-                out_bias=True,
-                mlp_bias=True,
-                tie_word_embeddings=True,
-                **common,
-            )
+            return cls(**_gpt2_switches(hf), **common)
         if model_type == "opt":
-            d = hf["hidden_size"]
-            proj = hf.get("word_embed_proj_dim") or d
-            pre_norm = bool(hf.get("do_layer_norm_before", True))
-            return cls(
-                family="opt",
-                hidden_size=d,
-                n_layers=hf["num_hidden_layers"],
-                n_heads=hf["num_attention_heads"],
-                n_kv_heads=hf["num_attention_heads"],
-                intermediate_size=hf["ffn_dim"],
-                max_position_embeddings=hf["max_position_embeddings"],
-                norm="layer",
-                norm_eps=1e-5,
-                activation=_plain_activation(hf.get("activation_function", "relu")),
-                gated_mlp=False,
-                position="learned",
-                position_offset=2,
-                qkv_bias=bool(hf.get("enable_bias", True)),
-                out_bias=bool(hf.get("enable_bias", True)),
-                mlp_bias=bool(hf.get("enable_bias", True)),
-                pre_norm=pre_norm,
-                final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
-                word_embed_proj_dim=proj if proj != d else None,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-                **common,
-            )
+            return cls(**_opt_switches(hf), **common)
         raise QuicksilverError(
             f"model_type {model_type!r} is not supported; supported: llama (also mistral, "
             "qwen2-style), gpt2, opt"
         )
+
+
+def _llama_switches(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """The family fields of a Llama-style ``config.json`` (Llama, Mistral, Qwen2): the ones
+    these families run differently are refused here rather than run wrongly."""
+    rope = _rope_settings(hf)
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    layers = hf.get("num_hidden_layers", 0)
+    if model_type == "qwen2" and window and hf.get("max_window_layers", layers) < layers:
+        raise QuicksilverError(
+            "Qwen2 with a sliding window on only some layers is not supported; "
+            "set use_sliding_window to false in config.json to run it with full attention"
+        )
+    activation = _activation(hf.get("hidden_act", "silu"))
+    if activation != "silu":
+        # The gated MLP is SiLU-gated (SwiGLU); other gates would be silently wrong.
+        raise QuicksilverError(
+            f"{model_type} models with hidden_act {hf.get('hidden_act')!r} are not "
+            "supported; only silu"
+        )
+    return dict(
+        family="llama",
+        hidden_size=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=_unless_none(hf.get("num_key_value_heads"), hf["num_attention_heads"]),
+        intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        norm="rms",
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        activation=activation,
+        gated_mlp=True,
+        position="rope",
+        rope_theta=rope[0],
+        rope_scaling=rope[1],
+        qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+        out_bias=bool(hf.get("attention_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        head_dim_override=hf.get("head_dim"),
+        sliding_window=window,
+    )
+
+
+def _gpt2_switches(hf: dict[str, Any]) -> dict[str, Any]:
+    """The family fields of a GPT-2 ``config.json``: its keys have names of their own."""
+    d = hf["n_embd"]
+    return dict(
+        family="gpt2",
+        hidden_size=d,
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        n_kv_heads=hf["n_head"],
+        intermediate_size=_unless_none(hf.get("n_inner"), 4 * d),
+        max_position_embeddings=hf["n_positions"],
+        norm="layer",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        activation=_plain_activation(hf.get("activation_function", "gelu_new")),
+        gated_mlp=False,
+        position="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    )
+
+
+def _opt_switches(hf: dict[str, Any]) -> dict[str, Any]:
+    """The family fields of an OPT ``config.json``, post-norm (350m) and projected embeddings
+    included."""
+    d = hf["hidden_size"]
+    proj = hf.get("word_embed_proj_dim") or d
+    pre_norm = bool(hf.get("do_layer_norm_before", True))
+    return dict(
+        family="opt",
+        hidden_size=d,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"],
+        n_kv_heads=hf["num_attention_heads"],
+        intermediate_size=hf["ffn_dim"],
+        max_position_embeddings=hf["max_position_embeddings"],
+        norm="layer",
+        norm_eps=1e-5,
+        activation=_plain_activation(hf.get("activation_function", "relu")),
+        gated_mlp=False,
+        position="learned",
+        position_offset=2,
+        qkv_bias=bool(hf.get("enable_bias", True)),
+        out_bias=bool(hf.get("enable_bias", True)),
+        mlp_bias=bool(hf.get("enable_bias", True)),
+        pre_norm=pre_norm,
+        final_norm=pre_norm and not hf.get("_remove_final_layer_norm", False),
+        word_embed_proj_dim=proj if proj != d else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+    )
 
 
 def _unless_none(value: Any, default: Any) -> Any:
