@@ -187,3 +187,25 @@ def test_plan_files_are_bounded_least_recently_used_first(tmp_path, monkeypatch)
     for i in range(3, 20):
         files.save(f"policy {i}", plan)
     assert len(list(directory.glob("*.json"))) == 16
+
+
+def test_a_measurement_that_fails_between_steps_fails_no_row(model, monkeypatch) -> None:
+    """The rows go on (n-grams only from then on); the failure is noted, never retried at
+    every step."""
+    engine = make_engine(model, None)
+    calls = []
+
+    def broken(measurement, progress=None):
+        calls.append(1)
+        raise RuntimeError("a damaged timer")
+
+    monkeypatch.setattr(cost_plan.PlanMeasurement, "advance", broken)
+    plans = DraftPlans()
+    batch = StepBatch(engine, max_rows=2, max_len=200, plans=plans)
+    text = prompts(5, [6])[0]
+    row = batch.admit(RowSpec(tuple(text), 30, speculative=LAYERS))
+    tokens, _ = step_all(batch)
+    assert tokens[row] == alone_long(model, text, 30)
+    assert calls == [1]
+    assert any("failed (RuntimeError: a damaged timer)" in n for n in batch.stats.plan_notes)
+    assert plans.ready(engine) == default_plan()

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import quicksilver as qs
-from quicksilver.runtime.drafting import SpeculativeConfig
 from quicksilver.runtime.generate import generate
+from quicksilver.runtime.speculative import SpeculativeConfig
 
 PROMPTS = [[5, 6, 7, 5, 6, 7], [40, 41, 42, 43]]  # token ids: no tokenizer in the way
 NEW_TOKENS = 12

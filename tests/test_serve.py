@@ -666,3 +666,14 @@ def test_a_client_leaving_mid_stream_frees_its_slot(model_dir: Path) -> None:
         assert after.status_code == 200
     generated = metrics.counters["generation_tokens"]
     assert generated < 100, "the abandoned generation ran to its end"
+
+
+def test_a_request_asking_only_for_drafting_keeps_the_servers_policy(reference: qs.LLM) -> None:
+    """``{"quicksilver": {"speculative": ...}}`` names no policy: the server's default
+    (``--policy``) applies, not dense."""
+    from quicksilver.serve.protocol import parse_policy
+
+    assert parse_policy({"speculative": "ngram"}, reference) is None
+    assert parse_policy(None, reference) is None
+    chosen = parse_policy({"policy": {}, "speculative": "ngram"}, reference)
+    assert chosen is not None and chosen.is_off  # an explicit empty policy is dense

@@ -21,6 +21,7 @@ from quicksilver.cli.inputs import (
     check_speculative_policy,
     load_llm,
     load_policy_args,
+    prepare_drafting,
     read_prompts,
     speculative_setting,
     with_target_speedup,
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     policy = with_target_speedup(policy, args.target_speedup, args.max_new_tokens, llm.config)
     if not policy.is_off:
         say(f"policy: {policy.describe()}")
+    prepare_drafting(llm, policy, speculative)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         policy=policy,

@@ -149,3 +149,13 @@ def check_speculative_policy(policy: Policy, setting: dict | None) -> None:
     Matryoshka width 8 alone) before the model loads, not after the first token is printed.
     """
     check_drafting(policy, speculative_config(setting))
+
+
+def prepare_drafting(llm: LLM, policy: Policy, setting: dict | None) -> None:
+    """Measure (or read from the cache) the drafting plan a model drafter or ``auto`` follows,
+    before the first token, saying so: measured between steps instead, a short run would
+    decode mostly without drafts while the plan was still being measured."""
+    if setting is None or setting["method"] == "ngram":
+        return
+    plan = llm.draft_plan(policy=None if policy.is_off else policy, progress=say)
+    say(f"drafting plan ready (measured in {plan.seconds:.1f} s once, then cached)")

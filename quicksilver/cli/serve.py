@@ -19,6 +19,7 @@ from quicksilver.cli.inputs import (
     check_speculative_policy,
     load_llm,
     load_policy_args,
+    prepare_drafting,
     speculative_setting,
 )
 from quicksilver.cli.options import add_dtype, add_policy_args, add_speculative_args
@@ -135,10 +136,7 @@ def run(args: argparse.Namespace) -> int:
         raise QuicksilverError(
             f"--max-context {args.max_context} is more than the model's {positions} positions"
         )
-    if speculative is not None and speculative["method"] != "ngram":
-        # Measured (or read from the cache) before the first request, not during it.
-        plan = llm.draft_plan(policy=None if policy.is_off else policy, progress=say)
-        say(f"drafting plan ready (measured in {plan.seconds:.1f} s once, then cached)")
+    prepare_drafting(llm, policy, speculative)  # before the first request, not during it
     settings = Settings(
         model_name=args.served_model_name or args.model,
         api_key=api_key,

@@ -245,7 +245,15 @@ class StepBatch:
         (whichever batch began it), after this step's own forwards: a measurement delays
         the next token by one piece at most. Its time is kept apart from decoding."""
         start = time.perf_counter()
-        measuring = self.plans.advance(self.engine)
+        try:
+            measuring = self.plans.advance(self.engine)
+        except Exception as err:  # the rows decode on whatever the measurement's failure
+            self.plans.give_up(self.engine)
+            self.stats.plan_notes.append(
+                f"measuring the drafting plan failed ({type(err).__name__}: {err}); drafting "
+                "with n-grams only"
+            )
+            return
         if measuring is None:
             return
         self.stats.calibration_seconds += time.perf_counter() - start

@@ -272,6 +272,8 @@ def parse_policy(value: Any, llm: qs.LLM) -> qs.Policy | None:
             param="quicksilver",
         )
     spec, overrides = value.get("policy"), value.get("set")
+    if spec is None and overrides is None:  # only drafting asked for: the server's policy
+        return None
     if isinstance(spec, str) and spec not in PRESETS:
         raise APIError(
             f"unknown policy preset {spec!r}; give one of {', '.join(PRESETS)} or a mapping "

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
-from quicksilver.runtime.speculative.cost_plan import DraftPlan, PlanMeasurement
+from quicksilver.runtime.speculative.cost_plan import DraftPlan, PlanMeasurement, default_plan
 
 if TYPE_CHECKING:
     from quicksilver.runtime.engine import Engine
@@ -99,6 +99,14 @@ class DraftPlans:
         if measuring is not None:
             self._run(key, measuring, measuring.advance)
         return measuring
+
+    def give_up(self, engine: Engine) -> None:
+        """Follow ``default_plan`` (n-gram drafts only) under the current policy for the rest of
+        this process: its measurement failed between steps, and measuring again at every step
+        would fail every step. Nothing is stored, so another process measures afresh."""
+        key = policy_key(engine)
+        self._measuring.pop(key, None)
+        self._plans[key] = default_plan()
 
     def measure(
         self, engine: Engine, fallback_prompt: Sequence[int], progress: Progress | None = None
