@@ -671,7 +671,7 @@ def test_a_client_leaving_mid_stream_frees_its_slot(model_dir: Path) -> None:
 def test_a_request_asking_only_for_drafting_keeps_the_servers_policy(reference: qs.LLM) -> None:
     """``{"quicksilver": {"speculative": ...}}`` names no policy: the server's default
     (``--policy``) applies, not dense."""
-    from quicksilver.serve.protocol import parse_policy
+    from quicksilver.serve.policy_field import parse_policy
 
     assert parse_policy({"speculative": "ngram"}, reference) is None
     assert parse_policy(None, reference) is None

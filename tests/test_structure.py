@@ -355,3 +355,71 @@ def test_the_length_check_finds_long_functions(tmp_path: Path) -> None:
         encoding="utf-8",
     )
     assert long_functions(source, "long.py") == ["long.py:1 long_one (82 lines)"]
+
+
+# Other projects' private names we call on purpose (torch's weight-only kernels, argparse's
+# sub-parser type): what this check guards is our modules' boundaries.
+FOREIGN_ROOTS = {"torch", "argparse"}
+
+
+def _root_name(node: ast.AST) -> str | None:
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _defined_private_names(tree: ast.AST) -> set[str]:
+    """Private names a module defines: functions, classes, assigned names and attributes."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {name for name in names if name.startswith("_")}
+
+
+def private_reach_ins(path: Path, label: str) -> list[str]:
+    """``x._name`` (x not self or cls) or ``from m import _name`` where ``_name`` is not
+    defined in this module: reaching into another module's private parts."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    own = _defined_private_names(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{label}:{node.lineno} imports {node.module}.{alias.name}")
+        if not isinstance(node, ast.Attribute) or not node.attr.startswith("_"):
+            continue
+        if node.attr.startswith("__") or node.attr in own:
+            continue
+        if _root_name(node.value) in {"self", "cls", *FOREIGN_ROOTS}:
+            continue
+        found.append(f"{label}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names() -> None:
+    found = [
+        reach for name, path in sorted(modules().items()) for reach in private_reach_ins(path, name)
+    ]
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+def test_the_private_name_check_finds_reach_ins(tmp_path: Path) -> None:
+    source = tmp_path / "reach.py"
+    source.write_text(
+        "from other import _hidden\n"
+        "class Mine:\n"
+        "    def __init__(self):\n"
+        "        self._own = 1\n"
+        "    def peek(self, llm, twin):\n"
+        "        return llm._lock, twin._own, self._own, torch.ops.aten._int4\n"
+    )
+    found = private_reach_ins(source, "reach")
+    assert found == ["reach:1 imports other._hidden", "reach:6 llm._lock"]

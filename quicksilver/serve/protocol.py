@@ -18,10 +18,10 @@ from typing import Any
 
 import quicksilver as qs
 from quicksilver.errors import QuicksilverError
-from quicksilver.policies import PRESETS
 from quicksilver.runtime.cache import sequence_fit_error
 from quicksilver.runtime.speculative import speculative_policy_error
 from quicksilver.serve.errors import APIError
+from quicksilver.serve.policy_field import parse_policy
 from quicksilver.text import check_text
 
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -255,43 +255,6 @@ def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
     if not stream:
         raise APIError("stream_options needs stream=true", param="stream_options")
     return stream, _flag(options, "include_usage")
-
-
-def parse_policy(value: Any, llm: qs.LLM) -> qs.Policy | None:
-    """The request's ``quicksilver`` object: ``{"policy": preset or mapping, "set": [...]}``
-    or a preset name. Files are the server operator's choice (``--policy``), never a
-    client's: a path in a request would let it probe the server's disk."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = {"policy": value}
-    if not isinstance(value, dict) or set(value) - {"policy", "set", "speculative"}:
-        raise APIError(
-            'quicksilver must be a preset name or {"policy": preset or mapping, "set": [...], '
-            '"speculative": method or mapping}',
-            param="quicksilver",
-        )
-    spec, overrides = value.get("policy"), value.get("set")
-    if spec is None and overrides is None:  # only drafting asked for: the server's policy
-        return None
-    if isinstance(spec, str) and spec not in PRESETS:
-        raise APIError(
-            f"unknown policy preset {spec!r}; give one of {', '.join(PRESETS)} or a mapping "
-            "{mechanism: {parameter: value}}",
-            param="quicksilver.policy",
-        )
-    if spec is not None and not isinstance(spec, (str, dict)):
-        raise APIError("quicksilver.policy must be a preset name or a mapping", param="quicksilver")
-    if overrides is not None and (
-        not isinstance(overrides, list) or not all(isinstance(s, str) for s in overrides)
-    ):
-        raise APIError("quicksilver.set must be a list of 'm.p=v' strings", param="quicksilver")
-    try:
-        policy = qs.load_policy(spec, overrides)
-        policy.check_model(llm.config)
-    except QuicksilverError as err:
-        raise APIError(f"invalid policy: {err}", param="quicksilver") from None
-    return policy
 
 
 def parse_speculative(value: Any) -> qs.SpeculativeConfig | None:
