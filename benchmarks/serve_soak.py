@@ -4,15 +4,19 @@ clients against one server on 127.0.0.1, with its resident memory sampled throug
 The server runs as a subprocess (so its RSS is measured alone). Three kinds of client loop
 until the time is up, each a bounded number of concurrent tasks:
 
-- good: completions (plain and streamed), chat, /tokenize, /v1/models, /metrics;
+- good: completions (plain and streamed, dense, under a per-request policy, drafted with
+  each speculative method), chat, /tokenize, /v1/models, /metrics; a stream must end with
+  ``[DONE]`` and carry no error event;
 - hostile: a rotation of bodies that must be refused with a 4xx (YAML alias bombs in the
   per-request ``set``, lone surrogates, JSON nested 100,000 deep, unknown models, roles and
   paths, oversize and malformed bodies, a policy path);
-- disconnecting: a streamed completion abandoned after its first event, and a plain one
-  abandoned by a client timeout, which the server must clean up after.
+- disconnecting: plain and streamed completions (with the same per-request options)
+  abandoned at a random moment: during prefill, or mid-stream after a few events, which the
+  server must clean up after.
 
-The table (requests by class, status counts, responses >= 500, RSS after the warm-up and at
-the end, the drift) goes to ``docs/benchmarks/serve-soak.md`` with the exact command. Exit
+The table (requests by class, status counts, responses >= 500 as clients saw them and as the
+server's /metrics counted them, abandoned requests included, RSS after the warm-up and at
+the end, the drift) goes to ``docs/results/serve-soak.md`` with the exact command. Exit
 status 1 if any response was a 5xx, a good or hostile request got no answer, or the server
 died.
 
@@ -27,6 +31,8 @@ import itertools
 import json
 import os
 import platform
+import random
+import re
 import shlex
 import subprocess
 import sys
@@ -38,13 +44,35 @@ from pathlib import Path
 import httpx
 from local_server import free_port, rss_mib
 
-OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "serve-soak.md"
+OUT = Path(__file__).resolve().parent.parent / "docs" / "results" / "serve-soak.md"
 PROMPTS = [
     "The history of the city begins",
     "A short guide to growing tomatoes:",
     "In computer science, a cache is",
     "Once upon a time, in a small village,",
 ]
+HALTING = {"halting": {"relative_drift": 0.05, "min_layer": 8}}
+# Per-request options generation requests rotate through (None: the server's defaults).
+OPTIONS = [
+    None,
+    {"speculative": "ngram"},
+    {"policy": HALTING},
+    {"speculative": "layers"},
+    {"policy": "paper"},
+    {"speculative": "auto"},
+]
+
+
+def generation_body(i: int, **fields: object) -> dict:
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 12, "temperature": 0, **fields}
+    options = OPTIONS[i % len(OPTIONS)]
+    return body if options is None else {**body, "quicksilver": options}
+
+
+def stream_is_whole(lines: list[str]) -> bool:
+    """A stream ends with [DONE] and carries no error event."""
+    events = [line[6:] for line in lines if line.startswith("data: ")]
+    return bool(events) and events[-1] == "[DONE]" and not any('"error"' in e for e in events)
 
 
 def alias_bomb(levels: int = 9) -> str:
@@ -96,8 +124,13 @@ class Tally:
     def count(self, kind: str, status: int | str) -> None:
         self.statuses[kind][str(status)] += 1
 
+    server_counted_5xx: int = 0  # responses >= 500 in the server's /metrics at the end
+
     def server_errors(self) -> int:
-        return sum(n for c in self.statuses.values() for s, n in c.items() if s[0] == "5")
+        seen = sum(n for c in self.statuses.values() for s, n in c.items() if s[0] == "5")
+        return (
+            seen + self.server_counted_5xx + sum(c["broken stream"] for c in self.statuses.values())
+        )
 
 
 async def good_client(client: httpx.AsyncClient, tally: Tally, model: str, stop: float) -> None:
@@ -108,14 +141,15 @@ async def good_client(client: httpx.AsyncClient, tally: Tally, model: str, stop:
         step = i % 6
         try:
             if step == 0:
-                body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+                body = generation_body(i // 6, model=model)
                 status = (await client.post("/v1/completions", json=body)).status_code
             elif step == 1:
-                body = {"prompt": prompt, "max_tokens": 12, "stream": True}
+                body = generation_body(i // 6, stream=True)
                 async with client.stream("POST", "/v1/completions", json=body) as response:
-                    async for _ in response.aiter_lines():
-                        pass
+                    lines = [line async for line in response.aiter_lines()]
                     status = response.status_code
+                    if status == 200 and not stream_is_whole(lines):
+                        status = "broken stream"
             elif step == 2:
                 body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 12}
                 status = (await client.post("/v1/chat/completions", json=body)).status_code
@@ -151,25 +185,41 @@ async def hostile_client(
         await asyncio.sleep(0.05)
 
 
-async def disconnecting_client(url: str, tally: Tally, stop: float) -> None:
+async def disconnecting_client(url: str, tally: Tally, stop: float, seed: int) -> None:
+    """Requests abandoned at a random moment: before the first byte of the answer (a plain
+    request, or a stream still in prefill) or after a few streamed events."""
+    rng = random.Random(seed)
+    host, port = url.removeprefix("http://").split(":")
     for i in itertools.count():
         if time.monotonic() > stop:
             return
-        body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 64, "stream": i % 2 == 0}
-        async with httpx.AsyncClient(base_url=url, timeout=0.3 if i % 2 else 30) as client:
-            try:
-                if body["stream"]:
-                    async with client.stream("POST", "/v1/completions", json=body) as response:
-                        async for _ in response.aiter_lines():
-                            break  # leave after the first event
-                else:
-                    await client.post("/v1/completions", json=body)  # times out: leaves
-                tally.count("disconnecting", "left")
-            except httpx.TimeoutException:
-                tally.count("disconnecting", "left")
-            except httpx.HTTPError:
-                tally.no_answer["disconnecting"] += 1
-        await asyncio.sleep(0.2)
+        body = generation_body(i, max_tokens=64, stream=rng.random() < 0.5)
+        data = json.dumps(body).encode()
+        head = (
+            "POST /v1/completions HTTP/1.1\r\nHost: soak\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(head.encode() + data)
+            await writer.drain()
+            events = rng.randint(0, 4) if body["stream"] else 0
+            if events:
+                while events and (line := await asyncio.wait_for(reader.readline(), 60)):
+                    events -= line.startswith(b"data:")
+            else:
+                await asyncio.sleep(rng.random() * 0.3)
+            writer.close()
+            tally.count("disconnecting", "left")
+        except (OSError, asyncio.TimeoutError):
+            tally.no_answer["disconnecting"] += 1
+        await asyncio.sleep(rng.random() * 0.1)
+
+
+def server_5xx(metrics: str) -> int:
+    """Responses >= 500 the server counted (those of abandoned requests included)."""
+    found = re.findall(r'^\S*requests_total\{[^}]*code="5\d\d"[^}]*\} (\S+)', metrics, re.M)
+    return int(sum(float(n) for n in found))
 
 
 async def sample_rss(pid: int, every: float, stop: float, samples: list[tuple[float, float]]):
@@ -193,9 +243,11 @@ async def soak(url: str, pid: int, args: argparse.Namespace) -> tuple[Tally, lis
             sample_rss(pid, args.sample_seconds, stop, samples),
             *(good_client(client, tally, args.served, stop) for _ in range(args.good)),
             *(hostile_client(client, tally, args.served, stop, k * 7) for k in range(args.hostile)),
-            *(disconnecting_client(url, tally, stop) for _ in range(args.disconnecting)),
+            *(disconnecting_client(url, tally, stop, k) for k in range(args.disconnecting)),
         )
-        tally.metrics_bytes.append(len((await client.get("/metrics")).content))
+        metrics = (await client.get("/metrics")).text
+        tally.metrics_bytes.append(len(metrics))
+        tally.server_counted_5xx = server_5xx(metrics)
     return tally, samples, warm_rss
 
 
@@ -236,6 +288,9 @@ def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, a
         lines.append(f"| {kind} | {total} | {shown} | {errors} | {tally.no_answer[kind]} |")
     lines += [
         "",
+        f"Responses >= 500 counted by the server's `/metrics` (abandoned requests included): "
+        f"{tally.server_counted_5xx}.",
+        "",
         "| RSS after warm-up (MiB) | RSS at the end (MiB) | peak (MiB) | drift (MiB) | samples |",
         "|---|---|---|---|---|",
         f"| {warm:.0f} | {end:.0f} | {peak:.0f} | {end - warm:+.0f} | {len(samples)} every "
@@ -247,16 +302,17 @@ def report(args: argparse.Namespace, tally: Tally, samples: list, warm: float, a
         f"{tally.metrics_bytes[0]} bytes after the warm-up and {tally.metrics_bytes[-1]} at the "
         "end (labels are route templates, so unknown paths add no series).",
         "",
-        "Good clients cycle through completions (plain and streamed, 12 tokens), chat, "
+        "Good clients cycle through completions (plain and streamed, 12 tokens, rotating "
+        f"per-request options {json.dumps(OPTIONS)}), chat, "
         "`/tokenize`, `/v1/models` and `/metrics`. Hostile clients cycle through "
         f"{len(hostile_requests(args.served))} bodies that must be refused: a YAML alias bomb "
         "in `quicksilver.set`, lone surrogates in a prompt, chat content and `/tokenize`, JSON "
         "nested 100,000 deep, unknown model, role and paths, a policy path, malformed, "
         "non-UTF-8 and 2 MiB bodies, too many stop strings, out-of-vocabulary token ids, "
-        'GET on a POST route. "left": the client closed the connection mid-answer (a stream '
-        'after its first event, or a 0.3 s client timeout); "no answer": a transport error '
-        "where an answer was due. The good clients' count is low because the hostile loops "
-        "and the model share the same CPUs.",
+        'GET on a POST route. "left": the client closed the connection at a random moment '
+        "(plain or streamed, 64 tokens, the same options; after 0-0.3 s or 1-4 streamed "
+        'events); "broken stream": a 200 stream without [DONE] or with an error event; '
+        '"no answer": a transport error where an answer was due.',
         "",
     ]
     return "\n".join(lines)
@@ -273,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-seconds", type=float, default=5.0)
     parser.add_argument("--good", type=int, default=3, help="good client loops")
     parser.add_argument("--hostile", type=int, default=2, help="hostile client loops")
-    parser.add_argument("--disconnecting", type=int, default=1, help="leaving client loops")
+    parser.add_argument("--disconnecting", type=int, default=2, help="leaving client loops")
     parser.add_argument("--out", type=Path, default=OUT, help="the Markdown table")
     return parser
 
