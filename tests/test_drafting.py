@@ -139,7 +139,7 @@ def test_a_batch_shares_one_draft_width(model, plan) -> None:
     from quicksilver.runtime.speculative.chooser import Choice, Drafter
 
     def shared(verify_cost) -> list[int]:
-        drafter = Drafter(make_engine(model, None), DraftPlans(), None, None)
+        drafter = Drafter(make_engine(model, None), DraftPlans(), None)
         drafter._plan = dataclasses.replace(plan, verify_cost=[verify_cost] * len(plan.rows))
         choices = [
             Choice("ngram", 2, [1, 2], match=[1, 2, 3, 4], rate=0.9),

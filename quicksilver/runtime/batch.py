@@ -76,7 +76,7 @@ class StepBatch:
         self._group_cursor = 0
         # Drafting plans, shared with every batch on this model (None: this batch's own).
         self.plans = plans if plans is not None else DraftPlans()
-        self.drafter = Drafter(engine, self.plans, self.stats, self._attribute)
+        self.drafter = Drafter(engine, self.plans, self.stats)
 
     # ------------------------------------------------------------ the row table
 
@@ -207,7 +207,7 @@ class StepBatch:
             # furthest slot inside the cache, whose slots are all valid positions.
             room = self.max_len - 1 - int(self.cache.lengths[:n].max())
             draft_start = time.perf_counter()
-            drafts = self.drafter.drafts(rows, self.cache, room)
+            drafts = self.drafter.drafts(rows, self.cache, room, self._attribute)
             self.stats.decode_seconds += time.perf_counter() - draft_start
         else:
             drafts = [[] for _ in rows]

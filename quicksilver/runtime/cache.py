@@ -127,14 +127,16 @@ class KVCache:
         self._adapted = False
         self._padded = False
         # A view (``rows``) shares its root's storage; lazily allocated state lives there.
-        self._root: KVCache = self
+        # The cache a view looks into; None for a cache itself (holding ``self`` here would be
+        # a reference cycle, keeping a dropped cache's memory until the cyclic collector ran).
+        self._viewed: KVCache | None = None
         self._first_row = 0
 
     def rows(self, first: int, last: int) -> KVCache:
         """Rows ``first..last-1`` as a cache of their own that shares this one's storage
         (writes, rollbacks and policy state go through to it), so a forward can run a
         contiguous part of a larger cache without copying it. The whole range is ``self``."""
-        if self._root is not self:
+        if self._viewed is not None:
             raise QuicksilverError("a view of a KV cache cannot be viewed again")
         if not 0 <= first < last <= self.batch_size:
             raise QuicksilverError(f"rows {first}..{last - 1} are not rows of this cache")
@@ -146,7 +148,7 @@ class KVCache:
         view.k, view.v = self.k[:, first:last], self.v[:, first:last]
         view.start, view.lengths = self.start[first:last], self.lengths[first:last]
         view.prompt_end = None if self.prompt_end is None else self.prompt_end[first:last]
-        view._root, view._first_row = self, first
+        view._viewed, view._first_row = self, first
         view._refresh_shape_flags()
         return view
 
@@ -159,9 +161,14 @@ class KVCache:
         self._padded = bool((self.start > 0).any())
 
     @property
+    def _root_cache(self) -> KVCache:
+        """The cache whose storage this one reads: itself, or the cache a view looks into."""
+        return self._viewed if self._viewed is not None else self
+
+    @property
     def visible(self) -> torch.Tensor | None:
         """bool [L, B, T]: may the entry be read (None: every entry may)."""
-        root = self._root
+        root = self._root_cache
         if root._visible is None or root is self:
             return root._visible
         return root._visible[:, self._first_row : self._first_row + self.batch_size]
@@ -169,7 +176,7 @@ class KVCache:
     @property
     def log_size(self) -> torch.Tensor | None:
         """float32 [L, B, T]: log of the tokens each entry stands for (None: one each)."""
-        root = self._root
+        root = self._root_cache
         if root._log_size is None or root is self:
             return root._log_size
         return root._log_size[:, self._first_row : self._first_row + self.batch_size]
@@ -194,7 +201,7 @@ class KVCache:
     def adapted(self) -> bool:
         """True while some entry is hidden or stands for several tokens: such a cache cannot
         be read by the plain dense attention (kept for the whole cache, views included)."""
-        return self._root._adapted
+        return self._root_cache._adapted
 
     def left_pad(self, lengths: Sequence[int]) -> int:
         """Place rows of these prompt lengths right-aligned in a fresh cache; returns the
@@ -210,7 +217,7 @@ class KVCache:
         value = self.lengths if ends is None else torch.as_tensor(ends, dtype=torch.long)
         if self.prompt_end is not None:  # in place: a view shares it with its whole cache
             self.prompt_end.copy_(value.expand(self.batch_size))
-        elif self._root is not self:
+        elif self._viewed is not None:
             raise QuicksilverError("set the prompt boundary on the whole cache before its views")
         else:
             self.prompt_end = value.expand(self.batch_size).clone()
@@ -255,7 +262,7 @@ class KVCache:
 
     def hide(self, layer: int, rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Entries that later queries must not read (skipped or merged-away tokens)."""
-        root = self._root
+        root = self._root_cache
         if root._visible is None:
             root._visible = torch.ones(
                 root.k.shape[:2] + (root.max_len,), dtype=torch.bool, device=root.k.device
@@ -267,7 +274,7 @@ class KVCache:
         self, layer: int, rows: torch.Tensor, slots: torch.Tensor, log_sizes: torch.Tensor
     ) -> torch.Tensor:
         """Record how many tokens each entry stands for; returns the layer's [B, T] table."""
-        root = self._root
+        root = self._root_cache
         if root._log_size is None:
             root._log_size = torch.zeros(root.k.shape[:2] + (root.max_len,), device=root.k.device)
         table = self.log_size
@@ -315,7 +322,7 @@ class KVCache:
         if self.prompt_end is not None:
             torch.minimum(self.prompt_end, self.lengths, out=self.prompt_end)
         self._refresh_shape_flags()
-        self._root._recheck_adapted()
+        self._root_cache._recheck_adapted()
 
     def _recheck_adapted(self) -> None:
         visible, log_size = self._visible, self._log_size
@@ -329,7 +336,7 @@ class KVCache:
     def move_row(self, source: int, target: int) -> None:
         """Copy row ``source``'s entries and state into row ``target`` (of the whole cache),
         so the rows in use stay contiguous when one leaves; ``source`` is reset."""
-        if self._root is not self:
+        if self._viewed is not None:
             raise QuicksilverError("rows are moved in the whole cache, not in a view")
         end = int(self.lengths[source])
         self.k[:, target, :, :end] = self.k[:, source, :, :end]
@@ -346,7 +353,7 @@ class KVCache:
     @torch.inference_mode()
     def reset_row(self, row: int) -> None:
         """Empty row ``row`` (of the whole cache) for a new sequence: as if never written."""
-        if self._root is not self:
+        if self._viewed is not None:
             raise QuicksilverError("rows are reset in the whole cache, not in a view")
         end = int(self.lengths[row])
         self.k[:, row, :, :end] = 0

@@ -87,14 +87,10 @@ def expected_tokens(rate: float, length: int) -> float:
 class Drafter:
     """Drafts for a StepBatch's running rows (see the module docstring)."""
 
-    def __init__(
-        self, engine: Engine, plans: DraftPlans, stats: StepStats, attribute: Attribute
-    ) -> None:
+    def __init__(self, engine: Engine, plans: DraftPlans, stats: StepStats) -> None:
         self.engine = engine
         self.plans = plans
         self.stats = stats
-        # The batch's own split of a forward's FLOPs among the rows that fed it.
-        self.attribute = attribute
         self._plan: DraftPlan | None = None  # None while it is measured
         self._default = default_plan()
         self._shapes: dict[str, DraftShape] = {}
@@ -134,9 +130,14 @@ class Drafter:
 
     # ------------------------------------------------------------ one step
 
-    def drafts(self, rows: list[Row], cache: KVCache, room: int) -> list[list[int]]:
+    def drafts(
+        self, rows: list[Row], cache: KVCache, room: int, attribute: Attribute
+    ) -> list[list[int]]:
         """Each running row's drafted tokens for this step (``room``: slots left past the
-        longest row, which bounds every draft)."""
+        longest row, which bounds every draft). ``attribute``: the batch's split of a
+        forward's FLOPs among the rows that fed it (passed per call: held, the batch's bound
+        method would make a reference cycle, and a dropped batch's KV cache would stay in
+        memory until the cyclic collector happened to run)."""
         n = len(rows)
         choices = [self._choose(row, n, room) for row in rows]
         if n > 1 and any(c.match for c in choices):
@@ -154,7 +155,7 @@ class Drafter:
                 engine, cache.rows(0, last), [r.tokens[-1] for r in rows[:last]], k, shape
             )
             stats.draft_seconds += time.perf_counter() - start
-            spent = self.attribute(rows[:last], [k] * last, before)
+            spent = attribute(rows[:last], [k] * last, before)
             stats.draft_flops += spent["total"]
             for i in users:
                 choices[i].draft = guesses[i][: choices[i].length]
