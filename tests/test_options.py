@@ -147,7 +147,7 @@ def test_the_server_hands_its_options_to_the_batch_untouched(
     tiny: qs.LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     body = {"prompt": ["Hi", "there"], "max_tokens": 3, "temperature": 0.7, "seed": 1, "n": 2}
-    spec = protocol.parse_completion(body, tiny, "tiny", max_rows=8)
+    spec = protocol.parse_completion(body, tiny, "tiny", protocol.Limits(rows=8, positions=128))
     assert isinstance(spec.options, qs.GenerationOptions)
     assert spec.options.sampling == qs.SamplingConfig(temperature=0.7, seed=1)
     received = []
@@ -191,3 +191,17 @@ def test_no_api_module_uses_another_objects_private_names() -> None:
 def test_submit_checks_the_prompt_side_as_generate_does(tiny: qs.LLM) -> None:
     with pytest.raises(qs.InvalidArgument, match="chat must be"):
         tiny.open_batch(max_rows=1, max_len=32).submit("hi", chat="yes")
+
+
+def test_the_server_refuses_what_its_rows_cannot_hold_before_queueing(tiny: qs.LLM) -> None:
+    """Against the server's positions per row (``--max-context``), not the model's: every
+    prompt of a request fits, or the request is refused whole with a 400."""
+    from quicksilver.serve.errors import APIError
+
+    limits = protocol.Limits(rows=8, positions=16)
+    body = {"prompt": [[5, 6], list(range(3, 20))], "max_tokens": 2}
+    with pytest.raises(APIError, match="more than the server's context of 16"):
+        protocol.parse_completion(body, tiny, "tiny", limits)
+    body = {"prompt": [[5, 6], list(range(3, 13))], "max_tokens": 8}
+    with pytest.raises(APIError, match="server's context of 16"):
+        protocol.parse_completion(body, tiny, "tiny", limits)

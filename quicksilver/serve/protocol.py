@@ -359,20 +359,29 @@ def check_drafting(policy: qs.Policy | None, speculative: qs.SpeculativeConfig |
 # ---------------------------------------------------------------- the two endpoints
 
 
-def _fit(prompts: list[list[int]], llm: qs.LLM, max_tokens: int, explicit: bool) -> int:
-    """``max_tokens`` checked against the model's positions by the one fit rule (a client
-    that named none gets what the context leaves, up to the default)."""
-    positions = llm.config.max_position_embeddings
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of this server: rows (prompts x n) and positions per row."""
+
+    rows: int
+    positions: int
+
+
+def _fit(prompts: list[list[int]], limits: Limits, max_tokens: int, explicit: bool) -> int:
+    """``max_tokens`` checked against the server's positions per row by the one fit rule (a
+    client that named none gets what the context leaves, up to the default), here, before
+    anything is queued: no prompt of a request is admitted while another is refused."""
+    positions = limits.positions
     longest = max(map(len, prompts))
     if longest > positions:
         raise APIError(
-            f"the prompt has {longest} tokens, more than the model's context of {positions}",
+            f"the prompt has {longest} tokens, more than the server's context of {positions}",
             param="prompt",
         )
     if not explicit:
         max_tokens = max(1, min(max_tokens, positions - longest + 1))
     error = sequence_fit_error(
-        longest, max_tokens, positions, f"the model's context of {positions}"
+        longest, max_tokens, positions, f"the server's context of {positions}"
     )
     if error is not None:
         raise APIError(f"{error}; lower max_tokens", param="max_tokens")
@@ -405,7 +414,7 @@ def _options(
         raise APIError(str(err)) from None
 
 
-def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationSpec:
+def parse_completion(body: Any, llm: qs.LLM, model: str, limits: Limits) -> GenerationSpec:
     _check_fields(body, COMPLETION_FIELDS)
     if body.get("suffix") is not None:
         raise APIError("suffix is not supported", param="suffix")
@@ -419,8 +428,8 @@ def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> Gener
     max_tokens = _integer(body, "max_tokens", 16, 0 if echo else 1, 2**31 - 1)
     stream, include_usage = _stream(body)
     prompts = completion_prompts(body["prompt"], llm)
-    max_tokens = _fit(prompts, llm, max_tokens, explicit=True)
-    _check_rows(prompts, n, max_rows)
+    max_tokens = _fit(prompts, limits, max_tokens, explicit=True)
+    _check_rows(prompts, n, limits.rows)
     options = _options(body, max(1, max_tokens), logprobs, n)
     return GenerationSpec(
         kind="completion",
@@ -436,7 +445,7 @@ def parse_completion(body: Any, llm: qs.LLM, model: str, max_rows: int) -> Gener
     )
 
 
-def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationSpec:
+def parse_chat(body: Any, llm: qs.LLM, model: str, limits: Limits) -> GenerationSpec:
     _check_fields(body, CHAT_FIELDS)
     if "messages" not in body:
         raise APIError("messages is required", param="messages")
@@ -449,9 +458,9 @@ def parse_chat(body: Any, llm: qs.LLM, model: str, max_rows: int) -> GenerationS
         raise APIError("top_logprobs needs logprobs=true", param="top_logprobs")
     stream, include_usage = _stream(body)
     prompts = [chat_prompt(body["messages"], llm)]
-    max_tokens = _fit(prompts, llm, max_tokens, explicit)
+    max_tokens = _fit(prompts, limits, max_tokens, explicit)
     n = _integer(body, "n", 1, 1, MAX_N)
-    _check_rows(prompts, n, max_rows)
+    _check_rows(prompts, n, limits.rows)
     options = _options(body, max_tokens, top if want_logprobs else None, n)
     return GenerationSpec(
         kind="chat",

@@ -89,7 +89,7 @@ class StepRunner:
         self.speculative = speculative  # the server's default for requests that name none
         self.metrics = metrics
         self.max_rows = max_rows
-        self.max_len = max_len or min(llm.config.max_position_embeddings, 2048)
+        self.max_len = max_len or llm.config.max_position_embeddings
         self.prefill_tokens = prefill_tokens
         self.quantum_s = quantum_s
         self._groups: dict[str, _Group] = {}
