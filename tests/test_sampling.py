@@ -355,3 +355,20 @@ def test_any_arguments_give_an_error_or_a_valid_token(
         k = min(config.top_k, logits.shape[1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1]
         assert bool((chosen >= kth).all())
+
+
+def test_finite_logits_whose_sum_overflows_are_accepted() -> None:
+    """The cheap check sums the logits; a sum that overflows from finite values falls back
+    to the element-wise check instead of calling the model broken."""
+    logits = torch.tensor([[3e38, 3e38, -1.0]], dtype=torch.float32)
+    assert int(sample_tokens(logits, SamplingConfig(), [0.5])[0]) == 0
+    with pytest.raises(QuicksilverError, match="NaN/inf"):
+        sample_tokens(torch.tensor([[3e38, float("nan")]]), SamplingConfig(), [0.5])
+
+
+def test_greedy_ties_take_the_first_best_in_every_dtype() -> None:
+    from quicksilver.runtime.sampling import greedy_tokens
+
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]], dtype=dtype)
+        assert greedy_tokens(logits).tolist() == [1, 0]

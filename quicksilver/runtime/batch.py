@@ -32,7 +32,7 @@ import torch
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.cache import left_padded, pad_token_id, sequence_fit_error
 from quicksilver.runtime.rows import Row, RowEvent, RowSpec, StepStats
-from quicksilver.runtime.sampling import check_logits, sample_tokens, uniform_at
+from quicksilver.runtime.sampling import check_logits, greedy_tokens, sample_tokens, uniform_at
 from quicksilver.runtime.speculative.acceptance import accept_drafts
 from quicksilver.runtime.speculative.chooser import Drafter
 from quicksilver.runtime.speculative.plans import DraftPlans
@@ -269,7 +269,7 @@ class StepBatch:
         its stream at its position: a seeded row's text does not depend on which
         rows share the batch."""
         check_logits(logits)
-        best = logits.argmax(dim=-1).tolist()
+        best = greedy_tokens(logits).tolist()
         chosen = []
         for i, row in enumerate(rows):
             sampling = row.spec.sampling

@@ -38,6 +38,7 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.draft_shape import DraftShape
+from quicksilver.runtime.sampling import greedy_tokens
 from quicksilver.runtime.speculative.self_draft import plane_shape, skip_layers
 from quicksilver.runtime.speculative.settings import MAX_DRAFT_TOKENS
 
@@ -201,7 +202,7 @@ class _Judge:
         cache.set_prompt_end(0)
         block = torch.tensor([self.text], dtype=torch.long)
         logits = engine.forward(block, cache, logits_at="all", draft=shape)[0]
-        guess = logits.argmax(dim=-1)[self.first :]
+        guess = greedy_tokens(logits)[self.first :]
         return float((guess == self.targets).float().mean())
 
 
@@ -211,11 +212,11 @@ def _greedy(engine: Engine, prompt: list[int], new_tokens: int) -> Generator[Non
     cache = engine.new_cache(1, len(prompt) + new_tokens)
     cache.set_prompt_end(len(prompt))
     logits = engine.forward(torch.tensor([prompt], dtype=torch.long), cache)
-    tokens = [int(logits[0].argmax())]
+    tokens = [int(greedy_tokens(logits[0]))]
     while len(tokens) < new_tokens:
         yield
         logits = engine.forward(torch.tensor([[tokens[-1]]], dtype=torch.long), cache)
-        tokens.append(int(logits[0].argmax()))
+        tokens.append(int(greedy_tokens(logits[0])))
     yield
     return tokens
 

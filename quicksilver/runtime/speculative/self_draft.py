@@ -21,6 +21,7 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.draft_shape import DraftShape
+from quicksilver.runtime.sampling import greedy_tokens
 
 if TYPE_CHECKING:  # types only: drafts run on the engine, which never imports drafting
     from quicksilver.runtime.cache import KVCache
@@ -95,7 +96,7 @@ def model_drafts(
     columns = []
     for _ in range(k):
         logits = engine.forward(feed, view, logits_at="last", draft=shape)
-        feed = logits.argmax(dim=-1, keepdim=True)
+        feed = greedy_tokens(logits).unsqueeze(-1)
         columns.append(feed)
     view.truncate(k)
     return torch.cat(columns, dim=1).tolist()
