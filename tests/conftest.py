@@ -29,3 +29,14 @@ def hf_smollm_fp32():
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny-model tests: tiny matmuls gain nothing from
+    threads, and on a busy machine OpenMP's spinning threads make them many times slower.
+    Modules ask for it with ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

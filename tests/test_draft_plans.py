@@ -12,7 +12,6 @@ import os
 from types import SimpleNamespace
 
 import pytest
-import torch
 from test_accounting import random_model
 from test_policies import CONFIG, make_engine
 from test_step_batch import alone, prompts
@@ -26,12 +25,7 @@ from quicksilver.runtime.speculative.cost_plan import _REPEATS, default_plan
 LAYERS = SpeculativeConfig(method="layers", num_tokens=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

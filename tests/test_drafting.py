@@ -37,12 +37,7 @@ from quicksilver.runtime.speculative.self_draft import model_drafts, skip_layers
 FLAT = [1.0] * (MAX_DRAFT_TOKENS + 1)  # a verify of any length costs one step
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ def model():
     return random_model(CONFIG, fast=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def snapshot(cache: KVCache) -> dict[str, torch.Tensor | None]:

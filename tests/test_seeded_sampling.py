@@ -33,12 +33,7 @@ DRAFTERS = ["ngram", "layers", "auto"]
 NEW_TOKENS = 14
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PLANS = DraftPlans()
