@@ -335,3 +335,42 @@ def test_policies_and_adapted_caches_take_the_eager_path(
     finally:
         compiled.set_policy(None)
     assert len(result.tokens[0]) == 4 and compiled.compile_seconds == before
+
+
+def test_compiled_verify_forward_equals_eager(compiled_pair: tuple[Engine, Engine]) -> None:
+    """k + 1 tokens per row with logits at every position, as verified decoding feeds: the
+    compiled verify graph gives the eager forward's logits and K/V, for drafts of several
+    lengths from one trace."""
+    import torch._dynamo.utils as dynamo_utils
+
+    eager, compiled = compiled_pair
+    caches = [engine.new_cache(2, 60) for engine in compiled_pair]
+    for engine, cache in zip(compiled_pair, caches, strict=True):
+        engine.forward(TOKENS[:, :6], cache)
+    before = dynamo_utils.counters["stats"]["unique_graphs"]
+    fed = 6
+    for width in (3, 5, 2, 9):
+        block = torch.arange(width).repeat(2, 1) + 7
+        expected = eager.forward(block, caches[0], logits_at="all")
+        got = compiled.forward(block, caches[1], logits_at="all")
+        assert got.shape == expected.shape == (2, width, FITS.vocab_size)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        fed += width
+    assert dynamo_utils.counters["stats"]["unique_graphs"] - before <= 1
+    torch.testing.assert_close(
+        caches[1].k[:, :, :, :fed], caches[0].k[:, :, :, :fed], atol=1e-5, rtol=0
+    )
+
+
+def test_verified_decoding_through_compiled_graphs_gives_the_plain_tokens() -> None:
+    from quicksilver.runtime.speculative import SpeculativeConfig
+
+    model = random_model(FITS, fast=True)
+    eager, compiled = Engine(model), Engine(model, compile=True)
+    prompt = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]]
+    plain = generate(eager, prompt, 24, ignore_eos=True)
+    drafted = generate(
+        compiled, prompt, 24, ignore_eos=True, speculative=SpeculativeConfig("ngram", 4)
+    )
+    assert drafted.tokens == plain.tokens
+    assert drafted.compile_seconds > 0
