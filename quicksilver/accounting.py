@@ -78,6 +78,12 @@ def lens_check_flops(config: ModelConfig, n_tokens: int, vocab_rows: int) -> int
     return flops
 
 
+def exit_head_flops(config: ModelConfig, n_tokens: int) -> int:
+    """An exit head (``quicksilver.adapt.exits``: an affine d x d map) on ``n_tokens``
+    states, paid on top of the lens product whenever fitted heads feed the lens."""
+    return n_tokens * (2 * config.hidden_size + 1) * config.hidden_size
+
+
 def drift_check_flops(hidden: int, n_tokens: int, relative: bool) -> int:
     """||h_l - h_(l-1)|| per token: difference, square, sum (3d); dividing by ||h_l|| adds
     its square and sum (2d)."""

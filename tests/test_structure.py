@@ -259,6 +259,7 @@ LAYERS = [
     "scoring",
     "eval",
     "lm_eval_tasks",
+    "adapt",
     "api",
     "integrations",
     "bench",

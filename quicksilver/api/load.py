@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from quicksilver.adapt.files import Adapter, read_adapter
 from quicksilver.api.arguments import flag, integer
 from quicksilver.api.llm import LLM
 from quicksilver.api.options import speculative_option
@@ -25,6 +26,7 @@ def load(
     compile: bool = False,
     device: str | torch.device = "cpu",
     speculative: Any = None,
+    adapter: str | os.PathLike[str] | None = None,
 ) -> LLM:
     """Load a model and its tokenizer: a short name (``smollm2-135m``), a ``.gguf`` file, a
     Hugging Face model directory or a hub id.
@@ -47,6 +49,11 @@ def load(
     ``"ngram"`` or ``{"method": "ngram", "num_tokens": 6}``: drafted tokens verified by the
     full model, the plain decoder's exact tokens in fewer forwards.
 
+    ``adapter`` is a file ``quicksilver adapt`` wrote for this very model (another model is
+    refused): LoRA adapters are merged into the weights as they load, before any int8 / int4
+    quantisation, so decoding costs what the frozen model costs; exit heads feed the
+    logit-lens signals of halting and Matryoshka (their cost counted with the signal's).
+
     Only ``device="cpu"`` exists in this build: the engine's caches and step tensors are
     created on the CPU, so a model moved to a GPU could not run.
     """
@@ -65,11 +72,23 @@ def load(
     except QuicksilverError as err:
         raise InvalidArgument(str(err)) from None
     default = speculative_option(speculative)
-    llm = LLM(
-        loading.load(os.fspath(model), torch_dtype, weights=fmt), compile=flag("compile", compile)
-    )
+    found = None if adapter is None else adapter_for(model, adapter)
+    merge = None if found is None else found.weight_merge()
+    loaded = loading.load(os.fspath(model), torch_dtype, weights=fmt, merge=merge)
+    if found is not None:
+        loaded.model.exit_heads = found.exit_heads()  # None for a LoRA adapter
+    llm = LLM(loaded, compile=flag("compile", compile))
     llm.speculative = default or None  # False: off, as None
     return llm
+
+
+def adapter_for(model: str | os.PathLike[str], path: Any) -> Adapter:
+    """The adapter file at ``path``, checked against the model it is to be applied to."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgument(f"adapter must be a file path, got {type(path).__name__}")
+    found = read_adapter(path)
+    found.check_base(loading.resolve(os.fspath(model)), path)
+    return found
 
 
 def weight_format(

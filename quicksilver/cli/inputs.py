@@ -109,6 +109,7 @@ def load_llm(args: argparse.Namespace) -> LLM:
         head_weights=args.head_weights,
         group_size=int4_group_size(args),
         compile=args.compile,
+        adapter=args.adapter,
     )
     if llm.requantised is not None:
         say(f"note: {llm.requantised.message()}")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import quicksilver as qs
-from quicksilver.cli import bench, calibrate, eval_gen, generate, models, policies, serve
+from quicksilver.cli import adapt, bench, calibrate, eval_gen, generate, models, policies, serve
 from quicksilver.cli import eval as eval_command
 from quicksilver.cli import lm_eval as lm_eval_command
 from quicksilver.cli.console import one_line, print_error, say
@@ -39,6 +39,7 @@ COMMANDS = (
     models,
     serve,
     lm_eval_command,
+    adapt,
 )
 BUG_HINT = "this is a bug in quicksilver; please report it with the command you ran"
 

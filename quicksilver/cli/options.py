@@ -65,6 +65,12 @@ def add_format_options(parser: argparse.ArgumentParser) -> None:
         help="int4 group size: 32, 64 or 128 (default: %(default)s)",
     )
     parser.add_argument(
+        "--adapter",
+        metavar="FILE",
+        help="an adapter file `quicksilver adapt` wrote for this model (LoRA merged into the "
+        "weights before quantisation, or exit heads for the lens signals)",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="compile the dense decode step of a single row (slow once, then faster; the "

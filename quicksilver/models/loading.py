@@ -18,7 +18,7 @@ import os
 import sys
 import tempfile  # noqa: F401  (re-exported: where the cache's temporary directories come from)
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,7 @@ def load(
     fast: bool = True,
     cache_dir: Path | None = None,
     weights: WeightFormat | None = None,
+    merge: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> LoadedModel:
     """Load a model and its tokenizer, ready for inference (activations in ``dtype``; linear
     weights in ``weights``' format, by default the same dtype).
@@ -260,7 +261,7 @@ def load(
     ``tokenizer`` is None when the checkpoint ships none (token ids can still be fed directly);
     callers that need text decide whether that is an error. A GGUF file's Q4_0 / Q4_1 layers
     load into the int4 format as they are (groups of 32) when ``weights`` asks for int4 with
-    groups of 32.
+    groups of 32, unless ``merge(name, weight)`` changes weights as read (before quantising).
     """
     start = time.perf_counter()
     torch_dtype = parse_dtype(dtype)
@@ -279,9 +280,9 @@ def load(
     if weights is not None and weights.quantised and source.kind == "gguf":
         layers = gguf_int4_layers(Path(source.path), config, index)
         report = RoundingReport()
-        if weights.blocks == "int4" and weights.group_size == 32:  # Q4 blocks load as they are
+        if weights.blocks == "int4" and weights.group_size == 32 and merge is None:
             codes = layers
-    model = build_model(config, state, torch_dtype, fast, weights, codes, report)
+    model = build_model(config, state, torch_dtype, fast, weights, codes, report, merge)
     del state, codes
     _return_freed_memory()
     cached = entry if entry is not None and entry.is_dir() else None  # None: cache not writable
@@ -333,10 +334,11 @@ def build_model(
     weights: WeightFormat | None = None,
     codes: Mapping[str, Int4Codes] | None = None,
     report: RoundingReport | None = None,
+    merge: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
 ) -> Transformer:
     """Our model around ``state`` (our key names), its linear weights in ``weights``' format
     (``codes``: ready int4 codes for some layers, see ``formats.convert_block``; ``report``
-    records how far re-quantising moved the others).
+    records how far re-quantising moved the others; ``merge`` adjusts tensors as taken).
 
     Tensors are taken out of ``state`` one by one (a ``StreamedTensors`` reads each only
     then) and each block is converted as soon as its weights are in, so a quantised model
@@ -368,7 +370,7 @@ def build_model(
                 convert_block(model, done_block, weights, codes, report)
                 done_block = -1
             # Adopt the loaded tensor instead of copying it: saves a pass over every weight.
-            param.data = take(key).to(dtype).contiguous()
+            param.data = (merge(key, take(key)) if merge else take(key)).to(dtype).contiguous()
         if quantise:
             if done_block >= 0:
                 convert_block(model, done_block, weights, codes, report)

@@ -310,6 +310,8 @@ class Transformer(nn.Module):
             Norm(config.hidden_size, config.norm, config.norm_eps) if config.final_norm else None
         )
         self.lm_head = Linear(config.embed_dim, config.vocab_size, False)
+        # Fitted per-layer maps the logit lens reads through (``quicksilver.adapt.exits``).
+        self.exit_heads: Callable[[torch.Tensor, int], torch.Tensor] | None = None
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
 
     @property
@@ -364,3 +366,8 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_hidden(h))
+
+    def lens_state(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """What the logit lens reads of layer ``layer``'s states: mapped by the layer's
+        exit head when the model has fitted ones (a tuned lens), else the states as they are."""
+        return h if self.exit_heads is None else self.exit_heads(h, layer)

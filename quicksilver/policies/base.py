@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from quicksilver.accounting import lens_check_flops
+from quicksilver.accounting import exit_head_flops, lens_check_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.transformer import Transformer
@@ -93,7 +93,8 @@ class LayerView:
 
     def lens_entropy(self, vocab: int | None = None) -> torch.Tensor:
         """Entropy in bits of the logit-lens distribution softmax(head(final_norm(h))) of
-        every token here, over the whole vocabulary or only its first ``vocab`` ids.
+        every token here, over the whole vocabulary or only its first ``vocab`` ids; h goes
+        through the layer's exit head first when the model has fitted ones (a tuned lens).
 
         The shortlist is our cheap variant: BPE vocabularies are numbered in merge order, so
         the first ids are the most frequent pieces, and a head product over K of them costs
@@ -106,11 +107,14 @@ class LayerView:
         if rows not in self._entropies:
             parts = []
             for chunk in self.after.split(ENTROPY_CHUNK):
-                logits = model.lm_head.partial(model.final_hidden(chunk), 0, rows)
+                state = model.lens_state(chunk, self.layer)
+                logits = model.lm_head.partial(model.final_hidden(state), 0, rows)
                 logp = torch.log_softmax(logits.float(), dim=-1)
                 parts.append(-(logp.exp() * logp).sum(-1) / math.log(2))
             self._entropies[rows] = torch.cat(parts) if parts else self.after.new_zeros(0)
             self.check_flops += lens_check_flops(model.config, len(self.after), rows)
+            if model.exit_heads is not None:
+                self.check_flops += exit_head_flops(model.config, len(self.after))
         return self._entropies[rows]
 
     def count(self, flops: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from quicksilver.accounting import FlopCounter, kv_weight_bytes
+from quicksilver.accounting import FlopCounter, exit_head_flops, kv_weight_bytes
 from quicksilver.models.transformer import Block, Transformer, WidthGroups
 from quicksilver.policies.base import Decision, LayerView, Mechanism, TokenState
 from quicksilver.policies.stack import Policy
@@ -43,6 +43,7 @@ class ActiveTokens:
         else:
             steps = torch.full_like(self.slot_of, -1)
         self.plan = policy.layer_plan(steps, model.config.n_layers)
+        self.exits: list[tuple[int, torch.Tensor]] = []  # (layer, tokens halted after it)
 
     def running(self, layer: int) -> torch.Tensor | None:
         """Flat indices of the tokens that run ``layer``, or None when every token does and
@@ -127,6 +128,15 @@ class ActiveTokens:
         view = LayerView(layer, self.model, self.state, index, before, after)
         self._apply(_combine(deciders, view), view, flat)
 
+    def leave(self, flat: torch.Tensor) -> None:
+        """After the last layer: with fitted exit heads, halted tokens leave through their
+        layer's head, so the LM head reads the tuned prediction their halting was judged on
+        (their K/V in later layers came from the unmapped frozen state). The maps are counted.
+        """
+        for layer, tokens in self.exits:
+            flat[tokens] = self.model.lens_state(flat[tokens], layer)
+            self.counter.add_checks(exit_head_flops(self.model.config, len(tokens)))
+
     def _apply(self, decision: Decision, view: LayerView, flat: torch.Tensor) -> None:
         state, index = self.state, view.index
         self.counter.add_checks(view.check_flops)
@@ -134,6 +144,8 @@ class ActiveTokens:
             stopped = index[decision.halt]
             state.active[stopped] = False
             state.halted[stopped] = True
+            if self.model.exit_heads is not None:
+                self.exits.append((view.layer, stopped))
         if decision.merge_from is not None and len(decision.merge_from):
             stopped = index[decision.merge_from]
             folds = decision.merge_into >= 0

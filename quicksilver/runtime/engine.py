@@ -11,7 +11,9 @@ the step batch are built on this module (``runtime.generate``, ``runtime.specula
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -26,6 +28,19 @@ from quicksilver.runtime.context import ForwardContext
 from quicksilver.runtime.draft_shape import DraftShape
 
 LayerObserver = Callable[[int, torch.Tensor], None]  # (layer, states [B, S, d])
+
+
+def inference_unless_training(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run ``Engine.forward`` in inference mode, or with autograd inside
+    ``Engine.gradients()``: training then goes through the very forward inference runs."""
+
+    @functools.wraps(forward)
+    def run(engine: Engine, *args, **kwargs) -> torch.Tensor:
+        mode = torch.enable_grad() if engine.with_gradients else torch.inference_mode()
+        with mode:
+            return forward(engine, *args, **kwargs)
+
+    return run
 
 
 class Engine:
@@ -45,6 +60,18 @@ class Engine:
         self.set_policy(policy)
         # The dense one-token step as one compiled graph (``runtime.compiled``), if asked.
         self.compiled: CompiledDecode | None = CompiledDecode(model) if compile else None
+        self.with_gradients = False  # see ``gradients``
+
+    @contextlib.contextmanager
+    def gradients(self) -> Iterator[None]:
+        """Forwards in this block record autograd graphs instead of running in inference
+        mode (``quicksilver.adapt`` trains adapters this way). Their caches must be made in
+        the block too: a tensor made in inference mode cannot join a graph."""
+        self.with_gradients = True
+        try:
+            yield
+        finally:
+            self.with_gradients = False
 
     @property
     def compile_seconds(self) -> float:
@@ -81,7 +108,7 @@ class Engine:
         """Place the next ``n_new`` tokens of every row in ``cache`` (reserving their slots)."""
         return ForwardContext.next_block(cache, n_new, self.model.rope_for)
 
-    @torch.inference_mode()
+    @inference_unless_training
     def forward(
         self,
         tokens: torch.Tensor,
@@ -181,6 +208,8 @@ class Engine:
                 active.after_layer(i, everyone, before, after, flat)
             if observe is not None:
                 observe(i, flat.view(batch, n_new, -1))
+        if active is not None:
+            active.leave(flat)
         return flat.view(batch, n_new, -1)
 
     def _compiled_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
