@@ -33,7 +33,9 @@ def decode_row(llm: qs.LLM, policy: qs.Policy | None, new_tokens: int) -> tuple[
     return out.decode_tokens_per_s, out.flops_per_token / 1e9
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without running anything (the docs' commands are checked
+    against it)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=qs.DEFAULT_MODEL)
     parser.add_argument("--steps", type=int, default=300)
@@ -43,7 +45,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="docs/results/adapters.md")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     settings = adapt.TrainingSettings(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len
