@@ -49,9 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=2, help="CPU threads (default: 2, as its page was measured)"
     )
-    parser.add_argument(
-        "--compile", action="store_true", help="compiled decode step and verify forward"
-    )
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "verify-cost.md"))
     return parser
 
@@ -61,10 +58,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     rows = []
     for dtype, weights in FORMATS:
-        llm = qs.load(args.model, dtype=dtype, weights=weights, compile=args.compile)
+        llm = qs.load(args.model, dtype=dtype, weights=weights)
         costs = [cost_ms(llm, k, args.context, args.repeats) for k in SIZES]
         name = f"{dtype}" + (f", {weights} weights" if weights else "")
-        name += ", compiled" if args.compile else ""
         cells = " | ".join(f"{c:.1f} ({c / costs[0]:.2f})" for c in costs)
         rows.append(f"| {name} | {cells} |")
         print(rows[-1], flush=True)

@@ -14,13 +14,9 @@ attention of ``runtime.attention``), traced once per batch size and weight forma
 - weights are constants of the graph (inductor's freezing), so the dense formats get
   pre-packed products and the int4/int8 formats call their kernels directly.
 
-The verify forward of verified decoding (k drafted tokens after the last one, logits at
-every position) is a second graph of the same code with S > 1 queries per row, S a dynamic
-dimension, so drafts of any length share one trace.
-
 Compilation is cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``); its time is
-measured and reported apart from decode time (``compile_seconds``). Only plain dense forwards
-are compiled: a cache with hidden or fused entries, or a policy step, runs the eager path.
+measured and reported apart from decode time (``compile_seconds``). Only the plain dense step
+is compiled: a cache with hidden or fused entries, or a policy step, runs the eager path.
 """
 
 from __future__ import annotations
@@ -31,7 +27,6 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quicksilver.models.transformer import Transformer
@@ -46,8 +41,6 @@ READ_BUCKET = 64
 # batched products lose to oneDNN's pre-packed linear and the eager int4 path), so larger
 # batches run eager.
 MAX_ROWS = 1
-# Tokens per row up to which a verify forward runs compiled (the longest draft plus one).
-MAX_VERIFY_TOKENS = 17
 COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
 
 
@@ -90,64 +83,8 @@ class _DecodeGraph(nn.Module):
         return model.logits(h[:, -1])
 
 
-class _VerifyGraph(nn.Module):
-    """tokens [B, S] -> logits [B, S, V]: S > 1 new tokens per row at ``slots`` [B, S]."""
-
-    def __init__(self, model: Transformer) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
-        self,
-        tokens: torch.Tensor,  # [B, S] int64
-        slots: torch.Tensor,  # [B, S] int64: consecutive slots of each row
-        start: torch.Tensor,  # [B] int64
-        keys: torch.Tensor,  # [read_len] int64 (dynamic length)
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        model = self.model
-        positions = slots - start.unsqueeze(1)
-        h = model.embed_tokens(tokens, positions)
-        rope = model.rope_for(positions)
-        readable = causal_reads(start.unsqueeze(1), slots, keys, model.config.sliding_window)
-        mask = readable.unsqueeze(1)  # [B, 1, S, read_len]
-        rows = torch.arange(len(slots), device=tokens.device).unsqueeze(1)
-        read_len = keys.shape[0]
-        batch, seq = tokens.shape
-        for layer, block in enumerate(model.blocks):
-
-            def attention(normed: torch.Tensor, layer: int = layer, block=block) -> torch.Tensor:
-                q, k, v = block.attn.project(normed, rope)
-                k_cache[layer, rows, :, slots] = k
-                v_cache[layer, rows, :, slots] = v
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2),
-                    k_cache[layer, :, :, :read_len],
-                    v_cache[layer, :, :, :read_len],
-                    attn_mask=mask,
-                    enable_gqa=True,
-                )
-                return block.attn.out(out.transpose(1, 2).reshape(batch, seq, -1))
-
-            h = block(h, attention)
-        return model.logits(h)
-
-
-def _compiled(graph: nn.Module) -> nn.Module:
-    """``graph`` compiled, its forward given a code object of its own: dynamo keys compiled
-    code by code object, so this model's graph (its weights are constants in it) can never
-    serve another model's call, and the per-call guards can be skipped (see ``_run``)."""
-    forward = type(graph).forward
-    graph.forward = types.MethodType(
-        types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward"), graph
-    )
-    return torch.compile(graph, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
-
-
 class CompiledDecode:
-    """The model's dense decode step and verify forward, compiled on first use for each
-    batch size."""
+    """The model's dense decode step, compiled on first use for each batch size."""
 
     def __init__(self, model: Transformer) -> None:
         # Inductor's on-disk cache (compiled kernels, whole graphs) beside our converted
@@ -155,19 +92,24 @@ class CompiledDecode:
         root = os.environ.get("QUICKSILVER_CACHE") or Path.home() / ".cache" / "quicksilver"
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(root) / "inductor"))
         self.model = model
-        self.graph = _compiled(_DecodeGraph(model))
-        self.verify_graph = _compiled(_VerifyGraph(model))
+        graph = _DecodeGraph(model)
+        # A code object of its own: dynamo keys compiled code by code object, so this
+        # model's graph (its weights are constants in it) can never serve another model's
+        # call, and the per-call guards can be skipped (see __call__).
+        forward = _DecodeGraph.forward
+        graph.forward = types.MethodType(
+            types.FunctionType(forward.__code__.replace(), forward.__globals__, "forward"),
+            graph,
+        )
+        self.graph = torch.compile(graph, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
         self.compile_seconds = 0.0
         self.max_rows = MAX_ROWS
-        self._traced: set[tuple[int, torch.dtype, bool]] = set()
+        self._traced: set[tuple[int, torch.dtype]] = set()
 
-    def supports(self, cache: KVCache, n_new: int = 1) -> bool:
-        """Whether a compiled graph serves ``n_new`` tokens per row of this cache now: few
-        enough rows (and tokens) for it to pay, every entry readable by the plain rule (no
-        hidden or fused entries)."""
-        return (
-            cache.batch_size <= self.max_rows and n_new <= MAX_VERIFY_TOKENS and not cache.adapted
-        )
+    def supports(self, cache: KVCache) -> bool:
+        """Whether the compiled step serves this cache now: few enough rows for it to pay,
+        every entry readable by the plain rule (no hidden or fused entries)."""
+        return cache.batch_size <= self.max_rows and not cache.adapted
 
     @staticmethod
     def capacity(max_len: int) -> int:
@@ -183,23 +125,13 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
-        """Logits of the new tokens [B, S] at ``slots`` [B, S], their K/V written: [B, V]
-        for one token per row (a decode step), [B, S, V] for more (a verify forward)."""
+        """Logits [B, V] of one new token per row at ``slots`` ([B]), their K/V written."""
         keys = torch.arange(self.read_len(cache, slots))
         torch._dynamo.mark_dynamic(keys, 0)
         for tensor in (cache.k, cache.v):  # caches of any length share the graph
             torch._dynamo.mark_dynamic(tensor, 3)
-        verify = tokens.shape[1] > 1
-        if verify:  # drafts of any length share the verify graph
-            torch._dynamo.mark_dynamic(tokens, 1, min=2, max=MAX_VERIFY_TOKENS)
-            torch._dynamo.mark_dynamic(slots, 1, min=2, max=MAX_VERIFY_TOKENS)
-            graph, placed = self.verify_graph, slots
-        else:
-            graph, placed = self.graph, slots[:, 0]
-        args = (tokens, placed, cache.start, keys, cache.k, cache.v)
-        return self._run(graph, args, (tokens.shape[0], cache.k.dtype, verify))
-
-    def _run(self, graph: nn.Module, args: tuple, key: tuple[int, torch.dtype, bool]):
+        args = (tokens, slots, cache.start, keys, cache.k, cache.v)
+        key = (tokens.shape[0], cache.k.dtype)
         # No "equal sizes share a symbol": the read length may equal the cache length.
         with torch.fx.experimental._config.patch(use_duck_shape=False):
             if key in self._traced:
@@ -207,12 +139,12 @@ class CompiledDecode:
                 # traced only the guards that tell this graph's entries apart are run.
                 try:
                     with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                        return graph(*args)
+                        return self.graph(*args)
                 except RuntimeError as err:  # an input the traced graphs do not cover
                     if "Recompilation" not in str(err):
                         raise
             begin = time.perf_counter()
-            logits = graph(*args)
+            logits = self.graph(*args)
             self._traced.add(key)
             self.compile_seconds += time.perf_counter() - begin
             return logits

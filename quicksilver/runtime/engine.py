@@ -134,11 +134,11 @@ class Engine:
             self.compiled is not None
             and draft is None
             and dense
-            and (n_new == 1 or logits_at == "all")
+            and n_new == 1
             and context is None
             and observe is None
             and isinstance(logits_at, str)
-            and self.compiled.supports(cache, n_new)
+            and self.compiled.supports(cache)
         ):
             return self._compiled_step(tokens, cache)
         context = context or self.context(cache, n_new)
@@ -213,22 +213,21 @@ class Engine:
         return flat.view(batch, n_new, -1)
 
     def _compiled_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """New tokens through a compiled graph (a decode step, or a verify forward with logits
-        at every position); counted like the eager forward, with attention over the slots
-        the graph actually read (its bucket, masked entries too)."""
-        batch, n_new = tokens.shape
-        slots, _ = cache.reserve(n_new)
+        """One token per row through the compiled graph; counted like the eager step, with
+        attention over the slots the graph actually read (its bucket, masked entries too)."""
+        slots, _ = cache.reserve(1)
+        slots = slots[:, 0]
         logits = self.compiled(tokens, cache, slots)
-        fed = batch * n_new
-        pairs = fed * self.compiled.read_len(cache, slots)
+        batch = tokens.shape[0]
+        pairs = batch * self.compiled.read_len(cache, slots)
         counter = self.counter
-        counter.add_dense_equivalent(fed, pairs, fed)
-        counter.add_embedding(fed)
+        counter.add_dense_equivalent(batch, pairs, batch)
+        counter.add_embedding(batch)
         layer_bytes = self.model.layer_weight_bytes()
         for layer in range(self.config.n_layers):
-            counter.add_layer(layer, fed, pairs)
+            counter.add_layer(layer, batch, pairs)
             counter.add_weight_read(0, layer_bytes)
-        counter.add_head(fed)
+        counter.add_head(batch)
         return logits
 
     def _dense_layer(
