@@ -172,7 +172,14 @@ def _cli_problems(words: tuple[str, ...]) -> list[str]:
         if harness is None:
             return problems  # the rest is the harness's to judge
         extra = harness
-    return problems + _unknown(f"quicksilver {name}", commands[name], words[at + 1 :], extra)
+    command, shown, rest = commands[name], f"quicksilver {name}", words[at + 1 :]
+    kinds = _subcommands(command)  # a command of commands (``adapt skipdecode``)
+    kind = next((w for w in rest if not w.startswith("-")), None)
+    if kinds and kind is not None:  # (a mention of the bare command is fine)
+        if kind not in kinds:
+            return problems + [f"no command `{shown} {kind}`"]
+        shown, command, rest = f"{shown} {kind}", kinds[kind], rest[rest.index(kind) + 1 :]
+    return problems + _unknown(shown, command, rest, extra)
 
 
 def problems_with(command: Command) -> list[str]:
@@ -215,6 +222,8 @@ def test_every_documented_command_is_accepted() -> None:
         ),
         ("`python benchmarks/nowhere.py --fast`", "no benchmark benchmarks/nowhere.py"),
         ("```sh\npython -m quicksilver eval --windw 4  # typo\n```", "has no option --windw"),
+        ("`quicksilver adapt halting --steps 3`", "no command `quicksilver adapt halting`"),
+        ("`quicksilver adapt exits --rank 4`", "`quicksilver adapt exits` has no option --rank"),
     ],
 )
 def test_a_wrong_command_is_caught(page: str, problem: str) -> None:

