@@ -64,22 +64,31 @@ def test_a_row_admitted_while_others_run_gets_its_tokens_alone(model, name) -> N
     """Rows join mid-run at staggered steps and leave early; each row's greedy tokens equal
     the tokens it produces alone (fp32), under every policy of the matrix."""
     policy = None if name is None else MATRIX[name]
-    texts = prompts(1, [5, 9, 3, 7])
-    budgets = [6, 3, 8, 5]
-    engine = make_engine(model, policy)
-    batch = StepBatch(engine, max_rows=2, max_len=40, prefill_tokens=8)
+    texts, budgets = STAGGERED_TEXTS, STAGGERED_BUDGETS
+    got = staggered(StepBatch(make_engine(model, policy), max_rows=2, max_len=40, prefill_tokens=8))
+    for i, prompt in enumerate(texts):
+        assert got[i] == alone(model, policy, prompt, budgets[i]), f"row {i} under {name}"
+
+
+STAGGERED_TEXTS = prompts(1, [5, 9, 3, 7])
+STAGGERED_BUDGETS = [6, 3, 8, 5]
+
+
+def staggered(batch: StepBatch) -> list[list[int]]:
+    """``STAGGERED_TEXTS`` through ``batch``, a new arrival every other step while earlier
+    rows run and leave; each row's tokens, in arrival order."""
+    texts, budgets = STAGGERED_TEXTS, STAGGERED_BUDGETS
     ids, got = {}, {}
     pending = list(range(len(texts)))
     for step in range(200):
-        if pending and step % 2 == 0:  # a new arrival every other step
+        if pending and step % 2 == 0:
             i = pending.pop(0)
             ids[batch.admit(RowSpec(tuple(texts[i]), budgets[i]))] = i
         if not batch.has_work and not pending:
             break
         for event in batch.step():
             got.setdefault(ids[event.row], []).extend(event.tokens)
-    for i, prompt in enumerate(texts):
-        assert got[i] == alone(model, policy, prompt, budgets[i]), f"row {i} under {name}"
+    return [got[i] for i in range(len(texts))]
 
 
 def test_chunked_prefill_equals_one_forward(model) -> None:

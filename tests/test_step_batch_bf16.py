@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from test_policies import CONFIG, MATRIX, make_engine
-from test_step_batch import prompts, run_all
+from test_step_batch import STAGGERED_BUDGETS, STAGGERED_TEXTS, run_all, staggered
 
 from quicksilver.models.loading import build_model
 from quicksilver.models.transformer import Transformer
@@ -91,20 +91,8 @@ def test_the_rule_rejects_a_difference_at_a_clear_winner() -> None:
 @pytest.mark.parametrize("name", [None, *MATRIX])
 def test_a_row_admitted_while_others_run_gets_its_tokens_alone_in_bf16(model, name) -> None:
     policy = None if name is None else MATRIX[name]
-    texts = prompts(1, [5, 9, 3, 7])
-    budgets = [6, 3, 8, 5]
-    batch = StepBatch(make_engine(model, policy), max_rows=2, max_len=40, prefill_tokens=8)
-    ids, got = {}, {}
-    pending = list(range(len(texts)))
-    for step in range(200):
-        if pending and step % 2 == 0:  # a new arrival every other step
-            i = pending.pop(0)
-            ids[batch.admit(RowSpec(tuple(texts[i]), budgets[i]))] = i
-        if not batch.has_work and not pending:
-            break
-        for event in batch.step():
-            got.setdefault(ids[event.row], []).extend(event.tokens)
-    for i, prompt in enumerate(texts):
-        tokens, gaps = alone_with_gaps(model, policy, prompt, budgets[i])
+    got = staggered(StepBatch(make_engine(model, policy), max_rows=2, max_len=40, prefill_tokens=8))
+    for i, prompt in enumerate(STAGGERED_TEXTS):
+        tokens, gaps = alone_with_gaps(model, policy, prompt, STAGGERED_BUDGETS[i])
         problem = first_unexplained_difference(got[i], tokens, gaps)
         assert problem is None, f"row {i} under {name}: {problem}"
