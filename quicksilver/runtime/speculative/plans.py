@@ -93,7 +93,10 @@ class DraftPlans:
 
     def advance(self, engine: Engine) -> PlanMeasurement | None:
         """One piece of the current policy's measurement, if one is under way; returns it
-        (``done`` once its plan is kept here and in the store)."""
+        (``done`` once its plan is kept here and in the store). Called after every step:
+        with nothing under way it returns before serialising the policy into a key."""
+        if not self._measuring:
+            return None
         key = policy_key(engine)
         measuring = self._measuring.get(key)
         if measuring is not None:
