@@ -8,7 +8,10 @@ candidates they could run, for 1..16 rows at the model's own shapes (SmolLM2-135
 - ``bf16``: ``torch.nn.functional.linear`` in bfloat16 (oneDNN);
 - ``fp32``: the same in float32;
 - ``int8 weight-only``: ``aten._weight_int8pack_mm`` (our int8 format), bf16 activations;
-- ``int4 weight-only``: ``aten._weight_int4pack_mm_for_cpu`` (our int4 format), group 32;
+- ``int4 weight-only (torch)``: ``aten._weight_int4pack_mm_for_cpu``, group 32 (our int4
+  format where our kernel does not run);
+- ``int4 x int8 (ours, ISA)``: ``quicksilver.kernels`` (our int4 format where it runs),
+  activations rounded to int8 per block of 32, on each instruction set this CPU has;
 - ``int8 dynamic (fbgemm)``: ``torch.ao`` dynamic quantised linear, activations quantised to
   int8 per call (VNNI where present). Not our numerics (activation rounding changes the
   output), listed for its row curve only.
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from quicksilver import kernels as native
 from quicksilver.accounting import cpu_name
 from quicksilver.models.formats import Int4Linear, Int8Linear, int4_kernel_available
 
@@ -62,8 +66,13 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, list[tuple[Product, torch.
     int8 = [Int8Linear.from_weight(w, None, torch.bfloat16) for w in weights]
     found["int8 weight-only"] = [(module, torch.bfloat16) for module in int8]
     if int4_kernel_available():
-        int4 = [Int4Linear.from_weight(w, None, torch.bfloat16, 32) for w in weights]
-        found["int4 weight-only"] = [(module, torch.bfloat16) for module in int4]
+        int4 = [Int4Linear.from_weight(w, None, torch.bfloat16, 32, "torch") for w in weights]
+        found["int4 weight-only (torch)"] = [(module, torch.bfloat16) for module in int4]
+    if native.available():
+        for isa in ("avx512", "avx2")[("avx512", "avx2").index(native.best_isa()) :]:
+            found[f"int4 x int8 (ours, {isa})"] = [
+                (module_on(isa, w), torch.bfloat16) for w in weights
+            ]
     dynamic = []
     for w in weights:
         linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
@@ -74,6 +83,13 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, list[tuple[Product, torch.
         dynamic.append((lambda x, q=quantised: q(x), torch.float32))
     found["int8 dynamic (fbgemm)"] = dynamic
     return found
+
+
+def module_on(isa: str, weight: torch.Tensor) -> Product:
+    """Our kernel's product with ``weight``, forced onto one instruction set."""
+    module = Int4Linear.from_weight(weight, None, torch.bfloat16, 32)
+    packed, scales, mins = module.packed, module.block_scales, module.block_mins
+    return lambda x: native.linear(x, packed, scales, mins, isa=isa)
 
 
 def seconds(products: list[tuple[Product, torch.dtype]], rows: int, repeats: int) -> float:

@@ -11,6 +11,7 @@ logits at every position, best of ``--repeats``, in milliseconds and relative to
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -19,9 +20,18 @@ from pathlib import Path
 import torch
 
 import quicksilver as qs
+from quicksilver import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
-FORMATS = [("float32", None), ("bfloat16", None), ("bfloat16", "int4")]
+# (activations, weights, int4 kernel): ours rounds activations to int8 (quicksilver.kernels),
+# torch's is the one int4 ran before it; both in one run, so the ratio between them holds.
+FORMATS = [
+    ("float32", None, None),
+    ("bfloat16", None, None),
+    ("bfloat16", "int4", "torch"),
+    ("bfloat16", "int4", "ours"),
+    ("float32", "int4", "ours"),
+]
 SIZES = [1, 2, 4, 8, 16]
 
 
@@ -57,10 +67,14 @@ def main() -> int:
     args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
     rows = []
-    for dtype, weights in FORMATS:
+    for dtype, weights, kernel in FORMATS:
+        if kernel is not None and kernel == "ours" and not kernels.available():
+            print(f"skipped {dtype} {weights} ours: {kernels.unavailable_reason()}")
+            continue
+        os.environ["QUICKSILVER_INT4_KERNEL"] = kernel or "ours"
         llm = qs.load(args.model, dtype=dtype, weights=weights)
         costs = [cost_ms(llm, k, args.context, args.repeats) for k in SIZES]
-        name = f"{dtype}" + (f", {weights} weights" if weights else "")
+        name = f"{dtype}" + (f", {weights} weights ({kernel}'s kernel)" if weights else "")
         cells = " | ".join(f"{c:.1f} ({c / costs[0]:.2f})" for c in costs)
         rows.append(f"| {name} | {cells} |")
         print(rows[-1], flush=True)

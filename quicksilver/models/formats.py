@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quicksilver import quant
+from quicksilver import kernels, quant
 from quicksilver.errors import QuicksilverError
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
@@ -163,10 +163,7 @@ class QuantLinear(nn.Module):
         rows = slice(start, stop)
         flat = x.reshape(-1, self.in_features).to(self.dtype)
         y = None
-        # torch's float32 weight-only kernels are scalar loops (40-120x slower than their
-        # bf16 paths here): in float32 they only pay for a handful of rows.
-        limit = FLOAT32_KERNEL_ROWS if self.dtype == torch.float32 else self.dequant_rows
-        if flat.shape[0] <= limit:
+        if flat.shape[0] <= self.kernel_rows:
             y = self.kernel_product(flat, rows)
         if y is None:
             _note(f"{self.kernel_name}-dequant")
@@ -176,6 +173,13 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias[rows]
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @property
+    def kernel_rows(self) -> int:
+        """The most rows the weight-only kernel takes: torch's float32 kernels are scalar
+        loops (40-120x slower than their bf16 paths here), so in float32 they only pay for a
+        handful of rows."""
+        return FLOAT32_KERNEL_ROWS if self.dtype == torch.float32 else self.dequant_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.partial(x, 0, None)
@@ -226,47 +230,83 @@ class Int8Linear(QuantLinear):
 
 
 class Int4Linear(QuantLinear):
-    """Groups of 4-bit codes with a scale and zero each, torch's CPU int4 kernel."""
+    """Groups of 4-bit codes with a scale and zero each. Multiplied by our kernel where it
+    runs (``quicksilver.kernels``: activations rounded to int8 per block of 32, cost nearly
+    flat in rows, ``int4-q8`` in ``kernel_log``), else by torch's CPU int4 kernel (``int4``),
+    else densely from the expanded weight."""
 
-    kernel_name = "int4"
     dequant_rows = 1024
 
-    def __init__(self, codes: Int4Codes, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        codes: Int4Codes,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        kernel: str = "auto",
+    ) -> None:
+        """``kernel``: ``auto`` (ours where it runs, unless ``QUICKSILVER_INT4_KERNEL=torch``)
+        or ``torch`` (torch's, to compare)."""
         out_features, in_features = codes.codes.shape
         super().__init__(in_features, out_features, bias, dtype)
         self.group_size = codes.group_size
-        # [in / g, out, 2]: the kernel's layout of scales and zeros, in the activation dtype.
-        self.register_buffer(
-            "scales_zeros",
-            torch.stack([codes.scales, codes.zeros], -1).transpose(0, 1).to(dtype).contiguous(),
+        on_cpu = codes.codes.device.type == "cpu"
+        self.native = (
+            kernel == "auto"
+            and kernels.wanted()
+            and on_cpu
+            and out_features % kernels.TILE == 0
+            and in_features % kernels.BLOCK == 0
+            and codes.group_size % kernels.BLOCK == 0
+            and kernels.available()
         )
-        self.use_kernel = (
-            codes.codes.device.type == "cpu"
+        self.use_kernel = self.native or (
+            on_cpu
             and int4_kernel_available()
             and int4_kernel_fits(out_features, in_features, codes.group_size)
         )
+        self.kernel_name = "int4-q8" if self.native else "int4"
+        for name in ("packed", "codes", "scales_zeros", "block_scales", "block_mins"):
+            self.register_buffer(name, None)
+        if self.native:
+            mins = codes.zeros - 8 * codes.scales
+            self.packed, self.block_scales, self.block_mins = kernels.pack(
+                codes.codes, codes.scales, mins, codes.group_size
+            )
+            return
+        # [in / g, out, 2]: torch's layout of scales and zeros, in the activation dtype.
+        sz = torch.stack([codes.scales, codes.zeros], -1).transpose(0, 1)
+        self.scales_zeros = sz.to(dtype).contiguous()
         if self.use_kernel:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.codes.int(), 1)
-            self.register_buffer("packed", packed)
-            self.register_buffer("codes", None)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.codes.int(), 1)
         else:  # kept unpacked, two codes a byte, for the dense fallback
-            self.register_buffer("packed", None)
             pairs = codes.codes.view(out_features, -1, 2)
-            self.register_buffer("codes", (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous())
+            self.codes = (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, group_size: int
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        group_size: int,
+        kernel: str = "auto",
     ) -> Int4Linear:
-        return cls(quantize_int4(weight, group_size), bias, dtype)
+        return cls(quantize_int4(weight, group_size), bias, dtype, kernel)
+
+    @property
+    def kernel_rows(self) -> int:
+        # torch's float32 int4 path is a scalar loop; ours is as fast in float32 as in bf16.
+        return self.dequant_rows if self.native else super().kernel_rows
 
     def unpacked_codes(self, rows: slice = slice(None)) -> torch.Tensor:
         """uint8 codes 0..15 [out, in] of the given output rows."""
+        if self.native:
+            return kernels.unpack(self.packed)[rows]
         if self.packed is None:
             pairs = self.codes[rows]
             return torch.stack([pairs & 15, pairs >> 4], -1).view(pairs.shape[0], -1)
-        # The kernel's layout is its own (and differs between CPUs), so the codes are read
-        # back through the kernel: an identity input with scale 1 and zero 8 gives q, exactly
+        # torch's layout is its own (and differs between CPUs), so the codes are read back
+        # through its kernel: an identity input with scale 1 and zero 8 gives q, exactly
         # even in bf16 (0..15, one nonzero term per output), and bf16 runs the fast path.
         groups = self.in_features // self.group_size
         unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(groups, self.out_features, 2)
@@ -277,6 +317,9 @@ class Int4Linear(QuantLinear):
         return codes.T[rows].to(torch.uint8)
 
     def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        if self.native:
+            weight = kernels.dequantize(self.packed, self.block_scales, self.block_mins)
+            return weight[rows].to(self.dtype)
         sz = self.scales_zeros[:, rows].float()
         codes = Int4Codes(self.unpacked_codes(rows), sz[..., 0].T, sz[..., 1].T, self.group_size)
         return codes.dequantize(self.dtype)
@@ -285,6 +328,11 @@ class Int4Linear(QuantLinear):
         if not self.use_kernel:
             return None
         start, stop = rows.start, rows.stop
+        if self.native:
+            if start % kernels.TILE or stop % kernels.TILE:
+                return None
+            tiles = slice(start // kernels.TILE, stop // kernels.TILE)
+            return kernels.linear(x, self.packed, self.block_scales, self.block_mins, tiles)
         whole = start == 0 and stop == self.out_features
         if not whole and (start % _INT4_BLOCK_N or (stop - start) % 16):
             return None

@@ -1,0 +1,209 @@
+"""Our one native kernel: int4 weights times int8-rounded activations (``q4q8.cpp``).
+
+Why it exists: torch's CPU int4 kernel costs 2.6x a one-row product at 8 rows and 4.7x at 16
+(docs/results/kernel-rows.md), so verifying 8 drafted tokens cost ~1.7 decode steps. This
+kernel unpacks each weight block once per call and multiplies every row against it with
+integer dot products (AVX-512 VNNI, or AVX2), so its cost grows slowly with rows. Each row's
+activations are rounded to int8 per block of 32 inputs, as llama.cpp does for GGUF's Q4
+blocks; that is a numerical choice of its own, so the int4 format's perplexity is measured
+with it (docs/results/formats.md). A row's output does not depend on the other rows of the
+call, so verified decoding stays exact.
+
+The source is compiled once per machine and torch version on first use (~30-60 s, a line on
+stderr says so) into ``<QUICKSILVER_CACHE>/kernels``; where that fails (no compiler, a CPU
+without AVX2, not x86-64) int4 keeps torch's kernel and ``unavailable_reason()`` says why.
+``QUICKSILVER_INT4_KERNEL=torch`` keeps torch's kernel on purpose (to compare the two):
+``wanted()``.
+
+The layout helpers here are pure tensor functions; the kernel's layout is documented in the
+C++ source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+TILE = 16  # outputs per tile
+BLOCK = 32  # inputs per block
+_SOURCE = Path(__file__).with_name("q4q8.cpp")
+_state: dict[str, str | float] = {}
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("QUICKSILVER_CACHE")
+    root = Path(env) if env else Path.home() / ".cache" / "quicksilver"
+    version = torch.__version__.replace("+", "-")
+    return root / "kernels" / f"torch-{version}"
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """torch builds with the ``ninja`` on PATH; the ``ninja`` wheel we depend on installs one
+    beside this interpreter, which is not on PATH when the venv is not activated."""
+    old = os.environ.get("PATH", "")
+    if shutil.which("ninja") is None:
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), old])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    directory = _cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    fresh = not any(directory.glob("*.so"))
+    if fresh:
+        print("quicksilver: building the int4 kernel (once per machine)...", file=sys.stderr)
+    start = time.perf_counter()
+    with _ninja_on_path():
+        cpp_extension.load(
+            name="quicksilver_q4q8",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    _state["build_seconds"] = time.perf_counter() - start
+
+    @torch.library.register_fake("quicksilver::q4q8_linear")
+    def _(x, packed, scales, mins, tile_start, tile_stop, isa):
+        return x.new_empty(x.shape[0], (tile_stop - tile_start) * TILE)
+
+
+def wanted() -> bool:
+    """False where ``QUICKSILVER_INT4_KERNEL=torch`` asks int4 models loaded from now on to
+    keep torch's kernel (read at each load, so one process can compare the two)."""
+    return os.environ.get("QUICKSILVER_INT4_KERNEL", "ours") != "torch"
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is built, loads, runs here and agrees with ``reference_linear``."""
+    try:
+        _build()
+        if best_isa() == "none":
+            _state["reason"] = "this CPU has neither AVX-512 VNNI nor AVX2"
+            return False
+        gen = torch.Generator().manual_seed(0)
+        codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8, generator=gen)
+        scales, mins = torch.rand(32, 2, generator=gen) + 0.1, torch.randn(32, 2, generator=gen)
+        x = torch.randn(3, 64, generator=gen)
+        packed, block_scales, block_mins = pack(codes, scales, mins, 32)
+        got = linear(x, packed, block_scales, block_mins)
+        want = reference_linear(x, codes, scales, mins, 32)
+    except Exception as error:  # a missing compiler or a failed build: keep torch's kernel
+        _state["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        return False
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+        _state["reason"] = "the built kernel disagrees with its reference"
+        return False
+    return True
+
+
+def unavailable_reason() -> str | None:
+    """Why int4 runs torch's kernel instead (None when ours is in use or not yet tried)."""
+    return None if available() else str(_state.get("reason"))
+
+
+def build_seconds() -> float:
+    """Seconds this process spent building or loading the kernel (0 when not loaded)."""
+    return float(_state.get("build_seconds", 0.0))
+
+
+def best_isa() -> str:
+    """``avx512`` (VNNI), ``avx2`` or ``none``: the path ``linear`` takes on this CPU."""
+    return torch.ops.quicksilver.q4q8_best_isa()
+
+
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    block_scales: torch.Tensor,
+    block_mins: torch.Tensor,
+    tiles: slice = slice(None),
+    isa: str = "auto",
+) -> torch.Tensor:
+    """x [M, K] (float32 or bfloat16) times the packed weight's tiles, in x's dtype."""
+    start, stop, _ = tiles.indices(packed.shape[0])
+    return torch.ops.quicksilver.q4q8_linear(x, packed, block_scales, block_mins, start, stop, isa)
+
+
+# ---------------------------------------------------------------- layouts (pure functions)
+
+
+def pack(
+    codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes uint8 0..15 [N, K]; scales, mins float [N, K / group_size] with
+    ``w = code * scale + min`` -> (packed uint8 [N/16, K/32, 256], block scales and block mins
+    float32 [N/16, K/32, 16])."""
+    n, k = codes.shape
+    tiles, blocks = n // TILE, k // BLOCK
+    quads = codes.view(tiles, TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # t, b, quad, lane, i
+    packed = quads[:, :, :4] | (quads[:, :, 4:] << 4)
+    per_block = group_size // BLOCK
+
+    def by_block(values: torch.Tensor) -> torch.Tensor:
+        expanded = values.float().repeat_interleave(per_block, dim=1)  # [N, K/32]
+        return expanded.view(tiles, TILE, blocks).transpose(1, 2).contiguous()
+
+    return packed.reshape(tiles, blocks, 256).contiguous(), by_block(scales), by_block(mins)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The codes uint8 [N, K] of a packed weight (``pack``'s inverse)."""
+    tiles, blocks, _ = packed.shape
+    halves = packed.view(tiles, blocks, 4, TILE, 4)
+    quads = torch.cat([halves & 15, halves >> 4], dim=2)  # t, b, quad, lane, i
+    return quads.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, blocks * BLOCK).contiguous()
+
+
+def dequantize(
+    packed: torch.Tensor, block_scales: torch.Tensor, block_mins: torch.Tensor
+) -> torch.Tensor:
+    """The float32 weight [N, K] that the packed codes, scales and mins stand for."""
+    codes = unpack(packed).float()
+    n, k = codes.shape
+
+    def per_input(values: torch.Tensor) -> torch.Tensor:
+        return values.transpose(1, 2).reshape(n, k // BLOCK).repeat_interleave(BLOCK, dim=1)
+
+    return codes * per_input(block_scales) + per_input(block_mins)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's rounding of x [M, K]: int8-valued codes (as float) and the scale of each
+    row's block of 32 [M, K/32]: scale = max|x| / 127, codes = round(x / scale)."""
+    blocks = x.float().view(x.shape[0], -1, BLOCK)
+    scale = blocks.abs().amax(-1) / 127
+    inverse = torch.where(scale != 0, 1 / scale, torch.zeros_like(scale))
+    codes = torch.round(blocks * inverse.unsqueeze(-1))
+    return codes.view_as(x), scale
+
+
+def reference_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """What the kernel computes, in float64 from the same roundings: the test oracle."""
+    q, scale = quantize_activations(x)
+    x_rounded = (q.view(x.shape[0], -1, BLOCK) * scale.unsqueeze(-1)).view_as(x).double()
+    weight = codes.double() * scales.double().repeat_interleave(group_size, 1)
+    weight = weight + mins.double().repeat_interleave(group_size, 1)
+    return (x_rounded @ weight.T).to(x.dtype)

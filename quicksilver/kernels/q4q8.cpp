@@ -1,0 +1,342 @@
+// int4 weights times int8-rounded activations, for 1..M rows, on x86-64 CPUs.
+//
+// Why: torch's CPU int4 kernel re-reads and re-expands its weights for every few activation
+// rows, so a forward of 8 or 16 tokens (a verify step) costs 2.6-4.7x a one-token step. Here
+// each weight block is loaded and unpacked once per call and multiplied against every row
+// with integer dot products (VNNI on AVX-512, maddubs on AVX2), 64 multiply-adds a
+// instruction, so the cost grows slowly with rows. The activations are rounded to int8 per
+// row and per block of 32 inputs (scale = max|x| / 127), which is how llama.cpp multiplies
+// these GGUF blocks.
+//
+// Each output is computed by the same instructions in the same order whatever the number of
+// rows, the row's place in the call, or the number of threads: a row's result does not
+// depend on its batch-mates, so a verify forward of k tokens gives bit for bit what k
+// one-token steps give. The AVX-512 and AVX2 paths give identical results too.
+//
+// Layouts (built by quicksilver/kernels/__init__.py):
+//   packed  uint8 [N/16, K/32, 4, 64]: tile t of 16 outputs, block b of 32 inputs, vector v;
+//           byte 4*lane + i holds code(n = 16t + lane, k = 32b + 4v + i) in its low nibble
+//           and code(n, k = 32b + 4(v + 4) + i) in its high nibble.
+//   scales  float32 [N/16, K/32, 16]: the weight scale of each (tile, block, lane).
+//   mins    float32 [N/16, K/32, 16]: the weight at code 0, so w = code * scale + min.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define QS_X86 1
+#endif
+
+namespace {
+
+constexpr int kTile = 16;   // outputs per tile
+constexpr int kBlock = 32;  // inputs per block
+constexpr int kMaxRows = 8;  // rows a tile keeps in registers at once
+
+struct RowsQ8 {
+  // One call's activations as int8 codes [M, K], and per (row, block) the scale d and
+  // d * sum(codes), the term the weights' minimum multiplies.
+  std::vector<int8_t> codes;
+  std::vector<float> scale;
+  std::vector<float> scaled_sum;
+};
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+struct Call {
+  const uint8_t* packed;
+  const float* scales;
+  const float* mins;
+  const RowsQ8* q;
+  int64_t k, blocks, rows, out_stride;
+  float* out_f32;
+  uint16_t* out_bf16;
+};
+
+inline void store_tile(const Call& c, int64_t row, int64_t col, const float* values) {
+  if (c.out_f32 != nullptr) {
+    std::memcpy(c.out_f32 + row * c.out_stride + col, values, kTile * sizeof(float));
+  } else {
+    for (int i = 0; i < kTile; ++i) c.out_bf16[row * c.out_stride + col + i] = float_to_bf16(values[i]);
+  }
+}
+
+#ifdef QS_X86
+
+// AVX-512: one tile is one register of 16 outputs; the 8 unpacked weight vectors of a block
+// stay in registers while every row of the chunk runs its 8 dot products against them.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile_avx512(
+    const Call& c, int64_t tile, int64_t row0, int64_t col) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t b = 0; b < c.blocks; ++b) {
+    const int64_t tb = tile * c.blocks + b;
+    const uint8_t* w = c.packed + tb * 256;
+    __m512i quads[8];
+    for (int v = 0; v < 4; ++v) {
+      const __m512i raw = _mm512_loadu_si512(w + 64 * v);
+      quads[v] = _mm512_and_si512(raw, low);
+      quads[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+    const __m512 scale = _mm512_loadu_ps(c.scales + tb * kTile);
+    const __m512 minimum = _mm512_loadu_ps(c.mins + tb * kTile);
+    // Quads outer, rows inner: R independent dot-product chains in flight, not one chain
+    // of 8 dependent instructions per row.
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, c.q->codes.data() + (row0 + r) * c.k + b * kBlock + 4 * j, 4);
+        dot[r] = _mm512_dpbusd_epi32(dot[r], quads[j], _mm512_set1_epi32(four));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t rb = (row0 + r) * c.blocks + b;
+      const __m512 part = _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(c.q->scale[rb]));
+      acc[r] = _mm512_fmadd_ps(scale, part, acc[r]);
+      acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(c.q->scaled_sum[rb]), acc[r]);
+    }
+  }
+  alignas(64) float values[kTile];
+  for (int r = 0; r < R; ++r) {
+    _mm512_store_ps(values, acc[r]);
+    store_tile(c, row0 + r, col, values);
+  }
+}
+
+// AVX2: the same arithmetic on two halves of 8 outputs; maddubs then madd with ones gives
+// the exact int32 sums VNNI gives (no int16 overflow: 2 * 15 * 127 < 32768).
+template <int R>
+__attribute__((target("avx2,fma"))) void tile_avx2(const Call& c, int64_t tile, int64_t row0,
+                                                   int64_t col) {
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float values[R][kTile];
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < c.blocks; ++b) {
+      const int64_t tb = tile * c.blocks + b;
+      const uint8_t* w = c.packed + tb * 256 + 32 * half;
+      const __m256 scale = _mm256_loadu_ps(c.scales + tb * kTile + 8 * half);
+      const __m256 minimum = _mm256_loadu_ps(c.mins + tb * kTile + 8 * half);
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = row0 + r;
+        const int8_t* xq = c.q->codes.data() + row * c.k + b * kBlock;
+        __m256i dot = _mm256_setzero_si256();
+        for (int v = 0; v < 4; ++v) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * v));
+          int32_t lo4, hi4;
+          std::memcpy(&lo4, xq + 4 * v, 4);
+          std::memcpy(&hi4, xq + 4 * (v + 4), 4);
+          const __m256i lo = _mm256_and_si256(raw, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+          dot = _mm256_add_epi32(
+              dot, _mm256_madd_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(lo4)), ones));
+          dot = _mm256_add_epi32(
+              dot, _mm256_madd_epi16(_mm256_maddubs_epi16(hi, _mm256_set1_epi32(hi4)), ones));
+        }
+        const int64_t rb = row * c.blocks + b;
+        const __m256 part =
+            _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(c.q->scale[rb]));
+        acc[r] = _mm256_fmadd_ps(scale, part, acc[r]);
+        acc[r] = _mm256_fmadd_ps(minimum, _mm256_set1_ps(c.q->scaled_sum[rb]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_store_ps(values[r] + 8 * half, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) store_tile(c, row0 + r, col, values[r]);
+}
+
+// Rounding each row's blocks to int8: scale d = max|x| / 127, code = round(x / d) to nearest
+// even (the CPU's default rounding, as torch.round), and d * sum(codes). Both paths do the
+// same IEEE operations, so they give the same codes.
+__attribute__((target("avx512f,avx512bw"))) void quantize_avx512(const at::Tensor& x,
+                                                                 RowsQ8& q) {
+  const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  for (int64_t i = 0; i < rows * blocks; ++i) {
+    const int64_t base = i * kBlock;
+    __m512 v[2];
+    for (int h = 0; h < 2; ++h) {
+      if (bf16) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + base + 16 * h));
+        v[h] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      } else {
+        v[h] = _mm512_loadu_ps(xf + base + 16 * h);
+      }
+    }
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+    const float d = amax / 127.f;
+    const float inv = d != 0.f ? 1.f / d : 0.f;
+    const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v[0], _mm512_set1_ps(inv)));
+    const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v[1], _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes.data() + base), _mm512_cvtepi32_epi8(c0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q.codes.data() + base + 16), _mm512_cvtepi32_epi8(c1));
+    const int sum = _mm512_reduce_add_epi32(_mm512_add_epi32(c0, c1));
+    q.scale[i] = d;
+    q.scaled_sum[i] = d * static_cast<float>(sum);
+  }
+}
+
+__attribute__((target("avx2,fma"))) void quantize_avx2(const at::Tensor& x, RowsQ8& q) {
+  const int64_t rows = x.size(0), k = x.size(1), blocks = k / kBlock;
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const float* xf = bf16 ? nullptr : x.data_ptr<float>();
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()) : nullptr;
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int64_t i = 0; i < rows * blocks; ++i) {
+    const int64_t base = i * kBlock;
+    __m256 v[4];
+    __m256 amax8 = _mm256_setzero_ps();
+    for (int h = 0; h < 4; ++h) {
+      if (bf16) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(xb + base + 8 * h));
+        v[h] = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+      } else {
+        v[h] = _mm256_loadu_ps(xf + base + 8 * h);
+      }
+      amax8 = _mm256_max_ps(amax8, _mm256_andnot_ps(sign, v[h]));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax8);
+    float amax = lanes[0];
+    for (int l = 1; l < 8; ++l) amax = std::max(amax, lanes[l]);
+    const float d = amax / 127.f;
+    const float inv = d != 0.f ? 1.f / d : 0.f;
+    alignas(32) int32_t codes[kBlock];
+    int sum = 0;
+    for (int h = 0; h < 4; ++h) {
+      const __m256i c = _mm256_cvtps_epi32(_mm256_mul_ps(v[h], _mm256_set1_ps(inv)));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(codes + 8 * h), c);
+    }
+    for (int l = 0; l < kBlock; ++l) {
+      q.codes[base + l] = static_cast<int8_t>(codes[l]);
+      sum += codes[l];
+    }
+    q.scale[i] = d;
+    q.scaled_sum[i] = d * static_cast<float>(sum);
+  }
+}
+
+enum class Isa { kNone, kAvx2, kAvx512 };
+
+Isa detect_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+  return Isa::kNone;
+}
+
+using TileFn = void (*)(const Call&, int64_t, int64_t, int64_t);
+
+template <int... Rs>
+struct Table {
+  static constexpr TileFn avx512[] = {tile_avx512<Rs>...};
+  static constexpr TileFn avx2[] = {tile_avx2<Rs>...};
+};
+using Tiles = Table<1, 2, 3, 4, 5, 6, 7, 8>;
+
+#endif  // QS_X86
+
+}  // namespace
+
+namespace {
+
+int64_t isa_code(const std::string& name) {
+  if (name == "auto") {
+#ifdef QS_X86
+    const Isa isa = detect_isa();
+    return isa == Isa::kAvx512 ? 2 : isa == Isa::kAvx2 ? 1 : 0;
+#else
+    return 0;
+#endif
+  }
+  if (name == "avx512") return 2;
+  if (name == "avx2") return 1;
+  TORCH_CHECK(false, "q4q8: unknown instruction set ", name);
+}
+
+// The product of x [M, K] with tiles [tile_start, tile_stop) of the packed weight, in x's
+// dtype. ``isa`` names the path ("auto": the best this CPU runs), so tests can compare them.
+at::Tensor q4q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                       const at::Tensor& mins, int64_t tile_start, int64_t tile_stop,
+                       const std::string& isa) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q4q8: x must be a contiguous matrix");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "q4q8: x must be float32 or bfloat16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 256 && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kByte,
+              "q4q8: packed must be uint8 [N/16, K/32, 256]");
+  const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(1);
+  TORCH_CHECK(k == blocks * kBlock, "q4q8: x has ", k, " inputs, the weight ", blocks * kBlock);
+  TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() &&
+                  scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
+                  scales.numel() == packed.size(0) * blocks * kTile && mins.numel() == scales.numel(),
+              "q4q8: scales and mins must be float32 [N/16, K/32, 16]");
+  TORCH_CHECK(0 <= tile_start && tile_start <= tile_stop && tile_stop <= packed.size(0),
+              "q4q8: tiles out of range");
+  const int64_t n_out = (tile_stop - tile_start) * kTile;
+  at::Tensor out = at::empty({rows, n_out}, x.options());
+  if (rows == 0 || n_out == 0) return out;
+  const int64_t code = isa_code(isa);
+  TORCH_CHECK(code > 0, "q4q8: this CPU has neither AVX-512 VNNI nor AVX2");
+#ifdef QS_X86
+  RowsQ8 q;
+  q.codes.resize(rows * k);
+  q.scale.resize(rows * blocks);
+  q.scaled_sum.resize(rows * blocks);
+  if (code == 2) quantize_avx512(x, q);
+  else quantize_avx2(x, q);
+  Call c{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), &q, k,
+         blocks, rows, n_out, nullptr, nullptr};
+  if (x.scalar_type() == at::kFloat) c.out_f32 = out.data_ptr<float>();
+  else c.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const TileFn* table = code == 2 ? Tiles::avx512 : Tiles::avx2;
+  at::parallel_for(tile_start, tile_stop, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t col = (tile - tile_start) * kTile;
+      for (int64_t row0 = 0; row0 < rows; row0 += kMaxRows) {
+        const int64_t chunk = std::min<int64_t>(kMaxRows, rows - row0);
+        table[chunk - 1](c, tile, row0, col);
+      }
+    }
+  });
+#endif
+  return out;
+}
+
+std::string best_isa() {
+  const int64_t code = isa_code("auto");
+  return code == 2 ? "avx512" : code == 1 ? "avx2" : "none";
+}
+
+}  // namespace
+
+TORCH_LIBRARY(quicksilver, m) {
+  m.def("q4q8_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int tile_start, "
+        "int tile_stop, str isa) -> Tensor");
+  m.def("q4q8_best_isa() -> str", &best_isa);
+}
+
+TORCH_LIBRARY_IMPL(quicksilver, CPU, m) { m.impl("q4q8_linear", &q4q8_linear); }

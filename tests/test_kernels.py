@@ -1,0 +1,129 @@
+"""Our int4 x int8 kernel (quicksilver/kernels): its layout helpers, its arithmetic against a
+float64 oracle of the same roundings, and the property verified decoding rests on: a row's
+output is bit for bit the same whatever else is in the call (rows, row chunks, threads,
+instruction set, band of outputs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_accounting import random_model
+from test_formats import FITS
+
+from quicksilver import kernels
+from quicksilver.models.formats import Int4Linear, WeightFormat, convert_model, quantize_int4
+from quicksilver.runtime.engine import Engine
+from quicksilver.runtime.generate import generate
+from quicksilver.runtime.speculative import SpeculativeConfig
+
+needs_kernel = pytest.mark.skipif(
+    not kernels.available(),
+    reason=f"our int4 kernel does not run here: {kernels.unavailable_reason()}",
+)
+
+
+def codes_for(out_features: int, in_features: int, group: int, seed: int):
+    weight = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed))
+    codes = quantize_int4(weight, group)
+    return codes, codes.zeros - 8 * codes.scales
+
+
+def packed_for(out_features: int, in_features: int, group: int = 32, seed: int = 0):
+    codes, mins = codes_for(out_features, in_features, group, seed)
+    return codes, mins, kernels.pack(codes.codes, codes.scales, mins, group)
+
+
+# --- layouts (pure functions, no build needed) ----------------------------------------------
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_pack_round_trips_codes_and_weights(group: int) -> None:
+    codes, mins, (packed, scales, block_mins) = packed_for(48, 256, group)
+    assert packed.shape == (3, 8, 256) and scales.shape == block_mins.shape == (3, 8, 16)
+    assert torch.equal(kernels.unpack(packed), codes.codes)
+    dense = kernels.dequantize(packed, scales, block_mins)
+    torch.testing.assert_close(dense, codes.dequantize(), rtol=0, atol=1e-5)
+
+
+def test_activations_round_to_int8_per_block_of_32() -> None:
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    x[1, :32] = 0  # a block of zeros: scale 0, codes 0
+    q, scale = kernels.quantize_activations(x)
+    assert scale.shape == (3, 2) and scale[1, 0] == 0
+    assert q.abs().max() == 127 and torch.equal(q, q.round())
+    restored = (q.view(3, 2, 32) * scale.unsqueeze(-1)).view(3, 64)
+    assert float((restored - x).abs().max()) <= float(scale.max()) / 2 + 1e-6
+
+
+# --- the kernel --------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("n", "k", "group"), [(16, 32, 32), (48, 256, 64), (64, 384, 128)])
+def test_kernel_equals_its_oracle(n: int, k: int, group: int, dtype: torch.dtype) -> None:
+    codes, mins, (packed, scales, block_mins) = packed_for(n, k, group, seed=n + k)
+    x = torch.randn(11, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    got = kernels.linear(x, packed, scales, block_mins)
+    want = kernels.reference_linear(x.float(), codes.codes, codes.scales, mins, group)
+    assert got.dtype == dtype and got.shape == (11, n)
+    scale = float(want.abs().max())
+    # fp32: summation order only; bf16: the output rounded to 8 bits of mantissa.
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    assert float((got.float() - want).abs().max()) <= tolerance * scale
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_is_the_same_whatever_else_is_in_the_call(dtype: torch.dtype) -> None:
+    """Alone, among 20 rows (three chunks), on one thread or two, as a band of outputs, and
+    on either instruction set: the same bits."""
+    _, _, (packed, scales, mins) = packed_for(64, 192, seed=3)
+    x = torch.randn(20, 192, generator=torch.Generator().manual_seed(4)).to(dtype)
+    whole = kernels.linear(x, packed, scales, mins)
+    for row in range(20):
+        alone = kernels.linear(x[row : row + 1].contiguous(), packed, scales, mins)
+        assert torch.equal(alone, whole[row : row + 1]), row
+    assert torch.equal(kernels.linear(x, packed, scales, mins, slice(1, 3)), whole[:, 16:48])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.linear(x, packed, scales, mins), whole)
+    finally:
+        torch.set_num_threads(threads)
+    if kernels.best_isa() == "avx512":
+        assert torch.equal(kernels.linear(x, packed, scales, mins, isa="avx2"), whole)
+
+
+@needs_kernel
+def test_zero_rows_and_bad_shapes() -> None:
+    _, _, (packed, scales, mins) = packed_for(32, 64)
+    assert torch.equal(kernels.linear(torch.zeros(2, 64), packed, scales, mins), torch.zeros(2, 32))
+    assert kernels.linear(torch.zeros(0, 64), packed, scales, mins).shape == (0, 32)
+    with pytest.raises(RuntimeError, match="x has 96 inputs, the weight 64"):
+        kernels.linear(torch.zeros(2, 96), packed, scales, mins)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.linear(torch.zeros(2, 64, dtype=torch.float16), packed, scales, mins)
+
+
+# --- through a model ---------------------------------------------------------------------
+
+
+@needs_kernel
+def test_int4_model_runs_our_kernel_and_verified_greedy_equals_plain() -> None:
+    """An int4 model on our kernel: every block product runs it, and n-gram verified greedy
+    decoding (k-token forwards) gives plain greedy decoding's tokens, in fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_model(dataclasses.replace(FITS, n_layers=3), fast=False).to(dtype)
+        convert_model(model, WeightFormat("int4"))
+        linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+        assert linears and all(m.native for m in linears)
+        engine = Engine(model)
+        prompt = [[5, 9, 13, 2, 7, 5, 9, 13, 2, 7, 5, 9, 13]]
+        plain = generate(engine, prompt, 24, ignore_eos=True)
+        config = SpeculativeConfig(method="ngram", num_tokens=4)
+        verified = generate(engine, prompt, 24, ignore_eos=True, speculative=config)
+        assert verified.tokens == plain.tokens, dtype
+        assert verified.decode_steps < plain.decode_steps  # drafts were accepted
