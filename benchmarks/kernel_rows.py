@@ -88,8 +88,7 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, list[tuple[Product, torch.
 def module_on(isa: str, weight: torch.Tensor) -> Product:
     """Our kernel's product with ``weight``, forced onto one instruction set."""
     module = Int4Linear.from_weight(weight, None, torch.bfloat16, 32)
-    packed, scales, mins = module.packed, module.block_scales, module.block_mins
-    return lambda x: native.linear(x, packed, scales, mins, isa=isa)
+    return lambda x, packed=module.packed: native.linear(x, packed, isa=isa)
 
 
 def seconds(products: list[tuple[Product, torch.dtype]], rows: int, repeats: int) -> float:

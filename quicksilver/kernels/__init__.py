@@ -79,7 +79,7 @@ def _build() -> None:
     _state["build_seconds"] = time.perf_counter() - start
 
     @torch.library.register_fake("quicksilver::q4q8_linear")
-    def _(x, packed, scales, mins, tile_start, tile_stop, isa):
+    def _(x, packed, tile_start, tile_stop, isa):
         return x.new_empty(x.shape[0], (tile_stop - tile_start) * TILE)
 
 
@@ -101,9 +101,8 @@ def available() -> bool:
         codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8, generator=gen)
         scales, mins = torch.rand(32, 2, generator=gen) + 0.1, torch.randn(32, 2, generator=gen)
         x = torch.randn(3, 64, generator=gen)
-        packed, block_scales, block_mins = pack(codes, scales, mins, 32)
-        got = linear(x, packed, block_scales, block_mins)
-        want = reference_linear(x, codes, scales, mins, 32)
+        packed = pack(codes, scales, mins, 32)
+        got, want = linear(x, packed), reference_linear(x, packed)
     except Exception as error:  # a missing compiler or a failed build: keep torch's kernel
         _state["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         return False
@@ -129,16 +128,11 @@ def best_isa() -> str:
 
 
 def linear(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    block_scales: torch.Tensor,
-    block_mins: torch.Tensor,
-    tiles: slice = slice(None),
-    isa: str = "auto",
+    x: torch.Tensor, packed: torch.Tensor, tiles: slice = slice(None), isa: str = "auto"
 ) -> torch.Tensor:
     """x [M, K] (float32 or bfloat16) times the packed weight's tiles, in x's dtype."""
     start, stop, _ = tiles.indices(packed.shape[0])
-    return torch.ops.quicksilver.q4q8_linear(x, packed, block_scales, block_mins, start, stop, isa)
+    return torch.ops.quicksilver.q4q8_linear(x, packed, start, stop, isa)
 
 
 # ---------------------------------------------------------------- layouts (pure functions)
@@ -146,42 +140,43 @@ def linear(
 
 def pack(
     codes: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """codes uint8 0..15 [N, K]; scales, mins float [N, K / group_size] with
-    ``w = code * scale + min`` -> (packed uint8 [N/16, K/32, 256], block scales and block mins
-    float32 [N/16, K/32, 16])."""
+    ``w = code * scale + min`` -> uint8 [N/16, K/32, 320]: per tile of 16 outputs and block of
+    32 inputs, the codes (two a byte) then 16 float16 scales and 16 float16 mins."""
     n, k = codes.shape
     tiles, blocks = n // TILE, k // BLOCK
     quads = codes.view(tiles, TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # t, b, quad, lane, i
-    packed = quads[:, :, :4] | (quads[:, :, 4:] << 4)
+    nibbles = (quads[:, :, :4] | (quads[:, :, 4:] << 4)).reshape(tiles, blocks, 256)
     per_block = group_size // BLOCK
 
-    def by_block(values: torch.Tensor) -> torch.Tensor:
-        expanded = values.float().repeat_interleave(per_block, dim=1)  # [N, K/32]
-        return expanded.view(tiles, TILE, blocks).transpose(1, 2).contiguous()
+    def by_block(values: torch.Tensor) -> torch.Tensor:  # [N, K/g] -> bytes [T, B, 32]
+        expanded = values.half().repeat_interleave(per_block, dim=1)  # [N, K/32]
+        lanes = expanded.view(tiles, TILE, blocks).transpose(1, 2).contiguous()
+        return lanes.view(torch.uint8)
 
-    return packed.reshape(tiles, blocks, 256).contiguous(), by_block(scales), by_block(mins)
+    return torch.cat([nibbles, by_block(scales), by_block(mins)], dim=2).contiguous()
 
 
-def unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The codes uint8 [N, K] of a packed weight (``pack``'s inverse)."""
+def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack``'s inverse: codes uint8 [N, K], and float32 scales and mins per block of 32
+    inputs [N, K/32]."""
     tiles, blocks, _ = packed.shape
-    halves = packed.view(tiles, blocks, 4, TILE, 4)
+    halves = packed[..., :256].reshape(tiles, blocks, 4, TILE, 4)
     quads = torch.cat([halves & 15, halves >> 4], dim=2)  # t, b, quad, lane, i
-    return quads.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, blocks * BLOCK).contiguous()
+    codes = quads.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, blocks * BLOCK).contiguous()
+
+    def values(start: int) -> torch.Tensor:
+        lanes = packed[..., start : start + 32].contiguous().view(torch.float16).float()
+        return lanes.transpose(1, 2).reshape(tiles * TILE, blocks)
+
+    return codes, values(256), values(288)
 
 
-def dequantize(
-    packed: torch.Tensor, block_scales: torch.Tensor, block_mins: torch.Tensor
-) -> torch.Tensor:
-    """The float32 weight [N, K] that the packed codes, scales and mins stand for."""
-    codes = unpack(packed).float()
-    n, k = codes.shape
-
-    def per_input(values: torch.Tensor) -> torch.Tensor:
-        return values.transpose(1, 2).reshape(n, k // BLOCK).repeat_interleave(BLOCK, dim=1)
-
-    return codes * per_input(block_scales) + per_input(block_mins)
+def dequantize(packed: torch.Tensor) -> torch.Tensor:
+    """The float32 weight [N, K] that a packed weight stands for."""
+    codes, scales, mins = unpack(packed)
+    return codes.float() * scales.repeat_interleave(BLOCK, 1) + mins.repeat_interleave(BLOCK, 1)
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,16 +189,8 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view_as(x), scale
 
 
-def reference_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    mins: torch.Tensor,
-    group_size: int,
-) -> torch.Tensor:
+def reference_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """What the kernel computes, in float64 from the same roundings: the test oracle."""
     q, scale = quantize_activations(x)
     x_rounded = (q.view(x.shape[0], -1, BLOCK) * scale.unsqueeze(-1)).view_as(x).double()
-    weight = codes.double() * scales.double().repeat_interleave(group_size, 1)
-    weight = weight + mins.double().repeat_interleave(group_size, 1)
-    return (x_rounded @ weight.T).to(x.dtype)
+    return (x_rounded @ dequantize(packed).double().T).to(x.dtype)

@@ -14,11 +14,15 @@
 // one-token steps give. The AVX-512 and AVX2 paths give identical results too.
 //
 // Layouts (built by quicksilver/kernels/__init__.py):
-//   packed  uint8 [N/16, K/32, 4, 64]: tile t of 16 outputs, block b of 32 inputs, vector v;
-//           byte 4*lane + i holds code(n = 16t + lane, k = 32b + 4v + i) in its low nibble
-//           and code(n, k = 32b + 4(v + 4) + i) in its high nibble.
-//   scales  float32 [N/16, K/32, 16]: the weight scale of each (tile, block, lane).
-//   mins    float32 [N/16, K/32, 16]: the weight at code 0, so w = code * scale + min.
+//   packed  uint8 [N/16, K/32, 320], one record of 320 bytes per tile t of 16 outputs and
+//           block b of 32 inputs, so a call reads the weights as one stream:
+//     bytes   0..255  4 vectors of 64; in vector v, byte 4*lane + i holds
+//                     code(n = 16t + lane, k = 32b + 4v + i) in its low nibble and
+//                     code(n, k = 32b + 4(v + 4) + i) in its high nibble;
+//     bytes 256..287  16 float16 weight scales, one per lane;
+//     bytes 288..319  16 float16 weights at code 0 ("mins"): w = code * scale + min.
+//   float16 as in GGUF's blocks: 5 bits a weight in all, as torch's int4 layout with bf16
+//   scales (a step is bound by reading weights, so every byte counts).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -38,6 +42,7 @@ namespace {
 
 constexpr int kTile = 16;   // outputs per tile
 constexpr int kBlock = 32;  // inputs per block
+constexpr int kRecord = 320;  // bytes per (tile, block)
 constexpr int kMaxRows = 8;  // rows a tile keeps in registers at once
 
 struct RowsQ8 {
@@ -58,8 +63,6 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
 
 struct Call {
   const uint8_t* packed;
-  const float* scales;
-  const float* mins;
   const RowsQ8* q;
   int64_t k, blocks, rows, out_stride;
   float* out_f32;
@@ -86,15 +89,15 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile_avx512(
   const __m512i low = _mm512_set1_epi8(0x0f);
   for (int64_t b = 0; b < c.blocks; ++b) {
     const int64_t tb = tile * c.blocks + b;
-    const uint8_t* w = c.packed + tb * 256;
+    const uint8_t* w = c.packed + tb * kRecord;
     __m512i quads[8];
     for (int v = 0; v < 4; ++v) {
       const __m512i raw = _mm512_loadu_si512(w + 64 * v);
       quads[v] = _mm512_and_si512(raw, low);
       quads[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
     }
-    const __m512 scale = _mm512_loadu_ps(c.scales + tb * kTile);
-    const __m512 minimum = _mm512_loadu_ps(c.mins + tb * kTile);
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
+    const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
     // Quads outer, rows inner: R independent dot-product chains in flight, not one chain
     // of 8 dependent instructions per row.
     __m512i dot[R];
@@ -123,7 +126,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile_avx512(
 // AVX2: the same arithmetic on two halves of 8 outputs; maddubs then madd with ones gives
 // the exact int32 sums VNNI gives (no int16 overflow: 2 * 15 * 127 < 32768).
 template <int R>
-__attribute__((target("avx2,fma"))) void tile_avx2(const Call& c, int64_t tile, int64_t row0,
+__attribute__((target("avx2,fma,f16c"))) void tile_avx2(const Call& c, int64_t tile, int64_t row0,
                                                    int64_t col) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i ones = _mm256_set1_epi16(1);
@@ -133,9 +136,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(const Call& c, int64_t tile, 
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < c.blocks; ++b) {
       const int64_t tb = tile * c.blocks + b;
-      const uint8_t* w = c.packed + tb * 256 + 32 * half;
-      const __m256 scale = _mm256_loadu_ps(c.scales + tb * kTile + 8 * half);
-      const __m256 minimum = _mm256_loadu_ps(c.mins + tb * kTile + 8 * half);
+      const uint8_t* record = c.packed + tb * kRecord;
+      const uint8_t* w = record + 32 * half;
+      const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(record + 256 + 16 * half)));
+      const __m256 minimum = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(record + 288 + 16 * half)));
       for (int r = 0; r < R; ++r) {
         const int64_t row = row0 + r;
         const int8_t* xq = c.q->codes.data() + row * c.k + b * kBlock;
@@ -279,21 +283,17 @@ int64_t isa_code(const std::string& name) {
 
 // The product of x [M, K] with tiles [tile_start, tile_stop) of the packed weight, in x's
 // dtype. ``isa`` names the path ("auto": the best this CPU runs), so tests can compare them.
-at::Tensor q4q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                       const at::Tensor& mins, int64_t tile_start, int64_t tile_stop,
+at::Tensor q4q8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t tile_start,
+                       int64_t tile_stop,
                        const std::string& isa) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q4q8: x must be a contiguous matrix");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "q4q8: x must be float32 or bfloat16");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == 256 && packed.is_contiguous() &&
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord && packed.is_contiguous() &&
                   packed.scalar_type() == at::kByte,
-              "q4q8: packed must be uint8 [N/16, K/32, 256]");
+              "q4q8: packed must be uint8 [N/16, K/32, 320]");
   const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(1);
   TORCH_CHECK(k == blocks * kBlock, "q4q8: x has ", k, " inputs, the weight ", blocks * kBlock);
-  TORCH_CHECK(scales.is_contiguous() && mins.is_contiguous() &&
-                  scales.scalar_type() == at::kFloat && mins.scalar_type() == at::kFloat &&
-                  scales.numel() == packed.size(0) * blocks * kTile && mins.numel() == scales.numel(),
-              "q4q8: scales and mins must be float32 [N/16, K/32, 16]");
   TORCH_CHECK(0 <= tile_start && tile_start <= tile_stop && tile_stop <= packed.size(0),
               "q4q8: tiles out of range");
   const int64_t n_out = (tile_stop - tile_start) * kTile;
@@ -308,8 +308,7 @@ at::Tensor q4q8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   q.scaled_sum.resize(rows * blocks);
   if (code == 2) quantize_avx512(x, q);
   else quantize_avx2(x, q);
-  Call c{packed.data_ptr<uint8_t>(), scales.data_ptr<float>(), mins.data_ptr<float>(), &q, k,
-         blocks, rows, n_out, nullptr, nullptr};
+  Call c{packed.data_ptr<uint8_t>(), &q, k, blocks, rows, n_out, nullptr, nullptr};
   if (x.scalar_type() == at::kFloat) c.out_f32 = out.data_ptr<float>();
   else c.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const TileFn* table = code == 2 ? Tiles::avx512 : Tiles::avx2;
@@ -334,8 +333,7 @@ std::string best_isa() {
 }  // namespace
 
 TORCH_LIBRARY(quicksilver, m) {
-  m.def("q4q8_linear(Tensor x, Tensor packed, Tensor scales, Tensor mins, int tile_start, "
-        "int tile_stop, str isa) -> Tensor");
+  m.def("q4q8_linear(Tensor x, Tensor packed, int tile_start, int tile_stop, str isa) -> Tensor");
   m.def("q4q8_best_isa() -> str", &best_isa);
 }
 

@@ -265,13 +265,11 @@ class Int4Linear(QuantLinear):
             and int4_kernel_fits(out_features, in_features, codes.group_size)
         )
         self.kernel_name = "int4-q8" if self.native else "int4"
-        for name in ("packed", "codes", "scales_zeros", "block_scales", "block_mins"):
+        for name in ("packed", "codes", "scales_zeros"):
             self.register_buffer(name, None)
         if self.native:
             mins = codes.zeros - 8 * codes.scales
-            self.packed, self.block_scales, self.block_mins = kernels.pack(
-                codes.codes, codes.scales, mins, codes.group_size
-            )
+            self.packed = kernels.pack(codes.codes, codes.scales, mins, codes.group_size)
             return
         # [in / g, out, 2]: torch's layout of scales and zeros, in the activation dtype.
         sz = torch.stack([codes.scales, codes.zeros], -1).transpose(0, 1)
@@ -301,7 +299,7 @@ class Int4Linear(QuantLinear):
     def unpacked_codes(self, rows: slice = slice(None)) -> torch.Tensor:
         """uint8 codes 0..15 [out, in] of the given output rows."""
         if self.native:
-            return kernels.unpack(self.packed)[rows]
+            return kernels.unpack(self.packed)[0][rows]
         if self.packed is None:
             pairs = self.codes[rows]
             return torch.stack([pairs & 15, pairs >> 4], -1).view(pairs.shape[0], -1)
@@ -318,8 +316,7 @@ class Int4Linear(QuantLinear):
 
     def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
         if self.native:
-            weight = kernels.dequantize(self.packed, self.block_scales, self.block_mins)
-            return weight[rows].to(self.dtype)
+            return kernels.dequantize(self.packed)[rows].to(self.dtype)
         sz = self.scales_zeros[:, rows].float()
         codes = Int4Codes(self.unpacked_codes(rows), sz[..., 0].T, sz[..., 1].T, self.group_size)
         return codes.dequantize(self.dtype)
@@ -332,7 +329,7 @@ class Int4Linear(QuantLinear):
             if start % kernels.TILE or stop % kernels.TILE:
                 return None
             tiles = slice(start // kernels.TILE, stop // kernels.TILE)
-            return kernels.linear(x, self.packed, self.block_scales, self.block_mins, tiles)
+            return kernels.linear(x, self.packed, tiles)
         whole = start == 0 and stop == self.out_features
         if not whole and (start % _INT4_BLOCK_N or (stop - start) % 16):
             return None
