@@ -71,7 +71,7 @@ def main() -> int:
         if kernel is not None and kernel == "ours" and not kernels.available():
             print(f"skipped {dtype} {weights} ours: {kernels.unavailable_reason()}")
             continue
-        os.environ["QUICKSILVER_INT4_KERNEL"] = kernel or "ours"
+        os.environ["QUICKSILVER_KERNELS"] = kernel or "ours"
         llm = qs.load(args.model, dtype=dtype, weights=weights)
         costs = [cost_ms(llm, k, args.context, args.repeats) for k in SIZES]
         name = f"{dtype}" + (f", {weights} weights ({kernel}'s kernel)" if weights else "")

@@ -123,7 +123,8 @@ def kernel_reference(linear: Int4Linear, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(params=["ours", "torch"])
 def int4_backend(request, monkeypatch) -> str:
-    """Int4Linear built on our kernel, then on torch's (each where it runs here)."""
+    """Int4Linear and Int8Linear built on our kernels, then on torch's (each where it runs
+    here)."""
     if request.param == "ours" and not kernels.available():
         pytest.skip(f"our int4 kernel does not run here: {kernels.unavailable_reason()}")
     if request.param == "torch":
@@ -201,18 +202,26 @@ def test_int4_shapes_the_kernel_refuses_fall_back(
     assert error <= 0.02 * float(expected.abs().max()), error
 
 
-def test_int8_linear_guard_and_kernel() -> None:
+def test_int8_linear_guard_and_kernel(int4_backend: str) -> None:
     weight = torch.randn(32, 24, generator=torch.Generator().manual_seed(7))
-    odd = Int8Linear.from_weight(weight, None, torch.bfloat16)  # bf16 K=24: kernel refuses
+    odd = Int8Linear.from_weight(weight, None, torch.bfloat16)  # K=24: both kernels refuse
     assert not odd.use_kernel
     x = torch.randn(3, 24, dtype=torch.bfloat16)
     torch.testing.assert_close(
         odd(x).float(), x.float() @ odd.dense_weight().float().T, rtol=0.02, atol=0.02
     )
     fits = Int8Linear.from_weight(torch.randn(32, 64), None, torch.float32)
+    assert fits.native == (int4_backend == "ours") and fits.use_kernel
     x = torch.randn(3, 64)
-    torch.testing.assert_close(fits(x), x @ fits.dense_weight().T, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fits.partial(x, 8), (x @ fits.dense_weight().T)[:, 8:])
+    if fits.native:  # activations rounded to int8 per block of 32
+        want = kernels.reference_linear(x, fits.packed, fits.scales)
+    else:
+        want = x @ fits.dense_weight().T
+    torch.testing.assert_close(fits(x), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fits.partial(x, 16), want[:, 16:], rtol=1e-5, atol=1e-5)
+    # a band off the kernel's tiles is multiplied densely, as torch's kernel does
+    dense = x @ fits.dense_weight().T
+    torch.testing.assert_close(fits.partial(x, 8), dense[:, 8:], rtol=1e-5, atol=1e-5)
 
 
 def test_weight_format_choices_are_checked() -> None:

@@ -114,18 +114,45 @@ def test_zero_rows_and_bad_shapes() -> None:
         kernels.linear(torch.zeros(2, 64, dtype=torch.float16), packed)
 
 
+@needs_kernel
+def test_int8_kernel_equals_its_oracle_and_keeps_rows_apart() -> None:
+    """int8 weights with per-channel scales: the oracle's numbers, and a row's bits do not
+    depend on the call (rows, instruction set), as for int4."""
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(-127, 128, (48, 96), dtype=torch.int8, generator=gen)
+    codes[0, :32] = -128  # the extreme code, through both instruction sets
+    packed, scales = kernels.pack8(codes), torch.rand(48, generator=gen) + 0.01
+    assert torch.equal(kernels.unpack8(packed), codes)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(19, 96, generator=gen).to(dtype)
+        x[3] = 0
+        got = kernels.linear8(x, packed, scales)
+        want = kernels.reference_linear(x.float(), packed, scales)
+        tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+        assert float((got.float() - want).abs().max()) <= tolerance * float(want.abs().max())
+        assert torch.equal(got[3], torch.zeros(48, dtype=dtype))
+        for row in (0, 7, 8, 18):
+            alone = kernels.linear8(x[row : row + 1].contiguous(), packed, scales)
+            assert torch.equal(alone, got[row : row + 1])
+        assert torch.equal(kernels.linear8(x, packed, scales, slice(2, 3)), got[:, 32:48])
+        if kernels.best_isa() == "avx512":
+            assert torch.equal(kernels.linear8(x, packed, scales, isa="avx2"), got)
+
+
 # --- through a model ---------------------------------------------------------------------
 
 
 @needs_kernel
 def test_int4_model_runs_our_kernel_and_verified_greedy_equals_plain() -> None:
-    """An int4 model on our kernel: every block product runs it, and n-gram verified greedy
-    decoding (k-token forwards) gives plain greedy decoding's tokens, in fp32 and bf16."""
+    """An int4 model (int8 head) on our kernels: every product runs them, and n-gram verified
+    greedy decoding (k-token forwards) gives plain greedy decoding's tokens, in fp32 and
+    bf16."""
     for dtype in (torch.float32, torch.bfloat16):
         model = random_model(dataclasses.replace(FITS, n_layers=3), fast=False).to(dtype)
         convert_model(model, WeightFormat("int4"))
         linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
         assert linears and all(m.native for m in linears)
+        assert model.lm_head.native == (model.lm_head.out_features % 16 == 0)
         engine = Engine(model)
         prompt = [[5, 9, 13, 2, 7, 5, 9, 13, 2, 7, 5, 9, 13]]
         plain = generate(engine, prompt, 24, ignore_eos=True)

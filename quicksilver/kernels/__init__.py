@@ -1,4 +1,5 @@
-"""Our one native kernel: int4 weights times int8-rounded activations (``q4q8.cpp``).
+"""Our native kernels: int4 and int8 weights times int8-rounded activations
+(``int_linear.cpp``).
 
 Why it exists: torch's CPU int4 kernel costs 2.6x a one-row product at 8 rows and 4.7x at 16
 (docs/results/kernel-rows.md), so verifying 8 drafted tokens cost ~1.7 decode steps. This
@@ -12,8 +13,7 @@ call, so verified decoding stays exact.
 The source is compiled once per machine and torch version on first use (~30-60 s, a line on
 stderr says so) into ``<QUICKSILVER_CACHE>/kernels``; where that fails (no compiler, a CPU
 without AVX2, not x86-64) int4 keeps torch's kernel and ``unavailable_reason()`` says why.
-``QUICKSILVER_INT4_KERNEL=torch`` keeps torch's kernel on purpose (to compare the two):
-``wanted()``.
+``QUICKSILVER_KERNELS=torch`` keeps torch's kernels on purpose (to compare): ``wanted()``.
 
 The layout helpers here are pure tensor functions; the kernel's layout is documented in the
 C++ source.
@@ -34,7 +34,7 @@ import torch
 
 TILE = 16  # outputs per tile
 BLOCK = 32  # inputs per block
-_SOURCE = Path(__file__).with_name("q4q8.cpp")
+_SOURCE = Path(__file__).with_name("int_linear.cpp")
 _state: dict[str, str | float] = {}
 
 
@@ -69,7 +69,7 @@ def _build() -> None:
     start = time.perf_counter()
     with _ninja_on_path():
         cpp_extension.load(
-            name="quicksilver_q4q8",
+            name="quicksilver_int_linear",
             sources=[str(_SOURCE)],
             extra_cflags=["-O3"],
             build_directory=str(directory),
@@ -78,15 +78,15 @@ def _build() -> None:
         )
     _state["build_seconds"] = time.perf_counter() - start
 
-    @torch.library.register_fake("quicksilver::q4q8_linear")
-    def _(x, packed, tile_start, tile_stop, isa):
+    @torch.library.register_fake("quicksilver::int_linear")
+    def _(x, packed, channel_scales, tile_start, tile_stop, isa):
         return x.new_empty(x.shape[0], (tile_stop - tile_start) * TILE)
 
 
 def wanted() -> bool:
-    """False where ``QUICKSILVER_INT4_KERNEL=torch`` asks int4 models loaded from now on to
-    keep torch's kernel (read at each load, so one process can compare the two)."""
-    return os.environ.get("QUICKSILVER_INT4_KERNEL", "ours") != "torch"
+    """False where ``QUICKSILVER_KERNELS=torch`` asks int4 and int8 weights loaded from now
+    on to keep torch's kernels (read at each load, so one process can compare the two)."""
+    return os.environ.get("QUICKSILVER_KERNELS", "ours") != "torch"
 
 
 @functools.cache
@@ -103,6 +103,10 @@ def available() -> bool:
         x = torch.randn(3, 64, generator=gen)
         packed = pack(codes, scales, mins, 32)
         got, want = linear(x, packed), reference_linear(x, packed)
+        codes8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=gen)
+        packed8, channel = pack8(codes8), torch.rand(32, generator=gen)
+        got = torch.cat([got, linear8(x, packed8, channel)], 1)
+        want = torch.cat([want, reference_linear(x, packed8, channel)], 1)
     except Exception as error:  # a missing compiler or a failed build: keep torch's kernel
         _state["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
         return False
@@ -124,7 +128,7 @@ def build_seconds() -> float:
 
 def best_isa() -> str:
     """``avx512`` (VNNI), ``avx2`` or ``none``: the path ``linear`` takes on this CPU."""
-    return torch.ops.quicksilver.q4q8_best_isa()
+    return torch.ops.quicksilver.int_linear_best_isa()
 
 
 def linear(
@@ -132,7 +136,19 @@ def linear(
 ) -> torch.Tensor:
     """x [M, K] (float32 or bfloat16) times the packed weight's tiles, in x's dtype."""
     start, stop, _ = tiles.indices(packed.shape[0])
-    return torch.ops.quicksilver.q4q8_linear(x, packed, start, stop, isa)
+    return torch.ops.quicksilver.int_linear(x, packed, None, start, stop, isa)
+
+
+def linear8(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    channel_scales: torch.Tensor,
+    tiles: slice = slice(None),
+    isa: str = "auto",
+) -> torch.Tensor:
+    """x [M, K] times an int8 weight packed by ``pack8``, in x's dtype."""
+    start, stop, _ = tiles.indices(packed.shape[0])
+    return torch.ops.quicksilver.int_linear(x, packed, channel_scales, start, stop, isa)
 
 
 # ---------------------------------------------------------------- layouts (pure functions)
@@ -179,6 +195,21 @@ def dequantize(packed: torch.Tensor) -> torch.Tensor:
     return codes.float() * scales.repeat_interleave(BLOCK, 1) + mins.repeat_interleave(BLOCK, 1)
 
 
+def pack8(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] -> uint8 [N/16, K/32, 512]: per tile of 16 outputs and block of 32
+    inputs, 8 vectors of 4 consecutive inputs for each of the 16 outputs."""
+    n, k = codes.shape
+    quads = codes.view(n // TILE, TILE, k // BLOCK, 8, 4).permute(0, 2, 3, 1, 4)
+    return quads.reshape(n // TILE, k // BLOCK, 512).contiguous().view(torch.uint8)
+
+
+def unpack8(packed: torch.Tensor) -> torch.Tensor:
+    """``pack8``'s inverse: int8 codes [N, K]."""
+    tiles, blocks, _ = packed.shape
+    quads = packed.view(torch.int8).view(tiles, blocks, 8, TILE, 4).permute(0, 3, 1, 2, 4)
+    return quads.reshape(tiles * TILE, blocks * BLOCK).contiguous()
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's rounding of x [M, K]: int8-valued codes (as float) and the scale of each
     row's block of 32 [M, K/32]: scale = max|x| / 127, codes = round(x / scale)."""
@@ -189,8 +220,15 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.view_as(x), scale
 
 
-def reference_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """What the kernel computes, in float64 from the same roundings: the test oracle."""
+def reference_linear(
+    x: torch.Tensor, packed: torch.Tensor, channel_scales: torch.Tensor | None = None
+) -> torch.Tensor:
+    """What the kernel computes (int4, or int8 with ``channel_scales``), in float64 from the
+    same roundings: the test oracle."""
     q, scale = quantize_activations(x)
     x_rounded = (q.view(x.shape[0], -1, BLOCK) * scale.unsqueeze(-1)).view_as(x).double()
-    return (x_rounded @ dequantize(packed).double().T).to(x.dtype)
+    if channel_scales is None:
+        weight = dequantize(packed).double()
+    else:
+        weight = unpack8(packed).double() * channel_scales.double().unsqueeze(1)
+    return (x_rounded @ weight.T).to(x.dtype)

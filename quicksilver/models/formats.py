@@ -174,21 +174,22 @@ class QuantLinear(nn.Module):
             y = y + self.bias[rows]
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
-    @property
-    def kernel_rows(self) -> int:
-        """The most rows the weight-only kernel takes: torch's float32 kernels are scalar
-        loops (40-120x slower than their bf16 paths here), so in float32 they only pay for a
-        handful of rows."""
-        return FLOAT32_KERNEL_ROWS if self.dtype == torch.float32 else self.dequant_rows
+    def set_kernel_rows(self, native: bool) -> None:
+        """The most rows the weight-only kernel takes (a plain attribute: the compiled step
+        reads it). Ours is as fast in float32 as in bf16; torch's float32 kernels are scalar
+        loops (40-120x slower than their bf16 paths here), so they only pay for a handful of
+        rows."""
+        float32 = self.dtype == torch.float32
+        self.kernel_rows = FLOAT32_KERNEL_ROWS if float32 and not native else self.dequant_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.partial(x, 0, None)
 
 
 class Int8Linear(QuantLinear):
-    """Per-output-channel int8 codes and scales, torch's int8 weight-only kernel."""
-
-    kernel_name = "int8"
+    """Per-output-channel int8 codes and scales. Multiplied by our kernel where it runs
+    (``quicksilver.kernels``: activations rounded to int8 per block of 32, ``int8-q8`` in
+    ``kernel_log``), else by torch's int8 weight-only kernel (``int8``), else densely."""
 
     def __init__(
         self,
@@ -196,20 +197,42 @@ class Int8Linear(QuantLinear):
         scales: torch.Tensor,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
+        kernel: str = "auto",
     ) -> None:
+        """``kernel``: ``auto`` (ours where it runs, unless ``QUICKSILVER_KERNELS=torch``,
+        which names both formats' kernels) or ``torch``."""
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias, dtype)
-        self.register_buffer("codes", codes.to(torch.int8).contiguous())
-        self.register_buffer("scales", scales.reshape(out_features).to(dtype).contiguous())
-        self.use_kernel = (
-            codes.device.type == "cpu"
+        on_cpu = codes.device.type == "cpu"
+        self.native = (
+            kernel == "auto"
+            and kernels.wanted()
+            and on_cpu
+            and out_features % kernels.TILE == 0
+            and in_features % kernels.BLOCK == 0
+            and kernels.available()
+        )
+        self.use_kernel = self.native or (
+            on_cpu
             and quant.int8_kernel_available()
             and quant.int8_kernel_supports(dtype, in_features)
         )
+        self.kernel_name = "int8-q8" if self.native else "int8"
+        self.dequant_rows = 1024 if self.native else 64  # torch's re-reads every few rows
+        self.set_kernel_rows(self.native)
+        codes = codes.to(torch.int8)
+        if self.native:  # float32 scales: applied once per output, after the integer sums
+            self.register_buffer("packed", kernels.pack8(codes))
+            self.register_buffer("codes", None)
+            self.register_buffer("scales", scales.reshape(out_features).float().contiguous())
+        else:
+            self.register_buffer("packed", None)
+            self.register_buffer("codes", codes.contiguous())
+            self.register_buffer("scales", scales.reshape(out_features).to(dtype).contiguous())
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, kernel="auto"
     ) -> Int8Linear:
         """Per-channel codes, computed a band of rows at a time: a large matrix (an LM head)
         then needs little memory beyond its codes."""
@@ -218,15 +241,21 @@ class Int8Linear(QuantLinear):
             band = quant.quantize(rows)
             codes.append(quant.sliced_int8(band, 8))
             scales.append(band.scales[:, 0])
-        return cls(torch.cat(codes), torch.cat(scales), bias, dtype)
+        return cls(torch.cat(codes), torch.cat(scales), bias, dtype, kernel)
 
     def dense_weight(self, rows: slice = slice(None)) -> torch.Tensor:
-        return self.codes[rows].to(self.dtype) * self.scales[rows].unsqueeze(1)
+        codes = kernels.unpack8(self.packed)[rows] if self.native else self.codes[rows]
+        return (codes.to(self.scales.dtype) * self.scales[rows].unsqueeze(1)).to(self.dtype)
 
     def kernel_product(self, x: torch.Tensor, rows: slice) -> torch.Tensor | None:
         if not self.use_kernel:
             return None
-        return quant.int8_linear(x, self.codes[rows], self.scales[rows])
+        if not self.native:
+            return quant.int8_linear(x, self.codes[rows], self.scales[rows])
+        if rows.start % kernels.TILE or rows.stop % kernels.TILE:
+            return None
+        tiles = slice(rows.start // kernels.TILE, rows.stop // kernels.TILE)
+        return kernels.linear8(x, self.packed, self.scales, tiles)
 
 
 class Int4Linear(QuantLinear):
@@ -244,7 +273,7 @@ class Int4Linear(QuantLinear):
         dtype: torch.dtype,
         kernel: str = "auto",
     ) -> None:
-        """``kernel``: ``auto`` (ours where it runs, unless ``QUICKSILVER_INT4_KERNEL=torch``)
+        """``kernel``: ``auto`` (ours where it runs, unless ``QUICKSILVER_KERNELS=torch``)
         or ``torch`` (torch's, to compare)."""
         out_features, in_features = codes.codes.shape
         super().__init__(in_features, out_features, bias, dtype)
@@ -265,6 +294,7 @@ class Int4Linear(QuantLinear):
             and int4_kernel_fits(out_features, in_features, codes.group_size)
         )
         self.kernel_name = "int4-q8" if self.native else "int4"
+        self.set_kernel_rows(self.native)
         for name in ("packed", "codes", "scales_zeros"):
             self.register_buffer(name, None)
         if self.native:
@@ -290,11 +320,6 @@ class Int4Linear(QuantLinear):
         kernel: str = "auto",
     ) -> Int4Linear:
         return cls(quantize_int4(weight, group_size), bias, dtype, kernel)
-
-    @property
-    def kernel_rows(self) -> int:
-        # torch's float32 int4 path is a scalar loop; ours is as fast in float32 as in bf16.
-        return self.dequant_rows if self.native else super().kernel_rows
 
     def unpacked_codes(self, rows: slice = slice(None)) -> torch.Tensor:
         """uint8 codes 0..15 [out, in] of the given output rows."""

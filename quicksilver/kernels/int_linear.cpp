@@ -1,4 +1,4 @@
-// int4 weights times int8-rounded activations, for 1..M rows, on x86-64 CPUs.
+// int4 and int8 weights times int8-rounded activations, for 1..M rows, on x86-64 CPUs.
 //
 // Why: torch's CPU int4 kernel re-reads and re-expands its weights for every few activation
 // rows, so a forward of 8 or 16 tokens (a verify step) costs 2.6-4.7x a one-token step. Here
@@ -13,7 +13,7 @@
 // depend on its batch-mates, so a verify forward of k tokens gives bit for bit what k
 // one-token steps give. The AVX-512 and AVX2 paths give identical results too.
 //
-// Layouts (built by quicksilver/kernels/__init__.py):
+// Layouts (built by quicksilver/kernels/__init__.py), int4:
 //   packed  uint8 [N/16, K/32, 320], one record of 320 bytes per tile t of 16 outputs and
 //           block b of 32 inputs, so a call reads the weights as one stream:
 //     bytes   0..255  4 vectors of 64; in vector v, byte 4*lane + i holds
@@ -23,6 +23,9 @@
 //     bytes 288..319  16 float16 weights at code 0 ("mins"): w = code * scale + min.
 //   float16 as in GGUF's blocks: 5 bits a weight in all, as torch's int4 layout with bf16
 //   scales (a step is bound by reading weights, so every byte counts).
+// int8: packed uint8 [N/16, K/32, 512], per (tile, block) 8 vectors of 64: in vector j, byte
+//   4*lane + i holds w(n = 16t + lane, k = 32b + 4j + i) as int8; and channel_scales float32
+//   [N], one per output (the int8 format's symmetric per-channel scales).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -42,7 +45,8 @@ namespace {
 
 constexpr int kTile = 16;   // outputs per tile
 constexpr int kBlock = 32;  // inputs per block
-constexpr int kRecord = 320;  // bytes per (tile, block)
+constexpr int kRecord = 320;   // bytes per (tile, block), int4 weights
+constexpr int kRecord8 = 512;  // bytes per (tile, block), int8 weights
 constexpr int kMaxRows = 8;  // rows a tile keeps in registers at once
 
 struct RowsQ8 {
@@ -63,6 +67,7 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch doe
 
 struct Call {
   const uint8_t* packed;
+  const float* channel_scales;  // int8 weights only
   const RowsQ8* q;
   int64_t k, blocks, rows, out_stride;
   float* out_f32;
@@ -241,6 +246,81 @@ __attribute__((target("avx2,fma"))) void quantize_avx2(const at::Tensor& x, Rows
   }
 }
 
+// int8 weights (one scale per output channel) times int8-rounded activations. VNNI's
+// dpbusd multiplies unsigned by signed bytes: the activations go in as x + 128 (flipping
+// the sign bit), and 128 * sum(w), taken once per block with the same instruction, comes
+// off again. Exact in int32, like the AVX2 path's sign trick below.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile8_avx512(
+    const Call& c, int64_t tile, int64_t row0, int64_t col) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t b = 0; b < c.blocks; ++b) {
+    const uint8_t* w = c.packed + (tile * c.blocks + b) * kRecord8;
+    __m512i vectors[8];
+    __m512i sum = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      vectors[j] = _mm512_loadu_si512(w + 64 * j);
+      sum = _mm512_dpbusd_epi32(sum, ones, vectors[j]);
+    }
+    const __m512i offset = _mm512_slli_epi32(sum, 7);  // 128 * sum(w)
+    __m512i dot[R];
+    for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
+    for (int j = 0; j < 8; ++j) {
+      for (int r = 0; r < R; ++r) {
+        uint32_t four;
+        std::memcpy(&four, c.q->codes.data() + (row0 + r) * c.k + b * kBlock + 4 * j, 4);
+        const __m512i x = _mm512_set1_epi32(static_cast<int32_t>(four ^ 0x80808080u));
+        dot[r] = _mm512_dpbusd_epi32(dot[r], x, vectors[j]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], offset));
+      const float d = c.q->scale[(row0 + r) * c.blocks + b];
+      acc[r] = _mm512_fmadd_ps(exact, _mm512_set1_ps(d), acc[r]);
+    }
+  }
+  const __m512 scale = _mm512_loadu_ps(c.channel_scales + tile * kTile);
+  alignas(64) float values[kTile];
+  for (int r = 0; r < R; ++r) {
+    _mm512_store_ps(values, _mm512_mul_ps(acc[r], scale));
+    store_tile(c, row0 + r, col, values);
+  }
+}
+
+// AVX2: maddubs takes |w| as the unsigned side and x with w's sign as the signed one, so no
+// int16 pair sum can overflow (activations lie in -127..127: 2 * 128 * 127 < 32768).
+template <int R>
+__attribute__((target("avx2,fma"))) void tile8_avx2(const Call& c, int64_t tile, int64_t row0,
+                                                    int64_t col) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  alignas(32) float values[R][kTile];
+  for (int half = 0; half < 2; ++half) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < c.blocks; ++b) {
+      const uint8_t* w = c.packed + (tile * c.blocks + b) * kRecord8 + 32 * half;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* xq = c.q->codes.data() + (row0 + r) * c.k + b * kBlock;
+        __m256i dot = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 64 * j));
+          int32_t four;
+          std::memcpy(&four, xq + 4 * j, 4);
+          const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(four), v);
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(v), x), ones));
+        }
+        const float d = c.q->scale[(row0 + r) * c.blocks + b];
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d), acc[r]);
+      }
+    }
+    const __m256 scale = _mm256_loadu_ps(c.channel_scales + tile * kTile + 8 * half);
+    for (int r = 0; r < R; ++r) _mm256_store_ps(values[r] + 8 * half, _mm256_mul_ps(acc[r], scale));
+  }
+  for (int r = 0; r < R; ++r) store_tile(c, row0 + r, col, values[r]);
+}
+
 enum class Isa { kNone, kAvx2, kAvx512 };
 
 Isa detect_isa() {
@@ -258,6 +338,8 @@ template <int... Rs>
 struct Table {
   static constexpr TileFn avx512[] = {tile_avx512<Rs>...};
   static constexpr TileFn avx2[] = {tile_avx2<Rs>...};
+  static constexpr TileFn avx512_int8[] = {tile8_avx512<Rs>...};
+  static constexpr TileFn avx2_int8[] = {tile8_avx2<Rs>...};
 };
 using Tiles = Table<1, 2, 3, 4, 5, 6, 7, 8>;
 
@@ -278,29 +360,36 @@ int64_t isa_code(const std::string& name) {
   }
   if (name == "avx512") return 2;
   if (name == "avx2") return 1;
-  TORCH_CHECK(false, "q4q8: unknown instruction set ", name);
+  TORCH_CHECK(false, "int_linear: unknown instruction set ", name);
 }
 
-// The product of x [M, K] with tiles [tile_start, tile_stop) of the packed weight, in x's
-// dtype. ``isa`` names the path ("auto": the best this CPU runs), so tests can compare them.
-at::Tensor q4q8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t tile_start,
-                       int64_t tile_stop,
-                       const std::string& isa) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "q4q8: x must be a contiguous matrix");
+// The product of x [M, K] with tiles [tile_start, tile_stop) of a packed weight (int4
+// records, or int8 ones with ``channel_scales``), in x's dtype. ``isa`` names the path
+// ("auto": the best this CPU runs), so tests can compare them.
+at::Tensor int_linear(const at::Tensor& x, const at::Tensor& packed,
+                      const c10::optional<at::Tensor>& channel_scales, int64_t tile_start,
+                      int64_t tile_stop, const std::string& isa) {
+  const bool int8 = channel_scales.has_value();
+  const int64_t record = int8 ? kRecord8 : kRecord;
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "int_linear: x must be a contiguous matrix");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
-              "q4q8: x must be float32 or bfloat16");
-  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == kRecord && packed.is_contiguous() &&
+              "int_linear: x must be float32 or bfloat16");
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == record && packed.is_contiguous() &&
                   packed.scalar_type() == at::kByte,
-              "q4q8: packed must be uint8 [N/16, K/32, 320]");
+              "int_linear: packed must be uint8 [N/16, K/32, ", record, "]");
+  TORCH_CHECK(!int8 || (channel_scales->scalar_type() == at::kFloat &&
+                        channel_scales->is_contiguous() &&
+                        channel_scales->numel() == packed.size(0) * kTile),
+              "int_linear: channel scales must be float32 [N]");
   const int64_t rows = x.size(0), k = x.size(1), blocks = packed.size(1);
-  TORCH_CHECK(k == blocks * kBlock, "q4q8: x has ", k, " inputs, the weight ", blocks * kBlock);
+  TORCH_CHECK(k == blocks * kBlock, "int_linear: x has ", k, " inputs, the weight ", blocks * kBlock);
   TORCH_CHECK(0 <= tile_start && tile_start <= tile_stop && tile_stop <= packed.size(0),
-              "q4q8: tiles out of range");
+              "int_linear: tiles out of range");
   const int64_t n_out = (tile_stop - tile_start) * kTile;
   at::Tensor out = at::empty({rows, n_out}, x.options());
   if (rows == 0 || n_out == 0) return out;
   const int64_t code = isa_code(isa);
-  TORCH_CHECK(code > 0, "q4q8: this CPU has neither AVX-512 VNNI nor AVX2");
+  TORCH_CHECK(code > 0, "int_linear: this CPU has neither AVX-512 VNNI nor AVX2");
 #ifdef QS_X86
   RowsQ8 q;
   q.codes.resize(rows * k);
@@ -308,10 +397,12 @@ at::Tensor q4q8_linear(const at::Tensor& x, const at::Tensor& packed, int64_t ti
   q.scaled_sum.resize(rows * blocks);
   if (code == 2) quantize_avx512(x, q);
   else quantize_avx2(x, q);
-  Call c{packed.data_ptr<uint8_t>(), &q, k, blocks, rows, n_out, nullptr, nullptr};
+  Call c{packed.data_ptr<uint8_t>(), int8 ? channel_scales->data_ptr<float>() : nullptr, &q, k,
+         blocks, rows, n_out, nullptr, nullptr};
   if (x.scalar_type() == at::kFloat) c.out_f32 = out.data_ptr<float>();
   else c.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const TileFn* table = code == 2 ? Tiles::avx512 : Tiles::avx2;
+  const TileFn* table = code == 2 ? (int8 ? Tiles::avx512_int8 : Tiles::avx512)
+                                  : (int8 ? Tiles::avx2_int8 : Tiles::avx2);
   at::parallel_for(tile_start, tile_stop, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t col = (tile - tile_start) * kTile;
@@ -333,8 +424,9 @@ std::string best_isa() {
 }  // namespace
 
 TORCH_LIBRARY(quicksilver, m) {
-  m.def("q4q8_linear(Tensor x, Tensor packed, int tile_start, int tile_stop, str isa) -> Tensor");
-  m.def("q4q8_best_isa() -> str", &best_isa);
+  m.def("int_linear(Tensor x, Tensor packed, Tensor? channel_scales, int tile_start, "
+        "int tile_stop, str isa) -> Tensor");
+  m.def("int_linear_best_isa() -> str", &best_isa);
 }
 
-TORCH_LIBRARY_IMPL(quicksilver, CPU, m) { m.impl("q4q8_linear", &q4q8_linear); }
+TORCH_LIBRARY_IMPL(quicksilver, CPU, m) { m.impl("int_linear", &int_linear); }
