@@ -5,24 +5,29 @@ Every format is a module behind the same interface as ``transformer.Linear`` (``
 the runner and the policies never ask which one they hold. One copy of the weights is kept,
 in the chosen format:
 
-- ``int8``: symmetric per-output-channel codes, multiplied by torch's int8 weight-only kernel
-  (``aten._weight_int8pack_mm``).
+- ``int8``: symmetric per-output-channel codes.
 - ``int4``: 16-level codes in groups of 32, 64 or 128 inputs with a scale and a zero per group,
-  ``w = (q - 8) * scale + zero``, packed for ``aten._weight_int4pack_mm_for_cpu``. GGUF's Q4_0
-  and Q4_1 blocks, and Q4_K's sub-blocks, are exactly this form
-  (``gguf_file.int4_codes_from_gguf``), so they load without re-quantising.
+  ``w = (q - 8) * scale + zero``. GGUF's Q4_0 and Q4_1 blocks, and Q4_K's sub-blocks, are
+  exactly this form (``gguf_file.int4_codes_from_gguf``), so they load without re-quantising.
 
-Which kernel runs is chosen per call from the number of rows: the weight-only kernels re-read
-their weights for every four rows, so past ``dequant_rows`` rows (prefill, evaluation) the
-weight is expanded once into the activation dtype and multiplied densely. Measured on
-SmolLM2-135M's 3072x576 up-projection, 2 AVX-512 cores, bf16: the int8 kernel matches
-expand-then-multiply at 64 rows and is 2.5x slower at 256; the int4 kernel is 2.7x slower
-than a bf16 product at 256 rows, but expanding int4 costs ~7 ms a matrix, which pays from
-about 1,024 rows. With float32 activations both kernels are scalar loops (40-120x slower than
-in bf16), so they run only up to ``FLOAT32_KERNEL_ROWS`` rows. Shapes a kernel refuses (N not
-a multiple of 16, K not a multiple of the group, a CUDA tensor where torch has no such kernel)
-fall back to the dense product on the dequantised weight. ``kernel_log`` counts which path
-ran, so results can say so.
+Both are multiplied by our kernels (``quicksilver.kernels``) where they run (x86-64 with
+AVX-512 VNNI or AVX2, N a multiple of 16, K of 32): each row's activations are rounded to
+int8 per block of 32 inputs, as llama.cpp does, and multiplied with integer dot products,
+so a product's cost grows slowly with rows and a row's output does not depend on the rest
+of the call. int4 scales and zeros are then kept in float16, as GGUF keeps them. Elsewhere,
+or with ``QUICKSILVER_KERNELS=torch``, torch's weight-only kernels run
+(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) on the unrounded
+activations: the two are different numerics, each measured (docs/results/formats.md).
+
+Past ``dequant_rows`` rows (long prefills, evaluation) the weight is expanded once into the
+activation dtype and multiplied densely: torch's kernels re-read their weights every four
+rows (its int8 kernel matched expand-then-multiply at 64 rows on SmolLM2's 3072x576
+up-projection, bf16; expanding int4 costs ~7 ms a matrix, which pays from about 1,024 rows).
+torch's float32 paths are scalar loops (40-120x slower than in bf16), so there they run only
+up to ``FLOAT32_KERNEL_ROWS`` rows; ours are as fast in float32. Shapes no kernel takes, and
+bands of outputs off a kernel's tiles, use the dense product on the dequantised weight.
+``kernel_log`` counts which path ran (``int4-q8``, ``int4``, ``int4-dequant``...), so results
+can say so.
 """
 
 from __future__ import annotations
