@@ -18,6 +18,7 @@ types, the weight error) is written beside the table.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -33,15 +34,20 @@ from quicksilver.outputs import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "docs" / "results"
-# (label, dtype, weights, head_weights); the first is the reference.
+# (label, dtype, weights, head_weights, kernels); the first is the reference. int8 and int4
+# run our kernels (activations rounded to int8 per block of 32, quicksilver.kernels) unless
+# the label names torch's weight-only kernels (activations as they are).
 FORMATS = [
-    ("fp32 (reference)", "float32", None, None),
-    ("bf16", "bfloat16", None, None),
-    ("bf16, head int8", "bfloat16", None, "int8"),
-    ("int8", "bfloat16", "int8", None),
-    ("int4, head int8", "bfloat16", "int4", None),
-    ("int4, head bf16", "bfloat16", "int4", "bfloat16"),
-    ("int4 g64 (re-quantised), head int8", "bfloat16", "int4", None),
+    ("fp32 (reference)", "float32", None, None, "ours"),
+    ("bf16", "bfloat16", None, None, "ours"),
+    ("bf16, head int8", "bfloat16", None, "int8", "ours"),
+    ("bf16, head int8 (torch's kernel)", "bfloat16", None, "int8", "torch"),
+    ("int8", "bfloat16", "int8", None, "ours"),
+    ("int8 (torch's kernel)", "bfloat16", "int8", None, "torch"),
+    ("int4, head int8", "bfloat16", "int4", None, "ours"),
+    ("int4, head int8 (torch's kernels)", "bfloat16", "int4", None, "torch"),
+    ("int4, head bf16", "bfloat16", "int4", "bfloat16", "ours"),
+    ("int4 g64 (re-quantised), head int8", "bfloat16", "int4", None, "ours"),
 ]
 
 
@@ -62,16 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 def measure(args: argparse.Namespace, text: str, prompts: list[str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     reference_tokens: list[list[int]] | None = None
-    for label, dtype, weights, head in FORMATS:
+    for label, dtype, weights, head, kernel in FORMATS:
         group = (64 if "g64" in label else 32) if "int4" in (weights, head) else None
         print(f"formats: {label}", file=sys.stderr, flush=True)
+        os.environ["QUICKSILVER_KERNELS"] = kernel
         llm = qs.load(args.model, dtype=dtype, weights=weights, head_weights=head, group_size=group)
         start = time.perf_counter()
         result = llm.perplexity(
             text,
             context=args.context,
             stride=args.stride,
-            batch_size=4,
+            batch_size=1,  # one window's rows at a time: through the kernel decoding uses
             max_windows=args.max_windows,
             progress=True,
         )

@@ -176,7 +176,7 @@ def test_int4_linear_uses_the_kernel_and_reads_its_codes_back(int4_backend: str)
     else:  # bit for bit: the band's outputs are computed exactly as in the whole product
         assert torch.equal(band, full[:, 16:48])
     # Many rows: the weight is expanded once and multiplied densely.
-    many = torch.randn(Int4Linear.dequant_rows + 1, 64)
+    many = torch.randn(linear.dequant_rows + 1, 64)
     torch.testing.assert_close(
         linear(many), many @ linear.dense_weight().T + linear.bias, rtol=1e-5, atol=1e-4
     )
