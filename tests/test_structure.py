@@ -251,6 +251,7 @@ LAYERS = [
     "errors",
     "outputs",
     "quant",
+    "kernels",
     "models",
     "accounting",
     "policies",
