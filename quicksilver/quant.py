@@ -381,3 +381,41 @@ def plane_storage_bytes(
     """Bytes the planes for ``widths`` occupy, each plane counted once (8 and 4 share hi)."""
     per_plane = plane_bytes(out_features, in_features, 4, n_groups, scale_bytes)
     return len(planes_for(widths)) * per_plane
+
+
+# ---------------------------------------------------------------- int4 codes (GGUF Q4 blocks
+# and our int4 format)
+
+
+@dataclass
+class Int4Codes:
+    """Weights [out, in] as ``(codes - 8) * scales + zeros``, one scale and zero per group of
+    ``group_size`` inputs. codes: uint8 in 0..15 [out, in]; scales, zeros: float32 [out, in/g]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_features, in_features = self.codes.shape
+        grouped = (self.codes.float() - 8).view(out_features, -1, self.group_size)
+        weight = grouped * self.scales.unsqueeze(-1) + self.zeros.unsqueeze(-1)
+        return weight.view(out_features, in_features).to(dtype)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Int4Codes:
+    """Asymmetric min/max 4-bit codes per group (GGUF Q4_1's rule): scale = (max - min) / 15,
+    the group's minimum at code 0, codes rounded to nearest."""
+    out_features, in_features = weight.shape
+    if in_features % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+    w = weight.detach().float().view(out_features, -1, group_size)
+    low, high = w.amin(-1), w.amax(-1)
+    scales = (high - low) / 15
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round((w - low.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15)
+    zeros = low + 8 * scales  # (q - 8) * scale + zero == low + q * scale
+    return Int4Codes(
+        codes.to(torch.uint8).view(out_features, in_features), scales, zeros, group_size
+    )

@@ -43,6 +43,7 @@ from torch import nn
 
 from quicksilver import kernels, quant
 from quicksilver.errors import QuicksilverError
+from quicksilver.quant import Int4Codes, quantize_int4
 
 WEIGHT_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 """What ``qs.load(..., weights=)`` accepts: a float dtype keeps the model's dense weights."""
@@ -83,43 +84,6 @@ def int4_kernel_available() -> bool:
         return False
     ref = x @ ((codes.float() - 8) * scales.T + zeros.T).T
     return bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-4))
-
-
-# ---------------------------------------------------------------- int4 codes (pure functions)
-
-
-@dataclass
-class Int4Codes:
-    """Weights [out, in] as ``(codes - 8) * scales + zeros``, one scale and zero per group of
-    ``group_size`` inputs. codes: uint8 in 0..15 [out, in]; scales, zeros: float32 [out, in/g]."""
-
-    codes: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    group_size: int
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out_features, in_features = self.codes.shape
-        grouped = (self.codes.float() - 8).view(out_features, -1, self.group_size)
-        weight = grouped * self.scales.unsqueeze(-1) + self.zeros.unsqueeze(-1)
-        return weight.view(out_features, in_features).to(dtype)
-
-
-def quantize_int4(weight: torch.Tensor, group_size: int) -> Int4Codes:
-    """Asymmetric min/max 4-bit codes per group (GGUF Q4_1's rule): scale = (max - min) / 15,
-    the group's minimum at code 0, codes rounded to nearest."""
-    out_features, in_features = weight.shape
-    if in_features % group_size:
-        raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
-    w = weight.detach().float().view(out_features, -1, group_size)
-    low, high = w.amin(-1), w.amax(-1)
-    scales = (high - low) / 15
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round((w - low.unsqueeze(-1)) / scales.unsqueeze(-1)).clamp_(0, 15)
-    zeros = low + 8 * scales  # (q - 8) * scale + zero == low + q * scale
-    return Int4Codes(
-        codes.to(torch.uint8).view(out_features, in_features), scales, zeros, group_size
-    )
 
 
 def int4_kernel_fits(out_features: int, in_features: int, group_size: int) -> bool:

@@ -24,7 +24,7 @@ import torch
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
-from quicksilver.models.formats import Int4Codes
+from quicksilver.quant import Int4Codes
 
 # The architectures read, and whether llama.cpp stored their Q/K rows interleaved per rotary
 # pair (to be un-interleaved into transformers' half-split layout).
