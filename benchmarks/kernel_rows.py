@@ -87,7 +87,7 @@ def kernels(weights: list[torch.Tensor]) -> dict[str, list[tuple[Product, torch.
 
 def module_on(isa: str, weight: torch.Tensor) -> Product:
     """Our kernel's product with ``weight``, forced onto one instruction set."""
-    module = Int4Linear.from_weight(weight, None, torch.bfloat16, 32)
+    module = Int4Linear.from_weight(weight, None, torch.bfloat16, 32, "ours")
     return lambda x, packed=module.packed: native.linear(x, packed, isa=isa)
 
 

@@ -124,14 +124,21 @@ def kernel_reference(linear: Int4Linear, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(params=["ours", "torch"])
 def int4_backend(request, monkeypatch) -> str:
     """Int4Linear and Int8Linear built on our kernels, then on torch's (each where it runs
-    here)."""
+    here), chosen as a user does: ``QUICKSILVER_KERNELS``."""
     if request.param == "ours" and not kernels.available():
-        pytest.skip(f"our int4 kernel does not run here: {kernels.unavailable_reason()}")
-    if request.param == "torch":
-        if not formats.int4_kernel_available():
-            pytest.skip("no CPU int4 kernel in this torch build")
-        monkeypatch.setattr(formats.kernels, "available", lambda: False)
+        pytest.skip(f"our kernels do not run here: {kernels.unavailable_reason()}")
+    if request.param == "torch" and not formats.int4_kernel_available():
+        pytest.skip("no CPU int4 kernel in this torch build")
+    monkeypatch.setenv("QUICKSILVER_KERNELS", request.param)
     return request.param
+
+
+def test_torch_kernels_are_the_default(monkeypatch) -> None:
+    monkeypatch.delenv("QUICKSILVER_KERNELS", raising=False)
+    linear = Int4Linear(quantize_int4(torch.randn(32, 64), 32), None, torch.bfloat16)
+    assert not linear.native
+    head = Int8Linear.from_weight(torch.randn(32, 64), None, torch.bfloat16)
+    assert not head.native
 
 
 def test_gguf_q4_through_the_kernel_within_scale_rounding(int4_backend: str) -> None:

@@ -10,14 +10,14 @@ in the chosen format:
   ``w = (q - 8) * scale + zero``. GGUF's Q4_0 and Q4_1 blocks, and Q4_K's sub-blocks, are
   exactly this form (``gguf_file.int4_codes_from_gguf``), so they load without re-quantising.
 
-Both are multiplied by our kernels (``quicksilver.kernels``) where they run (x86-64 with
-AVX-512 VNNI or AVX2, N a multiple of 16, K of 32): each row's activations are rounded to
-int8 per block of 32 inputs, as llama.cpp does, and multiplied with integer dot products,
-so a product's cost grows slowly with rows and a row's output does not depend on the rest
-of the call. int4 scales and zeros are then kept in float16, as GGUF keeps them. Elsewhere,
-or with ``QUICKSILVER_KERNELS=torch``, torch's weight-only kernels run
-(``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``) on the unrounded
-activations: the two are different numerics, each measured (docs/results/formats.md).
+By default torch's weight-only kernels multiply them (``aten._weight_int8pack_mm``,
+``aten._weight_int4pack_mm_for_cpu``). With ``QUICKSILVER_KERNELS=ours`` (or ``kernel="ours"``)
+our kernels do (``quicksilver.kernels``), where they run (x86-64 with AVX-512 VNNI or AVX2, N
+a multiple of 16, K of 32): each row's activations are rounded to int8 per block of 32 inputs,
+as llama.cpp does, and multiplied with integer dot products, so a product's cost grows slowly
+with rows and a row's output does not depend on the rest of the call; int4 scales and zeros
+are then kept in float16, as GGUF keeps them. The two are different numerics, each measured
+(docs/results/formats.md); why ours is not the default is in ``quicksilver.kernels``.
 
 Past ``dequant_rows`` rows (long prefills, evaluation) the weight is expanded once into the
 activation dtype and multiplied densely: torch's kernels re-read their weights every four
@@ -172,14 +172,13 @@ class Int8Linear(QuantLinear):
         dtype: torch.dtype,
         kernel: str = "auto",
     ) -> None:
-        """``kernel``: ``auto`` (ours where it runs, unless ``QUICKSILVER_KERNELS=torch``,
-        which names both formats' kernels) or ``torch``."""
+        """``kernel``: ``ours`` (where it runs), ``torch``, or ``auto``: ours where
+        ``QUICKSILVER_KERNELS=ours`` asks for it (both formats), else torch's."""
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias, dtype)
         on_cpu = codes.device.type == "cpu"
         self.native = (
-            kernel == "auto"
-            and kernels.wanted()
+            (kernel == "ours" or (kernel == "auto" and kernels.wanted()))
             and on_cpu
             and out_features % kernels.TILE == 0
             and in_features % kernels.BLOCK == 0
@@ -244,15 +243,14 @@ class Int4Linear(QuantLinear):
         dtype: torch.dtype,
         kernel: str = "auto",
     ) -> None:
-        """``kernel``: ``auto`` (ours where it runs, unless ``QUICKSILVER_KERNELS=torch``)
-        or ``torch`` (torch's, to compare)."""
+        """``kernel``: ``ours`` (where it runs), ``torch``, or ``auto``: ours where
+        ``QUICKSILVER_KERNELS=ours`` asks for it, else torch's."""
         out_features, in_features = codes.codes.shape
         super().__init__(in_features, out_features, bias, dtype)
         self.group_size = codes.group_size
         on_cpu = codes.codes.device.type == "cpu"
         self.native = (
-            kernel == "auto"
-            and kernels.wanted()
+            (kernel == "ours" or (kernel == "auto" and kernels.wanted()))
             and on_cpu
             and out_features % kernels.TILE == 0
             and in_features % kernels.BLOCK == 0
