@@ -1,14 +1,14 @@
 """Our native kernels: int4 and int8 weights times int8-rounded activations
 (``int_linear.cpp``).
 
-Why it exists: torch's CPU int4 kernel costs 2.6x a one-row product at 8 rows and 4.7x at 16
-(docs/results/kernel-rows.md), so verifying 8 drafted tokens cost ~1.7 decode steps. This
-kernel unpacks each weight block once per call and multiplies every row against it with
-integer dot products (AVX-512 VNNI, or AVX2), so its cost grows slowly with rows. Each row's
-activations are rounded to int8 per block of 32 inputs, as llama.cpp does for GGUF's Q4
-blocks; that is a numerical choice of its own, so the int4 format's perplexity is measured
-with it (docs/results/formats.md). A row's output does not depend on the other rows of the
-call, so verified decoding stays exact.
+Why they exist: torch's CPU int4 kernel costs 2.6x a one-row product at 8 rows and 4.7x at
+16 (docs/results/kernel-rows.md), so verifying 8 drafted tokens cost ~1.7 decode steps. These
+kernels unpack each weight block once per call and multiply every row against it with
+integer dot products (AVX-512 VNNI, or AVX2), so their cost grows more slowly with rows. Each
+row's activations are rounded to int8 per block of 32 inputs, as llama.cpp does for GGUF's Q4
+and Q8 blocks; that is a numerical choice of its own, so the formats' perplexity is measured
+with it (docs/results/int-kernels/formats.md). A row's output does not depend on the other
+rows of the call, bit for bit.
 
 Opt-in (``QUICKSILVER_KERNELS=ours``; ``wanted()``), because of verified decoding: its tokens
 are plain decoding's only if a verify forward of k tokens computes each token's logits
@@ -74,7 +74,7 @@ def _build() -> None:
     directory.mkdir(parents=True, exist_ok=True)
     fresh = not any(directory.glob("*.so"))
     if fresh:
-        print("quicksilver: building the int4 kernel (once per machine)...", file=sys.stderr)
+        print("quicksilver: building the int8/int4 kernels (once per machine)...", file=sys.stderr)
     start = time.perf_counter()
     with _ninja_on_path():
         cpp_extension.load(
