@@ -47,7 +47,10 @@ constexpr int kTile = 16;   // outputs per tile
 constexpr int kBlock = 32;  // inputs per block
 constexpr int kRecord = 320;   // bytes per (tile, block), int4 weights
 constexpr int kRecord8 = 512;  // bytes per (tile, block), int8 weights
-constexpr int kMaxRows = 16;  // rows a call multiplies against one unpacked weight block
+// Rows multiplied against one unpacked weight block: 8 rows' accumulators and dot products
+// and the 8 weight vectors fill the 32 registers; 16 rows at once spilled and measured 2x
+// slower than two passes of 8.
+constexpr int kMaxRows = 8;
 
 struct RowsQ8 {
   // One call's activations as int8 codes [M, K], and per (row, block) the scale d and
@@ -103,26 +106,24 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile_avx512(
     }
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 256)));
     const __m512 minimum = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 288)));
-    // Quads outer, rows inner: up to 8 independent dot-product chains in flight (not one
-    // chain of 8 dependent instructions per row); the unpacked weights serve every row.
-    for (int r0 = 0; r0 < R; r0 += 8) {
-      constexpr int kChain = 8;
-      __m512i dot[kChain];
-      const int n = R - r0 < kChain ? R - r0 : kChain;
-      for (int r = 0; r < n; ++r) dot[r] = _mm512_setzero_si512();
+    // Quads outer, rows inner: R independent dot-product chains in flight (not one chain of
+    // 8 dependent instructions per row); the unpacked weights serve every row.
+    {
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
-        for (int r = 0; r < n; ++r) {
+        for (int r = 0; r < R; ++r) {
           int32_t four;
-          std::memcpy(&four, c.q->codes.data() + (row0 + r0 + r) * c.k + b * kBlock + 4 * j, 4);
+          std::memcpy(&four, c.q->codes.data() + (row0 + r) * c.k + b * kBlock + 4 * j, 4);
           dot[r] = _mm512_dpbusd_epi32(dot[r], quads[j], _mm512_set1_epi32(four));
         }
       }
-      for (int r = 0; r < n; ++r) {
-        const int64_t rb = (row0 + r0 + r) * c.blocks + b;
+      for (int r = 0; r < R; ++r) {
+        const int64_t rb = (row0 + r) * c.blocks + b;
         const __m512 part =
             _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_set1_ps(c.q->scale[rb]));
-        acc[r0 + r] = _mm512_fmadd_ps(scale, part, acc[r0 + r]);
-        acc[r0 + r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(c.q->scaled_sum[rb]), acc[r0 + r]);
+        acc[r] = _mm512_fmadd_ps(scale, part, acc[r]);
+        acc[r] = _mm512_fmadd_ps(minimum, _mm512_set1_ps(c.q->scaled_sum[rb]), acc[r]);
       }
     }
   }
@@ -270,23 +271,21 @@ __attribute__((target("avx512f,avx512bw,avx512vnni,fma"))) void tile8_avx512(
       sum = _mm512_dpbusd_epi32(sum, ones, vectors[j]);
     }
     const __m512i offset = _mm512_slli_epi32(sum, 7);  // 128 * sum(w)
-    for (int r0 = 0; r0 < R; r0 += 8) {  // up to 8 dot-product chains in flight, as for int4
-      constexpr int kChain = 8;
-      __m512i dot[kChain];
-      const int n = R - r0 < kChain ? R - r0 : kChain;
-      for (int r = 0; r < n; ++r) dot[r] = _mm512_setzero_si512();
+    {  // R dot-product chains in flight, as for int4
+      __m512i dot[R];
+      for (int r = 0; r < R; ++r) dot[r] = _mm512_setzero_si512();
       for (int j = 0; j < 8; ++j) {
-        for (int r = 0; r < n; ++r) {
+        for (int r = 0; r < R; ++r) {
           uint32_t four;
-          std::memcpy(&four, c.q->codes.data() + (row0 + r0 + r) * c.k + b * kBlock + 4 * j, 4);
+          std::memcpy(&four, c.q->codes.data() + (row0 + r) * c.k + b * kBlock + 4 * j, 4);
           const __m512i x = _mm512_set1_epi32(static_cast<int32_t>(four ^ 0x80808080u));
           dot[r] = _mm512_dpbusd_epi32(dot[r], x, vectors[j]);
         }
       }
-      for (int r = 0; r < n; ++r) {
+      for (int r = 0; r < R; ++r) {
         const __m512 exact = _mm512_cvtepi32_ps(_mm512_sub_epi32(dot[r], offset));
-        const float d = c.q->scale[(row0 + r0 + r) * c.blocks + b];
-        acc[r0 + r] = _mm512_fmadd_ps(exact, _mm512_set1_ps(d), acc[r0 + r]);
+        const float d = c.q->scale[(row0 + r) * c.blocks + b];
+        acc[r] = _mm512_fmadd_ps(exact, _mm512_set1_ps(d), acc[r]);
       }
     }
   }
@@ -350,7 +349,7 @@ struct Table {
   static constexpr TileFn avx512_int8[] = {tile8_avx512<Rs>...};
   static constexpr TileFn avx2_int8[] = {tile8_avx2<Rs>...};
 };
-using Tiles = Table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+using Tiles = Table<1, 2, 3, 4, 5, 6, 7, 8>;
 
 #endif  // QS_X86
 
@@ -412,13 +411,11 @@ at::Tensor int_linear(const at::Tensor& x, const at::Tensor& packed,
   else c.out_bf16 = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const TileFn* table = code == 2 ? (int8 ? Tiles::avx512_int8 : Tiles::avx512)
                                   : (int8 ? Tiles::avx2_int8 : Tiles::avx2);
-  // AVX2 has 16 vector registers: 8 rows' accumulators at a time.
-  const int64_t max_rows = code == 2 ? kMaxRows : 8;
   at::parallel_for(tile_start, tile_stop, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t col = (tile - tile_start) * kTile;
-      for (int64_t row0 = 0; row0 < rows; row0 += max_rows) {
-        const int64_t chunk = std::min<int64_t>(max_rows, rows - row0);
+      for (int64_t row0 = 0; row0 < rows; row0 += kMaxRows) {
+        const int64_t chunk = std::min<int64_t>(kMaxRows, rows - row0);
         table[chunk - 1](c, tile, row0, col);
       }
     }
