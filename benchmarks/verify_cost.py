@@ -74,7 +74,8 @@ def main() -> int:
         os.environ["QUICKSILVER_KERNELS"] = kernel or "ours"
         llm = qs.load(args.model, dtype=dtype, weights=weights)
         costs = [cost_ms(llm, k, args.context, args.repeats) for k in SIZES]
-        name = f"{dtype}" + (f", {weights} weights ({kernel}'s kernel)" if weights else "")
+        kernel_name = {"ours": "our kernels", "torch": "torch's kernels"}.get(kernel or "")
+        name = f"{dtype}" + (f", {weights} weights ({kernel_name})" if weights else "")
         cells = " | ".join(f"{c:.1f} ({c / costs[0]:.2f})" for c in costs)
         rows.append(f"| {name} | {cells} |")
         print(rows[-1], flush=True)
