@@ -174,3 +174,66 @@ def test_compiled_int4_decode_calls_our_kernel_and_equals_eager(monkeypatch) -> 
     eager = generate(Engine(model), prompt, 12, ignore_eos=True)
     compiled = generate(Engine(model, compile=True), prompt, 12, ignore_eos=True)
     assert compiled.compile_seconds > 0 and compiled.tokens == eager.tokens
+
+
+# --- attention computed query by query ---------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attend_each_equals_softmax_attention_and_keeps_queries_apart(dtype) -> None:
+    """The oracle's numbers; a query's bits do not depend on the other queries, on keys it
+    does not read, or on the cache's dtype path (GQA: 6 query heads over 2 KV heads)."""
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 5, 6, 64, generator=gen)
+    keys = torch.randn(2, 2, 40, 64, generator=gen).to(dtype)
+    values = torch.randn(2, 2, 40, 64, generator=gen).to(dtype)
+    reads = torch.rand(2, 5, 40, generator=gen) > 0.3
+    reads[..., 33:] = False
+    got = kernels.attend_each(q, keys, values, reads, 64**-0.5)
+    scores = (
+        torch.einsum("bshd,bhtd->bsht", q.double(), keys.double().repeat_interleave(3, 1))
+        * 64**-0.5
+    )
+    probs = scores.masked_fill(~reads[:, :, None], float("-inf")).softmax(-1)
+    want = torch.einsum("bsht,bhtd->bshd", probs, values.double().repeat_interleave(3, 1))
+    assert float((got.double() - want).abs().max()) < 1e-5
+    alone = kernels.attend_each(
+        q[:, 3:4].contiguous(), keys, values, reads[:, 3:4].contiguous(), 0.125
+    )
+    assert torch.equal(alone, got[:, 3:4])
+    shorter = kernels.attend_each(
+        q, keys[:, :, :33], values[:, :, :33], reads[..., :33].contiguous(), 64**-0.5
+    )
+    assert torch.equal(shorter, got)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_with_our_kernels_a_forward_of_k_tokens_equals_k_steps_bit_for_bit(
+    monkeypatch, dtype
+) -> None:
+    """What verified decoding rests on: with our kernels (activations rounded to int8) the
+    engine attends query by query, so the logits of a k-token forward are those of k
+    one-token steps, exactly, in fp32 and bf16, for a batch of ragged rows."""
+    monkeypatch.setenv("QUICKSILVER_KERNELS", "ours")
+    # a vocabulary of whole tiles, so the int8 head runs our kernel too (as SmolLM2's does)
+    config = dataclasses.replace(FITS, n_layers=3, vocab_size=112)
+    model = random_model(config, fast=False).to(dtype)
+    convert_model(model, WeightFormat("int4"))
+    engine = Engine(model)
+    assert engine.exact_attention and model.lm_head.native
+    prompts = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+    fed = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(9))
+    cache = engine.new_cache(2, 32)
+    engine.forward(prompts, cache)
+    together = engine.forward(fed, cache, logits_at="all")
+    cache = engine.new_cache(2, 32)
+    engine.forward(prompts, cache)
+    steps = [engine.forward(fed[:, t : t + 1], cache, logits_at="all") for t in range(6)]
+    assert torch.equal(together, torch.cat(steps, 1))
+    config = SpeculativeConfig(method="ngram", num_tokens=4)
+    prompt = [[5, 9, 13, 2, 7, 5, 9, 13, 2, 7, 5, 9, 13]]
+    plain = generate(engine, prompt, 24, ignore_eos=True)
+    verified = generate(engine, prompt, 24, ignore_eos=True, speculative=config)
+    assert verified.tokens == plain.tokens and verified.decode_steps < plain.decode_steps

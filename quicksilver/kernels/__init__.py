@@ -43,7 +43,7 @@ import torch
 
 TILE = 16  # outputs per tile
 BLOCK = 32  # inputs per block
-_SOURCE = Path(__file__).with_name("int_linear.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("int_linear.cpp", "attend_each.cpp")]
 _state: dict[str, str | float] = {}
 
 
@@ -79,7 +79,7 @@ def _build() -> None:
     with _ninja_on_path():
         cpp_extension.load(
             name="quicksilver_int_linear",
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=["-O3"],
             build_directory=str(directory),
             is_python_module=False,
@@ -90,6 +90,10 @@ def _build() -> None:
     @torch.library.register_fake("quicksilver::int_linear")
     def _(x, packed, channel_scales, tile_start, tile_stop, isa):
         return x.new_empty(x.shape[0], (tile_stop - tile_start) * TILE)
+
+    @torch.library.register_fake("quicksilver::attend_each")
+    def _(q, keys, values, reads, scale):
+        return q.new_empty(q.shape)
 
 
 def wanted() -> bool:
@@ -159,6 +163,17 @@ def linear8(
     """x [M, K] times an int8 weight packed by ``pack8``, in x's dtype."""
     start, stop, _ = tiles.indices(packed.shape[0])
     return torch.ops.quicksilver.int_linear(x, packed, channel_scales, start, stop, isa)
+
+
+def attend_each(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of q [B, S, H, D] (float32) over keys/values [B, KVH, T, D] (a cache slice,
+    float32 or bfloat16), query (b, s) reading the keys where ``reads`` [B, S, T] is True.
+    Every query is computed alone, in a fixed order over the keys it reads, so its output does
+    not depend on the other queries or on the keys it does not read: a verify forward of k
+    tokens and k one-token steps give the same bits (``attend_each.cpp``)."""
+    return torch.ops.quicksilver.attend_each(q, keys, values, reads, scale)
 
 
 # ---------------------------------------------------------------- layouts (pure functions)

@@ -334,6 +334,12 @@ class Int4Linear(QuantLinear):
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, self.group_size, sz)
 
 
+def rounds_activations(model: nn.Module) -> bool:
+    """Whether any of the model's products runs our kernels, which round activations to int8
+    (then attention must compute every query exactly as a one-token step does)."""
+    return any(getattr(module, "native", False) for module in model.modules())
+
+
 # ---------------------------------------------------------------- converting a model
 
 

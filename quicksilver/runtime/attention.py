@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quicksilver import kernels
 from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.context import ForwardContext
 
@@ -51,12 +52,28 @@ def attend(
     return _row_by_row(q[:, 0], cache, layer, rows, slots, log_size)
 
 
+# Blocks of up to this many tokens per row (decode steps, verify forwards) attend query by
+# query when the cache asks for exact rows; longer ones (prefills) use SDPA.
+EXACT_QUERIES = 64
+
+
 def _block(q: torch.Tensor, cache: KVCache, layer: int, context: ForwardContext) -> torch.Tensor:
     batch, seq, heads, head_dim = q.shape
     keys = cache.k[layer, :, :, : context.attend_len]
     values = cache.v[layer, :, :, : context.attend_len]
     if seq == 1:
-        return grouped_one_query(q, keys, values, context.mask)
+        return grouped_one_query(q, keys, values, context.mask, exact=cache.exact_attention)
+    if cache.exact_attention and seq <= EXACT_QUERIES:
+        if context.mask is not None:
+            reads = context.mask[:, 0]
+        else:  # a causal block: query s reads every slot up to its own
+            length = context.attend_len
+            slot = torch.arange(length - seq, length).view(seq, 1)
+            reads = (torch.arange(length).view(1, length) <= slot).expand(batch, seq, length)
+        out = kernels.attend_each(
+            q.float().contiguous(), keys, values, reads.contiguous(), head_dim**-0.5
+        )
+        return out.to(q.dtype).reshape(batch, seq, heads * head_dim)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys,
@@ -74,15 +91,26 @@ def grouped_one_query(
     values: torch.Tensor,
     mask: torch.Tensor | None,
     bias: torch.Tensor | None = None,
+    exact: bool = False,
 ) -> torch.Tensor:
     """One query per row ([N, 1, heads, hd]) over keys/values [N, kv_heads, T, hd].
 
     With a single query the query heads that share a KV head form a small matrix, so two
     batched matmuls do the work without expanding K/V. ``bias`` (broadcast to the scores,
     e.g. [N, 1, 1, T]) is added before the mask ([N, 1, 1, T], True = read). In float32:
-    CPU bf16 batched matmuls on cache slices are several times slower.
+    CPU bf16 batched matmuls on cache slices are several times slower. ``exact``: each
+    query computed alone in a fixed order (``kernels.attend_each``), as a verify forward of
+    several tokens computes it, for weights whose kernels round activations (see
+    ``quicksilver.kernels``).
     """
     n, _, heads, head_dim = q.shape
+    if exact and bias is None:
+        length = keys.shape[2]
+        reads = torch.ones(n, 1, length, dtype=torch.bool) if mask is None else mask.view(n, 1, -1)
+        out = kernels.attend_each(
+            q.float().contiguous(), keys, values, reads.contiguous(), head_dim**-0.5
+        )
+        return out.to(q.dtype).reshape(n, 1, heads * head_dim)
     kv_heads = keys.shape[1]
     grouped = q.reshape(n, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * head_dim**-0.5

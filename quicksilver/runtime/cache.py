@@ -126,6 +126,10 @@ class KVCache:
         self._log_size: torch.Tensor | None = None  # float32 [L, B, T]
         self._adapted = False
         self._padded = False
+        # Attend query by query in a fixed order (runtime.attention), so that a forward of k
+        # tokens gives each exactly what k one-token steps give: set by the engine when the
+        # weights' kernels round activations (quicksilver.kernels).
+        self.exact_attention = False
         # A view (``rows``) shares its root's storage; lazily allocated state lives there.
         # The cache a view looks into; None for a cache itself (holding ``self`` here would be
         # a reference cycle, keeping a dropped cache's memory until the cyclic collector ran).

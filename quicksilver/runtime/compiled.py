@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quicksilver.models.formats import rounds_activations
 from quicksilver.models.transformer import Transformer
 from quicksilver.runtime.attention import grouped_one_query
 from quicksilver.runtime.cache import KVCache, causal_reads
@@ -50,6 +51,7 @@ class _DecodeGraph(nn.Module):
     def __init__(self, model: Transformer) -> None:
         super().__init__()
         self.model = model
+        self.exact_attention = rounds_activations(model)  # as the engine's eager forwards
 
     def forward(
         self,
@@ -75,7 +77,11 @@ class _DecodeGraph(nn.Module):
                 k_cache[layer, rows, :, slots] = k[:, 0]
                 v_cache[layer, rows, :, slots] = v[:, 0]
                 out = grouped_one_query(
-                    q, k_cache[layer, :, :, :read_len], v_cache[layer, :, :, :read_len], mask
+                    q,
+                    k_cache[layer, :, :, :read_len],
+                    v_cache[layer, :, :, :read_len],
+                    mask,
+                    exact=self.exact_attention,
                 )
                 return block.attn.out(out)
 

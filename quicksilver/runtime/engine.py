@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from quicksilver.accounting import FlopCounter
+from quicksilver.models.formats import rounds_activations
 from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_linear
 from quicksilver.policies.stack import Policy
 from quicksilver.runtime.active import ActiveTokens
@@ -61,6 +62,9 @@ class Engine:
         # The dense one-token step as one compiled graph (``runtime.compiled``), if asked.
         self.compiled: CompiledDecode | None = CompiledDecode(model) if compile else None
         self.with_gradients = False  # see ``gradients``
+        # Weights on our kernels round activations to int8, which turns attention's last-bit
+        # differences between k queries and one into different tokens: attend exactly.
+        self.exact_attention = rounds_activations(model)
 
     @contextlib.contextmanager
     def gradients(self) -> Iterator[None]:
@@ -102,7 +106,9 @@ class Engine:
         )
         if self.compiled is not None:
             max_len = self.compiled.capacity(max_len)
-        return KVCache(self.config, batch_size, max_len, self.model.dtype)
+        cache = KVCache(self.config, batch_size, max_len, self.model.dtype)
+        cache.exact_attention = self.exact_attention
+        return cache
 
     def context(self, cache: KVCache, n_new: int) -> ForwardContext:
         """Place the next ``n_new`` tokens of every row in ``cache`` (reserving their slots)."""
