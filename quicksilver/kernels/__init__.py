@@ -10,15 +10,16 @@ and Q8 blocks; that is a numerical choice of its own, so the formats' perplexity
 with it (docs/results/int-kernels/formats.md). A row's output does not depend on the other
 rows of the call, bit for bit.
 
-Opt-in (``QUICKSILVER_KERNELS=ours``; ``wanted()``), because of verified decoding: its tokens
-are plain decoding's only if a verify forward of k tokens computes each token's logits
-exactly as k one-token steps do. Our products do, but attention over k queries (SDPA) and
-over one (two matmuls) round differently in the last bits, and rounding activations to int8
-turns such a last-bit difference into a whole int8 step now and then: SmolLM2-135M int4, fp32,
-a verify forward of 8 tokens against 8 steps differs by up to 0.77 in the logits with our
-kernels (5e-5 with torch's), and by exactly 0 when each query's attention is computed alone
-as a step computes it. Until attention is computed that way at the speed of one call, torch's
-kernels stay the default.
+Verified decoding: its tokens are plain decoding's only if a verify forward of k tokens
+computes each token's logits exactly as k one-token steps do. Our products do; attention over
+k queries (SDPA) and over one (two matmuls) round differently in the last bits, and rounding
+activations to int8 turns such a difference into a whole int8 step now and then (SmolLM2-135M
+int4, fp32: up to 0.77 apart in the logits, against 5e-5 with torch's kernels). So where our
+kernels run, the engine attends query by query in a fixed order (``attend_each``,
+``attend_each.cpp``), and the two agree bit for bit, in fp32 and bf16.
+
+Opt-in (``QUICKSILVER_KERNELS=ours``; ``wanted()``): they change the formats' numerics, need a
+C++ compiler on first use, and have been measured on one CPU family.
 
 The source is compiled once per machine and torch version on first use (~15-30 s, a line on
 stderr says so) into ``<QUICKSILVER_CACHE>/kernels``; where that fails (no compiler, a CPU

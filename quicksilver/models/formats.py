@@ -17,7 +17,8 @@ a multiple of 16, K of 32): each row's activations are rounded to int8 per block
 as llama.cpp does, and multiplied with integer dot products, so a product's cost grows slowly
 with rows and a row's output does not depend on the rest of the call; int4 scales and zeros
 are then kept in float16, as GGUF keeps them. The two are different numerics, each measured
-(docs/results/formats.md); why ours is not the default is in ``quicksilver.kernels``.
+(docs/results/int-kernels/formats.md); ``rounds_activations`` tells the engine to attend
+exactly then (``quicksilver.kernels`` says why).
 
 Past ``dequant_rows`` rows (long prefills, evaluation) the weight is expanded once into the
 activation dtype and multiplied densely: torch's kernels re-read their weights every four
