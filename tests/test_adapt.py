@@ -177,6 +177,23 @@ def test_exit_heads_load_and_feed_halting(tiny_dir: Path) -> None:
     assert halted.flops_per_token > plain.flops_per_token  # the heads' products are counted
 
 
+def test_exit_heads_from_a_first_layer_leave_earlier_layers_to_the_logit_lens(
+    tiny_dir: Path,
+) -> None:
+    common = dict(data=tiny_dir / "text.jsonl", progress=False)
+    out = tiny_dir / "late.safetensors"
+    result = adapt.fit_exit_heads(tiny_dir / "model", FAST, first_layer=1, output=out, **common)
+    assert result.record["layers"] == [1]  # the tiny model has 3 layers: heads for 0 and 1
+    tensors = adapt.read_adapter(out).tensors
+    weight, bias = tensors["exit_heads.weight"], tensors["exit_heads.bias"]
+    assert torch.equal(weight[0], torch.eye(weight.shape[-1])) and not bias[0].any()
+    assert not torch.equal(weight[1], torch.eye(weight.shape[-1]))
+    kl = result.record["validation_kl_by_layer"]
+    assert kl["exit_heads"][0] == kl["logit_lens"][0] and kl["exit_heads"][1] < kl["logit_lens"][1]
+    with pytest.raises(QuicksilverError, match="first_layer must be 0..1"):
+        adapt.fit_exit_heads(tiny_dir / "model", FAST, first_layer=2, **common)
+
+
 def test_adapter_for_another_model_is_refused(tiny_dir: Path) -> None:
     out = tiny_dir / "exits.safetensors"
     if not out.exists():
