@@ -18,6 +18,7 @@ from quicksilver import adapt
 from quicksilver.adapt.exits import ExitHeads
 from quicksilver.adapt.forward import inference_logits, training_logits
 from quicksilver.adapt.lora import LoRA, merge_into
+from quicksilver.api.drafting import plan_key
 from quicksilver.cli.main import main
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import load_policy
@@ -175,6 +176,11 @@ def test_exit_heads_load_and_feed_halting(tiny_dir: Path) -> None:
         "word1 word2", max_new_tokens=3, policy=policy
     )
     assert halted.flops_per_token > plain.flops_per_token  # the heads' products are counted
+    # a drafting plan measured with the heads (early-exit drafts) is kept apart from the
+    # frozen model's; without an adapter the key is the one it always was
+    frozen = qs.load(tiny_dir / "model", dtype="float32")
+    assert plan_key(llm, "dense")["adapter"].startswith("adapter:")
+    assert "adapter" not in plan_key(frozen, "dense")
 
 
 def test_exit_heads_from_a_first_layer_leave_earlier_layers_to_the_logit_lens(
