@@ -71,8 +71,9 @@ def plan_key(llm: LLM, policy_key: str) -> dict[str, Any]:
         "cpu": cpu_name(),
         "version": PLAN_VERSION,
     }
-    if llm.adapter is not None:
-        key["adapter"] = model_identity("adapter", llm.adapter)
+    adapter = getattr(llm, "adapter", None)  # stand-ins for an LLM may not have one
+    if adapter is not None:
+        key["adapter"] = model_identity("adapter", adapter)
     return key
 
 
