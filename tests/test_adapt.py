@@ -18,6 +18,7 @@ from quicksilver import adapt
 from quicksilver.adapt.exits import ExitHeads
 from quicksilver.adapt.forward import inference_logits, training_logits
 from quicksilver.adapt.lora import LoRA, merge_into
+from quicksilver.api.drafting import plan_key
 from quicksilver.cli.main import main
 from quicksilver.errors import QuicksilverError
 from quicksilver.policies import load_policy
@@ -175,6 +176,28 @@ def test_exit_heads_load_and_feed_halting(tiny_dir: Path) -> None:
         "word1 word2", max_new_tokens=3, policy=policy
     )
     assert halted.flops_per_token > plain.flops_per_token  # the heads' products are counted
+    # a drafting plan measured with the heads (early-exit drafts) is kept apart from the
+    # frozen model's; without an adapter the key is the one it always was
+    frozen = qs.load(tiny_dir / "model", dtype="float32")
+    assert plan_key(llm, "dense")["adapter"].startswith("adapter:")
+    assert "adapter" not in plan_key(frozen, "dense")
+
+
+def test_exit_heads_from_a_first_layer_leave_earlier_layers_to_the_logit_lens(
+    tiny_dir: Path,
+) -> None:
+    common = dict(data=tiny_dir / "text.jsonl", progress=False)
+    out = tiny_dir / "late.safetensors"
+    result = adapt.fit_exit_heads(tiny_dir / "model", FAST, first_layer=1, output=out, **common)
+    assert result.record["layers"] == [1]  # the tiny model has 3 layers: heads for 0 and 1
+    tensors = adapt.read_adapter(out).tensors
+    weight, bias = tensors["exit_heads.weight"], tensors["exit_heads.bias"]
+    assert torch.equal(weight[0], torch.eye(weight.shape[-1])) and not bias[0].any()
+    assert not torch.equal(weight[1], torch.eye(weight.shape[-1]))
+    kl = result.record["validation_kl_by_layer"]
+    assert kl["exit_heads"][0] == kl["logit_lens"][0] and kl["exit_heads"][1] < kl["logit_lens"][1]
+    with pytest.raises(QuicksilverError, match="first_layer must be 0..1"):
+        adapt.fit_exit_heads(tiny_dir / "model", FAST, first_layer=2, **common)
 
 
 def test_adapter_for_another_model_is_refused(tiny_dir: Path) -> None:

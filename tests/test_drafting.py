@@ -20,6 +20,7 @@ from test_policies import CONFIG, MATRIX, make_engine
 from test_step_batch import alone, prompts, run_all
 
 import quicksilver as qs
+from quicksilver.accounting import exit_head_flops
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.batch import StepBatch
 from quicksilver.runtime.generate import generate
@@ -32,7 +33,7 @@ from quicksilver.runtime.speculative import (
     calibrate,
     expected_speedup,
 )
-from quicksilver.runtime.speculative.self_draft import model_drafts, skip_layers
+from quicksilver.runtime.speculative.self_draft import exit_draft, model_drafts, skip_layers
 
 FLAT = [1.0] * (MAX_DRAFT_TOKENS + 1)  # a verify of any length costs one step
 
@@ -267,3 +268,66 @@ def test_drafting_that_cannot_run_is_refused_when_asked(
     with pytest.raises(QuicksilverError, match=reason):
         generate(engine, [[5, 6, 7]], 4, speculative=SpeculativeConfig(method=method))
     assert engine.counter.total == steps  # refused before any forward
+
+
+@pytest.fixture(scope="module")
+def exiting():
+    """The random model with random exit heads (a fitted adapter's stand-in)."""
+    from quicksilver.adapt.exits import ExitHeads
+
+    model = random_model(CONFIG, fast=True)
+    heads = ExitHeads(CONFIG.n_layers, CONFIG.hidden_size)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        heads.weight.add_(torch.randn_like(heads.weight) * 0.2)
+        heads.bias.normal_(0, 0.1)
+    model.exit_heads = heads.requires_grad_(False)
+    return model
+
+
+def test_an_early_exit_draft_reads_its_last_layer_through_the_exit_head(exiting) -> None:
+    engine = make_engine(exiting, None)
+    tokens = torch.tensor(prompts(1, [7]))
+    shape = exit_draft(CONFIG.n_layers, 2)
+    states = []
+    cache = engine.new_cache(1, 7)
+    checks = engine.counter.checks
+    logits = engine.forward(
+        tokens, cache, logits_at="all", draft=shape, observe=lambda i, h: states.append(i)
+    )
+    assert states == [0, 1, 2]  # layers 3 and 4 never ran
+    assert engine.counter.checks - checks == exit_head_flops(CONFIG, 7)
+    cache = engine.new_cache(1, 7)
+    plain = engine.forward(
+        tokens, cache, logits_at="all", draft=skip_layers(CONFIG.n_layers, [3, 4])
+    )
+    heads, exiting.exit_heads = exiting.exit_heads, None
+    try:
+        cache = engine.new_cache(1, 7)
+        unmapped = engine.forward(tokens, cache, logits_at="all", draft=shape)
+    finally:
+        exiting.exit_heads = heads
+    torch.testing.assert_close(unmapped, plain)  # without heads: the same layers, read as is
+    assert not torch.allclose(logits, plain)
+    with pytest.raises(QuicksilverError, match="before the last layer"):
+        exit_draft(CONFIG.n_layers, CONFIG.n_layers - 1)
+
+
+def test_a_model_with_exit_heads_measures_early_exits_and_drafts_through_them(exiting) -> None:
+    plan = calibrate(make_engine(exiting, None), prompts(3, [12])[0])
+    exits = [c for c in plan.candidates if "exit_layer" in c]
+    assert exits and all(c["skipped"] == list(range(c["exit_layer"] + 1, 5)) for c in exits)
+    assert len(exits) < len(plan.candidates)  # the layer-skipping sets were measured too
+    assert DraftPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    early = dataclasses.replace(
+        plan, exit_layer=2, skipped_layers=[3, 4], verify_cost=[FLAT] * len(plan.rows)
+    )
+    batch = batch_with(exiting, None, early, max_rows=2, max_len=60)
+    texts = [prompts(8, [4])[0] * 3, prompts(9, [5])[0]]
+    config = SpeculativeConfig(method="layers", num_tokens=3)
+    ids = [batch.admit(RowSpec(tuple(t), 12, speculative=config)) for t in texts]
+    got = run_all(batch)
+    for row_id, text in zip(ids, texts, strict=True):
+        assert got[row_id] == alone(exiting, None, text, 12)
+    assert batch.stats.drafts > 0
+    assert batch.drafter.shape("layers").exit_layer == 2

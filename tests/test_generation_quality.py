@@ -10,6 +10,7 @@ from test_policies import CONFIG, MATRIX
 
 from quicksilver.errors import QuicksilverError
 from quicksilver.eval.generation import (
+    DenseReference,
     agreement,
     evaluate_generation,
     lcs_length,
@@ -85,3 +86,16 @@ def test_dense_nll_matches_a_direct_computation(model) -> None:
     logits = engine.forward(tokens, engine.new_cache(1, 5), logits_at="all")[0, 2:4].float()
     expected = -torch.log_softmax(logits, -1)[[0, 1], [8, 9]].sum()
     assert dense_nll(engine, prompt, continuation) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_another_model_is_judged_against_the_reference(model) -> None:
+    """``measure(policy, model=...)``: the other model generates; the reference's model scores."""
+    reference = DenseReference(model, PROMPTS, max_new_tokens=6, batch_size=2)
+    other = random_model(CONFIG, fast=False)  # the same weights, then moved
+    with torch.no_grad():
+        for parameter in other.blocks.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+    same = reference.measure(None)
+    moved = reference.measure(None, model=other)
+    assert same.agreement == 1.0 and same.dense_ppl_of_policy == pytest.approx(reference.ppl)
+    assert moved.agreement < 1.0 and moved.dense_ppl_of_policy > reference.ppl

@@ -4,7 +4,9 @@ One dense forward per batch gives every layer's states and the final distributio
 layer's head is then fitted by KL(final || head's lens), layer by layer with a backward
 each, so only one layer's [tokens, vocabulary] logits are alive at a time. A step fits
 ``layers_per_step`` layers in turn (round robin): the LM-head product per layer and token is
-the whole cost, so every layer sees the same number of tokens for a given budget.
+the whole cost, so every layer sees the same number of tokens for a given budget. Layers
+before ``first_layer`` keep the identity (the plain logit lens): halting never checks there
+(its ``min_layer``), so fitting them would only take tokens from the layers it reads.
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ def fit_exit_heads(
     model: str | os.PathLike[str],
     settings: TrainingSettings | None = None,
     layers_per_step: int = 4,
+    first_layer: int = 0,
     data: str | os.PathLike[str] | None = None,
     output: str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> AdapterResult:
-    """Fit one exit head per layer of frozen ``model``; write the adapter file."""
+    """Fit one exit head per layer ``first_layer`` .. n_layers - 2 of frozen ``model``;
+    write the adapter file."""
     settings = settings or TrainingSettings(lr=1e-3)
     settings.check()
     if layers_per_step < 1:
@@ -58,14 +62,17 @@ def fit_exit_heads(
     frozen = workspace.model
     heads = ExitHeads(frozen.config.n_layers, frozen.config.hidden_size)
     engine = Engine(frozen)
-    fitted = frozen.config.n_layers - 1
+    last = frozen.config.n_layers - 1
+    if not 0 <= first_layer < last:
+        raise QuicksilverError(f"first_layer must be 0..{last - 1}, got {first_layer}")
+    fitted = last - first_layer
     per_step = min(layers_per_step, fitted)
 
     def step_loss(step: int, batch: torch.Tensor) -> float:
         states, final = layer_states(engine, batch)
         first = step * per_step
         total = 0.0
-        for layer in [(first + i) % fitted for i in range(per_step)]:
+        for layer in [first_layer + (first + i) % fitted for i in range(per_step)]:
             loss = distillation_loss(lens_logits(frozen, heads, states[layer], layer), final)
             (loss / per_step).backward()
             total += float(loss.detach()) / per_step
@@ -73,11 +80,13 @@ def fit_exit_heads(
 
     before = _validate(workspace, engine, None)
     identity = {"kind": "exits", "base": workspace.base_sha256, "per_step": per_step}
+    if first_layer:
+        identity["first_layer"] = first_layer  # absent at 0: older checkpoints still resume
     identity["data"] = workspace.data
     path = None if checkpoint is None else Path(checkpoint)
     run = train(heads, step_loss, workspace.windows, settings, identity, path, progress)
     details = {
-        "layers": list(range(fitted)),
+        "layers": list(range(first_layer, last)),
         "layers_per_step": per_step,
         "validation_kl_by_layer": {
             "logit_lens": before,

@@ -58,9 +58,10 @@ def model_identity(kind: str, location: str) -> str:
 
 
 def plan_key(llm: LLM, policy_key: str) -> dict[str, Any]:
-    """Everything that changes a plan: the model's files and format, the policy (the
-    registry's own key), the torch build, the threads and the CPU."""
-    return {
+    """Everything that changes a plan: the model's files, adapter and format, the policy
+    (the registry's own key), the torch build, the threads and the CPU. (A model loaded
+    without an adapter keeps the key it always had.)"""
+    key = {
         "model": model_identity(llm.source.kind, llm.source.path),
         "dtype": llm.dtype,
         "weights": repr(llm.weights),
@@ -70,6 +71,10 @@ def plan_key(llm: LLM, policy_key: str) -> dict[str, Any]:
         "cpu": cpu_name(),
         "version": PLAN_VERSION,
     }
+    adapter = getattr(llm, "adapter", None)  # stand-ins for an LLM may not have one
+    if adapter is not None:
+        key["adapter"] = model_identity("adapter", adapter)
+    return key
 
 
 def plan_path(key: dict[str, Any]) -> Path:

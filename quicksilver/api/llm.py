@@ -55,6 +55,7 @@ class LLM:
         # weight error (``models.loading.Requantised``); None for float or non-GGUF loads.
         self.requantised = loaded.requantised
         self.speculative: SpeculativeConfig | None = None  # the default for generate/stream
+        self.adapter: str | None = None  # the adapter file applied at load (``load``)
         self.access = ModelAccess(self.engine, loaded.verify_cache)
         self.inputs = ModelInputs(loaded)
         self.draft_plans = plans_for(self)  # per policy, for every batch; kept on disk

@@ -79,6 +79,7 @@ def load(
         loaded.model.exit_heads = found.exit_heads()  # None for a LoRA adapter
     llm = LLM(loaded, compile=flag("compile", compile))
     llm.speculative = default or None  # False: off, as None
+    llm.adapter = None if adapter is None else os.fspath(adapter)
     return llm
 
 

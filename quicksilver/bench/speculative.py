@@ -151,9 +151,12 @@ def plan_lines(plan: dict[str, Any] | None) -> list[str]:
     for rows, curve in zip(plan["rows"], plan["verify_cost"], strict=True):
         costs = ", ".join(f"{c:.2f}" for c in curve)
         lines.append(f"verify cost at batch {rows}, k = 0..{len(curve) - 1}: {costs} steps")
+    exit_layer = plan.get("exit_layer")
+    how = "" if exit_layer is None else f" (an early exit through layer {exit_layer}'s head)"
     lines.append(
-        f"layers: skips {plan['skipped_layers']}, agreement {plan['layers_agreement']:.2f}, "
-        f"draft step {plan['layers_cost'][0]:.2f} of a full step at batch 1"
+        f"layers: skips {plan['skipped_layers']}{how}, agreement "
+        f"{plan['layers_agreement']:.2f}, draft step {plan['layers_cost'][0]:.2f} of a full "
+        "step at batch 1"
     )
     if plan["planes_agreement"] is not None:
         lines.append(

@@ -49,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     exits.add_argument(
         "--layers-per-step", type=int, default=4, metavar="N", help="default: %(default)s"
     )
+    exits.add_argument(
+        "--first-layer",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fit heads for layers N and later only (halting's min_layer); earlier layers "
+        "keep the plain logit lens (default: 0)",
+    )
     for parser_ in (skip, exits):
         _training_options(parser_, lr=5e-4 if parser_ is skip else 1e-3)
         parser_.set_defaults(handler=run)
@@ -108,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         require_positive(layers_per_step=args.layers_per_step)
         result = adapt.fit_exit_heads(
-            args.model, settings, layers_per_step=args.layers_per_step, **where
+            args.model,
+            settings,
+            layers_per_step=args.layers_per_step,
+            first_layer=args.first_layer,
+            **where,
         )
         kl = result.record["validation_kl_by_layer"]
         say(

@@ -220,9 +220,11 @@ class DenseReference:
             dense_nll(self.engine, p, c) for p, c in zip(self.prompts, continuations, strict=True)
         )
 
-    def measure(self, policy: Policy) -> GenerationQuality:
-        """Generate under ``policy`` (same prompts, batches and length) and compare."""
-        engine = Engine(self.model, policy=policy)
+    def measure(self, policy: Policy | None, model: Any = None) -> GenerationQuality:
+        """Generate under ``policy`` (same prompts, batches and length) and compare. ``model``:
+        who generates (default: the reference's own model), e.g. the same base model with a
+        LoRA adapter merged, judged against the unadapted model's text and perplexity."""
+        engine = Engine(self.model if model is None else model, policy=policy)
         try:
             results = _run(engine, self.batches, self.max_new_tokens)
         finally:

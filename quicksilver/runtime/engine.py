@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from quicksilver.accounting import FlopCounter
+from quicksilver.accounting import FlopCounter, exit_head_flops
 from quicksilver.models.formats import rounds_activations
 from quicksilver.models.transformer import Block, Transformer, WidthGroups, run_linear
 from quicksilver.policies.stack import Policy
@@ -131,7 +131,8 @@ class Engine:
         ``observe(layer, states)`` sees the [B, S, d] states after each layer (halted and
         merged tokens keep the state they stopped with). ``draft``: a self-draft forward
         (``speculative.self_draft``): only its layers run, at its width, every token alike
-        (no policy decisions); it adds nothing to the dense-equivalent count, since plain
+        (no policy decisions), its state read through its exit head if it has one (counted
+        like every other exit head); it adds nothing to the dense-equivalent count, since plain
         decoding would not run it at all."""
         batch, n_new = tokens.shape
         policy = self.policy
@@ -163,7 +164,12 @@ class Engine:
             h = h[:, -1] if logits_at == "last" else h
         else:
             h = h[:, logits_at]
-        self.counter.add_head(h.shape[0] * (h.shape[1] if h.dim() == 3 else 1))
+        rows = h.shape[0] * (h.shape[1] if h.dim() == 3 else 1)
+        exits = draft is not None and draft.exit_layer is not None
+        if exits and self.model.exit_heads is not None:
+            h = self.model.lens_state(h, draft.exit_layer)  # an early exit through its head
+            self.counter.add_checks(exit_head_flops(self.config, rows))
+        self.counter.add_head(rows)
         return self.model.logits(h)
 
     def _layers(

@@ -25,7 +25,12 @@ from quicksilver.runtime.draft_shape import DraftShape
 from quicksilver.runtime.speculative.cost_plan import DraftPlan, default_plan
 from quicksilver.runtime.speculative.ngram import ngram_draft
 from quicksilver.runtime.speculative.plans import DraftPlans
-from quicksilver.runtime.speculative.self_draft import model_drafts, plane_shape, skip_layers
+from quicksilver.runtime.speculative.self_draft import (
+    exit_draft,
+    model_drafts,
+    plane_shape,
+    skip_layers,
+)
 from quicksilver.runtime.speculative.settings import MODEL_METHODS
 
 if TYPE_CHECKING:  # types only: the step batch drives this module, never the reverse
@@ -120,8 +125,12 @@ class Drafter:
             if method == "planes":
                 self._shapes[method] = plane_shape(self.engine)
             else:
-                skipped = self._plan.skipped_layers
-                self._shapes[method] = skip_layers(self.engine.config.n_layers, skipped)
+                plan, n_layers = self._plan, self.engine.config.n_layers
+                self._shapes[method] = (
+                    skip_layers(n_layers, plan.skipped_layers)
+                    if plan.exit_layer is None
+                    else exit_draft(n_layers, plan.exit_layer)
+                )
         return self._shapes[method]
 
     def forget(self, row_id: int) -> None:

@@ -16,7 +16,10 @@ Which layers ``layers`` skips: each layer's agreement when skipped alone orders 
 SWIFT and Draft & Verify search a frozen model's skippable layers); nested sets of the
 least harmful ones are measured whole, and the set with the most expected tokens per unit of
 time wins. A contiguous SkipDecode block was measured too and agrees far less (it skips layers
-the model cannot spare), so the search is over single layers.
+the model cannot spare), so the search is over single layers. A model with fitted exit heads
+(``quicksilver.adapt.exits``) also has early exits measured, the same numbers of top layers
+left out and the last state read through its layer's head; whichever set wins is the plan's
+``layers`` draft (``exit_layer`` says when it is an early exit).
 
 Expected tokens per unit of time of a draft of k tokens with per-token agreement a and draft
 step cost c (in full steps): ``(1 + a + a^2 + ... + a^k) / (k * c + verify(k))`` against 1 for
@@ -39,7 +42,7 @@ import torch
 from quicksilver.errors import QuicksilverError
 from quicksilver.runtime.draft_shape import DraftShape
 from quicksilver.runtime.sampling import greedy_tokens
-from quicksilver.runtime.speculative.self_draft import plane_shape, skip_layers
+from quicksilver.runtime.speculative.self_draft import exit_draft, plane_shape, skip_layers
 from quicksilver.runtime.speculative.settings import MAX_DRAFT_TOKENS
 
 if TYPE_CHECKING:
@@ -66,6 +69,7 @@ class DraftPlan:
     skipped_layers: list[int] = field(default_factory=list)
     layers_agreement: float = 0.0
     layers_cost: list[float] = field(default_factory=list)  # [rows index]: draft / full step
+    exit_layer: int | None = None  # ``layers`` is an early exit through this layer's head
     planes_agreement: float | None = None
     planes_cost: list[float] | None = None
     candidates: list[dict[str, Any]] = field(default_factory=list)  # layer sets measured
@@ -244,24 +248,37 @@ def _skip_search(plan: DraftPlan, judge: _Judge, clock: _Clock) -> Generator[Non
         alone.append(judge.agreement(skip_layers(n_layers, [layer])))
         yield
     order = sorted(range(n_layers), key=lambda layer: -alone[layer])
+    sizes = sorted({max(1, round(n_layers * f)) for f in (0.1, 0.2, 0.3, 0.4, 0.5)})
+    shapes = [skip_layers(n_layers, sorted(order[:size])) for size in sizes]
+    if judge.engine.model.exit_heads is not None and n_layers > 1:
+        shapes += [exit_draft(n_layers, n_layers - 1 - min(s, n_layers - 1)) for s in sizes]
     best: tuple[float, dict[str, Any]] | None = None
-    for size in sorted({max(1, round(n_layers * f)) for f in (0.1, 0.2, 0.3, 0.4, 0.5)}):
-        skipped = sorted(order[:size])
-        shape = skip_layers(n_layers, skipped)
-        candidate: dict[str, Any] = {"skipped": skipped, "agreement": judge.agreement(shape)}
-        yield
-        candidate["cost"] = yield from clock.relative_cost(plan.rows, shape)
-        k, gain = plan.best_length(
-            candidate["agreement"], candidate["cost"][0], 1, MAX_DRAFT_TOKENS
-        )
-        candidate.update(num_tokens=k, expected_speedup=gain)
+    for shape in shapes:
+        candidate = yield from _candidate(plan, judge, clock, shape)
         plan.candidates.append(candidate)
-        if best is None or gain > best[0]:
-            best = (gain, candidate)
+        if best is None or candidate["expected_speedup"] > best[0]:
+            best = (candidate["expected_speedup"], candidate)
     chosen = best[1]
     plan.skipped_layers = chosen["skipped"]
     plan.layers_agreement = chosen["agreement"]
     plan.layers_cost = chosen["cost"]
+    plan.exit_layer = chosen.get("exit_layer")
+
+
+def _candidate(
+    plan: DraftPlan, judge: _Judge, clock: _Clock, shape: DraftShape
+) -> Generator[None, None, dict[str, Any]]:
+    """One layer set's agreement, step cost and best draft length at batch 1."""
+    n_layers = judge.engine.config.n_layers
+    skipped = sorted(set(range(n_layers)) - shape.layers)
+    candidate: dict[str, Any] = {"skipped": skipped, "agreement": judge.agreement(shape)}
+    if shape.exit_layer is not None:
+        candidate["exit_layer"] = shape.exit_layer
+    yield
+    candidate["cost"] = yield from clock.relative_cost(plan.rows, shape)
+    k, gain = plan.best_length(candidate["agreement"], candidate["cost"][0], 1, MAX_DRAFT_TOKENS)
+    candidate.update(num_tokens=k, expected_speedup=gain)
+    return candidate
 
 
 def measurement(engine: Engine, prompt: Sequence[int]) -> Pieces:

@@ -43,6 +43,17 @@ def skip_layers(n_layers: int, skipped: tuple[int, ...] | list[int]) -> DraftSha
     return DraftShape(layers=frozenset(range(n_layers)) - frozenset(skipped))
 
 
+def exit_draft(n_layers: int, exit_layer: int) -> DraftShape:
+    """The early-exit draft: layers 0..``exit_layer`` run, and the LM head reads their state
+    through that layer's exit head (a model without fitted heads reads it as it is)."""
+    if not 0 <= exit_layer < n_layers - 1:
+        raise QuicksilverError(
+            f"an early-exit draft must exit before the last layer: 0..{n_layers - 2}, got "
+            f"{exit_layer}"
+        )
+    return DraftShape(layers=frozenset(range(exit_layer + 1)), exit_layer=exit_layer)
+
+
 def plane_policy_error(policy) -> str | None:
     """Why method 'planes' cannot draft under ``policy`` (None: it can). It needs the stored
     width-8 Matryoshka codes and nothing else changing the forward; known from the policy
