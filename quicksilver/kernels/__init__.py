@@ -146,6 +146,14 @@ def best_isa() -> str:
     return torch.ops.quicksilver.int_linear_best_isa()
 
 
+def tiles_of(rows: slice) -> slice | None:
+    """The tiles that output rows ``rows`` (start and stop given) cover, or None where the
+    band does not start and stop on tiles."""
+    if rows.start % TILE or rows.stop % TILE:
+        return None
+    return slice(rows.start // TILE, rows.stop // TILE)
+
+
 def linear(
     x: torch.Tensor, packed: torch.Tensor, tiles: slice = slice(None), isa: str = "auto"
 ) -> torch.Tensor:

@@ -148,6 +148,18 @@ class QuantLinear(nn.Module):
             y = y + self.bias[rows]
         return y.view(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
+    def runs_ours(self, kernel: str) -> bool:
+        """Whether our kernels take this weight: asked for (``kernel="ours"``, or ``auto``
+        with ``QUICKSILVER_KERNELS=ours``), whole tiles of outputs and blocks of inputs, and
+        built here."""
+        asked = kernel == "ours" or (kernel == "auto" and kernels.wanted())
+        return (
+            asked
+            and self.out_features % kernels.TILE == 0
+            and self.in_features % kernels.BLOCK == 0
+            and kernels.available()
+        )
+
     def set_kernel_rows(self, native: bool) -> None:
         """The most rows the weight-only kernel takes (a plain attribute: the compiled step
         reads it). Ours is as fast in float32 as in bf16; torch's float32 kernels are scalar
@@ -178,13 +190,7 @@ class Int8Linear(QuantLinear):
         out_features, in_features = codes.shape
         super().__init__(in_features, out_features, bias, dtype)
         on_cpu = codes.device.type == "cpu"
-        self.native = (
-            (kernel == "ours" or (kernel == "auto" and kernels.wanted()))
-            and on_cpu
-            and out_features % kernels.TILE == 0
-            and in_features % kernels.BLOCK == 0
-            and kernels.available()
-        )
+        self.native = on_cpu and self.runs_ours(kernel)
         self.use_kernel = self.native or (
             on_cpu
             and quant.int8_kernel_available()
@@ -225,10 +231,8 @@ class Int8Linear(QuantLinear):
             return None
         if not self.native:
             return quant.int8_linear(x, self.codes[rows], self.scales[rows])
-        if rows.start % kernels.TILE or rows.stop % kernels.TILE:
-            return None
-        tiles = slice(rows.start // kernels.TILE, rows.stop // kernels.TILE)
-        return kernels.linear8(x, self.packed, self.scales, tiles)
+        tiles = kernels.tiles_of(rows)
+        return None if tiles is None else kernels.linear8(x, self.packed, self.scales, tiles)
 
 
 class Int4Linear(QuantLinear):
@@ -250,14 +254,7 @@ class Int4Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, dtype)
         self.group_size = codes.group_size
         on_cpu = codes.codes.device.type == "cpu"
-        self.native = (
-            (kernel == "ours" or (kernel == "auto" and kernels.wanted()))
-            and on_cpu
-            and out_features % kernels.TILE == 0
-            and in_features % kernels.BLOCK == 0
-            and codes.group_size % kernels.BLOCK == 0
-            and kernels.available()
-        )
+        self.native = on_cpu and codes.group_size % kernels.BLOCK == 0 and self.runs_ours(kernel)
         self.use_kernel = self.native or (
             on_cpu
             and int4_kernel_available()
@@ -322,10 +319,8 @@ class Int4Linear(QuantLinear):
             return None
         start, stop = rows.start, rows.stop
         if self.native:
-            if start % kernels.TILE or stop % kernels.TILE:
-                return None
-            tiles = slice(start // kernels.TILE, stop // kernels.TILE)
-            return kernels.linear(x, self.packed, tiles)
+            tiles = kernels.tiles_of(rows)
+            return None if tiles is None else kernels.linear(x, self.packed, tiles)
         whole = start == 0 and stop == self.out_features
         if not whole and (start % _INT4_BLOCK_N or (stop - start) % 16):
             return None

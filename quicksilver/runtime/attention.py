@@ -61,19 +61,10 @@ def _block(q: torch.Tensor, cache: KVCache, layer: int, context: ForwardContext)
     batch, seq, heads, head_dim = q.shape
     keys = cache.k[layer, :, :, : context.attend_len]
     values = cache.v[layer, :, :, : context.attend_len]
-    if seq == 1:
-        return grouped_one_query(q, keys, values, context.mask, exact=cache.exact_attention)
     if cache.exact_attention and seq <= EXACT_QUERIES:
-        if context.mask is not None:
-            reads = context.mask[:, 0]
-        else:  # a causal block: query s reads every slot up to its own
-            length = context.attend_len
-            slot = torch.arange(length - seq, length).view(seq, 1)
-            reads = (torch.arange(length).view(1, length) <= slot).expand(batch, seq, length)
-        out = kernels.attend_each(
-            q.float().contiguous(), keys, values, reads.contiguous(), head_dim**-0.5
-        )
-        return out.to(q.dtype).reshape(batch, seq, heads * head_dim)
+        return _exact(q, keys, values, context.query_reads())
+    if seq == 1:
+        return grouped_one_query(q, keys, values, context.mask)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys,
@@ -107,10 +98,7 @@ def grouped_one_query(
     if exact and bias is None:
         length = keys.shape[2]
         reads = torch.ones(n, 1, length, dtype=torch.bool) if mask is None else mask.view(n, 1, -1)
-        out = kernels.attend_each(
-            q.float().contiguous(), keys, values, reads.contiguous(), head_dim**-0.5
-        )
-        return out.to(q.dtype).reshape(n, 1, heads * head_dim)
+        return _exact(q, keys, values, reads.contiguous())
     kv_heads = keys.shape[1]
     grouped = q.reshape(n, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * head_dim**-0.5
@@ -120,6 +108,16 @@ def grouped_one_query(
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, values.float()).to(q.dtype).reshape(n, 1, heads * head_dim)
+
+
+def _exact(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, reads: torch.Tensor
+) -> torch.Tensor:
+    """q [B, S, heads, hd] over the keys ``reads`` [B, S, T] marks, each query alone in a fixed
+    order (``kernels.attend_each``) -> [B, S, heads * hd] in q's dtype."""
+    batch, seq, heads, head_dim = q.shape
+    out = kernels.attend_each(q.float().contiguous(), keys, values, reads, head_dim**-0.5)
+    return out.to(q.dtype).reshape(batch, seq, heads * head_dim)
 
 
 def _reads_without_hidden(

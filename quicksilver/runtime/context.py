@@ -35,6 +35,7 @@ class ForwardContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, signed sin: [B, S, 1, hd]
     _flat_rope: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _rows_of: torch.Tensor | None = field(default=None, repr=False)
+    _query_reads: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def next_block(cls, cache: KVCache, n_new: int, rope_for) -> ForwardContext:
@@ -89,6 +90,22 @@ class ForwardContext:
         if self._rows_of is None:
             self._rows_of = torch.arange(self.batch).repeat_interleave(self.seq)
         return self._rows_of
+
+    def query_reads(self) -> torch.Tensor:
+        """[B, S, attend_len] bool, contiguous: the slots each query of the block reads (the
+        mask, or when there is none every slot up to the query's own), built once per
+        forward for the layers' exact attention."""
+        if self._query_reads is None:
+            if self.mask is not None:
+                reads = self.mask[:, 0]
+            else:  # a causal block from slot 0, or one token per row reading every slot
+                length = self.attend_len
+                slot = torch.arange(length - self.seq, length).view(self.seq, 1)
+                reads = (torch.arange(length).view(1, length) <= slot).expand(
+                    self.batch, self.seq, length
+                )
+            self._query_reads = reads.contiguous()
+        return self._query_reads
 
     def rope_at(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Rotation tables of the flattened block's tokens ``index``: [N, 1, 1, hd]."""
