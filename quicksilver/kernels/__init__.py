@@ -81,7 +81,11 @@ def _build() -> None:
         cpp_extension.load(
             name="quicksilver_int_linear",
             sources=[str(path) for path in _SOURCES],
-            extra_cflags=["-O3"],
+            # OpenMP as torch's own build: ATen's parallel_for is inlined from its headers
+            # and runs serially in code compiled without it. The library it links is the
+            # libgomp torch has already loaded, so there is one thread pool.
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
