@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=2, help="CPU threads (default: 2, as its page was measured)"
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="compiled decode steps and verify forwards (qs.load(compile=True))",
+    )
     parser.add_argument("--no-references", action="store_true")
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "speculative.md"))
     return parser
@@ -212,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main() -> int:
     args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
-    llm = qs.load(args.model, dtype=args.dtype, weights=args.weights)
+    llm = qs.load(args.model, dtype=args.dtype, weights=args.weights, compile=args.compile)
     policy = json.loads(args.policy) if args.policy else None
     if args.prompt_set == "code":
         prompts_by_task = code_prompts(llm, args.prompts)

@@ -140,7 +140,7 @@ def observed(monkeypatch: pytest.MonkeyPatch) -> Iterator[ExecutedFlops]:
         pairs = attention_pairs_from_mask(queries, k.shape[-2], batch, attn_mask, is_causal)
         mode.attention += pairs * 4 * heads * head_dim
 
-    def grouped(q, keys, values, mask, bias=None, exact=False):  # noqa: ANN001
+    def grouped(q, keys, values, mask, bias=None):  # noqa: ANN001
         n, _, heads, head_dim = q.shape
         pairs = attention_pairs_from_mask(1, keys.shape[-2], n, mask, causal=False)
         mode.attention += pairs * 4 * heads * head_dim

@@ -369,6 +369,33 @@ def test_compiled_logits_equal_eager_logits(compiled_pair: tuple[Engine, Engine]
     )
 
 
+def test_compiled_verify_forwards_equal_eager_with_one_graph_for_every_length(
+    compiled_pair: tuple[Engine, Engine],
+) -> None:
+    """Forwards of 2..32 tokens a row with logits at every position (verify forwards) run
+    one compiled graph whatever their length, with the eager forward's logits and cache."""
+    import torch._dynamo.utils as dynamo_utils
+
+    eager, compiled = compiled_pair
+    caches = [engine.new_cache(2, 60) for engine in compiled_pair]
+    for engine, cache in zip(compiled_pair, caches, strict=True):
+        engine.forward(TOKENS[:, :6], cache)
+    gen = torch.Generator().manual_seed(4)
+    traced = None
+    for n in (3, 2, 7, 5):
+        fed = torch.randint(0, 97, (2, n), generator=gen)
+        expected = eager.forward(fed, caches[0], logits_at="all")
+        got = compiled.forward(fed, caches[1], logits_at="all")
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+        if traced is None:  # the first length traces the graph
+            traced = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == traced
+    torch.testing.assert_close(
+        caches[1].k[:, :, :, :23], caches[0].k[:, :, :, :23], atol=1e-5, rtol=0
+    )
+    assert not compiled.compiled.supports(caches[1], n_new=33)  # a prefill: eager
+
+
 def test_compiled_step_serves_only_the_rows_it_pays_for() -> None:
     engine = Engine(random_model(FITS, fast=True), compile=True)
     assert engine.compiled.supports(engine.new_cache(1, 8))

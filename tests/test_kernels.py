@@ -209,19 +209,23 @@ def test_attend_each_equals_softmax_attention_and_keeps_queries_apart(dtype) -> 
 
 
 @needs_kernel
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_with_our_kernels_a_forward_of_k_tokens_equals_k_steps_bit_for_bit(
-    monkeypatch, dtype
+    monkeypatch, dtype, compiled
 ) -> None:
     """What verified decoding rests on: with our kernels (activations rounded to int8) the
     engine attends query by query, so the logits of a k-token forward are those of k
-    one-token steps, exactly, in fp32 and bf16, for a batch of ragged rows."""
+    one-token steps, exactly, in fp32 and bf16, for a batch of rows; eager, and compiled
+    (the verify graph and the decode-step graph are two graphs that must agree)."""
     monkeypatch.setenv("QUICKSILVER_KERNELS", "ours")
     # a vocabulary of whole tiles, so the int8 head runs our kernel too (as SmolLM2's does)
     config = dataclasses.replace(FITS, n_layers=3, vocab_size=112)
     model = random_model(config, fast=False).to(dtype)
     convert_model(model, WeightFormat("int4"))
-    engine = Engine(model)
+    engine = Engine(model, compile=compiled)
+    if compiled:
+        engine.compiled.max_rows = 2
     assert engine.exact_attention and model.lm_head.native
     prompts = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8))
     fed = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(9))
@@ -237,3 +241,4 @@ def test_with_our_kernels_a_forward_of_k_tokens_equals_k_steps_bit_for_bit(
     plain = generate(engine, prompt, 24, ignore_eos=True)
     verified = generate(engine, prompt, 24, ignore_eos=True, speculative=config)
     assert verified.tokens == plain.tokens and verified.decode_steps < plain.decode_steps
+    assert (engine.compile_seconds > 0) == compiled

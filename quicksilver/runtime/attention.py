@@ -76,29 +76,47 @@ def _block(q: torch.Tensor, cache: KVCache, layer: int, context: ForwardContext)
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
 
 
+def attend_reads(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    reads: torch.Tensor,
+    exact: bool = False,
+) -> torch.Tensor:
+    """q [B, S, heads, hd] over keys/values [B, kv_heads, T, hd], each query reading the
+    slots ``reads`` [B, S, T] marks -> [B, S, heads * hd]: the compiled graph's attention, for
+    decode steps (S = 1) and verify forwards alike. ``exact``: each query alone in a fixed
+    order (``kernels.attend_each``), for weights whose kernels round activations."""
+    batch, seq, heads, head_dim = q.shape
+    if exact:
+        return _exact(q, keys, values, reads.contiguous())
+    if seq == 1:
+        return grouped_one_query(q, keys, values, reads.view(batch, 1, 1, -1))
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        keys,
+        values,
+        attn_mask=reads.unsqueeze(1),
+        enable_gqa=keys.shape[1] != heads,
+    )
+    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+
+
 def grouped_one_query(
     q: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor | None,
     bias: torch.Tensor | None = None,
-    exact: bool = False,
 ) -> torch.Tensor:
     """One query per row ([N, 1, heads, hd]) over keys/values [N, kv_heads, T, hd].
 
     With a single query the query heads that share a KV head form a small matrix, so two
     batched matmuls do the work without expanding K/V. ``bias`` (broadcast to the scores,
     e.g. [N, 1, 1, T]) is added before the mask ([N, 1, 1, T], True = read). In float32:
-    CPU bf16 batched matmuls on cache slices are several times slower. ``exact``: each
-    query computed alone in a fixed order (``kernels.attend_each``), as a verify forward of
-    several tokens computes it, for weights whose kernels round activations (see
-    ``quicksilver.kernels``).
+    CPU bf16 batched matmuls on cache slices are several times slower.
     """
     n, _, heads, head_dim = q.shape
-    if exact and bias is None:
-        length = keys.shape[2]
-        reads = torch.ones(n, 1, length, dtype=torch.bool) if mask is None else mask.view(n, 1, -1)
-        return _exact(q, keys, values, reads.contiguous())
     kv_heads = keys.shape[1]
     grouped = q.reshape(n, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * head_dim**-0.5

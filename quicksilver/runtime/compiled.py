@@ -1,12 +1,14 @@
-"""The decode step as one compiled graph: one token per row through every layer.
+"""Decode steps and verify forwards as compiled graphs: n tokens per row through every layer.
 
 An eager decode step of a small model is mostly fixed cost: thousands of tiny aten calls
 (norms, RoPE, casts, views, cache writes), each a few microseconds, around the few that
 matter (the weight products). ``torch.compile`` fuses those into a handful of kernels. The
-graph is the same code the eager runner runs (``Block.forward`` around the one-query
-attention of ``runtime.attention``), traced once per batch size and weight format:
+graph is the same code the eager runner runs (``Block.forward`` around
+``runtime.attention.attend_reads``), traced once per batch size and weight format for one
+token per row (decode steps) and once for 2..``MAX_TOKENS`` (verify forwards, their length a
+dynamic dimension, logits at every position):
 
-- the KV cache is static: the step writes each row's new K/V at its slot in place and reads
+- the KV cache is static: the graph writes each row's new K/V at its slots in place and reads
   the first ``read_len`` slots, masked by the cache's rule (``start <= key <= slot``, the
   sliding window); ``read_len`` is a dynamic dimension rounded up to ``READ_BUCKET`` slots,
   so the graph is never re-traced as positions advance and attention costs what is filled,
@@ -14,24 +16,28 @@ attention of ``runtime.attention``), traced once per batch size and weight forma
 - weights are constants of the graph (inductor's freezing), so the dense formats get
   pre-packed products and the int4/int8 formats call their kernels directly.
 
-Compilation is cached on disk by inductor (``TORCHINDUCTOR_CACHE_DIR``); its time is
-measured and reported apart from decode time (``compile_seconds``). Only the plain dense step
-is compiled: a cache with hidden or fused entries, or a policy step, runs the eager path.
+- every cast is rounded as eager rounds it (inductor's ``emulate_precision_casts``), so in
+  bf16 the two graphs agree bit for bit: with weights that round activations (our kernels) a
+  verify forward must give each token the decode step's logits exactly, or verified decoding
+  would not reproduce plain decoding's tokens.
+
+Compilation is cached on disk by inductor (its default cache, or ``TORCHINDUCTOR_CACHE_DIR``);
+its time is measured and reported apart from decode time (``compile_seconds``). Only dense
+forwards are compiled: a cache with hidden or fused entries, a policy step, a self-draft
+forward or a prefill runs the eager path.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import types
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from quicksilver.models.formats import rounds_activations
 from quicksilver.models.transformer import Transformer
-from quicksilver.runtime.attention import grouped_one_query
+from quicksilver.runtime.attention import attend_reads
 from quicksilver.runtime.cache import KVCache, causal_reads
 
 # Attention reads the filled slots rounded up to this many (a few masked slots of slack).
@@ -42,7 +48,10 @@ READ_BUCKET = 64
 # batched products lose to oneDNN's pre-packed linear and the eager int4 path), so larger
 # batches run eager.
 MAX_ROWS = 1
-COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True}
+# Tokens per row up to which forwards run compiled: decode steps and verify forwards (a draft
+# of up to MAX_TOKENS - 1 tokens and the token before it); prefills run eager.
+MAX_TOKENS = 32
+COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True, "emulate_precision_casts": True}
 _ARGUMENTS = ("tokens", "slots", "start", "keys", "k_cache", "v_cache")
 
 
@@ -59,7 +68,7 @@ def _argument_guards(guards: list) -> list[bool]:
 
 
 class _DecodeGraph(nn.Module):
-    """tokens [B, 1] -> logits [B, V], writing K/V at ``slots`` and reading ``keys``."""
+    """tokens [B, n] -> logits [B, n, V], writing K/V at ``slots`` and reading ``keys``."""
 
     def __init__(self, model: Transformer) -> None:
         super().__init__()
@@ -68,20 +77,20 @@ class _DecodeGraph(nn.Module):
 
     def forward(
         self,
-        tokens: torch.Tensor,  # [B, 1] int64
-        slots: torch.Tensor,  # [B] int64: where each row's token goes
-        start: torch.Tensor,  # [B] int64: each row's first real slot
+        tokens: torch.Tensor,  # [B, n] int64
+        slots: torch.Tensor,  # [B, n] int64: where each token goes
+        start: torch.Tensor,  # [B, 1] int64: each row's first real slot
         keys: torch.Tensor,  # [read_len] int64: 0..read_len-1 (its length is dynamic)
         k_cache: torch.Tensor,  # [L, B, kv_heads, T, hd]
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         model = self.model
-        positions = (slots - start).unsqueeze(1)
+        batch, n = tokens.shape
+        positions = slots - start
         h = model.embed_tokens(tokens, positions)
         rope = model.rope_for(positions)
-        readable = causal_reads(start, slots, keys, model.config.sliding_window)
-        mask = readable.view(len(slots), 1, 1, -1)
-        rows = torch.arange(len(slots), device=tokens.device)
+        reads = causal_reads(start, slots, keys, model.config.sliding_window)  # [B, n, T]
+        rows = torch.arange(batch, device=tokens.device).view(batch, 1).expand(batch, n)
         read_len = keys.shape[0]
         for layer, block in enumerate(model.blocks):
 
@@ -92,29 +101,25 @@ class _DecodeGraph(nn.Module):
                 # whole cache, every layer, every step (2.5 ms a token at 300 slots, growing
                 # with the cache); indexed by tensors it is one in-place index_put.
                 at_layer = torch.full_like(slots, layer)
-                k_cache[at_layer, rows, :, slots] = k[:, 0]
-                v_cache[at_layer, rows, :, slots] = v[:, 0]
-                out = grouped_one_query(
+                k_cache[at_layer, rows, :, slots] = k
+                v_cache[at_layer, rows, :, slots] = v
+                out = attend_reads(
                     q,
                     k_cache[layer, :, :, :read_len],
                     v_cache[layer, :, :, :read_len],
-                    mask,
+                    reads,
                     exact=self.exact_attention,
                 )
                 return block.attn.out(out)
 
             h = block(h, attention)
-        return model.logits(h[:, -1])
+        return model.logits(h)
 
 
 class CompiledDecode:
     """The model's dense decode step, compiled on first use for each batch size."""
 
     def __init__(self, model: Transformer) -> None:
-        # Inductor's on-disk cache (compiled kernels, whole graphs) beside our converted
-        # models, so that it outlives /tmp; a user's own setting wins.
-        root = os.environ.get("QUICKSILVER_CACHE") or Path.home() / ".cache" / "quicksilver"
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(root) / "inductor"))
         self.model = model
         graph = _DecodeGraph(model)
         # A code object of its own: dynamo keys compiled code by code object, so this
@@ -134,10 +139,11 @@ class CompiledDecode:
         self.compile_seconds = 0.0
         self.max_rows = MAX_ROWS
 
-    def supports(self, cache: KVCache) -> bool:
-        """Whether the compiled step serves this cache now: few enough rows for it to pay,
-        every entry readable by the plain rule (no hidden or fused entries)."""
-        return cache.batch_size <= self.max_rows and not cache.adapted
+    def supports(self, cache: KVCache, n_new: int = 1) -> bool:
+        """Whether the compiled graph serves ``n_new`` tokens per row of this cache now: few
+        enough rows and tokens for it to pay, every entry readable by the plain rule (no
+        hidden or fused entries)."""
+        return cache.batch_size <= self.max_rows and 1 <= n_new <= MAX_TOKENS and not cache.adapted
 
     @staticmethod
     def capacity(max_len: int) -> int:
@@ -153,12 +159,17 @@ class CompiledDecode:
 
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
-        """Logits [B, V] of one new token per row at ``slots`` ([B]), their K/V written."""
+        """Logits [B, n, V] of n new tokens per row at ``slots`` ([B, n]), their K/V
+        written. One graph serves n = 1 (a decode step), one every n from 2 to
+        ``MAX_TOKENS`` (verify forwards: the draft length changes from step to step)."""
         keys = torch.arange(self.read_len(cache, slots))
         torch._dynamo.mark_dynamic(keys, 0)
         for tensor in (cache.k, cache.v):  # caches of any length share the graph
             torch._dynamo.mark_dynamic(tensor, 3)
-        args = (tokens, slots, cache.start, keys, cache.k, cache.v)
+        if tokens.shape[1] > 1:
+            for tensor in (tokens, slots):
+                torch._dynamo.mark_dynamic(tensor, 1, min=2, max=MAX_TOKENS)
+        args = (tokens, slots, cache.start.view(-1, 1), keys, cache.k, cache.v)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         begin = time.perf_counter()
         # No "equal sizes share a symbol": the read length may equal the cache length.

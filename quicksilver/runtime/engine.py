@@ -141,13 +141,13 @@ class Engine:
             self.compiled is not None
             and draft is None
             and dense
-            and n_new == 1
             and context is None
             and observe is None
-            and isinstance(logits_at, str)
-            and self.compiled.supports(cache)
+            and (logits_at == "all" or (logits_at == "last" and n_new == 1))
+            and self.compiled.supports(cache, n_new)
         ):
-            return self._compiled_step(tokens, cache)
+            logits = self._compiled_forward(tokens, cache)
+            return logits[:, 0] if logits_at == "last" else logits
         context = context or self.context(cache, n_new)
         if isinstance(logits_at, str):
             head_rows = batch if logits_at == "last" else batch * n_new
@@ -224,22 +224,22 @@ class Engine:
             active.leave(flat)
         return flat.view(batch, n_new, -1)
 
-    def _compiled_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per row through the compiled graph; counted like the eager step, with
-        attention over the slots the graph actually read (its bucket, masked entries too)."""
-        slots, _ = cache.reserve(1)
-        slots = slots[:, 0]
+    def _compiled_forward(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """[B, n] new tokens through the compiled graph -> logits [B, n, V]; counted like the
+        eager forward, with attention over the slots the graph actually read (its bucket,
+        masked entries too)."""
+        batch, n_new = tokens.shape
+        slots, _ = cache.reserve(n_new)
         logits = self.compiled(tokens, cache, slots)
-        batch = tokens.shape[0]
-        pairs = batch * self.compiled.read_len(cache, slots)
+        pairs = batch * n_new * self.compiled.read_len(cache, slots)
         counter = self.counter
-        counter.add_dense_equivalent(batch, pairs, batch)
-        counter.add_embedding(batch)
+        counter.add_dense_equivalent(batch * n_new, pairs, batch * n_new)
+        counter.add_embedding(batch * n_new)
         layer_bytes = self.model.layer_weight_bytes()
         for layer in range(self.config.n_layers):
-            counter.add_layer(layer, batch, pairs)
+            counter.add_layer(layer, batch * n_new, pairs)
             counter.add_weight_read(0, layer_bytes)
-        counter.add_head(batch)
+        counter.add_head(batch * n_new)
         return logits
 
     def _dense_layer(
