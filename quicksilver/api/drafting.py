@@ -58,9 +58,11 @@ def model_identity(kind: str, location: str) -> str:
 
 
 def plan_key(llm: LLM, policy_key: str) -> dict[str, Any]:
-    """Everything that changes a plan: the model's files, adapter and format, the policy
-    (the registry's own key), the torch build, the threads and the CPU. (A model loaded
-    without an adapter keeps the key it always had.)"""
+    """Everything that changes a plan: the model's files, adapter and format, the kernels its
+    products run and whether its forwards are compiled (both change what a forward of k
+    tokens costs), the policy (the registry's own key), the torch build, the threads and the
+    CPU. (A model loaded without an adapter, on torch's kernels, eager, keeps the key it
+    always had.)"""
     key = {
         "model": model_identity(llm.source.kind, llm.source.path),
         "dtype": llm.dtype,
@@ -74,6 +76,11 @@ def plan_key(llm: LLM, policy_key: str) -> dict[str, Any]:
     adapter = getattr(llm, "adapter", None)  # stand-ins for an LLM may not have one
     if adapter is not None:
         key["adapter"] = model_identity("adapter", adapter)
+    engine = getattr(llm, "engine", None)
+    if engine is not None and engine.exact_attention:
+        key["kernels"] = "ours"
+    if engine is not None and engine.compiled is not None:
+        key["compiled"] = True
     return key
 
 

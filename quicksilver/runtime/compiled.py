@@ -142,8 +142,15 @@ class CompiledDecode:
     def supports(self, cache: KVCache, n_new: int = 1) -> bool:
         """Whether the compiled graph serves ``n_new`` tokens per row of this cache now: few
         enough rows and tokens for it to pay, every entry readable by the plain rule (no
-        hidden or fused entries)."""
-        return cache.batch_size <= self.max_rows and 1 <= n_new <= MAX_TOKENS and not cache.adapted
+        hidden or fused entries), and a whole cache: the rows still running in a batch are a
+        view of its cache, with other strides, which would trace a new graph (~40 s) in the
+        middle of decoding and hold up every row; they run eager instead."""
+        return (
+            cache.batch_size <= self.max_rows
+            and 1 <= n_new <= MAX_TOKENS
+            and not cache.adapted
+            and cache.k.is_contiguous()
+        )
 
     @staticmethod
     def capacity(max_len: int) -> int:
