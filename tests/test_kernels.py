@@ -224,8 +224,6 @@ def test_with_our_kernels_a_forward_of_k_tokens_equals_k_steps_bit_for_bit(
     model = random_model(config, fast=False).to(dtype)
     convert_model(model, WeightFormat("int4"))
     engine = Engine(model, compile=compiled)
-    if compiled:
-        engine.compiled.max_rows = 2
     assert engine.exact_attention and model.lm_head.native
     prompts = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(8))
     fed = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(9))

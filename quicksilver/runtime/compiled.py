@@ -42,12 +42,11 @@ from quicksilver.runtime.cache import KVCache, causal_reads
 
 # Attention reads the filled slots rounded up to this many (a few masked slots of slack).
 READ_BUCKET = 64
-# Rows up to which the compiled step pays. Measured on SmolLM2-135M, 2 AVX-512 cores
-# (docs/benchmarks/engine.md): at batch 1 int4 decodes 124 tok/s compiled vs 109 eager; at
-# batch 8 the compiled graph is 2x slower than eager in int4 and 3x in bf16 (inductor's
-# batched products lose to oneDNN's pre-packed linear and the eager int4 path), so larger
-# batches run eager.
-MAX_ROWS = 1
+# Rows up to which the compiled graphs pay. Measured on SmolLM2-135M, 2 AVX-512 cores, 8 rows
+# end to end (tok/s compiled / eager): int4 on torch's kernels 1.39x, on ours 1.11x; bf16
+# 1.00x (oneDNN's pre-packed products eager are as fast as inductor's). Larger batches run
+# eager, untried.
+MAX_ROWS = 8
 # Tokens per row up to which forwards run compiled: decode steps and verify forwards (a draft
 # of up to MAX_TOKENS - 1 tokens and the token before it); prefills run eager.
 MAX_TOKENS = 32
