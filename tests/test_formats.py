@@ -26,6 +26,7 @@ from quicksilver.models.formats import (
 )
 from quicksilver.models.gguf_file import int4_codes_from_gguf
 from quicksilver.policies import Policy
+from quicksilver.runtime.cache import KVCache
 from quicksilver.runtime.engine import Engine
 from quicksilver.runtime.generate import generate
 
@@ -330,6 +331,7 @@ def test_smollm_q4_layers_load_as_they_are(smollm_fp32: loading.LoadedModel) -> 
 def compiled_pair() -> tuple[Engine, Engine]:
     model = random_model(FITS, fast=True)
     compiled = Engine(model, compile=True)
+    compiled.compiled.max_rows = 2  # batched graphs too (a dense model compiles one row)
     return Engine(model), compiled
 
 
@@ -396,9 +398,12 @@ def test_compiled_verify_forwards_equal_eager_with_one_graph_for_every_length(
 
 
 def test_compiled_step_serves_only_the_rows_it_pays_for() -> None:
-    engine = Engine(random_model(FITS, fast=True), compile=True)
-    assert engine.compiled.supports(engine.new_cache(8, 8))
-    engine.compiled.max_rows = 1
+    quantised = random_model(FITS, fast=False)
+    convert_model(quantised, WeightFormat("int4"))
+    compiled = Engine(quantised, compile=True).compiled
+    assert compiled.supports(KVCache(FITS, 8, 8, torch.float32))
+    assert not compiled.supports(KVCache(FITS, 9, 8, torch.float32))
+    engine = Engine(random_model(FITS, fast=True), compile=True)  # dense: one row pays
     assert engine.compiled.supports(engine.new_cache(1, 8))
     assert not engine.compiled.supports(engine.new_cache(2, 8))
     # one running row of a larger batch: a view with other strides would trace a new graph

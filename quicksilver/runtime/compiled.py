@@ -35,18 +35,19 @@ import types
 import torch
 from torch import nn
 
-from quicksilver.models.formats import rounds_activations
+from quicksilver.models.formats import QuantLinear, rounds_activations
 from quicksilver.models.transformer import Transformer
 from quicksilver.runtime.attention import attend_reads
 from quicksilver.runtime.cache import KVCache, causal_reads
 
 # Attention reads the filled slots rounded up to this many (a few masked slots of slack).
 READ_BUCKET = 64
-# Rows up to which the compiled graphs pay. Measured on SmolLM2-135M, 2 AVX-512 cores, 8 rows
-# end to end (tok/s compiled / eager): int4 on torch's kernels 1.39x, on ours 1.11x; bf16
-# 1.00x (oneDNN's pre-packed products eager are as fast as inductor's). Larger batches run
-# eager, untried.
+# Rows up to which the compiled graphs pay. Measured on SmolLM2-135M, 2 AVX-512 cores
+# (docs/benchmarks/engine.md): int4 at 8 rows decodes 1.39x eager on torch's kernels, 1.11x
+# on ours (end to end); bf16's eager products (oneDNN, pre-packed) beat inductor's at one
+# row and at eight, so dense formats compile one row only. Larger batches run eager, untried.
 MAX_ROWS = 8
+MAX_ROWS_DENSE = 1
 # Tokens per row up to which forwards run compiled: decode steps and verify forwards (a draft
 # of up to MAX_TOKENS - 1 tokens and the token before it); prefills run eager.
 MAX_TOKENS = 32
@@ -136,7 +137,8 @@ class CompiledDecode:
             options={**COMPILE_OPTIONS, "guard_filter_fn": _argument_guards},
         )
         self.compile_seconds = 0.0
-        self.max_rows = MAX_ROWS
+        quantised = any(isinstance(module, QuantLinear) for module in model.modules())
+        self.max_rows = MAX_ROWS if quantised else MAX_ROWS_DENSE
 
     def supports(self, cache: KVCache, n_new: int = 1) -> bool:
         """Whether the compiled graph serves ``n_new`` tokens per row of this cache now: few
