@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import quicksilver as qs
+from quicksilver import kernels
 from quicksilver.accounting import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,9 +36,24 @@ PROMPT = (
 BUCKETS = [
     (
         "weight products",
-        ("int4pack_mm", "int8pack_mm", "mkldnn_linear", "linear_pointwise", "addmm", "aten::mm"),
+        (
+            "int4pack_mm",
+            "int8pack_mm",
+            "mkldnn_linear",
+            "linear_pointwise",
+            "addmm",
+            "aten::mm",
+            "int_linear",  # our kernels (QUICKSILVER_KERNELS=ours)
+        ),
     ),
-    ("attention", ("bmm", "matmul", "softmax", "masked_fill", "baddbmm", "scaled_dot")),
+    (
+        "attention",
+        ("bmm", "matmul", "softmax", "masked_fill", "baddbmm", "scaled_dot", "attend_each"),
+    ),
+    # The compiled graph's own fused kernels (norms, RoPE, cache writes, activations) run
+    # inside its call; the calls into dynamo and the graph's wrappers are overhead.
+    ("compiled graph's fused ops", ("CompiledFxGraph", "cpp_fused", "Torch-Compiled Region")),
+    ("dynamo (guards, wrappers)", ("TorchDynamo", "Pregraph bytecode", "AOTDispatcher")),
     ("norms and activations", ("rsqrt", "pow", "mean", "silu", "mul", "add", "neg")),
     (
         "copies, casts, indexing",
@@ -156,7 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         + (f", {args.weights} weights" if args.weights else "")
         + (", compiled step" if args.compile else ""),
         "",
-        f"{cpu_name()}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}; "
+        f"{cpu_name()}, {platform.machine()}, {args.threads} threads, torch {torch.__version__}"
+        f"{', our int8/int4 kernels' if kernels.wanted() else ''}; "
         f"batch 1, greedy, {args.tokens} new tokens, `LLM.generate`. Milliseconds per "
         "generated token (best of 3); the op split is the profiler's, applied to the "
         "unprofiled forward time.",

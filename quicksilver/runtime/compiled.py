@@ -4,9 +4,9 @@ An eager decode step of a small model is mostly fixed cost: thousands of tiny at
 (norms, RoPE, casts, views, cache writes), each a few microseconds, around the few that
 matter (the weight products). ``torch.compile`` fuses those into a handful of kernels. The
 graph is the same code the eager runner runs (``Block.forward`` around
-``runtime.attention.attend_reads``), traced once per batch size and weight format for one
-token per row (decode steps) and once for 2..``MAX_TOKENS`` (verify forwards, their length a
-dynamic dimension, logits at every position):
+``runtime.attention.attend_reads``), traced for one token per row (decode steps) and for
+2..``MAX_TOKENS`` (verify forwards, their length a dynamic dimension, logits at every
+position), each for one row and for 2..``max_rows`` (the batch a dynamic dimension too):
 
 - the KV cache is static: the graph writes each row's new K/V at its slots in place and reads
   the first ``read_len`` slots, masked by the cache's rule (``start <= key <= slot``, the
@@ -169,15 +169,21 @@ class CompiledDecode:
     def __call__(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
         """Logits [B, n, V] of n new tokens per row at ``slots`` ([B, n]), their K/V
         written. One graph serves n = 1 (a decode step), one every n from 2 to
-        ``MAX_TOKENS`` (verify forwards: the draft length changes from step to step)."""
+        ``MAX_TOKENS`` (verify forwards: the draft length changes from step to step), each
+        for one row and for 2..``max_rows`` rows: at most four graphs, each traced once (a
+        trace takes ~15-75 s, so none may be left to happen in the middle of decoding)."""
         keys = torch.arange(self.read_len(cache, slots))
         torch._dynamo.mark_dynamic(keys, 0)
         for tensor in (cache.k, cache.v):  # caches of any length share the graph
             torch._dynamo.mark_dynamic(tensor, 3)
+        start = cache.start.view(-1, 1)
         if tokens.shape[1] > 1:
             for tensor in (tokens, slots):
                 torch._dynamo.mark_dynamic(tensor, 1, min=2, max=MAX_TOKENS)
-        args = (tokens, slots, cache.start.view(-1, 1), keys, cache.k, cache.v)
+        if tokens.shape[0] > 1:  # one graph for every batch of 2..max_rows rows
+            for tensor, dim in ((tokens, 0), (slots, 0), (start, 0), (cache.k, 1), (cache.v, 1)):
+                torch._dynamo.mark_dynamic(tensor, dim)
+        args = (tokens, slots, start, keys, cache.k, cache.v)
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         begin = time.perf_counter()
         # No "equal sizes share a symbol": the read length may equal the cache length.
