@@ -176,7 +176,10 @@ class CompiledDecode:
         torch._dynamo.mark_dynamic(keys, 0)
         for tensor in (cache.k, cache.v):  # caches of any length share the graph
             torch._dynamo.mark_dynamic(tensor, 3)
-        start = cache.start.view(-1, 1)
+        # Fresh, contiguous arguments: the strides are guarded, and the engine's slots may
+        # be one row's slots expanded over the batch (stride 0), which would trace again.
+        tokens, slots = tokens.contiguous(), slots.contiguous()
+        start = cache.start.view(-1, 1).contiguous()
         if tokens.shape[1] > 1:
             for tensor in (tokens, slots):
                 torch._dynamo.mark_dynamic(tensor, 1, min=2, max=MAX_TOKENS)
