@@ -87,8 +87,11 @@ def measure(
     needs_plan = any(m != "ngram" for m in methods)
     plan = llm.draft_plan(policy=policy, progress=say) if needs_plan else None
     warm = next(iter(prompts_by_task.values()))[0]
-    for method in (None, *methods):  # first calls pay one-time costs (allocator, kernels)
-        llm.generate(warm, max_new_tokens=8, speculative=method, policy=policy)
+    # First calls pay one-time costs (allocator, kernels, compiled graphs, which differ for
+    # one row and for several), so each batch size is warmed before anything is timed.
+    for batch in sorted(set(batch_sizes)):
+        for method in (None, *methods):
+            llm.generate([warm] * batch, max_new_tokens=8, speculative=method, policy=policy)
     rows = []
     for task, prompts in prompts_by_task.items():
         for batch in batch_sizes:
