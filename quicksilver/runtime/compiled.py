@@ -59,7 +59,9 @@ def _argument_guards(guards: list) -> list[bool]:
     """Keep only the guards on the step's own arguments (their sizes, strides and dtypes) and
     on its dynamic sizes. The thousands of others (every module attribute the trace read)
     can never fail: the graph's code object belongs to one model, whose weights are frozen
-    into it. Evaluating them cost ~0.4 ms a step, 8% of an int4 token."""
+    into it. Evaluating them cost ~0.4 ms a step, 8% of an int4 token. (A model changed after
+    its first compiled call, its weights or its fast path, is not seen by the graph either
+    way, since freezing bakes it in: load it again.)"""
     return [
         guard.guard_type == "SHAPE_ENV"
         or (guard.guard_type == "TENSOR_MATCH" and guard.name.strip("L[]'\"") in _ARGUMENTS)
