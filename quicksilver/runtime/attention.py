@@ -58,22 +58,11 @@ EXACT_QUERIES = 64
 
 
 def _block(q: torch.Tensor, cache: KVCache, layer: int, context: ForwardContext) -> torch.Tensor:
-    batch, seq, heads, head_dim = q.shape
     keys = cache.k[layer, :, :, : context.attend_len]
     values = cache.v[layer, :, :, : context.attend_len]
-    if cache.exact_attention and seq <= EXACT_QUERIES:
+    if cache.exact_attention and q.shape[1] <= EXACT_QUERIES:
         return _exact(q, keys, values, context.query_reads())
-    if seq == 1:
-        return grouped_one_query(q, keys, values, context.mask)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        keys,
-        values,
-        attn_mask=context.mask,
-        is_causal=context.mask is None,
-        enable_gqa=keys.shape[1] != heads,
-    )
-    return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+    return _masked(q, keys, values, context.mask)
 
 
 def attend_reads(
@@ -87,16 +76,27 @@ def attend_reads(
     slots ``reads`` [B, S, T] marks -> [B, S, heads * hd]: the compiled graph's attention, for
     decode steps (S = 1) and verify forwards alike. ``exact``: each query alone in a fixed
     order (``kernels.attend_each``), for weights whose kernels round activations."""
-    batch, seq, heads, head_dim = q.shape
     if exact:
         return _exact(q, keys, values, reads.contiguous())
+    return _masked(q, keys, values, reads.unsqueeze(1))
+
+
+def _masked(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q [B, S, heads, hd] over keys/values [B, kv_heads, T, hd] -> [B, S, heads * hd].
+    ``mask`` [B, 1, S, T] (True = read), or None: a causal block from slot 0, or one query per
+    row reading every slot. One query per row: two small matmuls (``grouped_one_query``);
+    more: one SDPA call."""
+    batch, seq, heads, head_dim = q.shape
     if seq == 1:
-        return grouped_one_query(q, keys, values, reads.view(batch, 1, 1, -1))
+        return grouped_one_query(q, keys, values, mask)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys,
         values,
-        attn_mask=reads.unsqueeze(1),
+        attn_mask=mask,
+        is_causal=mask is None,
         enable_gqa=keys.shape[1] != heads,
     )
     return out.transpose(1, 2).reshape(batch, seq, heads * head_dim)

@@ -35,7 +35,7 @@ import types
 import torch
 from torch import nn
 
-from quicksilver.models.formats import QuantLinear, rounds_activations
+from quicksilver.models.formats import QuantLinear
 from quicksilver.models.transformer import Transformer
 from quicksilver.runtime.attention import attend_reads
 from quicksilver.runtime.cache import KVCache, causal_reads
@@ -72,10 +72,10 @@ def _argument_guards(guards: list) -> list[bool]:
 class _DecodeGraph(nn.Module):
     """tokens [B, n] -> logits [B, n, V], writing K/V at ``slots`` and reading ``keys``."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, exact_attention: bool) -> None:
         super().__init__()
         self.model = model
-        self.exact_attention = rounds_activations(model)  # as the engine's eager forwards
+        self.exact_attention = exact_attention  # as the engine's eager forwards attend
 
     def forward(
         self,
@@ -121,9 +121,11 @@ class _DecodeGraph(nn.Module):
 class CompiledDecode:
     """The model's dense decode step, compiled on first use for each batch size."""
 
-    def __init__(self, model: Transformer) -> None:
+    def __init__(self, model: Transformer, exact_attention: bool) -> None:
+        """``exact_attention``: attend query by query, as the engine does for weights whose
+        kernels round activations (``Engine.exact_attention``)."""
         self.model = model
-        graph = _DecodeGraph(model)
+        graph = _DecodeGraph(model, exact_attention)
         # A code object of its own: dynamo keys compiled code by code object, so this
         # model's graph (its weights are constants in it) can never serve another model's
         # call, and the per-call guards can be skipped (see __call__).
@@ -168,13 +170,16 @@ class CompiledDecode:
         return min(cache.max_len, -(-needed // READ_BUCKET) * READ_BUCKET)
 
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor, read_len: int
+    ) -> torch.Tensor:
         """Logits [B, n, V] of n new tokens per row at ``slots`` ([B, n]), their K/V
-        written. One graph serves n = 1 (a decode step), one every n from 2 to
-        ``MAX_TOKENS`` (verify forwards: the draft length changes from step to step), each
-        for one row and for 2..``max_rows`` rows: at most four graphs, each traced once (a
-        trace takes ~15-75 s, so none may be left to happen in the middle of decoding)."""
-        keys = torch.arange(self.read_len(cache, slots))
+        written, attention reading the first ``read_len`` slots (``self.read_len``). One graph
+        serves n = 1 (a decode step), one every n from 2 to ``MAX_TOKENS`` (verify forwards:
+        the draft length changes from step to step), each for one row and for 2..``max_rows``
+        rows: at most four graphs, each traced once (a trace takes ~15-75 s, so none may be
+        left to happen in the middle of decoding)."""
+        keys = torch.arange(read_len)
         torch._dynamo.mark_dynamic(keys, 0)
         for tensor in (cache.k, cache.v):  # caches of any length share the graph
             torch._dynamo.mark_dynamic(tensor, 3)

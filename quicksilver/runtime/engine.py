@@ -59,12 +59,14 @@ class Engine:
         self.counter = counter if counter is not None else FlopCounter(model.config)
         self.policy: Policy | None = None
         self.set_policy(policy)
-        # The dense one-token step as one compiled graph (``runtime.compiled``), if asked.
-        self.compiled: CompiledDecode | None = CompiledDecode(model) if compile else None
-        self.with_gradients = False  # see ``gradients``
         # Weights on our kernels round activations to int8, which turns attention's last-bit
         # differences between k queries and one into different tokens: attend exactly.
         self.exact_attention = rounds_activations(model)
+        # Dense decode steps and verify forwards as compiled graphs (``runtime.compiled``).
+        self.compiled: CompiledDecode | None = (
+            CompiledDecode(model, self.exact_attention) if compile else None
+        )
+        self.with_gradients = False  # see ``gradients``
 
     @contextlib.contextmanager
     def gradients(self) -> Iterator[None]:
@@ -230,8 +232,9 @@ class Engine:
         masked entries too)."""
         batch, n_new = tokens.shape
         slots, _ = cache.reserve(n_new)
-        logits = self.compiled(tokens, cache, slots)
-        pairs = batch * n_new * self.compiled.read_len(cache, slots)
+        read_len = self.compiled.read_len(cache, slots)
+        logits = self.compiled(tokens, cache, slots, read_len)
+        pairs = batch * n_new * read_len
         counter = self.counter
         counter.add_dense_equivalent(batch * n_new, pairs, batch * n_new)
         counter.add_embedding(batch * n_new)
