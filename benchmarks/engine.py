@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import quicksilver as qs
+from quicksilver import kernels
 from quicksilver.bench.throughput import run_bench, summary_rows
 from quicksilver.eval.report import format_table
 from quicksilver.outputs import write_json_atomic
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot create {out_dir}: {err}", file=sys.stderr)
         return 2
     raw = sys.argv[1:] if argv is None else argv
-    command = shlex.join([".venv/bin/python", "benchmarks/engine.py", *raw])
+    program = [".venv/bin/python", "benchmarks/engine.py", *raw]
+    command = kernels.command_prefix() + shlex.join(program)
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     compare = [] if args.no_transformers else ["transformers"]
     compare += [] if args.no_llama_cpp else ["llama.cpp"]

@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import quicksilver as qs
+from quicksilver import kernels
 from quicksilver.bench import speculative
 from quicksilver.integrations.hf_reference import load_transformers_model
 from quicksilver.models import loading
@@ -297,7 +298,7 @@ def write_markdown(
     text = f"""# Verified decoding ({title})
 
 ```bash
-.venv/bin/python benchmarks/speculative.py {command}
+{kernels.command_prefix()}.venv/bin/python benchmarks/speculative.py {command}
 ```
 
 {llm!r}, {args.threads} threads. {prompts_text}; {args.new_tokens} new tokens at most (a row

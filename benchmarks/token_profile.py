@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"plain": one_run(llm, args.tokens, None)}
     runs[args.speculative] = one_run(llm, args.tokens, args.speculative)
     labels = [label for label, _ in BUCKETS] + ["other ops", "between forwards"]
-    command = shlex.join(["python", "benchmarks/token_profile.py", *(argv or sys.argv[1:])])
+    command = kernels.command_prefix() + shlex.join(
+        ["python", "benchmarks/token_profile.py", *(argv or sys.argv[1:])]
+    )
     lines = [
         f"# Where a token's time goes: {args.model}, {args.dtype}"
         + (f", {args.weights} weights" if args.weights else "")

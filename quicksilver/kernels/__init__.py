@@ -108,6 +108,12 @@ def wanted() -> bool:
     return os.environ.get("QUICKSILVER_KERNELS", "torch") == "ours"
 
 
+def command_prefix() -> str:
+    """What a benchmark's printed command needs in front to run on the same kernels:
+    ``QUICKSILVER_KERNELS=ours `` when it ran on ours, else nothing."""
+    return "QUICKSILVER_KERNELS=ours " if wanted() else ""
+
+
 @functools.cache
 def available() -> bool:
     """Whether the kernel is built, loads, runs here and agrees with ``reference_linear``."""
