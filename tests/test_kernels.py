@@ -183,7 +183,9 @@ def test_compiled_int4_decode_calls_our_kernel_and_equals_eager(monkeypatch) -> 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attend_each_equals_softmax_attention_and_keeps_queries_apart(dtype) -> None:
     """The oracle's numbers; a query's bits do not depend on the other queries, on keys it
-    does not read, or on the cache's dtype path (GQA: 6 query heads over 2 KV heads)."""
+    does not read, on the threads, or on how the heads sharing a KV head are grouped into
+    work items (all three together here, one at a time for a single query; GQA: 6 query
+    heads over 2 KV heads)."""
     gen = torch.Generator().manual_seed(6)
     q = torch.randn(2, 5, 6, 64, generator=gen)
     keys = torch.randn(2, 2, 40, 64, generator=gen).to(dtype)
@@ -206,6 +208,13 @@ def test_attend_each_equals_softmax_attention_and_keeps_queries_apart(dtype) -> 
         q, keys[:, :, :33], values[:, :, :33], reads[..., :33].contiguous(), 64**-0.5
     )
     assert torch.equal(shorter, got)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = kernels.attend_each(q, keys, values, reads, 64**-0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, got)
 
 
 @needs_kernel

@@ -75,63 +75,89 @@ __attribute__((target("avx2,fma"))) inline __m256 sum8_each(const __m256 (&a)[8]
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-// One query of one head: out[D] over the keys ``read`` lists (increasing). Eight keys'
-// scores and eight value columns are computed side by side, each in its own accumulator with
-// the same sequence of operations it would have alone: more instructions in flight, the same
-// bits whatever the number of keys.
+constexpr int64_t kValueTile = 32;  // value rows that serve every head from L1 at a time
+
+// The query heads ``q[0..heads)`` of one query that share one KV head: out[m][D] over the
+// keys ``read`` lists (increasing). Each head's arithmetic is exactly what it would be alone:
+// eight keys' scores side by side, each in its own accumulator; the maximum, exp and sum;
+// then the values, key by key in order. What the heads share is memory traffic: a block of
+// eight keys and a tile of values are brought into L1 once and serve every head there, where
+// alone each head streamed the keys and values from L2.
 template <typename Scalar>
-__attribute__((target("avx2,fma"))) void one_query(const float* q, const Scalar* keys,
-                                                   const Scalar* values, int64_t key_stride,
-                                                   const std::vector<int64_t>& read, int64_t d,
-                                                   float scale, float* scores, float* out) {
+__attribute__((target("avx2,fma"))) void query_heads(const float* const* q, float* const* out,
+                                                     int heads, const Scalar* keys,
+                                                     const Scalar* values, int64_t key_stride,
+                                                     const std::vector<int64_t>& read, int64_t d,
+                                                     float scale, float* scores) {
   const int64_t n = static_cast<int64_t>(read.size());
+  const int64_t padded = (n + 7) / 8 * 8, pitch = padded;
   const __m256 scale8 = _mm256_set1_ps(scale);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const Scalar* k[8];
-    __m256 acc[8];
-    for (int c = 0; c < 8; ++c) {
-      k[c] = keys + read[i + c] * key_stride;
-      acc[c] = _mm256_setzero_ps();
+    for (int c = 0; c < 8; ++c) k[c] = keys + read[i + c] * key_stride;
+    for (int m = 0; m < heads; ++m) {
+      __m256 acc[8];
+      for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < d; j += 8) {
+        const __m256 qj = _mm256_loadu_ps(q[m] + j);
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(qj, load8(k[c] + j), acc[c]);
+      }
+      _mm256_storeu_ps(scores + m * pitch + i, _mm256_mul_ps(sum8_each(acc), scale8));
     }
-    for (int64_t j = 0; j < d; j += 8) {
-      const __m256 qj = _mm256_loadu_ps(q + j);
-      for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(qj, load8(k[c] + j), acc[c]);
-    }
-    _mm256_storeu_ps(scores + i, _mm256_mul_ps(sum8_each(acc), scale8));
   }
   for (; i < n; ++i) {
     const Scalar* k = keys + read[i] * key_stride;
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < d; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), load8(k + j), acc);
-    scores[i] = sum8(acc) * scale;
-  }
-  const int64_t padded = (n + 7) / 8 * 8;
-  for (i = n; i < padded; ++i) scores[i] = -INFINITY;
-  __m256 top = _mm256_set1_ps(-INFINITY);
-  for (i = 0; i < padded; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + i));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, top);
-  const float best = *std::max_element(lanes, lanes + 8);
-  __m256 total8 = _mm256_setzero_ps();
-  for (i = 0; i < padded; i += 8) {
-    const __m256 shifted = _mm256_sub_ps(_mm256_loadu_ps(scores + i), _mm256_set1_ps(best));
-    _mm256_storeu_ps(scores + i, exp_nonpositive(shifted));
-    for (int64_t pad = std::max(i, n); pad < i + 8; ++pad) scores[pad] = 0.f;  // not keys
-    total8 = _mm256_add_ps(total8, _mm256_loadu_ps(scores + i));
-  }
-  const __m256 inverse = _mm256_set1_ps(1.f / sum8(total8));
-  constexpr int kColumns = 8;  // 8 x 8 floats of the output at a time
-  for (int64_t j0 = 0; j0 < d; j0 += 8 * kColumns) {
-    const int columns = static_cast<int>(std::min<int64_t>(kColumns, (d - j0) / 8));
-    __m256 acc[kColumns];
-    for (int c = 0; c < kColumns; ++c) acc[c] = _mm256_setzero_ps();
-    for (i = 0; i < n; ++i) {
-      const __m256 p = _mm256_set1_ps(scores[i]);
-      const Scalar* v = values + read[i] * key_stride + j0;
-      for (int c = 0; c < columns; ++c) acc[c] = _mm256_fmadd_ps(p, load8(v + 8 * c), acc[c]);
+    for (int m = 0; m < heads; ++m) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t j = 0; j < d; j += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[m] + j), load8(k + j), acc);
+      scores[m * pitch + i] = sum8(acc) * scale;
     }
-    for (int c = 0; c < columns; ++c) _mm256_storeu_ps(out + j0 + 8 * c, _mm256_mul_ps(acc[c], inverse));
+  }
+  float inverse[64];  // heads <= 64 (checked by the caller)
+  for (int m = 0; m < heads; ++m) {
+    float* s = scores + m * pitch;
+    for (i = n; i < padded; ++i) s[i] = -INFINITY;
+    __m256 top = _mm256_set1_ps(-INFINITY);
+    for (i = 0; i < padded; i += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(s + i));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, top);
+    const float best = *std::max_element(lanes, lanes + 8);
+    __m256 total8 = _mm256_setzero_ps();
+    for (i = 0; i < padded; i += 8) {
+      const __m256 shifted = _mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(best));
+      _mm256_storeu_ps(s + i, exp_nonpositive(shifted));
+      for (int64_t pad = std::max(i, n); pad < i + 8; ++pad) s[pad] = 0.f;  // not keys
+      total8 = _mm256_add_ps(total8, _mm256_loadu_ps(s + i));
+    }
+    inverse[m] = 1.f / sum8(total8);
+  }
+  // Values: each head's 8 x 8 output floats accumulate key by key, in order; between tiles
+  // of keys they wait in ``out`` (a float32 store and load change no bits).
+  constexpr int kColumns = 8;
+  for (int64_t t0 = 0; t0 < n; t0 += kValueTile) {
+    const int64_t t1 = std::min(n, t0 + kValueTile);
+    for (int m = 0; m < heads; ++m) {
+      const float* s = scores + m * pitch;
+      for (int64_t j0 = 0; j0 < d; j0 += 8 * kColumns) {
+        const int columns = static_cast<int>(std::min<int64_t>(kColumns, (d - j0) / 8));
+        __m256 acc[kColumns];
+        for (int c = 0; c < columns; ++c)
+          acc[c] = t0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(out[m] + j0 + 8 * c);
+        for (i = t0; i < t1; ++i) {
+          const __m256 p = _mm256_set1_ps(s[i]);
+          const Scalar* row = values + read[i] * key_stride + j0;
+          for (int c = 0; c < columns; ++c) acc[c] = _mm256_fmadd_ps(p, load8(row + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < columns; ++c) _mm256_storeu_ps(out[m] + j0 + 8 * c, acc[c]);
+      }
+    }
+  }
+  for (int m = 0; m < heads; ++m) {
+    const __m256 scale_out = _mm256_set1_ps(inverse[m]);
+    for (int64_t j = 0; j < d; j += 8)
+      _mm256_storeu_ps(out[m] + j, _mm256_mul_ps(_mm256_loadu_ps(out[m] + j), scale_out));
   }
 }
 
@@ -145,23 +171,42 @@ void attend_all(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& v
   float* op = out.data_ptr<float>();
   const Scalar* kp = keys.data_ptr<Scalar>();
   const Scalar* vp = values.data_ptr<Scalar>();
-  // One work item per (query, head): a decode step's single query still spreads its heads
-  // over every thread. Each item is computed alone, so how items are split never shows.
-  at::parallel_for(0, batch * seq * heads, 1, [&](int64_t begin, int64_t end) {
+  // A work item is some of the heads that share a KV head, for one query: all of them when
+  // there are enough items to keep every thread busy (a verify forward), fewer when there
+  // are not (a decode step's single query). Each head is computed as it would be alone, so
+  // how heads are grouped or items split never shows in the bits.
+  int64_t per_item = std::min<int64_t>(group, 64);
+  const int64_t wanted = 4 * at::get_num_threads();
+  while (per_item > 1 && batch * seq * (heads / per_item) < wanted) {
+    do --per_item; while (group % per_item != 0);
+  }
+  while (group % per_item != 0) --per_item;
+  const int64_t parts = group / per_item;
+  // Items run KV head by KV head, so a thread's consecutive items read the same keys.
+  at::parallel_for(0, batch * kv_heads * seq * parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> read;
-    std::vector<float> scores(length + 8);
+    std::vector<float> scores(per_item * (length + 8));
+    const float* q_rows[64];
+    float* out_rows[64];
     int64_t listed = -1;  // the query whose readable keys ``read`` holds
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t bs = item / heads, h = item % heads, b = bs / seq, g = h / group;
+      const int64_t bg = item / (seq * parts), s = (item / parts) % seq, part = item % parts;
+      const int64_t b = bg / kv_heads, g = bg % kv_heads, bs = b * seq + s;
+      const int64_t h0 = g * group + part * per_item;
       if (bs != listed) {
         read.clear();
         for (int64_t t = 0; t < length; ++t)
           if (rp[bs * length + t]) read.push_back(t);
         listed = bs;
       }
-      one_query<Scalar>(qp + item * d, kp + b * keys.stride(0) + g * keys.stride(1),
-                        vp + b * values.stride(0) + g * values.stride(1), keys.stride(2), read, d,
-                        static_cast<float>(scale), scores.data(), op + item * d);
+      for (int64_t m = 0; m < per_item; ++m) {
+        q_rows[m] = qp + (bs * heads + h0 + m) * d;
+        out_rows[m] = op + (bs * heads + h0 + m) * d;
+      }
+      query_heads<Scalar>(q_rows, out_rows, static_cast<int>(per_item),
+                          kp + b * keys.stride(0) + g * keys.stride(1),
+                          vp + b * values.stride(0) + g * values.stride(1), keys.stride(2), read,
+                          d, static_cast<float>(scale), scores.data());
     }
   });
 }
