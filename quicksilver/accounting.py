@@ -188,6 +188,17 @@ class FlopCounter:
         self.per_layer[layer] += matmul + attention
         self.layer_tokens += n_tokens
 
+    def add_every_layer(self, n_tokens: int, attended_pairs: int) -> None:
+        """``add_layer`` for every layer with the same rows and pairs (a dense forward), in one
+        call: a compiled decode step costs ~3 ms, and thirty calls here were ~1% of it."""
+        matmul = n_tokens * layer_matmul_flops_per_token(self.config)
+        attention = attended_pairs * attention_flops_per_pair(self.config)
+        layers = self.config.n_layers
+        self.matmul += layers * matmul
+        self.attention += layers * attention
+        self.per_layer = [flops + matmul + attention for flops in self.per_layer]
+        self.layer_tokens += layers * n_tokens
+
     def add_kv_projection(self, layer: int, n_tokens: int) -> None:
         flops = n_tokens * kv_projection_flops_per_token(self.config)
         self.matmul += flops

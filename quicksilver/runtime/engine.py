@@ -238,10 +238,8 @@ class Engine:
         counter = self.counter
         counter.add_dense_equivalent(batch * n_new, pairs, batch * n_new)
         counter.add_embedding(batch * n_new)
-        layer_bytes = self.model.layer_weight_bytes()
-        for layer in range(self.config.n_layers):
-            counter.add_layer(layer, batch * n_new, pairs)
-            counter.add_weight_read(0, layer_bytes)
+        counter.add_every_layer(batch * n_new, pairs)
+        counter.add_weight_read(0, self.model.layer_weight_bytes() * self.config.n_layers)
         counter.add_head(batch * n_new)
         return logits
 
