@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="compiled decode steps and verify forwards (qs.load(compile=True))",
     )
     parser.add_argument("--no-references", action="store_true")
+    parser.add_argument(
+        "--no-transformers",
+        action="store_true",
+        help="llama.cpp as the only reference (transformers dequantises a large GGUF slowly)",
+    )
     parser.add_argument("--markdown", default=str(ROOT / "docs" / "results" / "speculative.md"))
     return parser
 
@@ -249,6 +254,8 @@ def main() -> int:
             ("llama.cpp", lambda look: run_llama_cpp(path, grounded, new, look, threads)),
             ("transformers", lambda look: run_transformers(path, grounded, new, look and 10, dt)),
         ):
+            if name == "transformers" and args.no_transformers:
+                continue
             try:
                 plain, plain_s = runner(False)
                 look, look_s = runner(True)
