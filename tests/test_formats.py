@@ -331,7 +331,7 @@ def test_smollm_q4_layers_load_as_they_are(smollm_fp32: loading.LoadedModel) -> 
 def compiled_pair() -> tuple[Engine, Engine]:
     model = random_model(FITS, fast=True)
     compiled = Engine(model, compile=True)
-    compiled.compiled.max_rows = 2  # batched graphs too (a dense model compiles one row)
+    compiled.compiled.max_rows = 2  # the batched graphs at a small batch
     return Engine(model), compiled
 
 
@@ -417,12 +417,12 @@ def test_compiled_step_serves_only_the_rows_it_pays_for() -> None:
     compiled = Engine(quantised, compile=True).compiled
     assert compiled.supports(KVCache(FITS, 8, 8, torch.float32))
     assert not compiled.supports(KVCache(FITS, 9, 8, torch.float32))
-    engine = Engine(random_model(FITS, fast=True), compile=True)  # dense: one row pays
-    assert engine.compiled.supports(engine.new_cache(1, 8))
-    assert not engine.compiled.supports(engine.new_cache(2, 8))
+    engine = Engine(random_model(FITS, fast=True), compile=True)  # dense: the same rows
+    assert engine.compiled.supports(engine.new_cache(8, 8))
+    assert not engine.compiled.supports(engine.new_cache(9, 8))
     # one running row of a larger batch: a view with other strides would trace a new graph
     assert not engine.compiled.supports(engine.new_cache(2, 8).rows(0, 1))
-    result = generate(engine, [[1, 2, 3], [4, 5, 6]], 3, ignore_eos=True)
+    result = generate(engine, [[1, 2, 3 + row] for row in range(9)], 3, ignore_eos=True)
     assert result.compile_seconds == 0 and engine.compile_seconds == 0  # ran eager
 
 

@@ -13,8 +13,10 @@ position), each for one row and for 2..``max_rows`` (the batch a dynamic dimensi
   sliding window); ``read_len`` is a dynamic dimension rounded up to ``READ_BUCKET`` slots,
   so the graph is never re-traced as positions advance and attention costs what is filled,
   not what is allocated;
-- weights are constants of the graph (inductor's freezing), so the dense formats get
-  pre-packed products and the int4/int8 formats call their kernels directly.
+- weights are the graph's attributes, not its inputs (dynamo's ``install_free_tensors``), so
+  inductor's freezing makes them constants: the dense formats get oneDNN's pre-packed
+  products (as inputs they got plain matmuls, slower than eager) and the int4/int8 formats
+  call their kernels directly;
 
 - every cast is rounded as eager rounds it (inductor's ``emulate_precision_casts``), so in
   bf16 the two graphs agree bit for bit: with weights that round activations (our kernels) a
@@ -35,7 +37,6 @@ import types
 import torch
 from torch import nn
 
-from quicksilver.models.formats import QuantLinear
 from quicksilver.models.transformer import Transformer
 from quicksilver.runtime.attention import attend_reads
 from quicksilver.runtime.cache import KVCache, causal_reads
@@ -43,11 +44,10 @@ from quicksilver.runtime.cache import KVCache, causal_reads
 # Attention reads the filled slots rounded up to this many (a few masked slots of slack).
 READ_BUCKET = 64
 # Rows up to which the compiled graphs pay. Measured on SmolLM2-135M, 2 AVX-512 cores
-# (docs/benchmarks/engine.md): int4 at 8 rows decodes 1.39x eager on torch's kernels, 1.11x
-# on ours (end to end); bf16's eager products (oneDNN, pre-packed) beat inductor's at one
-# row and at eight, so dense formats compile one row only. Larger batches run eager, untried.
+# (docs/benchmarks/engine.md): at 8 rows int4 decodes 1.39x eager on torch's kernels, 1.11x
+# on ours, and bf16 1.48x (its weights are the graph's constants, which inductor pre-packs
+# for oneDNN as the eager fast path does). Larger batches run eager, untried.
 MAX_ROWS = 8
-MAX_ROWS_DENSE = 1
 # Tokens per row up to which forwards run compiled: decode steps and verify forwards (a draft
 # of up to MAX_TOKENS - 1 tokens and the token before it); prefills run eager.
 MAX_TOKENS = 32
@@ -141,8 +141,7 @@ class CompiledDecode:
             options={**COMPILE_OPTIONS, "guard_filter_fn": _argument_guards},
         )
         self.compile_seconds = 0.0
-        quantised = any(isinstance(module, QuantLinear) for module in model.modules())
-        self.max_rows = MAX_ROWS if quantised else MAX_ROWS_DENSE
+        self.max_rows = MAX_ROWS
 
     def supports(self, cache: KVCache, n_new: int = 1) -> bool:
         """Whether the compiled graph serves ``n_new`` tokens per row of this cache now: few
