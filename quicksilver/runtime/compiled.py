@@ -53,6 +53,11 @@ MAX_ROWS = 8
 MAX_TOKENS = 32
 COMPILE_OPTIONS = {"freezing": True, "cpp_wrapper": True, "emulate_precision_casts": True}
 _ARGUMENTS = ("tokens", "slots", "start", "keys", "k_cache", "v_cache")
+# The model's tensors as the graph's attributes (see CompiledDecode.__call__), where this torch
+# has the setting.
+_FREE_TENSORS = (
+    {"install_free_tensors": True} if hasattr(torch._dynamo.config, "install_free_tensors") else {}
+)
 
 
 def _argument_guards(guards: list) -> list[bool]:
@@ -201,7 +206,7 @@ class CompiledDecode:
         # (~0.2 ms a forward, 5% of an int4 step).
         with (
             torch.fx.experimental._config.patch(use_duck_shape=False),
-            torch._dynamo.config.patch(install_free_tensors=True),
+            torch._dynamo.config.patch(**_FREE_TENSORS),
         ):
             logits = self.graph(*args)
         if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:  # it traced
