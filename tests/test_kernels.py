@@ -176,6 +176,76 @@ def test_compiled_int4_decode_calls_our_kernel_and_equals_eager(monkeypatch) -> 
     assert compiled.compile_seconds > 0 and compiled.tokens == eager.tokens
 
 
+# --- bf16 weights (AVX-512 BF16) ------------------------------------------------------------
+
+needs_bf16_kernel = pytest.mark.skipif(
+    not kernels.bf16_available(), reason="our bf16 kernel does not run here (no AVX-512 BF16)"
+)
+
+
+def test_pack_bf16_puts_each_pair_in_its_lane() -> None:
+    weight = torch.arange(32 * 64, dtype=torch.float32).view(32, 64).bfloat16()
+    packed = kernels.pack_bf16(weight)
+    assert packed.shape == (2, 2, 512)
+    # tile 1, block 1, vector j = 3, lane n = 5: w(16 + 5, 32 + 6) and w(21, 39)
+    vector = packed[1, 1].view(16, 16, 2)[3]
+    assert torch.equal(vector[5], weight[21, 38:40])
+
+
+@needs_bf16_kernel
+def test_bf16_kernel_equals_float_products_and_keeps_rows_apart() -> None:
+    """float32 sums of bf16 products, rounded once to bf16; each row's bits whatever else is
+    in the call (rows are multiplied four at a time) or the threads."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(48, 96, generator=gen).bfloat16()
+    x = torch.randn(7, 96, generator=gen).bfloat16()
+    got = kernels.linear_bf16(x, kernels.pack_bf16(weight))
+    want = x.double() @ weight.double().t()
+    assert got.dtype == torch.bfloat16 and got.shape == (7, 48)
+    assert float((got.double() - want).abs().max()) <= float(want.abs().max()) * 2**-8
+    packed = kernels.pack_bf16(weight)
+    for row in range(7):
+        assert torch.equal(
+            kernels.linear_bf16(x[row : row + 1].contiguous(), packed), got[row : row + 1]
+        )
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(kernels.linear_bf16(x, packed), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_bf16_kernel
+def test_a_bf16_model_runs_our_kernel_when_asked_eager_and_compiled(monkeypatch) -> None:
+    """With QUICKSILVER_KERNELS=ours a bf16 model's products (those whose shapes tile) run
+    our kernel in decode steps, eager and compiled, close to oneDNN's products; the compiled
+    step gives the eager step's tokens. Without it nothing is packed for it."""
+    model = random_model(dataclasses.replace(FITS, n_layers=2), fast=True).to(torch.bfloat16)
+    model.set_fast_path(True)
+    assert all(linear.packed_ours is None for linear in model.linears())
+    prompt = [[5, 9, 13, 2, 7, 11]]
+    onednn = Engine(model)
+    cache = onednn.new_cache(1, 16)
+    onednn.forward(torch.tensor(prompt), cache)
+    reference = onednn.forward(torch.tensor([[3]]), cache)
+    monkeypatch.setenv("QUICKSILVER_KERNELS", "ours")
+    model.set_fast_path(True)
+    assert model.blocks[0].attn.qkv.packed_ours is not None
+    calls = []
+    real = kernels.linear_bf16
+    monkeypatch.setattr(kernels, "linear_bf16", lambda x, w: calls.append(1) or real(x, w))
+    engine = Engine(model)
+    cache = engine.new_cache(1, 16)
+    engine.forward(torch.tensor(prompt), cache)  # a prefill of 6 rows: ours too (<= 16)
+    ours = engine.forward(torch.tensor([[3]]), cache)
+    assert len(calls) == 2 * 2 * 4
+    torch.testing.assert_close(ours.float(), reference.float(), atol=0.05, rtol=0.05)
+    eager = generate(Engine(model), prompt, 12, ignore_eos=True)
+    compiled = generate(Engine(model, compile=True), prompt, 12, ignore_eos=True)
+    assert compiled.compile_seconds > 0 and compiled.tokens == eager.tokens
+
+
 # --- attention computed query by query ---------------------------------------------------
 
 

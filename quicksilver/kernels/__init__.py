@@ -44,7 +44,10 @@ import torch
 
 TILE = 16  # outputs per tile
 BLOCK = 32  # inputs per block
-_SOURCES = [Path(__file__).with_name(name) for name in ("int_linear.cpp", "attend_each.cpp")]
+_SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("int_linear.cpp", "attend_each.cpp", "bf16_linear.cpp")
+]
 _state: dict[str, str | float] = {}
 
 
@@ -99,6 +102,10 @@ def _build() -> None:
     @torch.library.register_fake("quicksilver::attend_each")
     def _(q, keys, values, reads, scale):
         return q.new_empty(q.shape)
+
+    @torch.library.register_fake("quicksilver::bf16_linear")
+    def _(x, packed):
+        return x.new_empty(x.shape[0], packed.shape[0] * TILE)
 
 
 def wanted() -> bool:
@@ -182,6 +189,26 @@ def linear8(
     """x [M, K] times an int8 weight packed by ``pack8``, in x's dtype."""
     start, stop, _ = tiles.indices(packed.shape[0])
     return torch.ops.quicksilver.int_linear(x, packed, channel_scales, start, stop, isa)
+
+
+@functools.cache
+def bf16_available() -> bool:
+    """Whether ``linear_bf16`` runs here: our kernels built and a CPU with AVX-512 BF16."""
+    return available() and bool(torch.ops.quicksilver.bf16_linear_supported())
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (bfloat16) times a weight packed by ``pack_bf16`` -> [M, N] bfloat16."""
+    return torch.ops.quicksilver.bf16_linear(x, packed)
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight [N, K] (N a multiple of 16, K of 32) in ``bf16_linear.cpp``'s layout
+    [N/16, K/32, 512]: per tile of 16 outputs and block of 32 inputs, 16 vectors whose lane n
+    holds output n's pair of inputs (2j, 2j + 1)."""
+    n, k = weight.shape
+    pairs = weight.to(torch.bfloat16).reshape(n // TILE, TILE, k // BLOCK, BLOCK // 2, 2)
+    return pairs.permute(0, 2, 3, 1, 4).contiguous().view(n // TILE, k // BLOCK, BLOCK * TILE)
 
 
 def attend_each(

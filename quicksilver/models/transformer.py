@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quicksilver import kernels
 from quicksilver.errors import QuicksilverError
 from quicksilver.models.config import ModelConfig
 from quicksilver.models.formats import QuantLinear, WeightFormat
@@ -37,12 +38,20 @@ def onednn_linear_works(dtype: torch.dtype) -> bool:
     return bool((out == 8).all())
 
 
+# Rows up to which a bf16 product runs our kernel (``kernels.linear_bf16``) in eager forwards:
+# decode steps and verify forwards; a prefill's many rows run oneDNN's matrix product.
+OURS_BF16_ROWS = 16
+
+
 class Linear(nn.Module):
     """``y = x W^T + b`` with an optional oneDNN pre-packed weight for the CPU fast path.
 
     Pre-packing the weight into oneDNN's blocked layout roughly halves the time of the small
     matrix-vector products that dominate decoding on CPU. The packed copy is numerically the
-    same product; ``pack`` silently keeps the plain path where oneDNN is unavailable.
+    same product; ``pack`` silently keeps the plain path where oneDNN is unavailable. With
+    ``QUICKSILVER_KERNELS=ours`` a bf16 weight is also packed for our kernel, which streams a
+    one-row product at the machine's bandwidth where oneDNN's reached ~70% of it (a third copy
+    of the weight, opt-in as our other kernels are).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -52,20 +61,39 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
+        self.packed_ours: torch.Tensor | None = None  # kernels.pack_bf16's layout
         # Products at a reduced weight width (bits -> callable(x)), attached by the
         # Matryoshka policy; the full-precision weight above stays the reference.
         self.narrow: dict[int, Callable[..., torch.Tensor]] = {}
 
     def pack(self) -> None:
-        self.packed = None
+        self.packed = self.packed_ours = None
         if self.weight.device.type != "cpu" or not onednn_linear_works(self.weight.dtype):
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        out_features, in_features = self.weight.shape
+        if (
+            self.weight.dtype == torch.bfloat16
+            and out_features % kernels.TILE == 0
+            and in_features % kernels.BLOCK == 0
+            and kernels.wanted()
+            and kernels.bf16_available()
+        ):
+            self.packed_ours = kernels.pack_bf16(self.weight.detach())
 
     def unpack(self) -> None:
-        self.packed = None
+        self.packed = self.packed_ours = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_ours is not None and x.dtype == torch.bfloat16:
+            flat = x.reshape(-1, self.in_features)
+            # Compiled graphs always take it: a branch on their dynamic row count would be
+            # one more graph to trace.
+            if torch.compiler.is_compiling() or flat.shape[0] <= OURS_BF16_ROWS:
+                y = kernels.linear_bf16(flat.contiguous(), self.packed_ours)
+                if self.bias is not None:
+                    y = y + self.bias
+                return y.view(*x.shape[:-1], self.out_features)
         if (
             self.packed is not None
             and x.dtype == self.weight.dtype
