@@ -1,5 +1,8 @@
 """Our native kernels: int4 and int8 weights times int8-rounded activations
-(``int_linear.cpp``).
+(``int_linear.cpp``); bf16 weights times bf16 activations for decode steps
+(``bf16_linear.cpp``, CPUs with AVX-512 BF16: it streams a one-row product at the machine's
+bandwidth, where oneDNN's pre-packed product reached ~70% of it); and attention query by query
+(``attend_each.cpp``).
 
 Why they exist: torch's CPU int4 kernel costs 2.6x a one-row product at 8 rows and 4.7x at
 16 (docs/results/kernel-rows.md), so verifying 8 drafted tokens cost ~1.7 decode steps. These
