@@ -5,7 +5,9 @@ instruction set, band of outputs)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -23,6 +25,17 @@ needs_kernel = pytest.mark.skipif(
     not kernels.available(),
     reason=f"our int4 kernel does not run here: {kernels.unavailable_reason()}",
 )
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch (and our kernels' ATen pool) on one thread, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def codes_for(out_features: int, in_features: int, group: int, seed: int):
@@ -94,12 +107,8 @@ def test_a_row_is_the_same_whatever_else_is_in_the_call(dtype: torch.dtype) -> N
         alone = kernels.linear(x[row : row + 1].contiguous(), packed)
         assert torch.equal(alone, whole[row : row + 1]), row
     assert torch.equal(kernels.linear(x, packed, slice(1, 3)), whole[:, 16:48])
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         assert torch.equal(kernels.linear(x, packed), whole)
-    finally:
-        torch.set_num_threads(threads)
     if kernels.best_isa() == "avx512":
         assert torch.equal(kernels.linear(x, packed, isa="avx2"), whole)
 
@@ -199,21 +208,17 @@ def test_bf16_kernel_equals_float_products_and_keeps_rows_apart() -> None:
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(48, 96, generator=gen).bfloat16()
     x = torch.randn(7, 96, generator=gen).bfloat16()
-    got = kernels.linear_bf16(x, kernels.pack_bf16(weight))
+    packed = kernels.pack_bf16(weight)
+    got = kernels.linear_bf16(x, packed)
     want = x.double() @ weight.double().t()
     assert got.dtype == torch.bfloat16 and got.shape == (7, 48)
     assert float((got.double() - want).abs().max()) <= float(want.abs().max()) * 2**-8
-    packed = kernels.pack_bf16(weight)
     for row in range(7):
         assert torch.equal(
             kernels.linear_bf16(x[row : row + 1].contiguous(), packed), got[row : row + 1]
         )
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         assert torch.equal(kernels.linear_bf16(x, packed), got)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @needs_bf16_kernel
@@ -278,13 +283,9 @@ def test_attend_each_equals_softmax_attention_and_keeps_queries_apart(dtype) -> 
         q, keys[:, :, :33], values[:, :, :33], reads[..., :33].contiguous(), 64**-0.5
     )
     assert torch.equal(shorter, got)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one_thread = kernels.attend_each(q, keys, values, reads, 64**-0.5)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one_thread, got)
+    with one_thread():
+        single = kernels.attend_each(q, keys, values, reads, 64**-0.5)
+    assert torch.equal(single, got)
 
 
 @needs_kernel

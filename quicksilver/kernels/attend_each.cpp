@@ -176,11 +176,11 @@ void attend_all(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& v
   // are not (a decode step's single query). Each head is computed as it would be alone, so
   // how heads are grouped or items split never shows in the bits.
   int64_t per_item = std::min<int64_t>(group, 64);
+  while (group % per_item != 0) --per_item;  // the largest divisor of the group up to 64
   const int64_t wanted = 4 * at::get_num_threads();
   while (per_item > 1 && batch * seq * (heads / per_item) < wanted) {
     do --per_item; while (group % per_item != 0);
   }
-  while (group % per_item != 0) --per_item;
   const int64_t parts = group / per_item;
   // Items run KV head by KV head, so a thread's consecutive items read the same keys.
   at::parallel_for(0, batch * kv_heads * seq * parts, 1, [&](int64_t begin, int64_t end) {

@@ -64,10 +64,14 @@ using TileFn = void (*)(const uint16_t*, const uint16_t*, int64_t, int64_t, int6
                         uint16_t*, int64_t);
 constexpr TileFn kTiles[] = {tile_rows<1>, tile_rows<2>, tile_rows<3>, tile_rows<4>};
 
-bool supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512bf16");
+// Asked on every product (121 a decode step), answered once.
+bool bf16_linear_supported() {
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512bf16");
+  }();
+  return supported;
 }
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed) {
@@ -78,7 +82,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed) {
               "bf16_linear: packed must be bfloat16 [N/16, K/32, 512]");
   const int64_t rows = x.size(0), k = x.size(1), tiles = packed.size(0), blocks = packed.size(1);
   TORCH_CHECK(k == blocks * kBlock, "bf16_linear: x has ", k, " inputs, the weight ", blocks * kBlock);
-  TORCH_CHECK(supported(), "bf16_linear: this CPU has no AVX-512 BF16");
+  TORCH_CHECK(bf16_linear_supported(), "bf16_linear: this CPU has no AVX-512 BF16");
   const int64_t n_out = tiles * kTile;
   at::Tensor out = at::empty({rows, n_out}, x.options());
   if (rows == 0) return out;
@@ -95,8 +99,6 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& packed) {
   });
   return out;
 }
-
-bool bf16_linear_supported() { return supported(); }
 
 }  // namespace
 
